@@ -1,0 +1,125 @@
+"""Command-line interface, one sub-command per API call, with the API's argument names.
+
+    multiretrieval index CATALOG --out DIR [--config FILE]
+    multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--show out.png]
+    multiretrieval demo [--catalog CSV] [--out DIR]
+
+Heavy libraries are imported inside the commands, so --help answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+MODES = ("auto", "image", "text", "fused", "zero-shot")  # kept in step with retriever.MODES (tested)
+
+
+def _load_config(path: str | None, factory: str | None = None):
+    from .config import RetrieverConfig
+
+    config = RetrieverConfig.from_yaml(path) if path else RetrieverConfig()
+    return config.with_overrides({"index": {"factory": factory}}) if factory else config
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .retriever import Retriever
+
+    retriever = Retriever(_load_config(args.config, args.factory))
+    report = retriever.index(args.catalog, show_progress=not args.no_progress)
+    print(report)
+    if report.indexed == 0:
+        print("error: no item could be indexed; nothing saved", file=sys.stderr)
+        return 1
+    print(f"saved to {retriever.save(args.out)}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .retriever import Retriever
+
+    retriever = Retriever.load(args.index_dir, _load_config(args.config) if args.config else None)
+    results = retriever.search(image=args.image, text=args.text, mode=args.mode, k=args.k, where=args.where)
+    if args.format == "json":
+        print(results.to_json(orient="records", indent=2))
+    elif args.format == "csv":
+        print(results.to_csv(index=False), end="")
+    else:
+        with pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 40):
+            print(results.to_string(index=False) if len(results) else "no results")
+    if args.show:
+        from .catalog import load_image
+        from .visualize import SheetRow, contact_sheet
+
+        label = " + ".join(p for p in (f"image: {args.image}" if args.image else "", f'text: "{args.text}"' if args.text else "") if p)
+        query_image = load_image(args.image) if args.image else None
+        print(f"contact sheet: {contact_sheet([SheetRow(label, results, query_image)], retriever.image_source, args.show)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_CATALOG, run_demo
+
+    run_demo(args.catalog or DEMO_CATALOG, args.out, k=args.k, show_progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multiretrieval", description="Multimodal image-text retrieval for product catalogs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="index a catalog (CSV or parquet) and save it to a folder")
+    p.add_argument("catalog", help="catalog file: columns id, image, title, description, metadata...")
+    p.add_argument("--out", required=True, help="folder to save the index to (replaced atomically)")
+    p.add_argument("--config", help="YAML config (default: the packaged offline models)")
+    p.add_argument("--factory", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF1024,PQ32 (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="query a saved index")
+    p.add_argument("index_dir", help="folder written by `multiretrieval index`")
+    p.add_argument("--text", help="query text")
+    p.add_argument("--image", help="query image: a path or URL")
+    p.add_argument("--mode", default="auto", choices=MODES, help="default auto: image+text -> fused, image -> image, text -> text")
+    p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--where", help="SQL condition over catalog columns, e.g. \"price < 200 AND category = 'rings'\"")
+    p.add_argument("--show", metavar="PNG", help="also draw the query and its results into this PNG")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--config", help="YAML config; must name the encoders the index was built with")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("demo", help="index the bundled demo catalog and run one query of each kind")
+    p.add_argument("--catalog", help="catalog to use instead of data/demo/catalog.csv")
+    p.add_argument("--out", default="demo-output", help="folder for the contact sheet (default demo-output)")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The packaged models need no network; say so before transformers is imported, so that
+    # it does not try the hub. A user who names a hub model can set HF_HUB_OFFLINE=0.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .errors import MultiretrievalError
+
+    try:
+        return args.func(args)
+    except MultiretrievalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Configuration: frozen dataclasses loaded from YAML (``configs/*.yaml``).
+
+Override single values with :func:`dataclasses.replace` or :meth:`RetrieverConfig.with_overrides`::
+
+    cfg = RetrieverConfig.from_yaml("configs/default.yaml").with_overrides({"index": {"factory": "HNSW32"}})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """How catalog rows become model inputs."""
+
+    text_columns: tuple[str, ...] = ("title", "description")  # joined with ". " into the item's text
+    max_image_pixels: int = 40_000_000  # decompression-bomb guard, checked before decoding
+    max_image_bytes: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which pretrained encoders embed images and texts (names from the encoder registries)."""
+
+    image: str = "efficientnet-lite0"
+    image_weights: str | None = None  # local weights file, instead of the packaged or hub weights
+    text: str = "minilm-l6"
+    text_weights: str | None = None  # local Hugging Face model folder
+    batch_size: int = 32
+    max_text_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """The module that turns image and text features into one joint embedding."""
+
+    kind: str = "late"  # "late" (parameter-free) or "attention"
+    image_weight: float = 0.5  # late fusion: share of the image similarity in a fused score
+    dim: int = 256  # attention: common token width d
+    heads: int = 4
+    out_dim: int = 256
+    image_grid: int = 0  # image tokens: pooled vector + a grid x grid map of pooled regions
+    text_chunks: int = 0  # text tokens: pooled sentence vector + this many pooled token chunks
+    weights: str | None = None  # folder of a trained fusion module (fusion.json + safetensors)
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """The cross-modal space for mode="zero-shot"."""
+
+    kind: str = "conse"
+    top_k: int = 10  # ConSE: how many ImageNet labels make up an image's text-space embedding
+    label_template: str = "{}"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """FAISS index choice: "auto" or any index_factory string ("Flat", "HNSW32", "IVF1024,PQ32")."""
+
+    factory: str = "auto"
+    exact_filter_below: int = 20_000  # filtered queries matching fewer ids than this are scored exactly
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> RetrieverConfig:
+        return _build(cls, data or {}, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RetrieverConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RetrieverConfig:
+        merged = self.to_dict()
+        for section, values in overrides.items():
+            if section not in merged or not isinstance(values, dict):
+                raise ConfigError(f"override: unknown section {section!r}")
+            merged[section].update(values)
+        return RetrieverConfig.from_dict(merged, source="override")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build a (nested) config dataclass from a mapping; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}")
+        elif isinstance(default, tuple):
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}.{name}: expected a list, got {value!r}")
+            kwargs[name] = tuple(value)
+        elif default is None:  # optional paths
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{where}.{name}: expected a path or null, got {value!r}")
+            kwargs[name] = value
+        elif type(default) is float and type(value) is int:
+            kwargs[name] = float(value)
+        elif type(value) is not type(default):
+            raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,38 @@
+"""Exceptions raised by multiretrieval. Each names the row, file or setting at fault and why."""
+
+from __future__ import annotations
+
+
+class MultiretrievalError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class CatalogError(MultiretrievalError, ValueError):
+    """The catalog is malformed: a missing column, a duplicate id, a row with neither image nor text."""
+
+
+class ImageError(MultiretrievalError, ValueError):
+    """An image cannot be used: missing, unreadable, corrupt, truncated or too large."""
+
+
+class ConfigError(MultiretrievalError, ValueError):
+    """A configuration file or value is invalid, or does not match a saved index."""
+
+
+class QueryError(MultiretrievalError, ValueError):
+    """A query is invalid: empty text, unknown mode, bad k, a malformed filter, wrong dimension."""
+
+
+class IndexLoadError(MultiretrievalError):
+    """A saved index folder is missing files, corrupt, or was written by an incompatible setup."""
+
+
+class ModelUnavailableError(MultiretrievalError):
+    """A model's weights cannot be found locally and cannot be downloaded."""
+
+
+class ItemNotFoundError(MultiretrievalError, KeyError):
+    """An id named in a request is not in the index."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else "item not found"

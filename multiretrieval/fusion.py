@@ -1,0 +1,184 @@
+"""Fusion: image and text tokens -> one L2-normalised joint embedding.
+
+Two kinds behind one interface (``fuse``, ``save``, ``load_fusion``):
+
+- ``late``: the parameter-free default. The normalised pooled image and text vectors,
+  weighted by sqrt(w) and sqrt(1 - w), are concatenated. For unit vectors the inner
+  product of two fused embeddings is then w * cos(image) + (1 - w) * cos(text), and a
+  query with one modality ranks by that modality's similarity alone.
+- ``attention``: modality tokens projected to a common width d and concatenated after a
+  learnable pooling token; scaled dot-product attention softmax(Q K^T / sqrt(d_k)) V with
+  learnable W_Q, W_K, W_V reads them into the pooling token. A missing modality (or an
+  empty text chunk) is masked out of the keys, so image-only, text-only and fused inputs
+  land in one space. Its weights are random until trained (``training.fit``).
+
+Inputs everywhere: image tokens (n, Ti, di) with mask (n, Ti), text tokens (n, Tt, dt)
+with mask (n, Tt); token 0 of each is the pooled vector; a row whose mask is all False
+has no such modality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import FusionConfig
+from .errors import ConfigError, IndexLoadError
+from .utils import l2_normalize
+
+FUSION_FILE = "fusion.json"
+WEIGHTS_FILE = "fusion.safetensors"
+
+
+class LateFusion:
+    kind = "late"
+    image_grid = 0  # uses the pooled vectors only
+    text_chunks = 0
+
+    def __init__(self, image_dim: int, text_dim: int, image_weight: float = 0.5) -> None:
+        if not 0.0 <= image_weight <= 1.0:
+            raise ConfigError(f"fusion.image_weight must lie in [0, 1], got {image_weight}")
+        self.image_dim, self.text_dim, self.image_weight = image_dim, text_dim, image_weight
+        self.out_dim = image_dim + text_dim
+
+    def fuse(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray) -> np.ndarray:
+        has_image = image_mask.any(1, keepdims=True)
+        has_text = text_mask.any(1, keepdims=True)
+        image = l2_normalize(image_tokens[:, 0]) * has_image * np.sqrt(self.image_weight)
+        text = l2_normalize(text_tokens[:, 0]) * has_text * np.sqrt(1.0 - self.image_weight)
+        return l2_normalize(np.concatenate([image, text], axis=1))
+
+    def contributions(self, query: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Split query-item scores into the image part and the text part (they sum to the score)."""
+        d = self.image_dim
+        return items[:, :d] @ query[:d], items[:, d:] @ query[d:]
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "image_dim": self.image_dim, "text_dim": self.text_dim, "image_weight": self.image_weight}
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / FUSION_FILE).write_text(json.dumps(self.config(), indent=2))
+
+
+def _attention_module():
+    """The torch module, defined on first use so importing this file does not import torch."""
+    import torch
+    from torch import nn
+
+    class AttentionFusionModule(nn.Module):
+        def __init__(self, image_dim: int, text_dim: int, dim: int, heads: int, out_dim: int) -> None:
+            super().__init__()
+            if dim % heads:
+                raise ConfigError(f"fusion.dim ({dim}) must be divisible by fusion.heads ({heads})")
+            self.heads = heads
+            self.image_proj = nn.Linear(image_dim, dim)
+            self.text_proj = nn.Linear(text_dim, dim)
+            self.modality = nn.Parameter(torch.randn(2, dim) * 0.02)  # image / text type embeddings
+            self.pool = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            self.norm = nn.LayerNorm(dim)
+            self.w_q = nn.Linear(dim, dim)
+            self.w_k = nn.Linear(dim, dim)
+            self.w_v = nn.Linear(dim, dim)
+            self.w_o = nn.Linear(dim, dim)
+            self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim))
+
+        def forward(self, image, image_mask, text, text_mask, return_attention: bool = False):
+            n = image.shape[0]
+            tokens = torch.cat([
+                self.pool.expand(n, -1, -1),
+                self.image_proj(nn.functional.normalize(image, dim=-1)) + self.modality[0],
+                self.text_proj(nn.functional.normalize(text, dim=-1)) + self.modality[1],
+            ], 1)
+            keep = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=image.device), image_mask, text_mask], 1)
+            x = self.norm(tokens)
+            b, t, d = x.shape
+            dk = d // self.heads
+            q = self.w_q(x[:, :1]).view(b, 1, self.heads, dk).transpose(1, 2)  # the pooling token asks
+            k = self.w_k(x).view(b, t, self.heads, dk).transpose(1, 2)
+            v = self.w_v(x).view(b, t, self.heads, dk).transpose(1, 2)
+            scores = (q @ k.transpose(-1, -2)) / dk ** 0.5  # (b, heads, 1, t)
+            scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+            attention = scores.softmax(-1)
+            pooled = (attention @ v).transpose(1, 2).reshape(b, d)
+            z = nn.functional.normalize(self.out(tokens[:, 0] + self.w_o(pooled)), dim=-1)
+            return (z, attention.mean(1)[:, 0]) if return_attention else z
+
+    return AttentionFusionModule
+
+
+class AttentionFusion:
+    kind = "attention"
+
+    def __init__(self, image_dim: int, text_dim: int, dim: int = 256, heads: int = 4, out_dim: int = 256,
+                 image_grid: int = 0, text_chunks: int = 0) -> None:
+        self.image_dim, self.text_dim, self.dim, self.heads = image_dim, text_dim, dim, heads
+        self.out_dim, self.image_grid, self.text_chunks = out_dim, image_grid, text_chunks
+        self.module = _attention_module()(image_dim, text_dim, dim, heads, out_dim).eval()
+
+    def fuse(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray,
+             batch_size: int = 4096) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(image_tokens), self.out_dim), np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(out), batch_size):
+                sl = slice(s, s + batch_size)
+                out[sl] = self.module(*(torch.from_numpy(np.ascontiguousarray(a[sl])) for a in
+                                        (image_tokens, image_mask, text_tokens, text_mask))).numpy()
+        return out
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "image_dim": self.image_dim, "text_dim": self.text_dim, "dim": self.dim,
+                "heads": self.heads, "out_dim": self.out_dim, "image_grid": self.image_grid, "text_chunks": self.text_chunks}
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        (folder / FUSION_FILE).write_text(json.dumps(self.config(), indent=2))
+
+
+FUSION_KINDS = {"late": LateFusion, "attention": AttentionFusion}
+Fusion = LateFusion | AttentionFusion
+
+
+def build_fusion(cfg: FusionConfig, image_dim: int, text_dim: int) -> Fusion:
+    """The fusion module a config names: loaded from ``cfg.weights`` when set, else built fresh."""
+    if cfg.weights:
+        fusion = load_fusion(cfg.weights)
+        if (fusion.image_dim, fusion.text_dim) != (image_dim, text_dim):
+            raise ConfigError(
+                f"fusion weights {cfg.weights} expect image/text dims {fusion.image_dim}/{fusion.text_dim}, "
+                f"but the encoders give {image_dim}/{text_dim}"
+            )
+        return fusion
+    if cfg.kind == "late":
+        return LateFusion(image_dim, text_dim, cfg.image_weight)
+    if cfg.kind == "attention":
+        return AttentionFusion(image_dim, text_dim, cfg.dim, cfg.heads, cfg.out_dim, cfg.image_grid, cfg.text_chunks)
+    raise ConfigError(f"fusion.kind {cfg.kind!r} is unknown; choose one of {sorted(FUSION_KINDS)}")
+
+
+def load_fusion(folder: str | Path) -> Fusion:
+    """Load a fusion module saved with ``save(folder)``."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / FUSION_FILE).read_text())
+        kind = config.pop("kind")
+        fusion = FUSION_KINDS[kind](**config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IndexLoadError(f"{folder / FUSION_FILE}: not a saved fusion module: {exc!r}") from exc
+    if isinstance(fusion, AttentionFusion):
+        from safetensors.torch import load_file
+
+        try:
+            fusion.module.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        except Exception as exc:
+            raise IndexLoadError(f"{folder / WEIGHTS_FILE}: cannot load fusion weights: {exc}") from exc
+    return fusion

@@ -1,0 +1,481 @@
+"""The Retriever: index a catalog, search it four ways, save and load it.
+
+Data flows one way: catalog rows -> reader (decode images, build texts) -> encoders
+(image tokens + ImageNet probabilities, text tokens) -> fusion (joint vectors) and the
+zero-shot space (ConSE) -> three FAISS indexes. Queries take the same path and end in
+a FAISS top-k over the ids a DuckDB ``where`` filter allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .catalog import Catalog, ImageInput, SkippedRow, load_image, plain
+from .config import RetrieverConfig
+from .errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, QueryError
+from .utils import l2_normalize, progress
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "image", "text", "fused", "zero-shot")
+SPACES = ("joint", "clip")
+KEY = "_key"  # internal int64 FAISS id of an item; never reused
+IMAGE_SOURCE = "_image_source"  # the item's image path or URL, resolved at index time
+
+
+@dataclass
+class IndexReport:
+    """What ``index``/``add`` did: counts, per-stage seconds, and every skipped row with its reason."""
+
+    indexed: int = 0
+    skipped: list[SkippedRow] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "encode": 0.0, "write": 0.0})
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def items_per_second(self) -> float:
+        return self.indexed / self.total_seconds if self.total_seconds else 0.0
+
+    def skipped_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([vars(s) for s in self.skipped], columns=["row", "id", "reason"])
+
+    def __str__(self) -> str:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        lines = [f"indexed {self.indexed} items in {self.total_seconds:.1f} s ({self.items_per_second:.1f} items/s; {stages}); "
+                 f"skipped {len(self.skipped)}"]
+        lines += [f"  {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+class Retriever:
+    """Multimodal product retrieval over one catalog.
+
+    Args:
+        config: a :class:`RetrieverConfig` (default: the packaged offline models, late
+            fusion, ConSE zero-shot, automatic FAISS index).
+
+    Models load on first use and are shared between retrievers in a process.
+    """
+
+    def __init__(self, config: RetrieverConfig | None = None) -> None:
+        self.config = config or RetrieverConfig()
+        self._image_encoder = self._text_encoder = self._fusion = self._zero_shot = None
+        self._expected_dims: dict[str, int] = {}  # set by load(): the dims the saved index was built with
+        self._reset()
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> Retriever:
+        return cls(RetrieverConfig.from_yaml(path))
+
+    def _reset(self) -> None:
+        self._items = pd.DataFrame({KEY: pd.Series(dtype="int64")})
+        self._features: dict[str, np.ndarray] = {}
+        self._indexes: dict[str, Any] = {}
+        self._next_key = 0
+        self._duck = None
+
+    # ---------------------------------------------------------------- models
+
+    @property
+    def image_encoder(self):
+        if self._image_encoder is None:
+            from .encoders import get_image_encoder
+
+            enc = self.config.encoders
+            self._image_encoder = self._check_dim("image", get_image_encoder(enc.image, enc.image_weights))
+        return self._image_encoder
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from .encoders import get_text_encoder
+
+            enc = self.config.encoders
+            self._text_encoder = self._check_dim("text", get_text_encoder(enc.text, enc.text_weights, enc.max_text_tokens))
+        return self._text_encoder
+
+    def _check_dim(self, part: str, encoder):
+        expected = self._expected_dims.get(part)
+        if expected is not None and encoder.dim != expected:
+            raise ConfigError(f"the {part} encoder {encoder.name!r} gives {encoder.dim}-d vectors, but the index was built with {expected}-d")
+        return encoder
+
+    @property
+    def fusion(self):
+        if self._fusion is None:
+            from .fusion import build_fusion
+
+            self._fusion = build_fusion(self.config.fusion, self.image_encoder.dim, self.text_encoder.dim)
+        return self._fusion
+
+    @property
+    def zero_shot(self):
+        if self._zero_shot is None:
+            from .encoders.clip import ConSE
+
+            zs = self.config.zero_shot
+            if zs.kind != "conse":
+                raise ConfigError(f"zero_shot.kind {zs.kind!r} is unknown; choose 'conse'")
+            self._zero_shot = ConSE(self.text_encoder, zs.top_k, zs.label_template)
+        return self._zero_shot
+
+    # ---------------------------------------------------------------- indexing
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def items(self) -> pd.DataFrame:
+        """The indexed catalog rows (public columns only)."""
+        return self._public(self._items).reset_index(drop=True)
+
+    def index(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None) -> IndexReport:
+        """Index a catalog from scratch, replacing whatever this retriever held."""
+        catalog = self._as_catalog(catalog)
+        self._reset()
+        return self.add(catalog, show_progress=show_progress)
+
+    def add(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None) -> IndexReport:
+        """Encode and add more items. Rows that fail (bad image) are reported and skipped.
+
+        The retriever changes only when every row has been read and encoded: an
+        exception midway leaves it as it was.
+
+        Raises:
+            CatalogError: an id of ``catalog`` is already indexed.
+        """
+        catalog = self._as_catalog(catalog)
+        existing = set(self._items["id"].astype(str)) if len(self._items) else set()
+        clash = [i for i, v in enumerate(catalog.df["id"].astype(str)) if v in existing]
+        if clash:
+            raise CatalogError(f"row(s) {clash[:10]}: id {plain(catalog.df['id'].iloc[clash[0]])!r} is already indexed; remove it first")
+        report = IndexReport()
+        encoded = self._encode_catalog(catalog, report, show_progress)
+        self._commit(catalog, encoded, report)
+        logger.info("%s", report)
+        return report
+
+    def _encode_catalog(self, catalog: Catalog, report: IndexReport, show_progress: bool | None) -> dict[str, Any]:
+        """Reader and encoder stages: images decoded in threads, one batch ahead of the encoder."""
+        import torch
+
+        cfg = self.config
+        sources, texts = catalog.image_sources(), catalog.texts()
+        image_enc, text_enc, fusion = self.image_encoder, self.text_encoder, self.fusion
+        ti, tt = 1 + fusion.image_grid ** 2, 1 + fusion.text_chunks
+        n = len(catalog)
+        out = {
+            "rows": [],
+            "image_tokens": np.zeros((n, ti, image_enc.dim), np.float32), "image_mask": np.zeros((n, ti), bool),
+            "text_tokens": np.zeros((n, tt, text_enc.dim), np.float32), "text_mask": np.zeros((n, tt), bool),
+            "probs": np.zeros((n, 0), np.float32),
+        }
+        batch_size = cfg.encoders.batch_size
+
+        def read(source: str | None):
+            if source is None:
+                return None
+            try:
+                return image_enc.preprocess(load_image(source, cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes))
+            except ImageError as exc:
+                return exc
+
+        ok = np.ones(n, bool)
+        batches = range(0, n, batch_size)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = [pool.submit(read, s) for s in sources[:batch_size]]
+            for start in progress(batches, "indexing", show_progress, len(batches), unit="batch"):
+                t0 = time.perf_counter()
+                decoded = [f.result() for f in pending]
+                nxt = start + batch_size
+                pending = [pool.submit(read, s) for s in sources[nxt:nxt + batch_size]]
+                t1 = time.perf_counter()
+                report.seconds["read"] += t1 - t0
+                rows_with_image = []
+                for offset, value in enumerate(decoded):
+                    row = start + offset
+                    if isinstance(value, ImageError):
+                        ok[row] = False
+                        report.skipped.append(SkippedRow(row, plain(catalog.df["id"].iloc[row]), str(value)))
+                    elif value is not None:
+                        rows_with_image.append((row, value))
+                if rows_with_image:
+                    rows = [r for r, _ in rows_with_image]
+                    tokens, probs = image_enc.forward(torch.stack([t for _, t in rows_with_image]), fusion.image_grid)
+                    if out["probs"].shape[1] == 0:
+                        out["probs"] = np.zeros((n, probs.shape[1]), np.float32)
+                    out["image_tokens"][rows], out["image_mask"][rows], out["probs"][rows] = tokens, True, probs
+                rows = [r for r in range(start, min(start + batch_size, n)) if ok[r] and texts[r] is not None]
+                if rows:
+                    tokens, mask = text_enc.forward([texts[r] for r in rows], fusion.text_chunks)
+                    out["text_tokens"][rows], out["text_mask"][rows] = tokens, mask
+                report.seconds["encode"] += time.perf_counter() - t1
+        out["rows"] = np.flatnonzero(ok)
+        return out
+
+    def _commit(self, catalog: Catalog, encoded: dict[str, Any], report: IndexReport) -> None:
+        """Writer stage: fuse, embed in the zero-shot space, and add to the indexes and the item table."""
+        t0 = time.perf_counter()
+        rows = encoded["rows"]
+        keys = np.arange(self._next_key, self._next_key + len(rows), dtype=np.int64)
+        feats = {name: encoded[name][rows] for name in ("image_tokens", "image_mask", "text_tokens", "text_mask")}
+        has_image, has_text = feats["image_mask"][:, 0], feats["text_mask"][:, 0]
+        joint = self.fusion.fuse(feats["image_tokens"], feats["image_mask"], feats["text_tokens"], feats["text_mask"])
+        clip_image = self.zero_shot.embed_image_probs(encoded["probs"][rows][has_image]) if has_image.any() else None
+        clip_text = l2_normalize(feats["text_tokens"][has_text, 0])  # ConSE's text space is the text encoder's
+
+        n_after = len(self._items) + len(rows)
+        self._ensure_indexes(n_after)
+        self._indexes["joint"].add(keys, joint)
+        if clip_image is not None:
+            self._indexes["clip_image"].add(keys[has_image], clip_image)
+        if has_text.any():
+            self._indexes["clip_text"].add(keys[has_text], clip_text)
+
+        new_items = catalog.df.iloc[rows].copy()
+        new_items[IMAGE_SOURCE] = [catalog.image_sources()[r] for r in rows]
+        new_items.insert(0, KEY, keys)
+        self._items = new_items if len(self._items) == 0 else pd.concat([self._items, new_items], ignore_index=True)
+        for name, value in feats.items():
+            self._features[name] = value if name not in self._features else np.concatenate([self._features[name], value])
+        self._next_key += len(rows)
+        self._duck = None
+        report.indexed = len(rows)
+        report.seconds["write"] += time.perf_counter() - t0
+
+    def _ensure_indexes(self, n_items: int) -> None:
+        from .index import VectorIndex, choose_factory
+
+        if self._indexes:
+            return
+        ic = self.config.index
+        factory = choose_factory(n_items) if ic.factory == "auto" else ic.factory
+        self._indexes = {
+            "joint": VectorIndex(self.fusion.out_dim, factory, ic.exact_filter_below),
+            "clip_image": VectorIndex(self.zero_shot.dim, factory, ic.exact_filter_below),
+            "clip_text": VectorIndex(self.zero_shot.dim, factory, ic.exact_filter_below),
+        }
+
+    def remove(self, ids: Any) -> int:
+        """Remove items by catalog id. Unknown ids raise ItemNotFoundError and nothing is removed."""
+        ids = [ids] if isinstance(ids, (str, int, np.integer)) else list(ids)
+        keys = self._keys_for(ids)
+        for index in self._indexes.values():
+            try:
+                index.remove(keys)
+            except RuntimeError as exc:
+                raise ConfigError(f"the {index.factory} index does not support removal; rebuild with index()") from exc
+        keep = ~self._items[KEY].isin(keys).to_numpy()
+        self._items = self._items[keep].reset_index(drop=True)
+        self._features = {k: v[keep] for k, v in self._features.items()}
+        self._duck = None
+        return len(keys)
+
+    def _keys_for(self, ids: list[Any]) -> np.ndarray:
+        lookup = dict(zip(self._items["id"].astype(str), self._items[KEY]))
+        missing = [i for i in ids if str(i) not in lookup]
+        if missing:
+            raise ItemNotFoundError(f"id(s) not in the index: {missing[:10]}")
+        return np.array([lookup[str(i)] for i in ids], np.int64)
+
+    def get(self, item_id: Any) -> dict[str, Any]:
+        """One indexed item's catalog row as a dict."""
+        key = self._keys_for([item_id])[0]
+        row = self._items.loc[self._items[KEY] == key]
+        return self._public(row).iloc[0].to_dict()
+
+    def image_source(self, item_id: Any) -> str | None:
+        """The resolved image path or URL of an indexed item (None if it has no image)."""
+        key = self._keys_for([item_id])[0]
+        return self._items.loc[self._items[KEY] == key, IMAGE_SOURCE].iloc[0]
+
+    # ---------------------------------------------------------------- queries
+
+    def search(self, image: ImageInput | None = None, text: str | None = None, mode: str = "auto", k: int = 10,
+               where: str | None = None) -> pd.DataFrame:
+        """Find the k best items.
+
+        Args:
+            image: a query photo (path, URL, bytes or PIL image).
+            text: a query text.
+            mode: "auto" (image+text -> fused, image -> image, text -> text), "image",
+                "text", "fused", or "zero-shot" (text against item images, or an image
+                against item texts).
+            k: how many results.
+            where: an SQL condition over catalog columns (DuckDB), applied before ranking,
+                so k results come back whenever k items match.
+
+        Returns:
+            DataFrame with columns rank, id, score, then the catalog columns; fused
+            queries under late fusion also get image_score and text_score (they sum to score).
+        """
+        mode = self._resolve_mode(image, text, mode)
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise QueryError(f"k must be a positive integer, got {k!r}")
+        if text is not None:
+            text = self._check_text(text)
+        pil = load_image(image, self.config.catalog.max_image_pixels, self.config.catalog.max_image_bytes) if image is not None else None
+        allowed = self._filter(where) if where else None
+        if mode == "zero-shot":
+            space = "clip_image" if text is not None else "clip_text"
+            query = self._embed_clip([pil] if pil is not None else None, [text] if text is not None else None)
+        else:
+            space = "joint"
+            query = self._embed_joint([pil] if pil is not None else None, [text] if text is not None else None, 1)
+        index = self._indexes.get(space)
+        if index is None or len(index) == 0 or (allowed is not None and len(allowed) == 0):
+            return self._results(np.zeros(0, np.int64), np.zeros(0, np.float32))
+        scores, keys = index.search(query, int(min(k, len(index))), allowed)
+        found = keys[0] >= 0
+        frame = self._results(keys[0][found], scores[0][found])
+        if mode == "fused" and hasattr(self.fusion, "contributions") and len(frame):
+            image_part, text_part = self.fusion.contributions(query[0], index.reconstruct(keys[0][found]))
+            frame.insert(3, "image_score", image_part)
+            frame.insert(4, "text_score", text_part)
+        return frame
+
+    def encode(self, images: list[ImageInput] | None = None, texts: list[str] | None = None, space: str = "joint",
+               batch_size: int | None = None) -> np.ndarray:
+        """Embed images, texts, or (image, text) pairs; float32 (n, d), L2-normalised.
+
+        space="joint": the fused space (pairs when both are given, of equal length).
+        space="clip": the zero-shot space (images or texts, not pairs).
+        """
+        if space not in SPACES:
+            raise QueryError(f"unknown space {space!r}; choose one of {list(SPACES)}")
+        if images is None and texts is None:
+            raise QueryError("give images, texts, or both")
+        if images is not None and texts is not None and len(images) != len(texts):
+            raise QueryError(f"{len(images)} images but {len(texts)} texts: joint pairs need equal numbers")
+        texts = None if texts is None else [self._check_text(t) for t in texts]
+        cat = self.config.catalog
+        pils = None if images is None else [load_image(im, cat.max_image_pixels, cat.max_image_bytes) for im in images]
+        if space == "clip":
+            if pils is not None and texts is not None:
+                raise QueryError("space='clip' embeds images or texts, not pairs")
+            return self._embed_clip(pils, texts)
+        return self._embed_joint(pils, texts, len(pils if pils is not None else texts), batch_size)
+
+    def _embed_joint(self, pils, texts, n: int, batch_size: int | None = None) -> np.ndarray:
+        import torch
+
+        fusion, bs = self.fusion, batch_size or self.config.encoders.batch_size
+        image_enc, text_enc = self.image_encoder, self.text_encoder
+        ti, tt = 1 + fusion.image_grid ** 2, 1 + fusion.text_chunks
+        image_tokens, image_mask = np.zeros((n, ti, image_enc.dim), np.float32), np.zeros((n, ti), bool)
+        text_tokens, text_mask = np.zeros((n, tt, text_enc.dim), np.float32), np.zeros((n, tt), bool)
+        for s in range(0, n, bs):
+            if pils is not None:
+                batch = torch.stack([image_enc.preprocess(p) for p in pils[s:s + bs]])
+                image_tokens[s:s + bs], image_mask[s:s + bs] = image_enc.forward(batch, fusion.image_grid)[0], True
+            if texts is not None:
+                text_tokens[s:s + bs], text_mask[s:s + bs] = text_enc.forward(texts[s:s + bs], fusion.text_chunks)
+        return fusion.fuse(image_tokens, image_mask, text_tokens, text_mask)
+
+    def _embed_clip(self, pils, texts) -> np.ndarray:
+        import torch
+
+        if texts is not None:
+            return self.zero_shot.embed_texts(texts)
+        enc, bs = self.image_encoder, self.config.encoders.batch_size
+        probs = [enc.forward(torch.stack([enc.preprocess(p) for p in pils[s:s + bs]]))[1] for s in range(0, len(pils), bs)]
+        return self.zero_shot.embed_image_probs(np.concatenate(probs))
+
+    @staticmethod
+    def _check_text(text: Any) -> str:
+        if not isinstance(text, str):
+            raise QueryError(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise QueryError("text is empty")
+        return text
+
+    @staticmethod
+    def _resolve_mode(image: Any, text: Any, mode: str) -> str:
+        if mode not in MODES:
+            raise QueryError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+        has_image, has_text = image is not None, text is not None
+        if not has_image and not has_text:
+            raise QueryError("give a query image, a query text, or both")
+        if mode == "auto":
+            return "fused" if has_image and has_text else "image" if has_image else "text"
+        needs = {"image": (True, False), "text": (False, True), "fused": (True, True)}
+        if mode in needs and needs[mode] != (has_image, has_text):
+            want = {(True, False): "an image only", (False, True): "a text only", (True, True): "both an image and a text"}
+            raise QueryError(f"mode {mode!r} takes {want[needs[mode]]}")
+        if mode == "zero-shot" and has_image and has_text:
+            raise QueryError("mode 'zero-shot' takes a text (matched against item images) or an image (against item texts), not both")
+        return mode
+
+    def _filter(self, where: str) -> np.ndarray:
+        """Keys of the items matching an SQL condition, evaluated by DuckDB over the item table."""
+        import duckdb
+
+        if not isinstance(where, str) or not where.strip():
+            raise QueryError("where: the filter is empty")
+        if ";" in where:
+            raise QueryError(f"where: a single SQL condition is expected, found ';' in {where!r}")
+        if self._duck is None:
+            con = duckdb.connect()
+            # A table, not a registered view: cursors (one per query, for threads) share tables only.
+            con.register("items_view", self._items.drop(columns=[IMAGE_SOURCE], errors="ignore"))
+            con.execute("CREATE TABLE catalog AS SELECT * FROM items_view")
+            con.unregister("items_view")
+            con.execute("SET enable_external_access = false")  # a filter must never read files or URLs
+            con.execute("SET lock_configuration = true")
+            self._duck = con
+        try:
+            result = self._duck.cursor().execute(f"SELECT {KEY} FROM catalog WHERE {where}").fetchnumpy()  # noqa: S608
+        except duckdb.Error as exc:
+            raise QueryError(f"where: invalid filter {where!r}: {str(exc).splitlines()[0]}") from exc
+        return np.asarray(result[KEY], np.int64)
+
+    def _results(self, keys: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+        rows = self._items.set_index(KEY).loc[keys].reset_index() if len(keys) else self._items.iloc[:0]
+        frame = self._public(rows).reset_index(drop=True)
+        frame.insert(0, "rank", np.arange(1, len(frame) + 1))
+        frame.insert(2, "score", np.asarray(scores, np.float32))
+        cols = ["rank", "id", "score"] + [c for c in frame.columns if c not in ("rank", "id", "score")]
+        return frame[cols]
+
+    @staticmethod
+    def _public(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.drop(columns=[c for c in frame.columns if c.startswith("_")])
+
+    def _as_catalog(self, catalog: Catalog | pd.DataFrame | str | Path) -> Catalog:
+        text_columns = self.config.catalog.text_columns
+        if isinstance(catalog, Catalog):
+            return catalog
+        if isinstance(catalog, pd.DataFrame):
+            return Catalog(catalog, text_columns=text_columns)
+        path = Path(catalog)
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return Catalog.from_parquet(path, text_columns=text_columns)
+        return Catalog.from_csv(path, text_columns=text_columns)
+
+    # ---------------------------------------------------------------- persistence
+
+    def save(self, folder: str | Path) -> Path:
+        """Save to a folder (atomically: a crash leaves the previous save intact)."""
+        from .persistence import save_retriever
+
+        return save_retriever(self, Path(folder))
+
+    @classmethod
+    def load(cls, folder: str | Path, config: RetrieverConfig | str | Path | None = None) -> Retriever:
+        """Load a saved retriever; ``config``, if given, must name the same encoders and dimensions."""
+        from .persistence import load_retriever
+
+        if isinstance(config, (str, Path)):
+            config = RetrieverConfig.from_yaml(config)
+        return load_retriever(cls, Path(folder), config)

@@ -1,0 +1,37 @@
+import pytest
+
+import multiretrieval as mr
+from multiretrieval.config import RetrieverConfig
+
+
+def test_default_yaml_matches_the_defaults():
+    assert RetrieverConfig.from_yaml("configs/default.yaml") == RetrieverConfig()
+
+
+def test_jewelry_config_embeds_the_attributes_customers_describe():
+    cfg = RetrieverConfig.from_yaml("configs/jewelry.yaml")
+    assert cfg.catalog.text_columns == ("title", "description", "material", "gemstone", "metal_colour")
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("fusion:\n  knd: late\n")
+    with pytest.raises(mr.ConfigError, match=r"fusion: unknown key\(s\) \['knd'\]"):
+        RetrieverConfig.from_yaml(path)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("encoders:\n  batch_size: many\n")
+    with pytest.raises(mr.ConfigError, match="encoders.batch_size: expected int"):
+        RetrieverConfig.from_yaml(path)
+
+
+def test_overrides_replace_single_values():
+    cfg = RetrieverConfig().with_overrides({"index": {"factory": "HNSW32"}})
+    assert cfg.index.factory == "HNSW32" and cfg.fusion == RetrieverConfig().fusion
+
+
+def test_missing_file():
+    with pytest.raises(mr.ConfigError, match="config file not found"):
+        RetrieverConfig.from_yaml("configs/nope.yaml")

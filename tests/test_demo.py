@@ -1,0 +1,13 @@
+from multiretrieval.demo import run_demo
+
+
+def test_demo_runs_the_four_kinds_of_query(fixtures, tmp_path):
+    lines = []
+    sheet = run_demo(fixtures / "catalog.csv", tmp_path, k=3, show_progress=False, echo=lines.append)
+    text = "\n".join(lines)
+    for kind in ('text: "a washing machine"', "image: a photo", "fused: that photo", 'zero-shot: "a car"'):
+        assert kind in text
+    assert "Washing machine" in text and "Smart car" in text
+    from PIL import Image
+
+    assert Image.open(sheet).size[0] > 4 * 128

@@ -1,0 +1,228 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+import multiretrieval as mr
+from multiretrieval.config import RetrieverConfig
+
+from .conftest import png_bytes
+
+
+def ids_of(frame):
+    return frame["id"].tolist()
+
+
+def test_result_columns(indexed, catalog):
+    res = indexed.search(text="a washing machine", k=3)
+    assert list(res.columns[:3]) == ["rank", "id", "score"]
+    assert set(catalog.df.columns) <= set(res.columns)
+    assert res["rank"].tolist() == [1, 2, 3] and res["score"].is_monotonic_decreasing
+
+
+def test_text_query_finds_the_item_by_name(indexed):
+    assert indexed.search(text="washing machine", k=1)["title"].iloc[0] == "Washing machine"
+    assert indexed.search(text="a comfortable couch", k=1)["title"].iloc[0] == "Sofa"
+
+
+def test_image_query_finds_the_item_itself(indexed, catalog):
+    for item_id, source in zip(catalog.ids, catalog.image_sources()):
+        res = indexed.search(image=source, k=1)
+        assert res["id"].iloc[0] == item_id
+        # late fusion, image weight 0.5: an image-only query scores sqrt(0.5) * cos(image)
+        assert res["score"].iloc[0] == pytest.approx(np.sqrt(0.5), abs=1e-4)
+
+
+def test_image_query_accepts_bytes_and_pil(indexed, catalog):
+    from PIL import Image
+
+    path = catalog.image_sources()[3]
+    with open(path, "rb") as f:
+        data = f.read()
+    assert indexed.search(image=data, k=1)["id"].iloc[0] == catalog.ids[3]
+    assert indexed.search(image=Image.open(path), k=1)["id"].iloc[0] == catalog.ids[3]
+
+
+def test_fused_query_combines_both(indexed, catalog):
+    sofa = catalog.image_sources()[catalog.df["title"].tolist().index("Sofa")]
+    image_only = indexed.search(image=sofa, k=8)
+    text_only = indexed.search(text="a bed", k=8)
+    fused = indexed.search(image=sofa, text="a bed", k=8)
+    assert image_only["title"].iloc[0] == "Sofa" and text_only["title"].iloc[0] == "Bed"
+
+    def lead_of_sofa_over_bed(frame):
+        scores = frame.set_index("title")["score"]
+        return scores["Sofa"] - scores["Bed"]
+
+    # Both modalities count: the fused query lies between the photo alone and the words alone.
+    assert lead_of_sofa_over_bed(text_only) < lead_of_sofa_over_bed(fused) < lead_of_sofa_over_bed(image_only)
+    assert {"image_score", "text_score"} <= set(fused.columns)
+    np.testing.assert_allclose(fused["image_score"] + fused["text_score"], fused["score"], atol=1e-5)
+
+
+@pytest.mark.parametrize("query,title", [("a washing machine", "Washing machine"), ("a car", "Smart car"),
+                                         ("a refrigerator", "Refrigerator"), ("a toilet", "Toilets unit")])
+def test_zero_shot_text_against_untitled_images(catalog, query, title, untitled):
+    res = untitled.search(text=query, mode="zero-shot", k=2)
+    titles = catalog.df.set_index("id").loc[res["id"], "title"].tolist()
+    assert title in titles
+
+
+@pytest.fixture(scope="module")
+def untitled(catalog):
+    """The fixture images indexed with no text at all."""
+    df = catalog.df.drop(columns=["title", "description"])
+    r = mr.Retriever()
+    r.index(mr.Catalog(df, image_root=catalog.image_root), show_progress=False)
+    return r
+
+
+def test_zero_shot_ignores_item_texts(untitled, indexed):
+    a = untitled.search(text="a car", mode="zero-shot", k=8)
+    b = indexed.search(text="a car", mode="zero-shot", k=8)
+    assert ids_of(a) == ids_of(b)
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+
+
+def test_zero_shot_image_against_item_texts(indexed, catalog):
+    car = catalog.image_sources()[catalog.df["title"].tolist().index("Smart car")]
+    assert indexed.search(image=car, mode="zero-shot", k=1)["title"].iloc[0] == "Smart car"
+
+
+def test_untitled_items_are_not_found_by_text_mode(untitled):
+    res = untitled.search(text="a car", k=8)
+    assert (res["score"] == 0).all()  # text mode compares texts, and these items have none
+
+
+def test_filters_are_applied_before_ranking(indexed):
+    res = indexed.search(text="a washing machine", k=5, where="price < 300")
+    assert len(res) == 3 and (res["price"] < 300).all()
+    res = indexed.search(text="a washing machine", k=50, where="category = 'Kitchen' OR price > 5000")
+    assert len(res) == len(indexed.items.query("category == 'Kitchen' or price > 5000"))
+    assert indexed.search(text="x", where="price < 0").empty
+
+
+@pytest.mark.parametrize("where,message", [
+    ("price <", "syntax error"), ("colour = 'red'", "colour"), ("1=1; DROP TABLE catalog", "single SQL condition"),
+    ("len(read_text('/etc/passwd')) > 0", "invalid filter"),
+])
+def test_bad_filters_are_named(indexed, where, message):
+    with pytest.raises(mr.QueryError, match=message):
+        indexed.search(text="sofa", where=where)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(text="   "), "text is empty"), (dict(), "give a query image, a query text, or both"),
+    (dict(text="sofa", mode="sideways"), "unknown mode 'sideways'"), (dict(text="sofa", k=0), "k must be a positive integer"),
+    (dict(text="sofa", mode="image"), "takes an image only"), (dict(text="sofa", mode="fused"), "takes both"),
+    (dict(text=3), "text must be a string"),
+])
+def test_bad_queries(indexed, kwargs, message):
+    with pytest.raises(mr.QueryError, match=message):
+        indexed.search(**kwargs)
+
+
+def test_bad_query_images(indexed, tmp_path):
+    with pytest.raises(mr.ImageError, match="file not found"):
+        indexed.search(image=str(tmp_path / "none.jpg"))
+    with pytest.raises(mr.ImageError, match="not an image"):
+        indexed.search(image=b"hello")
+
+
+def test_k_larger_than_the_catalog(indexed):
+    assert len(indexed.search(text="sofa", k=100)) == len(indexed)
+
+
+def test_bad_rows_are_reported_and_the_rest_indexed(catalog, tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((256, 256), 60).convert("RGB").save(buf, format="PNG")
+    (tmp_path / "broken.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    bad = pd.DataFrame({"id": ["b1", "b2", "b3"], "image": [str(tmp_path / "missing.png"), str(tmp_path / "broken.png"),
+                                                              str(tmp_path / "text.png")], "title": ["x", "y", "z"]})
+    df = pd.concat([catalog.df.assign(image=catalog.image_sources(), id=catalog.df["id"].astype(str)), bad], ignore_index=True)
+    r = mr.Retriever()
+    report = r.index(mr.Catalog(df), show_progress=False)
+    assert report.indexed == 8 and len(r) == 8
+    reasons = {s.id: s.reason for s in report.skipped}
+    assert set(reasons) == {"b1", "b2", "b3"}
+    assert "file not found" in reasons["b1"] and "corrupt or truncated" in reasons["b2"] and "not an image" in reasons["b3"]
+    assert [s.row for s in report.skipped] == [8, 9, 10]
+    assert "skipped 3" in str(report)
+
+
+def test_add_and_remove(retriever_copy, catalog, fixtures):
+    r = retriever_copy
+    extra = pd.DataFrame({"id": [100], "image": [str(fixtures / "images" / "smart-car.png")], "title": ["Toy car"]})
+    report = r.add(extra)
+    assert report.indexed == 1 and len(r) == 9
+    assert r.search(text="toy car", k=1)["id"].iloc[0] == 100
+    with pytest.raises(mr.CatalogError, match="already indexed"):
+        r.add(extra)
+    assert r.remove([100, catalog.ids[0]]) == 2 and len(r) == 7
+    assert 100 not in ids_of(r.search(text="toy car", k=10))
+    with pytest.raises(mr.ItemNotFoundError, match="not in the index"):
+        r.remove(["nope"])
+    assert len(r) == 7
+
+
+def test_save_load_round_trip(indexed, tmp_path):
+    indexed.save(tmp_path / "idx")
+    again = mr.Retriever.load(tmp_path / "idx")
+    for query in (dict(text="a lamp"), dict(text="a car", mode="zero-shot"), dict(text="sofa", where="price > 300")):
+        a, b = indexed.search(**query), again.search(**query)
+        assert ids_of(a) == ids_of(b)
+        np.testing.assert_allclose(a["score"], b["score"], atol=1e-6)
+    indexed.save(tmp_path / "idx")  # overwriting a save is fine
+    assert len(mr.Retriever.load(tmp_path / "idx")) == len(indexed)
+
+
+def test_load_refuses_a_config_with_other_encoders(indexed, tmp_path):
+    indexed.save(tmp_path / "idx")
+    other = RetrieverConfig().with_overrides({"encoders": {"text": "mpnet-base"}})
+    with pytest.raises(mr.ConfigError, match="saved with text encoder 'minilm-l6'"):
+        mr.Retriever.load(tmp_path / "idx", other)
+
+
+def test_load_detects_corrupt_and_missing_files(indexed, tmp_path):
+    indexed.save(tmp_path / "idx")
+    index_file = tmp_path / "idx" / "index" / "joint.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:-100])
+    with pytest.raises(mr.IndexLoadError, match="checksum mismatch"):
+        mr.Retriever.load(tmp_path / "idx")
+    index_file.unlink()
+    with pytest.raises(mr.IndexLoadError, match="missing"):
+        mr.Retriever.load(tmp_path / "idx")
+    with pytest.raises(mr.IndexLoadError, match="no such index folder"):
+        mr.Retriever.load(tmp_path / "nothing")
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_an_index(indexed, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "keep.txt").write_text("precious")
+    with pytest.raises(mr.IndexLoadError, match="not a saved index"):
+        indexed.save(tmp_path / "docs")
+    assert (tmp_path / "docs" / "keep.txt").read_text() == "precious"
+
+
+def test_encode_spaces(indexed, catalog):
+    images, texts = catalog.image_sources()[:2], ["a sofa", "a lamp"]
+    joint_pairs = indexed.encode(images=images, texts=texts)
+    assert joint_pairs.shape == (2, 1280 + 384) and joint_pairs.dtype == np.float32
+    assert indexed.encode(texts=texts, space="clip").shape == (2, 384)
+    assert indexed.encode(images=images, space="clip").shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(joint_pairs, axis=1), 1, atol=1e-5)
+    with pytest.raises(mr.QueryError, match="unknown space"):
+        indexed.encode(texts=texts, space="nope")
+    with pytest.raises(mr.QueryError, match="equal numbers"):
+        indexed.encode(images=images, texts=texts[:1])
+
+
+def test_get_item_and_image_source(indexed, catalog):
+    assert indexed.get(catalog.ids[1])["title"] == "Armchair"
+    assert indexed.image_source(catalog.ids[1]) == catalog.image_sources()[1]
+    with pytest.raises(mr.ItemNotFoundError):
+        indexed.get(123456)
