@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .config import RetrieverConfig
-from .errors import ConfigError, IndexLoadError
+from .errors import ConfigError, IndexLoadError, MultiretrievalError
 
 if TYPE_CHECKING:
     from .retriever import Retriever
@@ -44,7 +44,7 @@ def save_retriever(retriever: Retriever, folder: Path) -> Path:
     from .retriever import KEY
 
     if not retriever._indexes:
-        raise IndexLoadError("nothing to save: index a catalog first")
+        raise MultiretrievalError("nothing to save: index a catalog first")
     folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))

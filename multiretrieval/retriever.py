@@ -176,7 +176,7 @@ class Retriever:
         ti, tt = 1 + fusion.image_grid ** 2, 1 + fusion.text_chunks
         n = len(catalog)
         out = {
-            "rows": [],
+            "rows": [], "sources": sources,
             "image_tokens": np.zeros((n, ti, image_enc.dim), np.float32), "image_mask": np.zeros((n, ti), bool),
             "text_tokens": np.zeros((n, tt, text_enc.dim), np.float32), "text_mask": np.zeros((n, tt), bool),
             "probs": np.zeros((n, 0), np.float32),
@@ -244,7 +244,7 @@ class Retriever:
             self._indexes["clip_text"].add(keys[has_text], clip_text)
 
         new_items = catalog.df.iloc[rows].copy()
-        new_items[IMAGE_SOURCE] = [catalog.image_sources()[r] for r in rows]
+        new_items[IMAGE_SOURCE] = [encoded["sources"][r] for r in rows]
         new_items.insert(0, KEY, keys)
         self._items = new_items if len(self._items) == 0 else pd.concat([self._items, new_items], ignore_index=True)
         for name, value in feats.items():
