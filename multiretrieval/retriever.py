@@ -141,16 +141,11 @@ class Retriever:
         return self._public(self._items).reset_index(drop=True)
 
     def index(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None) -> IndexReport:
-        """Index a catalog from scratch, replacing whatever this retriever held."""
-        catalog = self._as_catalog(catalog)
-        self._reset()
-        return self.add(catalog, show_progress=show_progress)
+        """Index a catalog from scratch, replacing what this retriever held once every row is encoded."""
+        return self._ingest(self._as_catalog(catalog), show_progress, replace=True)
 
     def add(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None) -> IndexReport:
         """Encode and add more items. Rows that fail (bad image) are reported and skipped.
-
-        The retriever changes only when every row has been read and encoded: an
-        exception midway leaves it as it was.
 
         Raises:
             CatalogError: an id of ``catalog`` is already indexed.
@@ -160,11 +155,25 @@ class Retriever:
         clash = [i for i, v in enumerate(catalog.df["id"].astype(str)) if v in existing]
         if clash:
             raise CatalogError(f"row(s) {clash[:10]}: id {plain(catalog.df['id'].iloc[clash[0]])!r} is already indexed; remove it first")
+        return self._ingest(catalog, show_progress, replace=False)
+
+    def _ingest(self, catalog: Catalog, show_progress: bool | None, replace: bool) -> IndexReport:
+        # The retriever changes only after every row has been read and encoded:
+        # an exception or Ctrl-C midway leaves it as it was.
         report = IndexReport()
         encoded = self._encode_catalog(catalog, report, show_progress)
+        if replace:
+            self._reset()
         self._commit(catalog, encoded, report)
         logger.info("%s", report)
         return report
+
+    def _feature_buffers(self, n: int) -> dict[str, np.ndarray]:
+        """Zeroed token arrays and all-False masks for n items, shaped for the fusion module."""
+        fusion, di, dt = self.fusion, self.image_encoder.dim, self.text_encoder.dim
+        ti, tt = 1 + fusion.image_grid ** 2, 1 + fusion.text_chunks
+        return {"image_tokens": np.zeros((n, ti, di), np.float32), "image_mask": np.zeros((n, ti), bool),
+                "text_tokens": np.zeros((n, tt, dt), np.float32), "text_mask": np.zeros((n, tt), bool)}
 
     def _encode_catalog(self, catalog: Catalog, report: IndexReport, show_progress: bool | None) -> dict[str, Any]:
         """Reader and encoder stages: images decoded in threads, one batch ahead of the encoder."""
@@ -173,14 +182,8 @@ class Retriever:
         cfg = self.config
         sources, texts = catalog.image_sources(), catalog.texts()
         image_enc, text_enc, fusion = self.image_encoder, self.text_encoder, self.fusion
-        ti, tt = 1 + fusion.image_grid ** 2, 1 + fusion.text_chunks
         n = len(catalog)
-        out = {
-            "rows": [], "sources": sources,
-            "image_tokens": np.zeros((n, ti, image_enc.dim), np.float32), "image_mask": np.zeros((n, ti), bool),
-            "text_tokens": np.zeros((n, tt, text_enc.dim), np.float32), "text_mask": np.zeros((n, tt), bool),
-            "probs": np.zeros((n, 0), np.float32),
-        }
+        out: dict[str, Any] = {"rows": [], "sources": sources, "probs": np.zeros((n, 0), np.float32), **self._feature_buffers(n)}
         batch_size = cfg.encoders.batch_size
 
         def read(source: str | None):
@@ -368,28 +371,20 @@ class Retriever:
         return self._embed_joint(pils, texts, len(pils if pils is not None else texts), batch_size)
 
     def _embed_joint(self, pils, texts, n: int, batch_size: int | None = None) -> np.ndarray:
-        import torch
-
         fusion, bs = self.fusion, batch_size or self.config.encoders.batch_size
-        image_enc, text_enc = self.image_encoder, self.text_encoder
-        ti, tt = 1 + fusion.image_grid ** 2, 1 + fusion.text_chunks
-        image_tokens, image_mask = np.zeros((n, ti, image_enc.dim), np.float32), np.zeros((n, ti), bool)
-        text_tokens, text_mask = np.zeros((n, tt, text_enc.dim), np.float32), np.zeros((n, tt), bool)
+        f = self._feature_buffers(n)
         for s in range(0, n, bs):
             if pils is not None:
-                batch = torch.stack([image_enc.preprocess(p) for p in pils[s:s + bs]])
-                image_tokens[s:s + bs], image_mask[s:s + bs] = image_enc.forward(batch, fusion.image_grid)[0], True
+                f["image_tokens"][s:s + bs], f["image_mask"][s:s + bs] = self.image_encoder.forward_images(pils[s:s + bs], fusion.image_grid)[0], True
             if texts is not None:
-                text_tokens[s:s + bs], text_mask[s:s + bs] = text_enc.forward(texts[s:s + bs], fusion.text_chunks)
-        return fusion.fuse(image_tokens, image_mask, text_tokens, text_mask)
+                f["text_tokens"][s:s + bs], f["text_mask"][s:s + bs] = self.text_encoder.forward(texts[s:s + bs], fusion.text_chunks)
+        return fusion.fuse(f["image_tokens"], f["image_mask"], f["text_tokens"], f["text_mask"])
 
     def _embed_clip(self, pils, texts) -> np.ndarray:
-        import torch
-
         if texts is not None:
             return self.zero_shot.embed_texts(texts)
-        enc, bs = self.image_encoder, self.config.encoders.batch_size
-        probs = [enc.forward(torch.stack([enc.preprocess(p) for p in pils[s:s + bs]]))[1] for s in range(0, len(pils), bs)]
+        bs = self.config.encoders.batch_size
+        probs = [self.image_encoder.forward_images(pils[s:s + bs])[1] for s in range(0, len(pils), bs)]
         return self.zero_shot.embed_image_probs(np.concatenate(probs))
 
     @staticmethod

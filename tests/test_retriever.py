@@ -226,3 +226,20 @@ def test_get_item_and_image_source(indexed, catalog):
     assert indexed.image_source(catalog.ids[1]) == catalog.image_sources()[1]
     with pytest.raises(mr.ItemNotFoundError):
         indexed.get(123456)
+
+
+def test_a_failed_reindex_keeps_what_was_indexed(retriever_copy, catalog, monkeypatch):
+    r = retriever_copy
+    before = r.search(text="a lamp", k=3)
+    calls = []
+
+    def failing_forward(batch, grid=0):
+        calls.append(1)
+        raise KeyboardInterrupt  # a user pressing Ctrl-C midway
+
+    monkeypatch.setattr(r.image_encoder, "forward", failing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        r.index(catalog, show_progress=False)
+    monkeypatch.undo()
+    assert calls and len(r) == len(catalog)
+    assert ids_of(r.search(text="a lamp", k=3)) == ids_of(before)

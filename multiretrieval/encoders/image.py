@@ -126,18 +126,21 @@ class ImageEncoder:
                 tokens.append(F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2))
             return torch.cat(tokens, 1).float().cpu().numpy(), probs.float().cpu().numpy()
 
+    def forward_images(self, images: Sequence, grid: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded RGB PIL images -> :meth:`forward` of their preprocessed batch."""
+        import torch
+
+        return self.forward(torch.stack([self.preprocess(image) for image in images]), grid)
+
     def encode(self, images: Sequence, batch_size: int = 32, show_progress: bool | None = None,
                normalize: bool = True) -> np.ndarray:
         """Images (paths, URLs, bytes or PIL) -> pooled features, float32 (n, dim)."""
-        import torch
-
         from ..catalog import load_image
 
         out = np.zeros((len(images), self.dim), np.float32)
         for start in progress(range(0, len(images), batch_size), "encoding images", show_progress, -(-len(images) // batch_size)):
             chunk = images[start:start + batch_size]
-            batch = torch.stack([self.preprocess(load_image(im)) for im in chunk])
-            out[start:start + len(chunk)] = self.forward(batch)[0][:, 0]
+            out[start:start + len(chunk)] = self.forward_images([load_image(im) for im in chunk])[0][:, 0]
         return l2_normalize(out) if normalize else out
 
 
