@@ -2,6 +2,7 @@
 
     multiretrieval index CATALOG --out DIR [--config FILE]
     multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--show out.png]
+    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     multiretrieval demo [--catalog CSV] [--out DIR]
 
 Heavy libraries are imported inside the commands, so --help answers at once.
@@ -69,6 +70,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    api_key = args.api_key or os.environ.get("MULTIRETRIEVAL_API_KEY") or None
+    app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
+          + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multiretrieval", description="Multimodal image-text retrieval for product catalogs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -93,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--config", help="YAML config; must name the encoders the index was built with")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="serve a saved index over HTTP, with a search page at /")
+    p.add_argument("index_dir", help="folder written by `multiretrieval index`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="key that POST/DELETE /items require (default: $MULTIRETRIEVAL_API_KEY)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413 (default 10)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="index the bundled demo catalog and run one query of each kind")
     p.add_argument("--catalog", help="catalog to use instead of data/demo/catalog.csv")

@@ -1,0 +1,293 @@
+"""FastAPI app: REST endpoints and the search page, over one saved index folder.
+
+Reads take a snapshot of the current retriever and run concurrently. Writes are
+serialised by a lock and copy-on-write: the writer loads a fresh copy of the index,
+changes it, saves it to the index folder (atomically), then swaps the snapshot, so a
+reader sees the index before or after a write, never half of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import secrets
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from ..catalog import load_image
+from ..errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, QueryError
+from ..retriever import MODES, Retriever
+
+logger = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+THUMBNAIL_PX = 256
+Mode = Literal["auto", "image", "text", "fused", "zero-shot"]
+assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
+
+
+class SearchRequest(BaseModel):
+    text: str | None = Field(None, description="query text")
+    mode: Mode = "auto"
+    k: int = Field(10, ge=1, le=1000)
+    where: str | None = Field(None, description="SQL condition over catalog columns")
+
+
+class Service:
+    """The current retriever snapshot, the write lock, and where uploads go."""
+
+    def __init__(self, index_dir: str | Path) -> None:
+        self.index_dir = Path(index_dir).resolve()
+        # Uploaded images live beside the index folder: a save replaces the folder itself.
+        self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
+        self.retriever = Retriever.load(self.index_dir)
+        self._write_lock = threading.Lock()
+        # Load every model now, not on the first request.
+        r = self.retriever
+        r.image_encoder, r.text_encoder, r.fusion, r.zero_shot.label_embeddings  # noqa: B018
+
+    def write(self, change) -> Any:
+        with self._write_lock:
+            fresh = Retriever.load(self.index_dir)
+            result = change(fresh)
+            fresh.save(self.index_dir)
+            self.retriever = fresh
+            return result
+
+
+def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20) -> FastAPI:
+    """Build the app for a saved index folder.
+
+    Args:
+        index_dir: a folder written by ``Retriever.save`` / ``multiretrieval index``.
+        api_key: when set, POST /items and DELETE /items/{id} need header ``X-API-Key``.
+        max_upload_bytes: larger request bodies get 413.
+    """
+    service = Service(index_dir)
+    app = FastAPI(title="multiretrieval", version=_version(), docs_url=None,
+                  description="Search a product catalog by text, photo, or both.")
+    app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    _add_error_handlers(app)
+
+    def require_key(request: Request) -> None:
+        if api_key and not secrets.compare_digest(request.headers.get("x-api-key", ""), api_key):
+            raise _HTTPError(401, "this endpoint needs a valid X-API-Key header")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _mount_docs(app)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "items": len(service.retriever)}
+
+    @app.post("/search", openapi_extra=_SEARCH_BODY)
+    async def search(request: Request) -> dict:
+        """Text queries as JSON; an image (field `image`) plus text, mode, k, where as multipart form."""
+        query, image = await _parse_search(request)
+        retriever = service.retriever
+        results = await run_in_threadpool(retriever.search, image=image, text=query.text, mode=query.mode, k=query.k,
+                                          where=query.where)
+        records = json.loads(results.to_json(orient="records"))
+        for record in records:
+            record["thumbnail"] = f"/items/{record['id']}/image"
+        mode = query.mode if query.mode != "auto" else ("fused" if image and query.text else "image" if image else "text")
+        return {"mode": mode, "count": len(records), "results": records}
+
+    @app.get("/items/{item_id}")
+    def get_item(item_id: str) -> dict:
+        import pandas as pd
+
+        return json.loads(pd.DataFrame([service.retriever.get(item_id)]).to_json(orient="records"))[0]  # NaN -> null
+
+    @app.get("/items/{item_id}/image")
+    def item_image(item_id: str) -> Response:
+        source = service.retriever.image_source(item_id)
+        if source is None:
+            raise _HTTPError(404, f"item {item_id!r} has no image")
+        if source.startswith(("http://", "https://")):
+            return RedirectResponse(source)
+        return Response(_thumbnail(source, _mtime(source)), media_type="image/png",
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=_ADD_BODY)
+    async def add_item(request: Request) -> dict:
+        """Add one item: multipart with `metadata` (a JSON object with id, title, ...) and an optional `image` file."""
+        form = await _form(request)
+        try:
+            metadata = json.loads(form.get("metadata") or "")
+        except ValueError as exc:
+            raise _HTTPError(400, f"metadata: not a JSON object: {exc}") from exc
+        if not isinstance(metadata, dict) or "image" in metadata:
+            raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
+        upload = form.get("image")
+        if upload is not None and hasattr(upload, "read"):
+            data = await upload.read()
+            load_image(data)  # refuse a bad image before anything is written
+            service.uploads.mkdir(parents=True, exist_ok=True)
+            path = service.uploads / f"{hashlib.sha256(data).hexdigest()}.img"  # the name is ours, never the client's
+            path.write_bytes(data)
+            metadata["image"] = str(path)
+        import pandas as pd
+
+        report = await run_in_threadpool(service.write, lambda r: r.add(pd.DataFrame([metadata])))
+        if report.skipped:
+            raise _HTTPError(400, str(report.skipped[0]))
+        return {"added": report.indexed, "items": len(service.retriever)}
+
+    @app.delete("/items/{item_id}", dependencies=[Depends(require_key)])
+    async def delete_item(item_id: str) -> dict:
+        service.retriever.get(item_id)  # 404 before taking the write lock
+        removed = await run_in_threadpool(service.write, lambda r: r.remove([item_id]))
+        return {"removed": removed, "items": len(service.retriever)}
+
+    return app
+
+
+async def _parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise _HTTPError(400, f"request body is not valid JSON: {exc}") from exc
+        return _validate(body), None
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await _form(request)
+        fields = {k: v for k, v in form.items() if k != "image" and v != ""}
+        upload = form.get("image")
+        image = await upload.read() if upload is not None and hasattr(upload, "read") else None
+        return _validate(fields), (image or None)
+    raise _HTTPError(415, "send JSON (text queries) or multipart/form-data (with an image)")
+
+
+async def _form(request: Request):
+    try:
+        return await request.form()
+    except Exception as exc:  # starlette raises several parser errors
+        raise _HTTPError(400, f"malformed form data: {exc}") from exc
+
+
+def _validate(data: Any) -> SearchRequest:
+    try:
+        return SearchRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+
+
+@lru_cache(maxsize=2048)
+def _thumbnail(source: str, mtime: float) -> bytes:  # mtime is part of the cache key
+    image = load_image(source)
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _mtime(path: str) -> float:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError as exc:
+        raise ImageError(f"image file of this item is missing: {exc}") from exc
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    statuses = {_HTTPError: None, ItemNotFoundError: 404, QueryError: 400, ImageError: 400, CatalogError: 400, ConfigError: 400}
+    for exc_type, status in statuses.items():
+        def handler(request: Request, exc: Exception, status=status) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=status or exc.status)
+
+        app.add_exception_handler(exc_type, handler)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before the app reads it."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        chunks, size, more = [], 0, True
+        while more:  # bodies are bounded by max_bytes, so buffering them is safe
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._reject(send)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _reject(self, send) -> None:
+        detail = json.dumps({"detail": f"request body exceeds the limit of {self.max_bytes:,} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": detail})
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the swagger-ui-bundle package: no CDN."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # the OpenAPI schema at /openapi.json still works
+        return
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="multiretrieval API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+_SEARCH_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": SearchRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "string", "format": "binary"}, "text": {"type": "string"},
+        "mode": {"type": "string", "enum": list(MODES)}, "k": {"type": "integer"}, "where": {"type": "string"}}}},
+}}}
+_ADD_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["metadata"], "properties": {
+    "metadata": {"type": "string", "description": "JSON object: id, title, description, metadata columns"},
+    "image": {"type": "string", "format": "binary"}}}}}}}

@@ -1,0 +1,137 @@
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from multiretrieval.server import create_app
+
+KEY = "s3cret"
+
+
+@pytest.fixture()
+def client(indexed, tmp_path):
+    indexed.save(tmp_path / "idx")
+    app = create_app(tmp_path / "idx", api_key=KEY, max_upload_bytes=2 * 2**20)
+    with TestClient(app) as c:
+        c.index_dir = tmp_path / "idx"
+        yield c
+
+
+def test_health_and_page(client):
+    assert client.get("/health").json() == {"status": "ok", "items": 8}
+    page = client.get("/")
+    assert page.status_code == 200 and "search-form" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: everything comes from the app
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/openapi.json").json()["info"]["title"] == "multiretrieval"
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_text_search_as_json(client):
+    r = client.post("/search", json={"text": "a washing machine", "k": 3, "where": "price < 1000"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["mode"] == "text" and body["count"] == 3
+    top = body["results"][0]
+    assert top["title"] == "Washing machine" and top["rank"] == 1 and top["thumbnail"] == f"/items/{top['id']}/image"
+
+
+def test_photo_plus_text_as_multipart(client, fixtures):
+    photo = (fixtures / "images" / "mid-century-bench-sofa.png").read_bytes()
+    r = client.post("/search", files={"image": ("sofa.png", photo, "image/png")}, data={"text": "a bed", "k": "4"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["mode"] == "fused"
+    assert {"image_score", "text_score"} <= set(body["results"][0])
+    assert {"Sofa", "Bed"} <= {x["title"] for x in body["results"][:2]}
+
+
+def test_items_and_thumbnails(client):
+    item = client.get("/items/575").json()
+    assert item["title"] == "Washing machine" and item["id"] == 575
+    thumb = client.get("/items/575/image")
+    assert thumb.headers["content-type"] == "image/png"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
+
+
+def test_unknown_id_is_404(client):
+    for method, url in (("get", "/items/999999"), ("get", "/items/999999/image"), ("delete", "/items/999999")):
+        r = getattr(client, method)(url, headers={"X-API-Key": KEY})
+        assert r.status_code == 404 and "not in the index" in r.json()["detail"]
+
+
+def test_oversized_upload_is_413(client):
+    big = b"\0" * (3 * 2**20)
+    r = client.post("/search", files={"image": ("big.png", big, "image/png")}, data={"text": "x"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
+
+
+def test_not_an_image_is_400(client):
+    r = client.post("/search", files={"image": ("x.png", b"hello, I am text", "image/png")})
+    assert r.status_code == 400 and "not an image" in r.json()["detail"]
+
+
+def test_decompression_bomb_is_400(client):
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, format="PNG")
+    r = client.post("/search", files={"image": ("bomb.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 400 and "decompression bomb" in r.json()["detail"]
+
+
+def test_malformed_filter_is_400_naming_the_problem(client):
+    r = client.post("/search", json={"text": "sofa", "where": "colour = 'red'"})
+    assert r.status_code == 400 and "colour" in r.json()["detail"]
+
+
+def test_unknown_mode_is_422(client):
+    assert client.post("/search", json={"text": "sofa", "mode": "sideways"}).status_code == 422
+    assert client.post("/search", data={"text": "sofa", "mode": "sideways"}).status_code == 422
+    assert client.post("/search", json={"text": "sofa", "k": 0}).status_code == 422
+
+
+def test_empty_query_and_wrong_content_type(client):
+    assert client.post("/search", json={"text": "  "}).status_code == 400
+    assert client.post("/search", json={}).status_code == 400
+    assert client.post("/search", content=b"text=sofa", headers={"content-type": "text/plain"}).status_code == 415
+
+
+def test_no_request_parameter_reaches_the_filesystem(client):
+    r = client.post("/search", json={"text": "sofa", "where": "len(read_text('/etc/passwd')) > 0"})
+    assert r.status_code == 400
+    r = client.post("/search", data={"text": "sofa", "image": "/etc/passwd"})  # a path as a plain form field
+    assert r.status_code == 200 and r.json()["mode"] == "text"  # ignored: only uploaded files count as images
+    r = client.post("/items", headers={"X-API-Key": KEY}, data={"metadata": '{"id": 77, "title": "x", "image": "/etc/hosts"}'})
+    assert r.status_code == 400 and "without 'image'" in r.json()["detail"]
+
+
+def test_writes_need_the_key_and_persist(client, fixtures):
+    metadata = '{"id": 900, "title": "Toy car", "price": 12.5}'
+    photo = (fixtures / "images" / "smart-car.png").read_bytes()
+    assert client.post("/items", data={"metadata": metadata}).status_code == 401
+    assert client.delete("/items/575").status_code == 401
+    r = client.post("/items", headers={"X-API-Key": KEY}, data={"metadata": metadata},
+                    files={"image": ("car.png", photo, "image/png")})
+    assert r.status_code == 201 and r.json() == {"added": 1, "items": 9}
+    assert client.post("/search", json={"text": "toy car", "k": 1}).json()["results"][0]["id"] == 900
+    assert client.get("/items/900/image").status_code == 200
+    assert client.delete("/items/575", headers={"X-API-Key": KEY}).json() == {"removed": 1, "items": 8}
+
+    from multiretrieval import Retriever
+
+    saved = Retriever.load(client.index_dir)  # the changes are on disk
+    assert 900 in saved.items["id"].tolist() and 575 not in saved.items["id"].tolist()
+
+
+def test_bad_writes_change_nothing(client):
+    h = {"X-API-Key": KEY}
+    assert client.post("/items", headers=h, data={"metadata": "{oops"}).status_code == 400
+    r = client.post("/items", headers=h, data={"metadata": '{"id": 575, "title": "dup"}'})
+    assert r.status_code == 400 and "already indexed" in r.json()["detail"]
+    r = client.post("/items", headers=h, data={"metadata": '{"id": 901, "title": "x"}'},
+                    files={"image": ("x.png", b"not an image", "image/png")})
+    assert r.status_code == 400 and "not an image" in r.json()["detail"]
+    assert client.get("/health").json()["items"] == 8
+
