@@ -104,3 +104,68 @@ def read_sweethome3d_furniture(root: str | Path, packs: list[str] | None = None)
                     )
                 n += 1
     return pd.DataFrame(rows), images
+
+
+TUXPAINT_STAMPS_DIR = "usr/share/tuxpaint/stamps"
+OPENCLIPART_DIR = "usr/share/openclipart/png"
+
+
+def split_of(key: str, eval_share: float = 0.4) -> str:
+    """A stable train/eval split by the hash of an item's key (its path): 'eval' or 'train'."""
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "eval" if bucket < eval_share else "train"
+
+
+def read_tuxpaint_stamps(root: str | Path) -> pd.DataFrame:
+    """Stamps of the unpacked Debian package ``tuxpaint-stamps-default`` (GPL-2: use as data, do not ship).
+
+    Returns one row per PNG stamp that has an English description: columns id (the path
+    under stamps/), image (absolute path), title (the one-line description), category (the
+    top folder: animals, food, ...), subcategory, split ('train' or 'eval', by path hash;
+    the eval split is reserved for evaluation and never trained on).
+    """
+    root = Path(root)
+    folder = root / TUXPAINT_STAMPS_DIR if (root / TUXPAINT_STAMPS_DIR).is_dir() else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not found; unpack tuxpaint-stamps-default with dpkg -x first")
+    rows = []
+    for png in sorted(folder.rglob("*.png")):
+        txt = png.with_suffix(".txt")
+        if not txt.is_file():
+            continue
+        lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
+        description = lines[0].strip() if lines else ""
+        if not description:
+            continue
+        rel = png.relative_to(folder).as_posix()
+        parts = rel.split("/")
+        rows.append({"id": rel, "image": str(png), "title": description, "category": parts[0],
+                     "subcategory": "/".join(parts[1:-1]), "split": split_of(rel)})
+    return pd.DataFrame(rows)
+
+
+_FILENAME_NOISE = re.compile(r"(_?\d+|_[a-z]{1,2})$")
+
+
+def read_openclipart(root: str | Path, max_items: int | None = None) -> pd.DataFrame:
+    """Clip art of the unpacked Debian package ``openclipart-png`` (public domain).
+
+    Titles are the file names made readable ("light_bulb_karl_bartel_01" -> "light bulb
+    karl bartel"; author names stay: the titles are noisy), the folder path is the category.
+    """
+    root = Path(root)
+    folder = root / OPENCLIPART_DIR if (root / OPENCLIPART_DIR).is_dir() else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not found; unpack openclipart-png with dpkg -x first")
+    rows = []
+    for png in sorted(folder.rglob("*.png")):
+        rel = png.relative_to(folder).as_posix()
+        stem = png.stem.lower()
+        while _FILENAME_NOISE.search(stem):
+            stem = _FILENAME_NOISE.sub("", stem)
+        title = re.sub(r"[_\-.]+", " ", stem).strip()
+        category = " / ".join(p.replace("_", " ") for p in rel.split("/")[:-1])
+        if title:
+            rows.append({"id": rel, "image": str(png), "title": title, "category": category})
+    df = pd.DataFrame(rows)
+    return df.sample(n=max_items, random_state=0).sort_index() if max_items and len(df) > max_items else df

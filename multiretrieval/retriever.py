@@ -83,7 +83,12 @@ class Retriever:
         self._features: dict[str, np.ndarray] = {}
         self._indexes: dict[str, Any] = {}
         self._next_key = 0
+        self._changed()
+
+    def _changed(self) -> None:
+        """Drop what is derived from the item table: the DuckDB copy and the column arrays."""
         self._duck = None
+        self._columns: tuple[np.ndarray, pd.DataFrame] | None = None
 
     # ---------------------------------------------------------------- models
 
@@ -253,7 +258,7 @@ class Retriever:
         for name, value in feats.items():
             self._features[name] = value if name not in self._features else np.concatenate([self._features[name], value])
         self._next_key += len(rows)
-        self._duck = None
+        self._changed()
         report.indexed = len(rows)
         report.seconds["write"] += time.perf_counter() - t0
 
@@ -282,7 +287,7 @@ class Retriever:
         keep = ~self._items[KEY].isin(keys).to_numpy()
         self._items = self._items[keep].reset_index(drop=True)
         self._features = {k: v[keep] for k, v in self._features.items()}
-        self._duck = None
+        self._changed()
         return len(keys)
 
     def _keys_for(self, ids: list[Any]) -> np.ndarray:
@@ -324,6 +329,8 @@ class Retriever:
             queries under late fusion also get image_score and text_score (they sum to score).
         """
         mode = self._resolve_mode(image, text, mode)
+        if not self._indexes:
+            raise QueryError("nothing is indexed yet: call index(catalog) first")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         if text is not None:
@@ -436,12 +443,22 @@ class Retriever:
         return np.asarray(result[KEY], np.int64)
 
     def _results(self, keys: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-        rows = self._items.set_index(KEY).loc[keys].reset_index() if len(keys) else self._items.iloc[:0]
-        frame = self._public(rows).reset_index(drop=True)
-        frame.insert(0, "rank", np.arange(1, len(frame) + 1))
-        frame.insert(2, "score", np.asarray(scores, np.float32))
-        cols = ["rank", "id", "score"] + [c for c in frame.columns if c not in ("rank", "id", "score")]
-        return frame[cols]
+        if self._columns is None:
+            # Cached once per change of the item table, laid out as results are: rank, id, score,
+            # catalog columns, with text as plain objects (taking rows of pandas' arrow-backed
+            # strings, or inserting columns, costs several times more per query).
+            table = self._public(self._items)
+            table = table.astype({c: object for c, dtype in table.dtypes.items() if isinstance(dtype, pd.StringDtype)})
+            table.insert(0, "rank", 0)
+            table.insert(2, "score", np.float32(0))
+            self._columns = (self._items[KEY].to_numpy(), table)
+        item_keys, table = self._columns
+        # Keys grow with the rows of the item table (appended in order, never reused): binary search finds the rows.
+        frame = table.take(np.searchsorted(item_keys, keys))
+        frame.index = pd.RangeIndex(len(frame))
+        frame["rank"] = np.arange(1, len(frame) + 1)
+        frame["score"] = np.asarray(scores, np.float32)
+        return frame
 
     @staticmethod
     def _public(frame: pd.DataFrame) -> pd.DataFrame:

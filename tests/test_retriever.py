@@ -128,6 +128,11 @@ def test_bad_query_images(indexed, tmp_path):
         indexed.search(image=b"hello")
 
 
+def test_searching_before_indexing():
+    with pytest.raises(mr.QueryError, match="nothing is indexed yet"):
+        mr.Retriever().search(text="sofa")
+
+
 def test_k_larger_than_the_catalog(indexed):
     assert len(indexed.search(text="sofa", k=100)) == len(indexed)
 
@@ -163,6 +168,7 @@ def test_add_and_remove(retriever_copy, catalog, fixtures):
     with pytest.raises(mr.CatalogError, match="already indexed"):
         r.add(extra)
     assert r.remove([100, catalog.ids[0]]) == 2 and len(r) == 7
+    assert catalog.ids[0] not in ids_of(r.search(text="a washing machine", k=10))
     assert 100 not in ids_of(r.search(text="toy car", k=10))
     with pytest.raises(mr.ItemNotFoundError, match="not in the index"):
         r.remove(["nope"])

@@ -24,7 +24,7 @@ class ConSE:
     """Maps ImageNet class probabilities into the text encoder's space."""
 
     kind = "conse"
-    _label_cache: dict[tuple[int, str], np.ndarray] = {}  # per (text encoder, template): shared by retrievers
+    _label_cache: dict[tuple[int, str], np.ndarray] = {}  # per (text model, template): shared by retrievers
 
     def __init__(self, text_encoder: TextEncoder, top_k: int = 10, label_template: str = "{}") -> None:
         self.text_encoder = text_encoder
@@ -34,7 +34,7 @@ class ConSE:
 
     @property
     def label_embeddings(self) -> np.ndarray:
-        key = (id(self.text_encoder), self.label_template)
+        key = (id(self.text_encoder.model), self.label_template)
         if key not in self._label_cache:
             labels = [self.label_template.format(label) for label in imagenet_labels()]
             self._label_cache[key] = self.text_encoder.encode(labels, batch_size=128, show_progress=False)

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from ..catalog import load_image
 from ..errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, QueryError
 from ..retriever import MODES, Retriever
+from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -51,18 +52,25 @@ class Service:
         self.index_dir = Path(index_dir).resolve()
         # Uploaded images live beside the index folder: a save replaces the folder itself.
         self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
-        self.retriever = Retriever.load(self.index_dir)
         self._write_lock = threading.Lock()
-        # Load every model now, not on the first request.
-        r = self.retriever
-        r.image_encoder, r.text_encoder, r.fusion, r.zero_shot.label_embeddings  # noqa: B018
+        first = Retriever.load(self.index_dir)
+        self._text_batcher = MicroBatcher(first.text_encoder.forward)
+        self._image_batcher = MicroBatcher(first.image_encoder.forward, max_batch=16)
+        self.retriever = self._prepare(first)
+
+    def _prepare(self, retriever: Retriever) -> Retriever:
+        """Route the retriever's encoders through the shared micro-batchers and load every model now."""
+        retriever._text_encoder = BatchedTextEncoder(retriever.text_encoder, self._text_batcher)
+        retriever._image_encoder = BatchedImageEncoder(retriever.image_encoder, self._image_batcher)
+        retriever.fusion, retriever.zero_shot.label_embeddings  # noqa: B018
+        return retriever
 
     def write(self, change) -> Any:
         with self._write_lock:
             fresh = Retriever.load(self.index_dir)
             result = change(fresh)
             fresh.save(self.index_dir)
-            self.retriever = fresh
+            self.retriever = self._prepare(fresh)
             return result
 
 
@@ -74,6 +82,11 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         api_key: when set, POST /items and DELETE /items/{id} need header ``X-API-Key``.
         max_upload_bytes: larger request bodies get 413.
     """
+    import faiss
+
+    # One query searches one vector: FAISS's OpenMP threads would only spin against each other
+    # across concurrent requests. Concurrency comes from the request threads instead.
+    faiss.omp_set_num_threads(1)
     service = Service(index_dir)
     app = FastAPI(title="multiretrieval", version=_version(), docs_url=None,
                   description="Search a product catalog by text, photo, or both.")
@@ -94,20 +107,23 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "items": len(service.retriever)}
+        batching = {name: {"calls": b.calls, "batches": b.batches}
+                    for name, b in (("text", service._text_batcher), ("image", service._image_batcher))}
+        return {"status": "ok", "items": len(service.retriever), "batching": batching}
 
     @app.post("/search", openapi_extra=_SEARCH_BODY)
-    async def search(request: Request) -> dict:
-        """Text queries as JSON; an image (field `image`) plus text, mode, k, where as multipart form."""
+    async def search(request: Request) -> Response:
+        """Text queries as JSON; an image (field `image`) plus text, mode, k, where as multipart form.
+
+        Each result's thumbnail is at GET /items/{id}/image."""
         query, image = await _parse_search(request)
         retriever = service.retriever
         results = await run_in_threadpool(retriever.search, image=image, text=query.text, mode=query.mode, k=query.k,
                                           where=query.where)
-        records = json.loads(results.to_json(orient="records"))
-        for record in records:
-            record["thumbnail"] = f"/items/{record['id']}/image"
         mode = query.mode if query.mode != "auto" else ("fused" if image and query.text else "image" if image else "text")
-        return {"mode": mode, "count": len(records), "results": records}
+        # Serialised once by pandas (NaN -> null), not converted to dicts and back.
+        body = f'{{"mode": {json.dumps(mode)}, "count": {len(results)}, "results": {results.to_json(orient="records")}}}'
+        return Response(body, media_type="application/json")
 
     @app.get("/items/{item_id}")
     def get_item(item_id: str) -> dict:

@@ -43,7 +43,7 @@ function text(tag, className, content) {
   return el;
 }
 
-const HIDDEN = new Set(["rank", "id", "score", "image_score", "text_score", "thumbnail", "title", "image"]);
+const HIDDEN = new Set(["rank", "id", "score", "image_score", "text_score", "title", "image", "source_id"]);
 
 function card(item, mode) {
   const li = document.createElement("li");
@@ -51,7 +51,7 @@ function card(item, mode) {
   const link = document.createElement("a");
   link.href = "/items/" + encodeURIComponent(item.id);
   const img = document.createElement("img");
-  img.src = item.thumbnail;
+  img.src = "/items/" + encodeURIComponent(item.id) + "/image";
   img.alt = item.title || "item " + item.id;
   img.loading = "lazy";
   link.append(img, text("div", "title", item.title || "(untitled) #" + item.id));
