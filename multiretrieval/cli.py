@@ -2,6 +2,8 @@
 
     multiretrieval index CATALOG --out DIR [--config FILE]
     multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--show out.png]
+    multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
+    multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train]
     multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     multiretrieval demo [--catalog CSV] [--out DIR]
 
@@ -19,17 +21,21 @@ from pathlib import Path
 MODES = ("auto", "image", "text", "fused", "zero-shot")  # kept in step with retriever.MODES (tested)
 
 
-def _load_config(path: str | None, factory: str | None = None):
+def _load_config(path: str | None, factory: str | None = None, fusion: str | None = None):
     from .config import RetrieverConfig
 
     config = RetrieverConfig.from_yaml(path) if path else RetrieverConfig()
-    return config.with_overrides({"index": {"factory": factory}}) if factory else config
+    if factory:
+        config = config.with_overrides({"index": {"factory": factory}})
+    if fusion:
+        config = config.with_overrides({"fusion": {"kind": "attention", "weights": fusion}})
+    return config
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     from .retriever import Retriever
 
-    retriever = Retriever(_load_config(args.config, args.factory))
+    retriever = Retriever(_load_config(args.config, args.factory, args.fusion))
     report = retriever.index(args.catalog, show_progress=not args.no_progress)
     print(report)
     if report.indexed == 0:
@@ -63,6 +69,33 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .catalog import Catalog
+    from .training import fit
+
+    config = _load_config(args.config)
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
+    if overrides:
+        config = config.with_overrides({"training": overrides})
+    catalog = Catalog.from_parquet(args.catalog, text_columns=config.catalog.text_columns) if args.catalog.endswith(
+        (".parquet", ".pq")) else Catalog.from_csv(args.catalog, text_columns=config.catalog.text_columns)
+    report = fit(catalog, args.out, config, show_progress=not args.no_progress, resume=not args.no_resume)
+    last = report["history"][-1] if report["history"] else {}
+    print(f"trained on {report['train_items']} items ({report['val_items']} held out), {len(report['history'])} epochs; "
+          f"best validation fused recall@1 {report['best_val_fused_R@1']:.3f}; last epoch {last}")
+    print(f"saved to {args.out}; use it with `multiretrieval index CATALOG --out DIR --fusion {args.out}`")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    evaluate(args.bench_dir, args.out, _load_config(args.config), train=not args.no_train, show_progress=not args.no_progress)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"written to {args.out}: report.md, results.json, recall_at_k.png")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_CATALOG, run_demo
 
@@ -93,8 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to save the index to (replaced atomically)")
     p.add_argument("--config", help="YAML config (default: the packaged offline models)")
     p.add_argument("--factory", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF1024,PQ32 (default: auto)")
+    p.add_argument("--fusion", metavar="DIR", help="a trained fusion module (from `multiretrieval train`) instead of late fusion")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("train", help="train the attention fusion on a catalog's own image/text pairs")
+    p.add_argument("catalog", help="catalog file (CSV or parquet)")
+    p.add_argument("--out", required=True, help="folder for the trained module and checkpoints (a rerun resumes)")
+    p.add_argument("--config", help="YAML config: fusion sizes and the training section")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds an interrupted run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("search", help="query a saved index")
     p.add_argument("index_dir", help="folder written by `multiretrieval index`")
@@ -107,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--config", help="YAML config; must name the encoders the index was built with")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("evaluate", help="run the benchmarks built by scripts/build_benchmarks.py")
+    p.add_argument("bench_dir", help="folder written by scripts/build_benchmarks.py")
+    p.add_argument("--out", required=True, help="folder for report.md, results.json and recall_at_k.png")
+    p.add_argument("--config", help="YAML config (encoders, zero-shot weights, training settings)")
+    p.add_argument("--no-train", action="store_true", help="skip training the attention fusion")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve a saved index over HTTP, with a search page at /")
     p.add_argument("index_dir", help="folder written by `multiretrieval index`")

@@ -52,11 +52,15 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
-    """The cross-modal space for mode="zero-shot"."""
+    """The cross-modal space for mode="zero-shot" (see multiretrieval/encoders/clip.py)."""
 
-    kind: str = "conse"
+    kind: str = "conse"  # conse | lit | lit+conse | openclip
     top_k: int = 10  # ConSE: how many ImageNet labels make up an image's text-space embedding
     label_template: str = "{}"
+    weights: str | None = None  # lit: projection weights (default: the ones that ship with the package)
+    conse_weight: float = 0.5  # lit+conse: share of the ConSE similarity in a score
+    model: str | None = None  # openclip: model name, e.g. ViT-B-32
+    pretrained: str | None = None  # openclip: pretrained tag (needs the hub) or a local checkpoint file
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,29 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """Training the attention fusion on a catalog's own image/text pairs (``multiretrieval train``)."""
+
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.05  # InfoNCE
+    val_share: float = 0.1  # items held out (by id hash) for early stopping on validation recall@1
+    patience: int = 6  # epochs without a better validation recall before stopping
+    seed: int = 0
+    image_views: int = 2  # augmented copies of each image, encoded once and cached
+    text_views: int = 4  # fragments of each item's text, encoded once and cached
+
+
+@dataclass(frozen=True)
 class RetrieverConfig:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> RetrieverConfig:

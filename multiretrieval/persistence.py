@@ -67,7 +67,8 @@ def save_retriever(retriever: Retriever, folder: Path) -> Path:
             "encoders": {"image": {"name": retriever.config.encoders.image, "dim": retriever.image_encoder.dim},
                          "text": {"name": retriever.config.encoders.text, "dim": retriever.text_encoder.dim}},
             "fusion": retriever.fusion.config(),
-            "zero_shot": {"kind": retriever.config.zero_shot.kind, "dim": retriever.zero_shot.dim},
+            "zero_shot": {"kind": retriever.config.zero_shot.kind, "dim": retriever.zero_shot.dim,
+                          "fingerprint": retriever.zero_shot.fingerprint},
             "index": {name: {"factory": ix.factory, "dim": ix.dim, "count": len(ix)} for name, ix in retriever._indexes.items()},
             "items": len(retriever),
             "next_key": int(retriever._next_key),
@@ -120,6 +121,7 @@ def load_retriever(cls: type[Retriever], folder: Path, config: RetrieverConfig |
                                                  ic.exact_filter_below) for name in INDEXES}
     retriever._next_key = int(manifest["next_key"])
     retriever._expected_dims = {part: manifest["encoders"][part]["dim"] for part in ("image", "text")}
+    retriever._expected_dims["zero_shot"] = manifest["zero_shot"]["fingerprint"]
     n = len(retriever._items)
     for name, ix in retriever._indexes.items():
         if ix.dim != manifest["index"][name]["dim"] or len(ix) != manifest["index"][name]["count"]:

@@ -21,7 +21,7 @@ import pandas as pd
 from .catalog import Catalog, ImageInput, SkippedRow, load_image, plain
 from .config import RetrieverConfig
 from .errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, QueryError
-from .utils import l2_normalize, progress
+from .utils import progress
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Retriever:
     def __init__(self, config: RetrieverConfig | None = None) -> None:
         self.config = config or RetrieverConfig()
         self._image_encoder = self._text_encoder = self._fusion = self._zero_shot = None
-        self._expected_dims: dict[str, int] = {}  # set by load(): the dims the saved index was built with
+        self._expected_dims: dict[str, Any] = {}  # set by load(): encoder dims and zero-shot fingerprint of the index
         self._reset()
 
     @classmethod
@@ -127,12 +127,14 @@ class Retriever:
     @property
     def zero_shot(self):
         if self._zero_shot is None:
-            from .encoders.clip import ConSE
+            from .encoders.clip import build_zero_shot
 
-            zs = self.config.zero_shot
-            if zs.kind != "conse":
-                raise ConfigError(f"zero_shot.kind {zs.kind!r} is unknown; choose 'conse'")
-            self._zero_shot = ConSE(self.text_encoder, zs.top_k, zs.label_template)
+            space = build_zero_shot(self.config.zero_shot, self.image_encoder, self.text_encoder)
+            expected = self._expected_dims.get("zero_shot")
+            if expected is not None and space.fingerprint != expected:
+                raise ConfigError(f"the zero-shot space is now {space.fingerprint}, but the index was built with {expected}: "
+                                  "re-index, or configure the space it was built with")
+            self._zero_shot = space
         return self._zero_shot
 
     # ---------------------------------------------------------------- indexing
@@ -144,6 +146,11 @@ class Retriever:
     def items(self) -> pd.DataFrame:
         """The indexed catalog rows (public columns only)."""
         return self._public(self._items).reset_index(drop=True)
+
+    def features(self) -> dict[str, np.ndarray]:
+        """The encoder outputs of the indexed items, row-aligned with ``items``: image_tokens,
+        image_mask, text_tokens, text_mask (token 0 = the pooled vector; see fusion.py)."""
+        return dict(self._features)
 
     def index(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None) -> IndexReport:
         """Index a catalog from scratch, replacing what this retriever held once every row is encoded."""
@@ -188,14 +195,18 @@ class Retriever:
         sources, texts = catalog.image_sources(), catalog.texts()
         image_enc, text_enc, fusion = self.image_encoder, self.text_encoder, self.fusion
         n = len(catalog)
-        out: dict[str, Any] = {"rows": [], "sources": sources, "probs": np.zeros((n, 0), np.float32), **self._feature_buffers(n)}
+        zero_shot = self.zero_shot
+        out: dict[str, Any] = {"rows": [], "sources": sources, **self._feature_buffers(n),
+                               "clip_image": np.zeros((n, zero_shot.dim), np.float32),
+                               "clip_text": np.zeros((n, zero_shot.dim), np.float32)}
         batch_size = cfg.encoders.batch_size
 
         def read(source: str | None):
             if source is None:
                 return None
             try:
-                return image_enc.preprocess(load_image(source, cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes))
+                image = load_image(source, cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes)
+                return image, image_enc.preprocess(image)
             except ImageError as exc:
                 return exc
 
@@ -220,14 +231,15 @@ class Retriever:
                         rows_with_image.append((row, value))
                 if rows_with_image:
                     rows = [r for r, _ in rows_with_image]
-                    tokens, probs = image_enc.forward(torch.stack([t for _, t in rows_with_image]), fusion.image_grid)
-                    if out["probs"].shape[1] == 0:
-                        out["probs"] = np.zeros((n, probs.shape[1]), np.float32)
-                    out["image_tokens"][rows], out["image_mask"][rows], out["probs"][rows] = tokens, True, probs
+                    tokens, probs = image_enc.forward(torch.stack([t for _, (_, t) in rows_with_image]), fusion.image_grid)
+                    out["image_tokens"][rows], out["image_mask"][rows] = tokens, True
+                    out["clip_image"][rows] = zero_shot.image_batch([p for _, (p, _) in rows_with_image], tokens[:, 0], probs)
                 rows = [r for r in range(start, min(start + batch_size, n)) if ok[r] and texts[r] is not None]
                 if rows:
-                    tokens, mask = text_enc.forward([texts[r] for r in rows], fusion.text_chunks)
+                    batch_texts = [texts[r] for r in rows]
+                    tokens, mask = text_enc.forward(batch_texts, fusion.text_chunks)
                     out["text_tokens"][rows], out["text_mask"][rows] = tokens, mask
+                    out["clip_text"][rows] = zero_shot.text_batch(batch_texts, tokens[:, 0])
                 report.seconds["encode"] += time.perf_counter() - t1
         out["rows"] = np.flatnonzero(ok)
         return out
@@ -240,13 +252,12 @@ class Retriever:
         feats = {name: encoded[name][rows] for name in ("image_tokens", "image_mask", "text_tokens", "text_mask")}
         has_image, has_text = feats["image_mask"][:, 0], feats["text_mask"][:, 0]
         joint = self.fusion.fuse(feats["image_tokens"], feats["image_mask"], feats["text_tokens"], feats["text_mask"])
-        clip_image = self.zero_shot.embed_image_probs(encoded["probs"][rows][has_image]) if has_image.any() else None
-        clip_text = l2_normalize(feats["text_tokens"][has_text, 0])  # ConSE's text space is the text encoder's
+        clip_image, clip_text = encoded["clip_image"][rows][has_image], encoded["clip_text"][rows][has_text]
 
         n_after = len(self._items) + len(rows)
         self._ensure_indexes(n_after)
         self._indexes["joint"].add(keys, joint)
-        if clip_image is not None:
+        if has_image.any():
             self._indexes["clip_image"].add(keys[has_image], clip_image)
         if has_text.any():
             self._indexes["clip_text"].add(keys[has_text], clip_text)
@@ -274,6 +285,44 @@ class Retriever:
             "clip_image": VectorIndex(self.zero_shot.dim, factory, ic.exact_filter_below),
             "clip_text": VectorIndex(self.zero_shot.dim, factory, ic.exact_filter_below),
         }
+
+    def train(self, out: str | Path | None = None, show_progress: bool | None = None, resume: bool = True) -> dict[str, Any]:
+        """Fit the attention fusion on the indexed items' own image/text pairs, switch to it, re-embed.
+
+        Args:
+            out: folder for the trained module and its checkpoints (default: a new temporary
+                folder); ``save`` stores the trained module with the index either way.
+            resume: continue an interrupted run found in ``out``.
+
+        Returns:
+            The training report (loss and validation recall per epoch).
+        """
+        import dataclasses
+        import tempfile
+
+        from .fusion import load_fusion
+        from .index import VectorIndex
+        from .training import fit
+
+        if not len(self):
+            raise QueryError("nothing is indexed yet: call index(catalog) first")
+        catalog = Catalog(self.items.assign(image=self._items[IMAGE_SOURCE].to_numpy()), text_columns=self.config.catalog.text_columns)
+        attention = dataclasses.replace(self.config.fusion, kind="attention", weights=None)
+        out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="multiretrieval-train-"))
+        report = fit(catalog, out, dataclasses.replace(self.config, fusion=attention), show_progress, resume)
+        trained = load_fusion(out)
+        old = self.fusion
+        self.config = dataclasses.replace(self.config, fusion=dataclasses.replace(attention, weights=str(out)))
+        self._fusion = trained
+        if (trained.image_grid, trained.text_chunks) != (old.image_grid, old.text_chunks):
+            self.index(catalog, show_progress=show_progress)  # other token layout: encode again
+            return report
+        f = self._features
+        joint = trained.fuse(f["image_tokens"], f["image_mask"], f["text_tokens"], f["text_mask"])
+        index = VectorIndex(trained.out_dim, self._indexes["joint"].factory, self.config.index.exact_filter_below)
+        index.add(self._items[KEY].to_numpy(), joint)
+        self._indexes["joint"] = index
+        return report
 
     def remove(self, ids: Any) -> int:
         """Remove items by catalog id. Unknown ids raise ItemNotFoundError and nothing is removed."""
@@ -389,10 +438,9 @@ class Retriever:
 
     def _embed_clip(self, pils, texts) -> np.ndarray:
         if texts is not None:
-            return self.zero_shot.embed_texts(texts)
+            return self.zero_shot.text_batch(texts)
         bs = self.config.encoders.batch_size
-        probs = [self.image_encoder.forward_images(pils[s:s + bs])[1] for s in range(0, len(pils), bs)]
-        return self.zero_shot.embed_image_probs(np.concatenate(probs))
+        return np.concatenate([self.zero_shot.image_batch(pils[s:s + bs]) for s in range(0, len(pils), bs)])
 
     @staticmethod
     def _check_text(text: Any) -> str:

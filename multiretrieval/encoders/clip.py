@@ -1,16 +1,36 @@
 """The zero-shot cross-modal space: images and texts embedded where they can be compared.
 
-First version: ConSE (Norouzi et al. 2014). An image's embedding in text space is the
-probability-weighted mean of the text embeddings of its top-k ImageNet labels; texts are
-embedded by the text encoder itself. No training at all.
+Kinds (config ``zero_shot.kind``), one interface: ``image_batch(pils, pooled, probs)`` and
+``text_batch(texts, pooled)`` -> L2-normalised (n, dim). ``pooled``/``probs`` are the
+retriever's own encoder outputs when it has them (None: the space computes them).
+
+- ``conse``: ConSE (Norouzi et al. 2014). An image's embedding in text space is the
+  probability-weighted mean of the text embeddings of its top-k ImageNet labels; texts are
+  embedded by the text encoder itself. No training.
+- ``lit``: a CLIP-style dual encoder built with open_clip from the two packaged towers
+  (timm EfficientNet-Lite0, Hugging Face MiniLM), towers locked, projections trained
+  contrastively (LiT). Its towers are the retriever's own encoders, so its projections
+  apply to the features the retriever already computed; ``build_lit_model`` builds the
+  full open_clip model (training, checks, export).
+- ``lit+conse``: both, scores mixed as (1 - w) * cos_lit + w * cos_conse.
+- ``openclip``: a real OpenCLIP checkpoint, by name from the hub or from a local file,
+  loaded unchanged with its own towers and preprocessing.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
+from ..config import ZeroShotConfig
+from ..errors import ConfigError, ModelUnavailableError
 from ..utils import l2_normalize
-from .text import TextEncoder
+
+PACKAGED_LIT = Path(__file__).resolve().parent.parent / "weights" / "lit-efficientnet-lite0-minilm-l6.safetensors"
+LIT_KEYS = ("visual.head.proj.weight", "text.proj.weight", "logit_scale")  # open_clip state_dict names
 
 
 def imagenet_labels() -> list[str]:
@@ -26,11 +46,12 @@ class ConSE:
     kind = "conse"
     _label_cache: dict[tuple[int, str], np.ndarray] = {}  # per (text model, template): shared by retrievers
 
-    def __init__(self, text_encoder: TextEncoder, top_k: int = 10, label_template: str = "{}") -> None:
-        self.text_encoder = text_encoder
+    def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_template: str = "{}") -> None:
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.top_k = top_k
         self.label_template = label_template
         self.dim = text_encoder.dim
+        self.fingerprint = f"conse(top_k={top_k}, template={label_template!r}, text={text_encoder.name})"
 
     @property
     def label_embeddings(self) -> np.ndarray:
@@ -48,5 +69,187 @@ class ConSE:
         weights = np.take_along_axis(probs, top, axis=1)
         return l2_normalize(np.einsum("nk,nkd->nd", weights, self.label_embeddings[top]))
 
-    def embed_texts(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        return self.text_encoder.encode(texts, batch_size=batch_size, show_progress=False)
+    def image_batch(self, pils, pooled=None, probs=None) -> np.ndarray:
+        if probs is None:
+            probs = self.image_encoder.forward_images(pils)[1]
+        return self.embed_image_probs(probs)
+
+    def text_batch(self, texts, pooled=None) -> np.ndarray:
+        if pooled is None:
+            pooled = self.text_encoder.forward(texts)[0][:, 0]
+        return l2_normalize(pooled)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.text_batch(texts)
+
+
+class LiT:
+    """The packaged towers with trained projections (see ``build_lit_model``)."""
+
+    kind = "lit"
+
+    def __init__(self, image_encoder, text_encoder, weights: str | Path | None = None) -> None:
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        path = Path(weights) if weights else PACKAGED_LIT
+        state = load_lit_weights(path)
+        self.image_proj = state["visual.head.proj.weight"].T.copy()  # (image dim, embed dim)
+        self.text_proj = state["text.proj.weight"].T.copy()
+        if self.image_proj.shape[0] != image_encoder.dim or self.text_proj.shape[0] != text_encoder.dim:
+            raise ConfigError(f"zero-shot weights {path} project {self.image_proj.shape[0]}/{self.text_proj.shape[0]}-d "
+                              f"features, but the encoders give {image_encoder.dim}/{text_encoder.dim}")
+        self.dim = self.image_proj.shape[1]
+        self.fingerprint = f"lit(sha256={_sha256(path)[:16]})"
+
+    def image_batch(self, pils, pooled=None, probs=None) -> np.ndarray:
+        if pooled is None:
+            pooled = self.image_encoder.forward_images(pils)[0][:, 0]
+        return l2_normalize(np.asarray(pooled, np.float32) @ self.image_proj)
+
+    def text_batch(self, texts, pooled=None) -> np.ndarray:
+        if pooled is None:
+            pooled = self.text_encoder.forward(texts)[0][:, 0]
+        return l2_normalize(np.asarray(pooled, np.float32) @ self.text_proj)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.text_batch(texts)
+
+
+class Mixed:
+    """Two spaces side by side: a score is (1 - w) * cos in the first + w * cos in the second."""
+
+    def __init__(self, first, second, second_weight: float) -> None:
+        if not 0.0 <= second_weight <= 1.0:
+            raise ConfigError(f"zero_shot.conse_weight must lie in [0, 1], got {second_weight}")
+        self.first, self.second = first, second
+        self.kind = f"{first.kind}+{second.kind}"
+        self.dim = first.dim + second.dim
+        self.fingerprint = f"{first.fingerprint}+{second.fingerprint}@{second_weight}"
+        self._a, self._b = np.sqrt(1.0 - second_weight), np.sqrt(second_weight)
+
+    def image_batch(self, pils, pooled=None, probs=None) -> np.ndarray:
+        return np.concatenate([self._a * self.first.image_batch(pils, pooled, probs),
+                               self._b * self.second.image_batch(pils, pooled, probs)], 1)
+
+    def text_batch(self, texts, pooled=None) -> np.ndarray:
+        return np.concatenate([self._a * self.first.text_batch(texts, pooled), self._b * self.second.text_batch(texts, pooled)], 1)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.text_batch(texts)
+
+
+class OpenCLIP:
+    """A real OpenCLIP model with its own towers, loaded unchanged."""
+
+    kind = "openclip"
+
+    def __init__(self, model_name: str, pretrained: str | None) -> None:
+        import open_clip
+
+        from . import hub_offline
+
+        local = pretrained is not None and Path(pretrained).is_file()
+        if not local and hub_offline():
+            raise ModelUnavailableError(
+                f"OpenCLIP model {model_name!r} with weights {pretrained!r}: not a local file, and the hub is marked offline "
+                "(HF_HUB_OFFLINE=1). Download the checkpoint elsewhere and set zero_shot.pretrained to its path.")
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc) or "not found" in str(exc).lower():
+                raise ConfigError(f"OpenCLIP model {model_name!r}: {exc}") from exc
+            raise ModelUnavailableError(f"OpenCLIP model {model_name!r} ({pretrained}): cannot load: {exc}") from exc
+        except Exception as exc:  # hub and network errors come in many types
+            raise ModelUnavailableError(f"OpenCLIP model {model_name!r} ({pretrained}): cannot load: {exc}") from exc
+        self.model.eval()
+        self.fingerprint = f"openclip({model_name}, {pretrained})"
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.dim = int(self.model.text_projection.shape[1] if getattr(self.model, "text_projection", None) is not None
+                       else self.model.encode_text(self.tokenizer(["x"])).shape[1])
+
+    def image_batch(self, pils, pooled=None, probs=None) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.stack([self.preprocess(p) for p in pils])
+            return l2_normalize(self.model.encode_image(x).float().numpy())
+
+    def text_batch(self, texts, pooled=None) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return l2_normalize(self.model.encode_text(self.tokenizer(list(texts))).float().numpy())
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.text_batch(texts)
+
+
+def build_zero_shot(cfg: ZeroShotConfig, image_encoder, text_encoder):
+    """The zero-shot space a config names."""
+    if cfg.kind == "conse":
+        return ConSE(image_encoder, text_encoder, cfg.top_k, cfg.label_template)
+    if cfg.kind == "lit":
+        return LiT(image_encoder, text_encoder, cfg.weights)
+    if cfg.kind == "lit+conse":
+        return Mixed(LiT(image_encoder, text_encoder, cfg.weights),
+                     ConSE(image_encoder, text_encoder, cfg.top_k, cfg.label_template), cfg.conse_weight)
+    if cfg.kind == "openclip":
+        if not cfg.model:
+            raise ConfigError("zero_shot.kind 'openclip' needs zero_shot.model (e.g. ViT-B-32) and zero_shot.pretrained")
+        return OpenCLIP(cfg.model, cfg.pretrained)
+    raise ConfigError(f"zero_shot.kind {cfg.kind!r} is unknown; choose conse, lit, lit+conse or openclip")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_lit_weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    if not Path(path).is_file():
+        raise ModelUnavailableError(f"zero-shot projection weights {path} not found; train them with scripts/train_zero_shot.py")
+    state = load_file(str(path))
+    missing = [k for k in LIT_KEYS if k not in state]
+    if missing:
+        raise ConfigError(f"{path}: not LiT projection weights (missing {missing})")
+    return state
+
+
+def lit_model_config(text_model_path: str, image_dim_name: str = "tf_efficientnet_lite0", embed_dim: int = 384) -> dict:
+    """The open_clip model config of the LiT model: timm image tower + Hugging Face text tower."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"timm_model_name": image_dim_name, "timm_model_pretrained": False, "timm_pool": "avg",
+                       "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": text_model_path, "hf_tokenizer_name": text_model_path, "hf_proj_type": "linear",
+                     "hf_pooler_type": "mean_pooler", "context_length": 64},
+        "custom_text": True,
+    }
+
+
+def build_lit_model(image_encoder, text_model_path: str, weights: str | Path | None = None, embed_dim: int = 384):
+    """The LiT model as a real open_clip ``CustomTextCLIP``, towers loaded from the packaged weights and locked.
+
+    ``image_encoder``: the retriever's ImageEncoder (its trunk weights are copied in). With
+    ``weights``, the trained projections and logit scale are loaded too.
+    """
+    import open_clip
+    import torch
+
+    name = "mr-lit-efficientnet-lite0-minilm-l6"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.json"
+        path.write_text(json.dumps(lit_model_config(text_model_path, embed_dim=embed_dim)))
+        open_clip.add_model_config(path)
+        model = open_clip.create_model(name, pretrained=None)
+    trunk_state = {k: v for k, v in image_encoder.model.state_dict().items() if not k.startswith("classifier.")}
+    model.visual.trunk.load_state_dict(trunk_state)  # open_clip removed the ImageNet classifier
+    model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    if weights is not None:
+        state = load_lit_weights(Path(weights))
+        missing = model.load_state_dict({k: torch.from_numpy(state[k]) for k in LIT_KEYS}, strict=False)
+        assert not set(LIT_KEYS) & set(missing.missing_keys)  # noqa: S101
+    return model.eval()

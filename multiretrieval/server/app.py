@@ -62,7 +62,7 @@ class Service:
         """Route the retriever's encoders through the shared micro-batchers and load every model now."""
         retriever._text_encoder = BatchedTextEncoder(retriever.text_encoder, self._text_batcher)
         retriever._image_encoder = BatchedImageEncoder(retriever.image_encoder, self._image_batcher)
-        retriever.fusion, retriever.zero_shot.label_embeddings  # noqa: B018
+        retriever.fusion, retriever.zero_shot.text_batch(["warm-up"])  # noqa: B018
         return retriever
 
     def write(self, change) -> Any:

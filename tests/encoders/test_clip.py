@@ -1,6 +1,6 @@
 import numpy as np
 
-from multiretrieval.encoders import get_text_encoder
+from multiretrieval.encoders import get_image_encoder, get_text_encoder
 from multiretrieval.encoders.clip import ConSE, imagenet_labels
 
 
@@ -10,7 +10,7 @@ def test_imagenet_labels_come_with_torchvision():
 
 
 def test_conse_embeds_probabilities_as_the_labels_meaning():
-    conse = ConSE(get_text_encoder("minilm-l6"), top_k=5)
+    conse = ConSE(get_image_encoder("efficientnet-lite0"), get_text_encoder("minilm-l6"), top_k=5)
     labels = imagenet_labels()
     probs = np.zeros((2, 1000), np.float32)
     probs[0, labels.index("refrigerator")] = 0.9
@@ -22,3 +22,40 @@ def test_conse_embeds_probabilities_as_the_labels_meaning():
     np.testing.assert_allclose(np.linalg.norm(image_side, axis=1), 1.0, atol=1e-5)
     sims = image_side @ text_side.T
     assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0]
+
+
+def test_real_openclip_checkpoints_load_unchanged_from_a_local_file(tmp_path):
+    """A tiny RANDOMLY INITIALISED model written to a file: it tests the loading path only, it is no working model."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from multiretrieval.encoders.clip import OpenCLIP
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-test-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-test-clip.json")
+    model = open_clip.create_model("tiny-test-clip", pretrained=None).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
+
+    loaded = OpenCLIP("tiny-test-clip", str(tmp_path / "tiny.safetensors"))
+    tokenizer = open_clip.get_tokenizer("tiny-test-clip")
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(model.encode_text(tokenizer(["a red chair"])), dim=-1).numpy()
+    np.testing.assert_allclose(loaded.text_batch(["a red chair"]), expected, atol=1e-6)
+    from PIL import Image
+
+    assert loaded.image_batch([Image.new("RGB", (40, 40), "red")]).shape == (1, 16)
+
+
+def test_openclip_hub_name_offline_is_refused_with_advice():
+    import pytest
+
+    import multiretrieval as mr
+    from multiretrieval.encoders.clip import OpenCLIP
+
+    with pytest.raises(mr.ModelUnavailableError, match="zero_shot.pretrained"):
+        OpenCLIP("ViT-B-32", "laion2b_s34b_b79k")

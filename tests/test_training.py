@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+
+import multiretrieval as mr
+from multiretrieval.training import _flatten_optimizer, _unflatten_optimizer, augment_image, fit, text_fragments
+
+SMALL = {"training": {"epochs": 3, "val_share": 0.3, "batch_size": 4, "image_views": 2, "text_views": 3}}
+
+
+@pytest.fixture(scope="module")
+def views(catalog):
+    from multiretrieval.training import encode_views
+
+    return encode_views(catalog.image_sources(), catalog.texts(), mr.RetrieverConfig().with_overrides(SMALL), cache=None)
+
+
+def test_views_are_encoded_once_with_the_expected_shapes(views):
+    assert views["ok"].all()
+    assert views["aug"].shape == (8, 2, 1, 1280) and views["frag"].shape == (8, 3, 1, 384)
+    assert not np.allclose(views["aug"][:, 0], views["image"])  # augmented views differ from the originals
+
+
+def test_fit_writes_a_loadable_module_and_a_report(catalog, views, tmp_path):
+    report = fit(catalog, tmp_path / "f", mr.RetrieverConfig().with_overrides(SMALL), resume=False, views=views)
+    assert report["train_items"] + report["val_items"] == 8 and len(report["history"]) == 3
+    assert {"loss", "val_image_R@1", "val_text_R@1", "val_fused_R@1"} <= set(report["history"][0])
+    assert report["history"][-1]["loss"] < report["history"][0]["loss"]
+    from multiretrieval.fusion import load_fusion
+
+    assert load_fusion(tmp_path / "f").kind == "attention"
+    assert json.loads((tmp_path / "f" / "training.json").read_text())["best_val_fused_R@1"] == report["best_val_fused_R@1"]
+
+
+def test_same_seed_same_result(catalog, views, tmp_path):
+    cfg = mr.RetrieverConfig().with_overrides(SMALL)
+    a = fit(catalog, tmp_path / "a", cfg, resume=False, views=views)
+    b = fit(catalog, tmp_path / "b", cfg, resume=False, views=views)
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert (tmp_path / "a" / "fusion.safetensors").read_bytes() == (tmp_path / "b" / "fusion.safetensors").read_bytes()
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(catalog, views, tmp_path):
+    cfg = mr.RetrieverConfig().with_overrides(SMALL)
+    whole = fit(catalog, tmp_path / "whole", cfg.with_overrides({"training": {"epochs": 4, "patience": 99}}), resume=False, views=views)
+    fit(catalog, tmp_path / "cut", cfg.with_overrides({"training": {"epochs": 2, "patience": 99}}), resume=False, views=views)
+    resumed = fit(catalog, tmp_path / "cut", cfg.with_overrides({"training": {"epochs": 4, "patience": 99}}), views=views)
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
+    np.testing.assert_allclose([h["loss"] for h in resumed["history"]], [h["loss"] for h in whole["history"]], rtol=1e-5)
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.sum().backward()
+    opt.step()
+    tensors, layout = _flatten_optimizer(opt.state_dict())
+    json.dumps(layout)
+    again = _unflatten_optimizer(tensors, layout)
+    assert torch.equal(again["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_views_are_deterministic():
+    from PIL import Image
+
+    image = Image.effect_noise((64, 64), 40).convert("RGB")
+    a = augment_image(image, np.random.default_rng([0, 1]))
+    b = augment_image(image, np.random.default_rng([0, 1]))
+    assert a.tobytes() == b.tobytes()
+    frags = text_fragments("Armchair. Office. Seat, leather", 3, np.random.default_rng(0))
+    assert len(frags) == 3 and all(f in "Armchair. Office. Seat, leather" for f in frags)
+
+
+def test_retriever_train_switches_to_the_trained_fusion_and_saves_it(retriever_copy, tmp_path):
+    import dataclasses
+
+    r = retriever_copy
+    r.config = dataclasses.replace(r.config, training=dataclasses.replace(r.config.training, epochs=2, val_share=0.3, batch_size=4))
+    r.train(out=tmp_path / "trained")
+    assert r.fusion.kind == "attention" and r.config.fusion.kind == "attention"
+    res = r.search(text="a lamp", k=8)
+    assert len(res) == 8 and res["score"].is_monotonic_decreasing
+    r.save(tmp_path / "idx")
+    again = mr.Retriever.load(tmp_path / "idx")
+    assert again.fusion.kind == "attention"
+    assert again.search(text="a lamp", k=8)["id"].tolist() == res["id"].tolist()
