@@ -44,7 +44,7 @@ class FusionConfig:
     image_weight: float = 0.5  # late fusion: share of the image similarity in a fused score
     dim: int = 256  # attention: common token width d
     heads: int = 4
-    out_dim: int = 256
+    out_dim: int = 256  # attention: width of the learned part (the output adds the late-fusion skip path)
     image_grid: int = 0  # image tokens: pooled vector + a grid x grid map of pooled regions
     text_chunks: int = 0  # text tokens: pooled sentence vector + this many pooled token chunks
     weights: str | None = None  # folder of a trained fusion module (fusion.json + safetensors)
@@ -54,11 +54,11 @@ class FusionConfig:
 class ZeroShotConfig:
     """The cross-modal space for mode="zero-shot" (see multiretrieval/encoders/clip.py)."""
 
-    kind: str = "conse"  # conse | lit | lit+conse | openclip
+    kind: str = "lit+conse"  # conse | lit | lit+conse | openclip
     top_k: int = 10  # ConSE: how many ImageNet labels make up an image's text-space embedding
     label_template: str = "{}"
     weights: str | None = None  # lit: projection weights (default: the ones that ship with the package)
-    conse_weight: float = 0.5  # lit+conse: share of the ConSE similarity in a score
+    conse_weight: float = 0.2  # lit+conse: share of the ConSE similarity (chosen on held-out training pairs)
     model: str | None = None  # openclip: model name, e.g. ViT-B-32
     pretrained: str | None = None  # openclip: pretrained tag (needs the hub) or a local checkpoint file
 

@@ -10,7 +10,10 @@ Two kinds behind one interface (``fuse``, ``save``, ``load_fusion``):
   learnable pooling token; scaled dot-product attention softmax(Q K^T / sqrt(d_k)) V with
   learnable W_Q, W_K, W_V reads them into the pooling token. A missing modality (or an
   empty text chunk) is masked out of the keys, so image-only, text-only and fused inputs
-  land in one space. Its weights are random until trained (``training.fit``).
+  land in one space. A skip path carries the late-fusion embedding (with a learned image
+  weight), mixed with the attention output at a learned angle: the module generalises late
+  fusion instead of replacing the encoders' full vectors with a narrow bottleneck. Its
+  weights are random until trained (``training.fit``).
 
 Inputs everywhere: image tokens (n, Ti, di) with mask (n, Ti), text tokens (n, Tt, dt)
 with mask (n, Tt); token 0 of each is the pooled vector; a row whose mask is all False
@@ -85,6 +88,11 @@ def _attention_module():
             self.w_v = nn.Linear(dim, dim)
             self.w_o = nn.Linear(dim, dim)
             self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim))
+            # Skip path: the late-fusion embedding with a learned image weight w, mixed with the
+            # attention output at a learned angle, so the module generalises late fusion:
+            # score = cos^2(t) * (w cos_image + (1 - w) cos_text) + sin^2(t) * cos_learned.
+            self.image_logit = nn.Parameter(torch.zeros(()))  # w = sigmoid(.) = 0.5 at the start
+            self.mix_logit = nn.Parameter(torch.tensor(-1.386))  # sin^2(t) = sigmoid(.) = 0.2 at the start
 
         def forward(self, image, image_mask, text, text_mask, return_attention: bool = False):
             n = image.shape[0]
@@ -104,7 +112,13 @@ def _attention_module():
             scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
             attention = scores.softmax(-1)
             pooled = (attention @ v).transpose(1, 2).reshape(b, d)
-            z = nn.functional.normalize(self.out(tokens[:, 0] + self.w_o(pooled)), dim=-1)
+            learned = nn.functional.normalize(self.out(tokens[:, 0] + self.w_o(pooled)), dim=-1)
+            w = torch.sigmoid(self.image_logit)
+            late = torch.cat([nn.functional.normalize(image[:, 0], dim=-1) * image_mask[:, :1] * w.sqrt(),
+                              nn.functional.normalize(text[:, 0], dim=-1) * text_mask[:, :1] * (1 - w).sqrt()], 1)
+            mix = torch.sigmoid(self.mix_logit)
+            z = torch.cat([nn.functional.normalize(late, dim=-1) * (1 - mix).sqrt(), learned * mix.sqrt()], 1)
+            z = nn.functional.normalize(z, dim=-1)
             return (z, attention.mean(1)[:, 0]) if return_attention else z
 
     return AttentionFusionModule
@@ -116,7 +130,8 @@ class AttentionFusion:
     def __init__(self, image_dim: int, text_dim: int, dim: int = 256, heads: int = 4, out_dim: int = 256,
                  image_grid: int = 0, text_chunks: int = 0) -> None:
         self.image_dim, self.text_dim, self.dim, self.heads = image_dim, text_dim, dim, heads
-        self.out_dim, self.image_grid, self.text_chunks = out_dim, image_grid, text_chunks
+        self.learned_dim, self.image_grid, self.text_chunks = out_dim, image_grid, text_chunks
+        self.out_dim = image_dim + text_dim + out_dim  # the late-fusion skip path, then the attention output
         self.module = _attention_module()(image_dim, text_dim, dim, heads, out_dim).eval()
 
     def fuse(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray,
@@ -133,7 +148,7 @@ class AttentionFusion:
 
     def config(self) -> dict:
         return {"kind": self.kind, "image_dim": self.image_dim, "text_dim": self.text_dim, "dim": self.dim,
-                "heads": self.heads, "out_dim": self.out_dim, "image_grid": self.image_grid, "text_chunks": self.text_chunks}
+                "heads": self.heads, "out_dim": self.learned_dim, "image_grid": self.image_grid, "text_chunks": self.text_chunks}
 
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file

@@ -44,7 +44,7 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
     keys = r._items["_key"].to_numpy()
     has_image, has_text = f["image_mask"][:, 0], f["text_mask"][:, 0]
     out = {
-        "id": r.items["id"].astype(str).to_numpy(),
+        "id": np.array([str(i) for i in r.items["id"]], dtype=str),  # fixed-width unicode: np.savez must not pickle
         "image": f["image_tokens"][:, 0], "text": f["text_tokens"][:, 0], "has_image": has_image, "has_text": has_text,
         "conse_image": _reconstruct(r, "clip_image", keys, has_image), "conse_text": _reconstruct(r, "clip_text", keys, has_text),
     }
@@ -178,21 +178,29 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
 # ---------------------------------------------------------------- the attention fusion
 
 def augment_image(image, rng: np.random.Generator):
-    """A shopper's-photo-like view of a product render: random crop, mirror, colour shift."""
-    from PIL import Image, ImageEnhance, ImageOps
+    """A training view in the standard SimCLR recipe: random resized crop, flip, colour jitter,
+    sometimes grey, sometimes blurred."""
+    from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
     w, h = image.size
-    scale = rng.uniform(0.65, 0.95)
-    cw, ch = max(8, int(w * scale)), max(8, int(h * scale))
+    area = rng.uniform(0.35, 1.0) * w * h
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw, ch = min(w, int(round(np.sqrt(area * ratio)))), min(h, int(round(np.sqrt(area / ratio))))
     x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    image = image.crop((x, y, x + cw, y + ch))
+    image = image.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
     if rng.random() < 0.5:
         image = ImageOps.mirror(image)
-    image = ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.4))
-    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.2))
-    r, g, b = image.split()
-    shift = rng.integers(-20, 21, 3)
-    return Image.merge("RGB", [band.point(lambda v, d=int(d): max(0, min(255, v + d))) for band, d in zip((r, g, b), shift)])
+    if rng.random() < 0.8:
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = enhance(image).enhance(rng.uniform(0.6, 1.4))
+        hsv = np.array(image.convert("HSV"), dtype=np.int16)
+        hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-25, 26))) % 256
+        image = Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+    if rng.random() < 0.2:
+        image = ImageOps.grayscale(image).convert("RGB")
+    if rng.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.1, 2.0)))
+    return image
 
 
 def text_fragments(text: str, n: int, rng: np.random.Generator) -> list[str]:
@@ -357,13 +365,19 @@ def fit(catalog: Catalog, out: str | Path, config: RetrieverConfig | None = None
     last = out / "last"
     if resume and (last / "state.json").is_file():
         saved = json.loads((last / "state.json").read_text())
-        if saved["settings"] == settings:
+        try:
+            if saved["settings"] != settings:
+                raise ValueError("other settings")
             module.load_state_dict(load_file(str(last / "fusion.safetensors")))
             optimizer.load_state_dict(_unflatten_optimizer(load_file(str(last / "optimizer.safetensors")), saved["optimizer"]))
             state = saved
             logger.info("resuming from epoch %d in %s", state["epoch"] + 1, last)
-        else:
-            logger.warning("%s was written with other settings; starting afresh", last)
+        except (ValueError, RuntimeError, KeyError) as exc:  # other settings, or another module layout
+            logger.warning("not resuming from %s (%s); starting afresh", last, exc)
+            torch.manual_seed(tr.seed)
+            fusion = AttentionFusion(di, dt, fus.dim, fus.heads, fus.out_dim, fus.image_grid, fus.text_chunks)
+            module = fusion.module
+            optimizer = torch.optim.AdamW(module.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
 
     epochs = range(state["epoch"] + 1, tr.epochs)
     bar = progress(epochs, "training fusion", show_progress, len(epochs), unit="epoch")

@@ -40,6 +40,7 @@ def test_evaluate_end_to_end_on_a_tiny_bench(catalog, tmp_path):
     fused = results["sweethome3d_fused"]
     assert set(fused["late"]) == {"image-only", "text-only", "fused"} and "trained" in fused
     assert fused["late"]["image-only"]["R@1"] >= 0.75  # a shopper's photo of one of 8 distinct products
+    assert results["sweethome3d_same_name"]["late"] == {"P@10": None, "queries": 0}  # the 8 fixture names are all distinct
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["sweethome3d_fused"]["late"] == fused["late"]
     report = (tmp_path / "out" / "report.md").read_text()

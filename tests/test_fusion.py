@@ -43,7 +43,7 @@ def test_attention_fusion_runs_for_every_input_kind(has_image, has_text):
     im, imask, tx, tmask = inputs(ti=5, tt=4)
     imask[:], tmask[:] = has_image, has_text
     z = fusion.fuse(im, imask, tx, tmask)
-    assert z.shape == (4, 10)
+    assert fusion.out_dim == 12 + 8 + 10 and z.shape == (4, fusion.out_dim)  # late-fusion skip path + learned part
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
 
 
@@ -56,6 +56,18 @@ def test_attention_fusion_ignores_masked_tokens():
     np.testing.assert_allclose(a, b, atol=1e-6)
     tmask[:] = True
     assert not np.allclose(a, fusion.fuse(im, imask, tx, tmask))
+
+
+def test_attention_fusion_generalises_late_fusion():
+    """With the learned part mixed out, the module scores exactly as late fusion does."""
+    import torch
+
+    fusion = AttentionFusion(12, 8, dim=16, heads=2, out_dim=10)
+    with torch.no_grad():
+        fusion.module.mix_logit.fill_(-30.0)  # sin^2(t) ~ 0
+    args = inputs()
+    z, late = fusion.fuse(*args), LateFusion(12, 8, 0.5).fuse(*args)
+    np.testing.assert_allclose(z[:, :20] @ z[:, :20].T, late @ late.T, atol=1e-5)
 
 
 def test_attention_weights_are_a_distribution_over_unmasked_tokens():

@@ -218,8 +218,9 @@ def test_encode_spaces(indexed, catalog):
     images, texts = catalog.image_sources()[:2], ["a sofa", "a lamp"]
     joint_pairs = indexed.encode(images=images, texts=texts)
     assert joint_pairs.shape == (2, 1280 + 384) and joint_pairs.dtype == np.float32
-    assert indexed.encode(texts=texts, space="clip").shape == (2, 384)
-    assert indexed.encode(images=images, space="clip").shape == (2, 384)
+    assert indexed.encode(texts=texts, space="clip").shape == (2, indexed.zero_shot.dim)
+    assert indexed.encode(images=images, space="clip").shape == (2, indexed.zero_shot.dim)
+    assert indexed.zero_shot.dim == 384 + 384  # default: LiT and ConSE side by side
     np.testing.assert_allclose(np.linalg.norm(joint_pairs, axis=1), 1, atol=1e-5)
     with pytest.raises(mr.QueryError, match="unknown space"):
         indexed.encode(texts=texts, space="nope")

@@ -87,3 +87,14 @@ def test_retriever_train_switches_to_the_trained_fusion_and_saves_it(retriever_c
     again = mr.Retriever.load(tmp_path / "idx")
     assert again.fusion.kind == "attention"
     assert again.search(text="a lamp", k=8)["id"].tolist() == res["id"].tolist()
+
+
+def test_feature_cache_is_reused_and_holds_no_pickle(catalog, tmp_path):
+    from multiretrieval.training import encode_catalog
+
+    first = encode_catalog(catalog, tmp_path / "c.npz", show_progress=False)
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as data:  # raises if anything needs pickle
+        assert data["id"].dtype.kind == "U"
+    again = encode_catalog(catalog, tmp_path / "c.npz", show_progress=False)
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert first["id"].tolist() == [str(i) for i in catalog.ids]

@@ -246,7 +246,9 @@ def build_lit_model(image_encoder, text_model_path: str, weights: str | Path | N
         model = open_clip.create_model(name, pretrained=None)
     trunk_state = {k: v for k, v in image_encoder.model.state_dict().items() if not k.startswith("classifier.")}
     model.visual.trunk.load_state_dict(trunk_state)  # open_clip removed the ImageNet classifier
-    model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    # freeze_bn_stats=True would swap timm's BatchNormAct2d (batch norm + its ReLU6) for a plain
+    # FrozenBatchNorm2d and drop the activations; the locked tower stays in eval mode instead.
+    model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
     model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     if weights is not None:
         state = load_lit_weights(Path(weights))

