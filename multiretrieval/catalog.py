@@ -82,6 +82,12 @@ class Catalog:
         kwargs.setdefault("image_root", path.parent)
         return cls(df, **kwargs)
 
+    @classmethod
+    def read(cls, path: str | Path, **kwargs: Any) -> Catalog:
+        """A catalog file: parquet by its suffix (.parquet, .pq), CSV otherwise."""
+        reader = cls.from_parquet if Path(path).suffix.lower() in (".parquet", ".pq") else cls.from_csv
+        return reader(path, **kwargs)
+
     def __len__(self) -> int:
         return len(self.df)
 

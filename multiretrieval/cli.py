@@ -77,8 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
     if overrides:
         config = config.with_overrides({"training": overrides})
-    catalog = Catalog.from_parquet(args.catalog, text_columns=config.catalog.text_columns) if args.catalog.endswith(
-        (".parquet", ".pq")) else Catalog.from_csv(args.catalog, text_columns=config.catalog.text_columns)
+    catalog = Catalog.read(args.catalog, text_columns=config.catalog.text_columns)
     report = fit(catalog, args.out, config, show_progress=not args.no_progress, resume=not args.no_resume)
     last = report["history"][-1] if report["history"] else {}
     print(f"trained on {report['train_items']} items ({report['val_items']} held out), {len(report['history'])} epochs; "

@@ -518,10 +518,7 @@ class Retriever:
             return catalog
         if isinstance(catalog, pd.DataFrame):
             return Catalog(catalog, text_columns=text_columns)
-        path = Path(catalog)
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return Catalog.from_parquet(path, text_columns=text_columns)
-        return Catalog.from_csv(path, text_columns=text_columns)
+        return Catalog.read(catalog, text_columns=text_columns)
 
     # ---------------------------------------------------------------- persistence
 

@@ -34,10 +34,9 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
     from .retriever import Retriever
 
     key = hashlib.sha256(json.dumps([[str(i) for i in catalog.ids], catalog.image_sources(), catalog.texts()]).encode()).hexdigest()
-    if cache is not None and cache.is_file():
-        with np.load(cache, allow_pickle=False) as data:
-            if str(data["key"]) == key:
-                return {k: data[k] for k in data.files if k != "key"}
+    cached = _load_cached(cache, key)
+    if cached is not None:
+        return cached
     r = Retriever(RetrieverConfig())
     r.index(catalog, show_progress=show_progress)
     f = r.features()
@@ -48,12 +47,26 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
         "image": f["image_tokens"][:, 0], "text": f["text_tokens"][:, 0], "has_image": has_image, "has_text": has_text,
         "conse_image": _reconstruct(r, "clip_image", keys, has_image), "conse_text": _reconstruct(r, "clip_text", keys, has_text),
     }
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, key=np.array(key), **out)
-        tmp.replace(cache)
+    _save_cached(cache, key, out)
     return out
+
+
+def _load_cached(cache: Path | None, key: str) -> dict[str, np.ndarray] | None:
+    """Arrays cached in an .npz file, if it was written for the same inputs (``key``)."""
+    if cache is None or not cache.is_file():
+        return None
+    with np.load(cache, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files if k != "key"} if str(data["key"]) == key else None
+
+
+def _save_cached(cache: Path | None, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write the arrays and their key to a temporary file, then rename it over ``cache``."""
+    if cache is None:
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, key=np.array(key), **arrays)
+    tmp.replace(cache)
 
 
 def _reconstruct(r, space: str, keys: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -232,10 +245,9 @@ def encode_views(sources: list[str | None], texts: list[str | None], config: Ret
     enc, fus, tr = config.encoders, config.fusion, config.training
     key = hashlib.sha256(json.dumps([sources, texts, enc.image, enc.text, fus.image_grid, fus.text_chunks,
                                      tr.image_views, tr.text_views, tr.seed]).encode()).hexdigest()
-    if cache is not None and cache.is_file():
-        with np.load(cache, allow_pickle=False) as data:
-            if str(data["key"]) == key:
-                return {k: data[k] for k in data.files if k != "key"}
+    cached = _load_cached(cache, key)
+    if cached is not None:
+        return cached
     image_enc = get_image_encoder(enc.image, enc.image_weights)
     text_enc = get_text_encoder(enc.text, enc.text_weights, enc.max_text_tokens)
     n, A, F = len(sources), tr.image_views, tr.text_views
@@ -265,11 +277,7 @@ def encode_views(sources: list[str | None], texts: list[str | None], config: Ret
             out["text"][i], out["text_mask"][i] = t_tokens[0], t_mask[0]
             out["frag"][i], out["frag_mask"][i] = t_tokens[1:], t_mask[1:]
             out["ok"][i] = True
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, key=np.array(key), **out)
-        tmp.replace(cache)
+    _save_cached(cache, key, out)
     return out
 
 
