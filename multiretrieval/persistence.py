@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from .errors import ConfigError, IndexLoadError, MultiretrievalError
 if TYPE_CHECKING:
     from .retriever import Retriever
 
+logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FEATURES = ("image_tokens", "image_mask", "text_tokens", "text_mask")
@@ -92,7 +94,12 @@ def _swap_in(tmp: Path, folder: Path) -> None:
             raise IndexLoadError(f"{folder} exists and is not a saved index; refusing to replace it")
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.time_ns()}")
         folder.rename(old)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except BaseException:
+        if old is not None:
+            old.rename(folder)  # put the previous save back; a process killed here is recovered by load
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -131,8 +138,26 @@ def load_retriever(cls: type[Retriever], folder: Path, config: RetrieverConfig |
     return retriever
 
 
+def _recover(folder: Path) -> None:
+    """Finish a save that a crash cut off between its two renames (see ``_swap_in``).
+
+    Then ``folder`` is missing while complete copies sit beside it: the new save (its
+    manifest is written last) or the old one. The newest complete copy is renamed back.
+    """
+    if folder.exists() or not folder.parent.is_dir():
+        return
+    for pattern in (f".{folder.name}.saving-*", f".{folder.name}.old-*"):
+        complete = [p for p in folder.parent.glob(pattern) if (p / MANIFEST).is_file()]
+        if complete:
+            newest = max(complete, key=lambda p: (p / MANIFEST).stat().st_mtime)
+            logger.warning("%s was missing after an interrupted save; recovered it from %s", folder, newest.name)
+            newest.rename(folder)
+            return
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
+    _recover(folder)
     if not folder.is_dir():
         raise IndexLoadError(f"{folder}: no such index folder")
     try:

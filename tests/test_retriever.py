@@ -250,3 +250,54 @@ def test_a_failed_reindex_keeps_what_was_indexed(retriever_copy, catalog, monkey
     monkeypatch.undo()
     assert calls and len(r) == len(catalog)
     assert ids_of(r.search(text="a lamp", k=3)) == ids_of(before)
+
+
+@pytest.mark.parametrize("crash_at_rename", [1, 2])
+def test_a_save_that_fails_midway_keeps_the_previous_save(retriever_copy, tmp_path, monkeypatch, crash_at_rename):
+    from pathlib import Path
+
+    r = retriever_copy
+    r.save(tmp_path / "idx")
+    before = len(r)
+    r.remove([r.items["id"].iloc[0]])
+    real_rename, calls = Path.rename, []
+
+    def failing_rename(self, target):
+        calls.append(self)
+        if len(calls) == crash_at_rename:
+            raise KeyboardInterrupt("interrupted")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(KeyboardInterrupt):
+        r.save(tmp_path / "idx")
+    monkeypatch.undo()
+    assert len(mr.Retriever.load(tmp_path / "idx")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "idx"]  # nothing left behind
+
+
+def test_a_process_killed_between_the_renames_of_a_save_loses_nothing(retriever_copy, tmp_path):
+    """The process dies (no handlers run) after moving the old save aside, before moving the new one in."""
+    import subprocess
+    import sys
+
+    retriever_copy.save(tmp_path / "idx")
+    before = len(retriever_copy)
+    script = f"""
+import os
+from pathlib import Path
+import multiretrieval as mr
+r = mr.Retriever.load({str(tmp_path / "idx")!r})
+r.remove([r.items["id"].iloc[0]])
+real, calls = Path.rename, []
+def dying_rename(self, target):
+    calls.append(1)
+    if len(calls) == 2:
+        os._exit(9)
+    return real(self, target)
+Path.rename = dying_rename
+r.save({str(tmp_path / "idx")!r})
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    assert not (tmp_path / "idx").exists()  # the moment a crash leaves behind
+    assert len(mr.Retriever.load(tmp_path / "idx")) == before - 1  # the complete new save is recovered
