@@ -34,6 +34,7 @@ class EncoderConfig:
     text_weights: str | None = None  # local Hugging Face model folder
     batch_size: int = 32
     max_text_tokens: int = 128
+    runtime: str = "auto"  # torch | onnx (ONNX Runtime, ~4x faster images on CPU) | auto (onnx when installed)
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ class Retriever:
             from .encoders import get_image_encoder
 
             enc = self.config.encoders
-            self._image_encoder = self._check_dim("image", get_image_encoder(enc.image, enc.image_weights))
+            self._image_encoder = self._check_dim("image", get_image_encoder(enc.image, enc.image_weights, enc.runtime))
         return self._image_encoder
 
     @property
@@ -107,7 +107,7 @@ class Retriever:
             from .encoders import get_text_encoder
 
             enc = self.config.encoders
-            self._text_encoder = self._check_dim("text", get_text_encoder(enc.text, enc.text_weights, enc.max_text_tokens))
+            self._text_encoder = self._check_dim("text", get_text_encoder(enc.text, enc.text_weights, enc.max_text_tokens, enc.runtime))
         return self._text_encoder
 
     def _check_dim(self, part: str, encoder):

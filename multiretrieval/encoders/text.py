@@ -43,15 +43,19 @@ class TextEncoder:
     Use :func:`multiretrieval.encoders.get_text_encoder` to get a shared instance.
     """
 
-    def __init__(self, name: str, tokenizer, model, max_tokens: int = 128) -> None:
+    def __init__(self, name: str, tokenizer, model, max_tokens: int = 128, runtime: str = "torch") -> None:
+        from .runtime import resolve_runtime
+
         self.name = name
+        self.runtime = resolve_runtime(runtime)
+        self._onnx = None
         self.tokenizer = tokenizer
         self.model = model.eval()
         self.dim = int(model.config.hidden_size)
         self.max_tokens = max_tokens
 
     @classmethod
-    def load(cls, name: str, weights: str | None = None, max_tokens: int = 128) -> TextEncoder:
+    def load(cls, name: str, weights: str | None = None, max_tokens: int = 128, runtime: str = "auto") -> TextEncoder:
         from . import hub_offline, unavailable, unknown_encoder
 
         if name.startswith("hf:"):
@@ -77,7 +81,7 @@ class TextEncoder:
                 raise ModelUnavailableError(f"text encoder {name!r}: cannot load model folder {local}: {exc}") from exc
             raise unavailable("text", name, "text_weights", exc) from exc
         logger.info("loaded text encoder %s (%s, %d-d)", name, source, model.config.hidden_size)
-        return cls(name, tokenizer, model, max_tokens)
+        return cls(name, tokenizer, model, max_tokens, runtime)
 
     def forward(self, texts: Sequence[str], chunks: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Texts -> (tokens (n, 1 + chunks, dim), token mask (n, 1 + chunks)).
@@ -90,7 +94,7 @@ class TextEncoder:
 
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
         with torch.inference_mode():
-            states = self.model(**enc).last_hidden_state
+            states = self._network(enc["input_ids"], enc["attention_mask"])
             mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
             tokens = [(states * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)]
             token_mask = [torch.ones(len(texts), 1, dtype=torch.bool)]
@@ -106,6 +110,21 @@ class TextEncoder:
                     token_mask.append(count.squeeze(-1)[:, None] > 0)
             return torch.cat(tokens, 1).float().cpu().numpy(), torch.cat(token_mask, 1).cpu().numpy()
 
+    def _network(self, input_ids, attention_mask) -> "torch.Tensor":  # noqa: F821
+        """Token ids and mask -> last hidden states (n, tokens, dim), on the configured runtime."""
+        import torch
+
+        if self.runtime == "onnx":
+            if self._onnx is None:
+                from .runtime import OnnxModule
+
+                self._onnx = OnnxModule(_hidden_states(self.model), (input_ids[:1], attention_mask[:1]),
+                                        ["input_ids", "attention_mask"], ["states"],
+                                        {k: {0: "n", 1: "tokens"} for k in ("input_ids", "attention_mask", "states")},
+                                        self.name.replace("/", "_").replace(":", "_"))
+            return torch.from_numpy(self._onnx(input_ids.numpy(), attention_mask.numpy())[0])
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
     def encode(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool | None = None,
                normalize: bool = True) -> np.ndarray:
         """Texts -> sentence embeddings, float32 (n, dim). Batches are sorted by length, then restored."""
@@ -119,3 +138,18 @@ class TextEncoder:
             idx = order[start:start + batch_size]
             out[idx] = self.forward([texts[i] for i in idx])[0][:, 0]
         return l2_normalize(out) if normalize else out
+
+
+def _hidden_states(model):
+    """The part of a Hugging Face encoder that the ONNX export holds: (ids, mask) -> last hidden states."""
+    import torch
+
+    class HiddenStates(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return HiddenStates().eval()
