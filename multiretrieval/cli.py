@@ -1,6 +1,6 @@
 """Command-line interface, one sub-command per API call, with the API's argument names.
 
-    multiretrieval index CATALOG --out DIR [--config FILE]
+    multiretrieval index CATALOG --out DIR [--config FILE] [--factory F] [--cache DIR] [--engine local|ray]
     multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--show out.png]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train]
@@ -21,12 +21,14 @@ from pathlib import Path
 MODES = ("auto", "image", "text", "fused", "zero-shot")  # kept in step with retriever.MODES (tested)
 
 
-def _load_config(path: str | None, factory: str | None = None, fusion: str | None = None):
+def _load_config(path: str | None, factory: str | None = None, fusion: str | None = None, memory_gb: float | None = None):
     from .config import RetrieverConfig
 
     config = RetrieverConfig.from_yaml(path) if path else RetrieverConfig()
     if factory:
         config = config.with_overrides({"index": {"factory": factory}})
+    if memory_gb is not None:
+        config = config.with_overrides({"index": {"memory_budget_gb": memory_gb}})
     if fusion:
         config = config.with_overrides({"fusion": {"kind": "attention", "weights": fusion}})
     return config
@@ -35,9 +37,11 @@ def _load_config(path: str | None, factory: str | None = None, fusion: str | Non
 def cmd_index(args: argparse.Namespace) -> int:
     from .retriever import Retriever
 
-    retriever = Retriever(_load_config(args.config, args.factory, args.fusion))
-    report = retriever.index(args.catalog, show_progress=not args.no_progress)
+    retriever = Retriever(_load_config(args.config, args.factory, args.fusion, args.memory_gb))
+    cache = args.cache or f"{Path(args.out).resolve()}.cache"
+    report = retriever.index(args.catalog, show_progress=not args.no_progress, cache=cache, engine=args.engine)
     print(report)
+    print(f"encoded shards kept in {cache} (a re-run encodes only new or changed items; delete it to start afresh)")
     if report.indexed == 0:
         print("error: no item could be indexed; nothing saved", file=sys.stderr)
         return 1
@@ -125,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to save the index to (replaced atomically)")
     p.add_argument("--config", help="YAML config (default: the packaged offline models)")
     p.add_argument("--factory", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF1024,PQ32 (default: auto)")
+    p.add_argument("--memory-gb", type=float, help="memory budget for each vector index when --factory is auto (default 8)")
     p.add_argument("--fusion", metavar="DIR", help="a trained fusion module (from `multiretrieval train`) instead of late fusion")
+    p.add_argument("--cache", metavar="DIR", help="folder of encoded shards, reused by re-runs and resumed after a kill "
+                                                  "(default: OUT.cache beside the index)")
+    p.add_argument("--engine", choices=("local", "ray"), help="encode here (default) or on Ray "
+                                                              "(local, or the cluster in $RAY_ADDRESS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 

@@ -73,6 +73,16 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    """The indexing pipeline (pipeline.py): reader threads, shard size, engine."""
+
+    workers: int = 2  # threads that hash, decode and resize images ahead of the encoder
+    shard_size: int = 1024  # items per shard of encoded arrays (a multiple of encoders.batch_size)
+    engine: str = "local"  # local | ray (Ray Data map_batches over model-holding actors)
+    ray_actors: int = 2  # ray: encoder actors (one per node's worth of cores is a good start)
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """Training the attention fusion on a catalog's own image/text pairs (``multiretrieval train``)."""
 
@@ -95,6 +105,7 @@ class RetrieverConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     @classmethod

@@ -5,6 +5,7 @@
     features/*.npy       encoder tokens and masks per item (so fusion can be re-applied)
     index/*.faiss        the joint, clip_image and clip_text FAISS indexes
     fusion/              the fusion module (fusion.json, plus safetensors when it has weights)
+    index-report.json    what the latest index/add did: counts, seconds, every skipped row and why
 
 A save writes a sibling temporary folder, then swaps it in with renames, so a crash
 leaves either the old or the new save, never a mix. No pickle anywhere.
@@ -59,6 +60,8 @@ def save_retriever(retriever: Retriever, folder: Path) -> Path:
         for name in INDEXES:
             retriever._indexes[name].save(tmp / "index" / f"{name}.faiss")
         retriever.fusion.save(tmp / "fusion")
+        if retriever.last_report is not None:  # every skipped row of the latest index/add, with its reason
+            (tmp / "index-report.json").write_text(json.dumps(retriever.last_report.to_dict(), indent=1, default=str))
         manifest = {
             "format": FORMAT_VERSION,
             "package": "multiretrieval",

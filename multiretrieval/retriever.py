@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,9 @@ class IndexReport:
 
     indexed: int = 0
     skipped: list[SkippedRow] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "encode": 0.0, "write": 0.0})
+    encoded: int = 0  # distinct contents encoded in this run
+    cached: int = 0  # distinct contents taken from the shard cache (unchanged since an earlier run)
+    seconds: dict[str, float] = field(default_factory=lambda: {"hash": 0.0, "encode": 0.0, "index": 0.0})
 
     @property
     def total_seconds(self) -> float:
@@ -50,10 +51,15 @@ class IndexReport:
     def skipped_frame(self) -> pd.DataFrame:
         return pd.DataFrame([vars(s) for s in self.skipped], columns=["row", "id", "reason"])
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"indexed": self.indexed, "encoded": self.encoded, "cached": self.cached,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "skipped": [{"row": s.row, "id": s.id, "reason": s.reason} for s in self.skipped]}
+
     def __str__(self) -> str:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         lines = [f"indexed {self.indexed} items in {self.total_seconds:.1f} s ({self.items_per_second:.1f} items/s; {stages}); "
-                 f"skipped {len(self.skipped)}"]
+                 f"encoded {self.encoded}, from cache {self.cached}, skipped {len(self.skipped)}"]
         lines += [f"  {s}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -72,6 +78,7 @@ class Retriever:
         self.config = config or RetrieverConfig()
         self._image_encoder = self._text_encoder = self._fusion = self._zero_shot = None
         self._expected_dims: dict[str, Any] = {}  # set by load(): encoder dims and zero-shot fingerprint of the index
+        self.last_report: IndexReport | None = None  # of the latest index/add; saved as index-report.json
         self._reset()
 
     @classmethod
@@ -152,12 +159,22 @@ class Retriever:
         image_mask, text_tokens, text_mask (token 0 = the pooled vector; see fusion.py)."""
         return dict(self._features)
 
-    def index(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None) -> IndexReport:
-        """Index a catalog from scratch, replacing what this retriever held once every row is encoded."""
-        return self._ingest(self._as_catalog(catalog), show_progress, replace=True)
+    def index(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
+              cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
+        """Index a catalog from scratch, replacing what this retriever held once every row is encoded.
 
-    def add(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None) -> IndexReport:
-        """Encode and add more items. Rows that fail (bad image) are reported and skipped.
+        Args:
+            cache: a folder for the encoded shards (see pipeline.py). Items whose image bytes
+                and text are unchanged since a run with the same folder are not encoded
+                again, and a killed run resumes from its last complete shard. Default: a
+                temporary folder, removed afterwards.
+            engine: "local" (default: ``ingest.engine``) or "ray" (Ray Data actors; see README).
+        """
+        return self._ingest(self._as_catalog(catalog), show_progress, True, cache, engine)
+
+    def add(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
+            cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
+        """Encode and add more items (``cache``, ``engine``: as for ``index``). Rows that fail (bad image) are reported and skipped.
 
         Raises:
             CatalogError: an id of ``catalog`` is already indexed.
@@ -167,16 +184,17 @@ class Retriever:
         clash = [i for i, v in enumerate(catalog.df["id"].astype(str)) if v in existing]
         if clash:
             raise CatalogError(f"row(s) {clash[:10]}: id {plain(catalog.df['id'].iloc[clash[0]])!r} is already indexed; remove it first")
-        return self._ingest(catalog, show_progress, replace=False)
+        return self._ingest(catalog, show_progress, False, cache, engine)
 
-    def _ingest(self, catalog: Catalog, show_progress: bool | None, replace: bool) -> IndexReport:
+    def _ingest(self, catalog: Catalog, show_progress: bool | None, replace: bool, cache, engine) -> IndexReport:
         # The retriever changes only after every row has been read and encoded:
         # an exception or Ctrl-C midway leaves it as it was.
         report = IndexReport()
-        encoded = self._encode_catalog(catalog, report, show_progress)
+        encoded = self._encode_catalog(catalog, report, show_progress, cache, engine)
         if replace:
             self._reset()
         self._commit(catalog, encoded, report)
+        self.last_report = report
         logger.info("%s", report)
         return report
 
@@ -187,80 +205,48 @@ class Retriever:
         return {"image_tokens": np.zeros((n, ti, di), np.float32), "image_mask": np.zeros((n, ti), bool),
                 "text_tokens": np.zeros((n, tt, dt), np.float32), "text_mask": np.zeros((n, tt), bool)}
 
-    def _encode_catalog(self, catalog: Catalog, report: IndexReport, show_progress: bool | None) -> dict[str, Any]:
-        """Reader and encoder stages: images decoded in threads, one batch ahead of the encoder."""
-        import torch
+    def _encode_catalog(self, catalog: Catalog, report: IndexReport, show_progress: bool | None,
+                        cache: str | Path | None, engine: str | None) -> dict[str, Any]:
+        """Reader, encoder and writer stages (pipeline.py), then the encoded rows in catalog order."""
+        import tempfile
+        from contextlib import nullcontext
+
+        from .pipeline import Row, ShardStore, encoder_fingerprint, hash_rows, run
 
         cfg = self.config
         sources, texts = catalog.image_sources(), catalog.texts()
-        image_enc, text_enc, fusion = self.image_encoder, self.text_encoder, self.fusion
-        n = len(catalog)
-        zero_shot = self.zero_shot
-        out: dict[str, Any] = {"rows": [], "sources": sources, **self._feature_buffers(n),
-                               "clip_image": np.zeros((n, zero_shot.dim), np.float32),
-                               "clip_text": np.zeros((n, zero_shot.dim), np.float32)}
-        batch_size = cfg.encoders.batch_size
-
-        def read(source: str | None):
-            if source is None:
-                return None
-            try:
-                image = load_image(source, cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes)
-                return image, image_enc.preprocess(image)
-            except ImageError as exc:
-                return exc
-
-        ok = np.ones(n, bool)
-        batches = range(0, n, batch_size)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending = [pool.submit(read, s) for s in sources[:batch_size]]
-            for start in progress(batches, "indexing", show_progress, len(batches), unit="batch"):
-                t0 = time.perf_counter()
-                decoded = [f.result() for f in pending]
-                nxt = start + batch_size
-                pending = [pool.submit(read, s) for s in sources[nxt:nxt + batch_size]]
-                t1 = time.perf_counter()
-                report.seconds["read"] += t1 - t0
-                rows_with_image = []
-                for offset, value in enumerate(decoded):
-                    row = start + offset
-                    if isinstance(value, ImageError):
-                        ok[row] = False
-                        report.skipped.append(SkippedRow(row, plain(catalog.df["id"].iloc[row]), str(value)))
-                    elif value is not None:
-                        rows_with_image.append((row, value))
-                if rows_with_image:
-                    rows = [r for r, _ in rows_with_image]
-                    tokens, probs = image_enc.forward(torch.stack([t for _, (_, t) in rows_with_image]), fusion.image_grid)
-                    out["image_tokens"][rows], out["image_mask"][rows] = tokens, True
-                    out["clip_image"][rows] = zero_shot.image_batch([p for _, (p, _) in rows_with_image], tokens[:, 0], probs)
-                rows = [r for r in range(start, min(start + batch_size, n)) if ok[r] and texts[r] is not None]
-                if rows:
-                    batch_texts = [texts[r] for r in rows]
-                    tokens, mask = text_enc.forward(batch_texts, fusion.text_chunks)
-                    out["text_tokens"][rows], out["text_mask"][rows] = tokens, mask
-                    out["clip_text"][rows] = zero_shot.text_batch(batch_texts, tokens[:, 0])
-                report.seconds["encode"] += time.perf_counter() - t1
-        out["rows"] = np.flatnonzero(ok)
-        return out
+        t0 = time.perf_counter()
+        hashes = hash_rows(sources, texts, cfg.catalog.max_image_bytes, cfg.ingest.workers)
+        report.seconds["hash"] = time.perf_counter() - t0
+        rows = [Row(i, h, s, t) for i, (h, s, t) in enumerate(zip(hashes, sources, texts))]
+        with nullcontext(cache) if cache is not None else tempfile.TemporaryDirectory(prefix="multiretrieval-shards-") as root:
+            store = ShardStore.open(root, encoder_fingerprint(self))
+            result = run(self, rows, store, cfg.ingest.shard_size, cfg.ingest.workers, engine or cfg.ingest.engine, show_progress)
+            ok = np.array([i for i in range(len(rows)) if i not in result.errors], dtype=np.int64)
+            t1 = time.perf_counter()
+            arrays = store.gather([hashes[i] for i in ok])
+        report.seconds["encode"] = result.seconds["encode"] + time.perf_counter() - t1
+        report.encoded, report.cached = result.encoded, len(set(hashes)) - result.encoded
+        report.skipped = [SkippedRow(row, plain(catalog.df["id"].iloc[row]), reason) for row, reason in sorted(result.errors.items())]
+        return {"rows": ok, "sources": sources, **arrays}
 
     def _commit(self, catalog: Catalog, encoded: dict[str, Any], report: IndexReport) -> None:
-        """Writer stage: fuse, embed in the zero-shot space, and add to the indexes and the item table."""
+        """Fuse, and add to the indexes and the item table (``encoded`` holds the good rows only)."""
         t0 = time.perf_counter()
         rows = encoded["rows"]
         keys = np.arange(self._next_key, self._next_key + len(rows), dtype=np.int64)
-        feats = {name: encoded[name][rows] for name in ("image_tokens", "image_mask", "text_tokens", "text_mask")}
+        feats = {name: encoded[name] for name in ("image_tokens", "image_mask", "text_tokens", "text_mask")}
         has_image, has_text = feats["image_mask"][:, 0], feats["text_mask"][:, 0]
         joint = self.fusion.fuse(feats["image_tokens"], feats["image_mask"], feats["text_tokens"], feats["text_mask"])
-        clip_image, clip_text = encoded["clip_image"][rows][has_image], encoded["clip_text"][rows][has_text]
 
         n_after = len(self._items) + len(rows)
         self._ensure_indexes(n_after)
         self._indexes["joint"].add(keys, joint)
+        del joint
         if has_image.any():
-            self._indexes["clip_image"].add(keys[has_image], clip_image)
+            self._indexes["clip_image"].add(keys[has_image], encoded["clip_image"][has_image])
         if has_text.any():
-            self._indexes["clip_text"].add(keys[has_text], clip_text)
+            self._indexes["clip_text"].add(keys[has_text], encoded["clip_text"][has_text])
 
         new_items = catalog.df.iloc[rows].copy()
         new_items[IMAGE_SOURCE] = [encoded["sources"][r] for r in rows]
@@ -271,7 +257,7 @@ class Retriever:
         self._next_key += len(rows)
         self._changed()
         report.indexed = len(rows)
-        report.seconds["write"] += time.perf_counter() - t0
+        report.seconds["index"] = time.perf_counter() - t0
 
     def _ensure_indexes(self, n_items: int) -> None:
         from .index import VectorIndex, choose_factory

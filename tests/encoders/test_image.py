@@ -86,3 +86,26 @@ def test_unknown_name():
 def test_hub_model_offline_says_how_to_use_a_local_file():
     with pytest.raises(mr.ModelUnavailableError, match=r"resnet50.*encoders.image_weights"):
         ImageEncoder.load("resnet50")
+
+
+def test_onnx_runtime_matches_eager_pytorch(catalog, tmp_path, monkeypatch):
+    """The default ONNX Runtime path gives the eager PyTorch features and probabilities to 1e-4,
+    with grid tokens, and exports into the cache folder it is given."""
+    import torch
+
+    from multiretrieval.catalog import load_image
+
+    monkeypatch.setenv("MULTIRETRIEVAL_CACHE", str(tmp_path))
+    eager, onnx = ImageEncoder.load("efficientnet-lite0", runtime="torch"), ImageEncoder.load("efficientnet-lite0", runtime="onnx")
+    assert (eager.runtime, onnx.runtime) == ("torch", "onnx")
+    batch = torch.stack([eager.preprocess(load_image(s)) for s in catalog.image_sources()[:4]])
+    (t1, p1), (t2, p2) = eager.forward(batch, grid=2), onnx.forward(batch, grid=2)
+    assert t1.shape == t2.shape == (4, 5, 1280)
+    np.testing.assert_allclose(t1, t2, atol=1e-4)
+    np.testing.assert_allclose(p1, p2, atol=1e-4)
+    assert list((tmp_path / "onnx").glob("efficientnet-lite0-*.onnx"))
+
+
+def test_unknown_runtime_is_a_config_error():
+    with pytest.raises(mr.ConfigError, match="unknown encoder runtime 'tensorrt'"):
+        ImageEncoder.load("efficientnet-lite0", runtime="tensorrt")

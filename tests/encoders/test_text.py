@@ -51,3 +51,14 @@ def test_missing_local_folder(tmp_path):
 def test_hub_model_offline_says_how_to_use_a_local_folder():
     with pytest.raises(mr.ModelUnavailableError, match=r"bert-base-uncased.*encoders.text_weights"):
         TextEncoder.load("bert-base-uncased")
+
+
+def test_onnx_runtime_matches_eager_pytorch(tmp_path, monkeypatch):
+    """Token states from ONNX Runtime equal eager PyTorch's to 1e-4, for any batch padding."""
+    monkeypatch.setenv("MULTIRETRIEVAL_CACHE", str(tmp_path))
+    eager, onnx = TextEncoder.load("minilm-l6", runtime="torch"), TextEncoder.load("minilm-l6", runtime="onnx")
+    texts = ["a red sofa", "gold ring with a small diamond, in rose gold, for everyday wear and special days"]
+    (t1, m1), (t2, m2) = eager.forward(texts, chunks=3), onnx.forward(texts, chunks=3)
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_allclose(t1, t2, atol=1e-4)
+    assert list((tmp_path / "onnx").glob("minilm-l6-*.onnx"))

@@ -1,0 +1,125 @@
+"""The ingestion pipeline: content-hash cache, shards, kill-and-resume, the index report, Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import multiretrieval as mr
+from multiretrieval.pipeline import ShardStore, content_hash
+
+SMALL = {"encoders": {"batch_size": 2}, "ingest": {"shard_size": 2}}
+
+
+def variants(catalog, copies: int) -> pd.DataFrame:
+    """``copies`` items per fixture image, each with its own text (so its own content hash)."""
+    df = catalog.df.assign(image=catalog.image_sources())
+    return pd.concat([df.assign(id=[f"{i}-{c}" for i in df["id"]], title=df["title"] + f" (variant {c})") for c in range(copies)],
+                     ignore_index=True)
+
+
+def test_unchanged_items_come_from_the_cache(catalog, tmp_path):
+    cfg = mr.RetrieverConfig().with_overrides(SMALL)
+    first = mr.Retriever(cfg)
+    report = first.index(catalog, show_progress=False, cache=tmp_path / "cache")
+    assert (report.encoded, report.cached) == (8, 0)
+
+    changed = catalog.df.assign(image=catalog.image_sources())
+    changed.loc[0, "title"] = "A washing machine, now in red"
+    again = mr.Retriever(cfg)
+    report = again.index(mr.Catalog(changed), show_progress=False, cache=tmp_path / "cache")
+    assert (report.encoded, report.cached, report.indexed) == (1, 7, 8)
+    a, b = first.features(), again.features()
+    np.testing.assert_array_equal(a["image_tokens"], b["image_tokens"])  # images unchanged: the cached arrays
+    np.testing.assert_array_equal(a["text_tokens"][1:], b["text_tokens"][1:])
+    assert not np.allclose(a["text_tokens"][0], b["text_tokens"][0])
+
+
+def test_content_hash_follows_the_bytes_and_the_text(fixtures, tmp_path):
+    src = fixtures / "images" / "smart-car.png"
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(src.read_bytes())
+    assert content_hash(str(src), "car", 10**8) == content_hash(str(copy), "car", 10**8)  # same bytes, other path
+    assert content_hash(str(src), "car", 10**8) != content_hash(str(src), "cars", 10**8)
+    copy.write_bytes(src.read_bytes() + b"\0")
+    assert content_hash(str(src), "car", 10**8) != content_hash(str(copy), "car", 10**8)
+    assert content_hash(str(tmp_path / "missing.png"), "car", 10**8) != content_hash(str(src), "car", 10**8)
+
+
+def test_a_broken_shard_is_refused_with_its_name(catalog, tmp_path):
+    mr.Retriever(mr.RetrieverConfig().with_overrides(SMALL)).index(catalog, show_progress=False, cache=tmp_path)
+    shard = sorted(tmp_path.glob("*/shard-*"))[0]
+    (shard / "items.parquet").write_bytes(b"garbage")
+    with pytest.raises(mr.IndexLoadError, match=f"{shard.name}: unreadable shard"):
+        ShardStore.open(tmp_path, json.loads((shard.parent / "fingerprint.json").read_text()))
+
+
+def test_index_report_file_lists_every_skipped_row(catalog, tmp_path):
+    df = catalog.df.assign(image=catalog.image_sources(), id=catalog.df["id"].astype(str))
+    bad = pd.DataFrame({"id": ["b1"], "image": [str(tmp_path / "missing.png")], "title": ["gone"]})
+    r = mr.Retriever()
+    r.index(mr.Catalog(pd.concat([df, bad], ignore_index=True)), show_progress=False)
+    report = json.loads((r.save(tmp_path / "index") / "index-report.json").read_text())
+    assert report["indexed"] == 8
+    assert report["skipped"] == [{"row": 8, "id": "b1", "reason": f"{tmp_path / 'missing.png'}: file not found"}]
+
+
+def test_a_killed_index_run_resumes_from_its_last_shard_and_ends_identical(catalog, tmp_path):
+    """SIGKILL the CLI midway; the re-run encodes only what no complete shard holds, and the
+    saved index equals an uninterrupted run's, vector for vector."""
+    catalog_file = tmp_path / "catalog.parquet"
+    variants(catalog, 4).to_parquet(catalog_file)  # 32 items, 16 shards of 2
+    config = tmp_path / "small.yaml"
+    config.write_text(json.dumps(SMALL))  # JSON is YAML
+    cmd = [sys.executable, "-m", "multiretrieval.cli", "index", str(catalog_file), "--config", str(config), "--no-progress"]
+
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "resumed"), "--cache", str(tmp_path / "cache")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("cache/*/shard-*"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(tmp_path.glob("cache/*/shard-*")))
+    assert 3 <= done < 16, f"the kill came too late to test resuming ({done} of 16 shards)"
+    assert not (tmp_path / "resumed").exists()
+
+    out = subprocess.run(cmd + ["--out", str(tmp_path / "resumed"), "--cache", str(tmp_path / "cache")],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"encoded {32 - 2 * done}, from cache {2 * done}" in out
+    subprocess.run(cmd + ["--out", str(tmp_path / "straight"), "--cache", str(tmp_path / "cache2")], capture_output=True, check=True)
+
+    resumed, straight = mr.Retriever.load(tmp_path / "resumed"), mr.Retriever.load(tmp_path / "straight")
+    assert list(resumed.items["id"]) == list(straight.items["id"])
+    for name, value in straight.features().items():
+        np.testing.assert_array_equal(resumed.features()[name], value)
+    for space in ("joint", "clip_image", "clip_text"):
+        keys = straight._items["_key"].to_numpy()
+        if space != "joint":
+            keys = keys[straight.features()["image_mask" if space == "clip_image" else "text_mask"][:, 0]]
+        np.testing.assert_array_equal(resumed._indexes[space].reconstruct(keys), straight._indexes[space].reconstruct(keys))
+
+
+def test_ray_engine_writes_the_same_shards(catalog, tmp_path):
+    """The encoder stage on a local Ray instance (two actors) gives the local engine's index."""
+    ray = pytest.importorskip("ray")
+    cfg = mr.RetrieverConfig().with_overrides(SMALL)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = mr.Retriever(cfg)
+        report = on_ray.index(catalog, show_progress=False, cache=tmp_path / "ray", engine="ray")
+    finally:
+        ray.shutdown()
+    assert report.indexed == 8 and report.encoded == 8
+    assert len(list((tmp_path / "ray").glob("*/shard-*"))) == 4
+    local = mr.Retriever(cfg)
+    local.index(catalog, show_progress=False)
+    for name, value in local.features().items():
+        np.testing.assert_allclose(on_ray.features()[name], value, atol=1e-6)
+    assert list(on_ray.search(text="a washing machine", k=3)["id"]) == list(local.search(text="a washing machine", k=3)["id"])
