@@ -68,7 +68,9 @@ class ZeroShotConfig:
 class IndexConfig:
     """FAISS index choice: "auto" or any index_factory string ("Flat", "HNSW32", "IVF1024,PQ32")."""
 
-    factory: str = "auto"
+    factory: str = "auto"  # auto: Flat up to 100k items, then HNSW or IVF-PQ by memory_budget_gb (index.py)
+    memory_budget_gb: float = 8.0  # auto: memory one vector index may use
+    target_recall: float = 0.95  # approximate indexes: search parameters tuned to this recall@10 against exact search
     exact_filter_below: int = 20_000  # filtered queries matching fewer ids than this are scored exactly
 
 

@@ -1,13 +1,18 @@
 """The vector index: FAISS by index_factory string, inner product, int64 ids.
 
 Vectors are L2-normalised, so inner product is cosine similarity. The index is wrapped
-in IDMap2, so ids are the caller's int64 keys, items can be removed, and vectors can be
-read back for exact scoring of small filtered sets.
+in IDMap2, so ids are the caller's int64 keys, items can be removed (except from HNSW),
+and vectors can be read back for exact scoring of small filtered sets.
+
+``choose_factory`` picks the family from the catalog size and a memory budget, and
+``tune`` sets the search parameters (efSearch, nprobe, k_factor) to the cheapest values
+that reach a target recall@10 against exact search; both are recorded in the manifest.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +20,33 @@ import numpy as np
 from .errors import IndexLoadError, QueryError
 
 logger = logging.getLogger(__name__)
+EXACT_UP_TO = 100_000  # items: a Flat scan of this many is still a few ms
+TRAIN_SAMPLE = 200_000  # vectors used to train PCA/IVF/PQ; more adds time, not quality
+HNSW_LINK_BYTES = 32 * 2 * 4 * 1.2  # HNSW32: 2M int32 links on level 0, plus upper levels
 
 
-def choose_factory(n_vectors: int) -> str:
-    """The index_factory string "auto" stands for: exact Flat for small catalogs, HNSW above."""
-    return "Flat" if n_vectors <= 100_000 else "HNSW32"
+def choose_factory(n_vectors: int, dim: int = 256, memory_budget_bytes: float = 8e9) -> str:
+    """The index_factory string "auto" stands for.
+
+    - up to 100k vectors: ``Flat`` (exact);
+    - larger, when full vectors plus a graph fit the budget: HNSW, on a 256-d PCA
+      projection for wide vectors with the candidates re-scored exactly (``Refine(Flat)``),
+      since graph building and walking cost grow with the width;
+    - otherwise IVF-PQ: OPQ rotation, ``m``-byte codes (the largest of 64..8 that fits).
+    """
+    if n_vectors <= EXACT_UP_TO:
+        return "Flat"
+    if dim > 256:
+        graph, per_vector = "PCA256,HNSW32,Refine(Flat)", 4 * dim + 4 * 256 + HNSW_LINK_BYTES + 8
+    else:
+        graph, per_vector = "HNSW32", 4 * dim + HNSW_LINK_BYTES + 8
+    if n_vectors * per_vector <= memory_budget_bytes:
+        return graph
+    nlist = int(2 ** round(np.log2(4 * np.sqrt(n_vectors))))
+    for m in (64, 48, 32, 16, 8):
+        if n_vectors * (m + 16) <= memory_budget_bytes:
+            return f"OPQ{m}_{4 * m},IVF{nlist},PQ{m}"
+    raise QueryError(f"{n_vectors:,} vectors do not fit a memory budget of {memory_budget_bytes / 1e9:.1f} GB even as 8-byte codes")
 
 
 class VectorIndex:
@@ -27,18 +54,23 @@ class VectorIndex:
 
     Args:
         dim: vector width.
-        factory: an index_factory string ("Flat", "HNSW32", "IVF1024,Flat", ...), without
+        factory: an index_factory string ("Flat", "HNSW32", "IVF1024,PQ32", ...), without
             the IDMap part, which is added.
+        exact_filter_below: filtered queries allowing fewer ids than this are scored
+            exactly from the stored vectors; larger ones search through an IDSelector.
     """
 
     def __init__(self, dim: int, factory: str = "Flat", exact_filter_below: int = 20_000) -> None:
         import faiss
 
         self.dim, self.factory, self.exact_filter_below = int(dim), factory, exact_filter_below
+        self.params: dict[str, float] = {}  # search parameters set by tune()/set_params()
+        self.recall: float | None = None  # recall@10 against exact search measured by tune()
         try:
             self.faiss_index = faiss.index_factory(self.dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise QueryError(f"invalid FAISS index_factory string {factory!r}: {str(exc).splitlines()[-1]}") from exc
+        self._positions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)
@@ -49,43 +81,171 @@ class VectorIndex:
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         if not self.faiss_index.is_trained:
-            logger.info("training %s index on %d vectors", self.factory, len(vectors))
-            self.faiss_index.train(vectors)
+            sample = vectors if len(vectors) <= TRAIN_SAMPLE else vectors[np.random.default_rng(0).choice(len(vectors), TRAIN_SAMPLE, replace=False)]
+            logger.info("training %s index on %d vectors", self.factory, len(sample))
+            t0 = time.perf_counter()
+            self.faiss_index.train(sample)
+            logger.info("trained in %.1f s", time.perf_counter() - t0)
         self.faiss_index.add_with_ids(vectors, ids)
+        self._positions = None
+
+    # ---------------------------------------------------------------- search parameters
 
     def set_params(self, **params: float) -> None:
-        """Set search-time parameters by FAISS name (efSearch for HNSW, nprobe for IVF)."""
+        """Set search-time parameters by FAISS name: efSearch (HNSW), nprobe (IVF), k_factor (Refine)."""
         import faiss
 
         space = faiss.ParameterSpace()
         for name, value in params.items():
-            try:
-                space.set_index_parameter(self.faiss_index, name, value)
-            except RuntimeError as exc:
-                raise QueryError(f"index {self.factory!r} has no search parameter {name!r}") from exc
+            refine = self._find(faiss.IndexRefine)
+            if name == "k_factor" and refine is not None:
+                refine.k_factor = float(value)
+            else:
+                try:
+                    space.set_index_parameter(self.faiss_index, name, value)
+                except RuntimeError as exc:
+                    raise QueryError(f"index {self.factory!r} has no search parameter {name!r}") from exc
+            self.params[name] = value
+
+    def tunable(self) -> dict[str, list[float]]:
+        """The search parameters of this index and the values ``tune`` tries, cheapest first."""
+        import faiss
+
+        grid: dict[str, list[float]] = {}
+        if self._find(faiss.IndexHNSW) is not None:
+            grid["efSearch"] = [16, 32, 64, 128, 256, 512]
+        ivf = self._find(faiss.IndexIVF)
+        if ivf is not None:
+            grid["nprobe"] = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= ivf.nlist]
+        if self._find(faiss.IndexRefine) is not None:
+            grid["k_factor"] = [1, 2, 4, 8, 16, 32]
+        return grid
+
+    def tune(self, vectors: np.ndarray, target_recall: float = 0.95, k: int = 10, queries: int = 200, seed: int = 0) -> dict:
+        """Choose the fastest search parameters that reach ``target_recall`` (recall@k against
+        exact search), with a sample of ``vectors`` (all vectors this index holds, in the
+        order they were added) as queries.
+
+        A query's own vector is left out of both result lists, so recall counts its k
+        nearest other items. Returns the chosen trial (params, recall, ms_per_query); the parameters are set and
+        kept in ``params``, the recall in ``recall``. If nothing reaches the target, the
+        best recall wins and a warning is logged.
+        """
+        import itertools
+
+        import faiss
+
+        grid = self.tunable()
+        if not grid or len(self) == 0:
+            return {}
+        vectors = self._check(vectors)
+        if len(vectors) != len(self):
+            raise ValueError(f"tune needs the {len(self)} indexed vectors, got {len(vectors)}")
+        k = min(k, len(vectors) - 1)  # a tiny index has fewer other items than k
+        if k < 1:
+            return {}
+        rng = np.random.default_rng(seed)
+        rows = rng.choice(len(vectors), min(queries, len(vectors)), replace=False)
+        q, ids = vectors[rows], self._id_positions()[0]
+        selves = ids[rows][:, None]
+
+        def others(found: np.ndarray) -> list[set]:  # the query's own vector does not count
+            return [set(f[f != s][:k]) for f, s in zip(found, selves)]
+
+        truth = others(ids[faiss.knn(q, vectors, k + 1, faiss.METRIC_INNER_PRODUCT)[1]])
+        trials = []
+        for values in itertools.product(*grid.values()):
+            self.set_params(**dict(zip(grid, values)))
+            t0 = time.perf_counter()
+            found = others(self.faiss_index.search(q, k + 1)[1])
+            ms = (time.perf_counter() - t0) / len(q) * 1e3
+            recall = float(np.mean([len(t & f) / k for t, f in zip(truth, found)]))
+            trials.append({"params": dict(zip(grid, values)), "recall": recall, "ms_per_query": ms})
+        good = [t for t in trials if t["recall"] >= target_recall]
+        best = min(good, key=lambda t: t["ms_per_query"]) if good else max(trials, key=lambda t: t["recall"])
+        self.set_params(**best["params"])
+        self.recall = best["recall"]
+        logger.log(logging.INFO if good else logging.WARNING, "tuned %s: %s -> recall@%d %.3f (target %.2f), %.3f ms/query",
+                   self.factory, best["params"], k, best["recall"], target_recall, best["ms_per_query"])
+        return best
+
+    def _find(self, kind):
+        """The first FAISS index of type ``kind`` inside the IDMap/PreTransform/Refine wrappers."""
+        import faiss
+
+        index = faiss.downcast_index(self.faiss_index.index)
+        while index is not None:
+            if isinstance(index, kind):
+                return index
+            if isinstance(index, faiss.IndexRefine):
+                index = faiss.downcast_index(index.base_index)
+            elif isinstance(index, faiss.IndexPreTransform):
+                index = faiss.downcast_index(index.index)
+            else:
+                return None
+        return None
+
+    # ---------------------------------------------------------------- search
 
     def remove(self, ids: np.ndarray) -> int:
         import faiss
 
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        return int(self.faiss_index.remove_ids(faiss.IDSelectorBatch(ids)))
+        removed = int(self.faiss_index.remove_ids(faiss.IDSelectorBatch(ids)))
+        self._positions = None
+        return removed
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query, best first; ids are -1 where fewer than k exist.
 
         ``allowed``: only these ids may be returned (a filter). Small sets are scored
-        exactly from the stored vectors; larger ones go through a FAISS IDSelector.
+        exactly from the stored vectors; larger ones go through a FAISS IDSelector, and if
+        the approximate search finds fewer than k allowed items, exactly again: a filtered
+        query returns k results whenever k items match.
         """
-        import faiss
-
         queries = self._check(queries)
         if allowed is None:
             return self.faiss_index.search(queries, k)
+        import faiss
+
         allowed = np.ascontiguousarray(allowed, dtype=np.int64)
-        if len(allowed) <= self.exact_filter_below:
+        ivf = self._find(faiss.IndexIVF)  # IVF cannot read vectors back by id; it scans all its lists instead
+        if len(allowed) <= self.exact_filter_below and ivf is None:
             return self._exact(queries, k, allowed)
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-        return self.faiss_index.search(queries, k, params=params)
+        scores, found = self._selected(queries, k, allowed, exhaustive=len(allowed) <= self.exact_filter_below)
+        short = (found < 0).any(axis=1) & (len(allowed) >= k)
+        if short.any():
+            scores[short], found[short] = self._selected(queries[short], k, allowed, True) if ivf else self._exact(queries[short], k, allowed)
+        return scores, found
+
+    def _selected(self, queries: np.ndarray, k: int, allowed: np.ndarray, exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Search the inner index with an IDSelector over the allowed positions.
+
+        IDMap2 would pass the selector on as plain SearchParameters, which IVF, HNSW and
+        Refine reject; so the selector goes to the inner index, typed for each level,
+        and positions are mapped back to ids here. ``exhaustive``: IVF probes every list.
+        """
+        import faiss
+
+        ids, sorted_ids, order = self._id_positions()
+        at = np.clip(np.searchsorted(sorted_ids, allowed), 0, max(len(ids) - 1, 0))
+        positions = np.sort(order[at[sorted_ids[at] == allowed]])
+        selector = faiss.IDSelectorBatch(positions)
+        inner = faiss.downcast_index(self.faiss_index.index)
+        params = _typed_params(inner, selector, exhaustive)
+        scores, pos = inner.search(queries, k, params=params)
+        found = np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
+        return scores, found
+
+    def _id_positions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(id per FAISS position, the ids sorted, the positions in that order); cached until add/remove."""
+        import faiss
+
+        if self._positions is None:
+            ids = faiss.vector_to_array(self.faiss_index.id_map)
+            order = np.argsort(ids, kind="stable")
+            self._positions = (ids, ids[order], order)
+        return self._positions
 
     def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = np.full((len(queries), k), -np.inf, np.float32)
@@ -109,13 +269,19 @@ class VectorIndex:
             raise QueryError("vectors contain NaN or infinity")
         return vectors
 
+    # ---------------------------------------------------------------- files
+
+    def describe(self) -> dict:
+        """What the manifest records: factory, width, count, tuned parameters and their recall."""
+        return {"factory": self.factory, "dim": self.dim, "count": len(self), "params": dict(self.params), "recall_at_10": self.recall}
+
     def save(self, path: str | Path) -> None:
         import faiss
 
         faiss.write_index(self.faiss_index, str(path))
 
     @classmethod
-    def load(cls, path: str | Path, factory: str, exact_filter_below: int = 20_000) -> VectorIndex:
+    def load(cls, path: str | Path, factory: str, exact_filter_below: int = 20_000, params: dict | None = None) -> VectorIndex:
         import faiss
 
         try:
@@ -124,5 +290,23 @@ class VectorIndex:
             raise IndexLoadError(f"{path}: not a readable FAISS index: {str(exc).splitlines()[-1]}") from exc
         index = cls.__new__(cls)
         index.dim, index.factory, index.exact_filter_below = int(loaded.d), factory, exact_filter_below
-        index.faiss_index = loaded
+        index.faiss_index, index.params, index.recall, index._positions = loaded, {}, None, None
+        if params:
+            index.set_params(**params)  # not stored by write_index (efSearch is, nprobe and k_factor are not)
         return index
+
+
+def _typed_params(index, selector, exhaustive: bool = False):
+    """SearchParameters of the type each FAISS level expects, carrying the selector down."""
+    import faiss
+
+    if isinstance(index, faiss.IndexRefine):
+        base = faiss.downcast_index(index.base_index)
+        return faiss.IndexRefineSearchParameters(k_factor=index.k_factor, base_index_params=_typed_params(base, selector, exhaustive))
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=_typed_params(faiss.downcast_index(index.index), selector, exhaustive))
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=index.nlist if exhaustive else index.nprobe)
+    return faiss.SearchParameters(sel=selector)

@@ -74,7 +74,7 @@ def save_retriever(retriever: Retriever, folder: Path) -> Path:
             "fusion": retriever.fusion.config(),
             "zero_shot": {"kind": retriever.config.zero_shot.kind, "dim": retriever.zero_shot.dim,
                           "fingerprint": retriever.zero_shot.fingerprint},
-            "index": {name: {"factory": ix.factory, "dim": ix.dim, "count": len(ix)} for name, ix in retriever._indexes.items()},
+            "index": {name: ix.describe() for name, ix in retriever._indexes.items()},
             "items": len(retriever),
             "next_key": int(retriever._next_key),
             "key_column": KEY,
@@ -127,8 +127,12 @@ def load_retriever(cls: type[Retriever], folder: Path, config: RetrieverConfig |
     retriever._items = pd.read_parquet(folder / "catalog.parquet")
     retriever._features = {name: np.load(folder / "features" / f"{name}.npy", allow_pickle=False) for name in FEATURES}
     ic = retriever.config.index
-    retriever._indexes = {name: VectorIndex.load(folder / "index" / f"{name}.faiss", manifest["index"][name]["factory"],
-                                                 ic.exact_filter_below) for name in INDEXES}
+    retriever._indexes = {}
+    for name in INDEXES:
+        saved = manifest["index"][name]
+        index = VectorIndex.load(folder / "index" / f"{name}.faiss", saved["factory"], ic.exact_filter_below, saved.get("params"))
+        index.recall = saved.get("recall_at_10")
+        retriever._indexes[name] = index
     retriever._next_key = int(manifest["next_key"])
     retriever._expected_dims = {part: manifest["encoders"][part]["dim"] for part in ("image", "text")}
     retriever._expected_dims["zero_shot"] = manifest["zero_shot"]["fingerprint"]

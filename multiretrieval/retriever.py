@@ -241,12 +241,12 @@ class Retriever:
 
         n_after = len(self._items) + len(rows)
         self._ensure_indexes(n_after)
-        self._indexes["joint"].add(keys, joint)
+        self._fill("joint", keys, joint)
         del joint
         if has_image.any():
-            self._indexes["clip_image"].add(keys[has_image], encoded["clip_image"][has_image])
+            self._fill("clip_image", keys[has_image], encoded["clip_image"][has_image])
         if has_text.any():
-            self._indexes["clip_text"].add(keys[has_text], encoded["clip_text"][has_text])
+            self._fill("clip_text", keys[has_text], encoded["clip_text"][has_text])
 
         new_items = catalog.df.iloc[rows].copy()
         new_items[IMAGE_SOURCE] = [encoded["sources"][r] for r in rows]
@@ -260,17 +260,24 @@ class Retriever:
         report.seconds["index"] = time.perf_counter() - t0
 
     def _ensure_indexes(self, n_items: int) -> None:
+        if not self._indexes:
+            dims = {"joint": self.fusion.out_dim, "clip_image": self.zero_shot.dim, "clip_text": self.zero_shot.dim}
+            self._indexes = {name: self._new_index(dim, n_items) for name, dim in dims.items()}
+
+    def _new_index(self, dim: int, n_items: int):
         from .index import VectorIndex, choose_factory
 
-        if self._indexes:
-            return
         ic = self.config.index
-        factory = choose_factory(n_items) if ic.factory == "auto" else ic.factory
-        self._indexes = {
-            "joint": VectorIndex(self.fusion.out_dim, factory, ic.exact_filter_below),
-            "clip_image": VectorIndex(self.zero_shot.dim, factory, ic.exact_filter_below),
-            "clip_text": VectorIndex(self.zero_shot.dim, factory, ic.exact_filter_below),
-        }
+        factory = choose_factory(n_items, dim, ic.memory_budget_gb * 1e9) if ic.factory == "auto" else ic.factory
+        return VectorIndex(dim, factory, ic.exact_filter_below)
+
+    def _fill(self, name: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Add to an index; a new approximate index is then tuned to the target recall on its own vectors."""
+        index = self._indexes[name]
+        fresh = len(index) == 0
+        index.add(keys, vectors)
+        if fresh:
+            index.tune(vectors, self.config.index.target_recall)
 
     def train(self, out: str | Path | None = None, show_progress: bool | None = None, resume: bool = True) -> dict[str, Any]:
         """Fit the attention fusion on the indexed items' own image/text pairs, switch to it, re-embed.
@@ -305,9 +312,8 @@ class Retriever:
             return report
         f = self._features
         joint = trained.fuse(f["image_tokens"], f["image_mask"], f["text_tokens"], f["text_mask"])
-        index = VectorIndex(trained.out_dim, self._indexes["joint"].factory, self.config.index.exact_filter_below)
-        index.add(self._items[KEY].to_numpy(), joint)
-        self._indexes["joint"] = index
+        self._indexes["joint"] = VectorIndex(trained.out_dim, self._indexes["joint"].factory, self.config.index.exact_filter_below)
+        self._fill("joint", self._items[KEY].to_numpy(), joint)
         return report
 
     def remove(self, ids: Any) -> int:
@@ -385,7 +391,7 @@ class Retriever:
         found = keys[0] >= 0
         frame = self._results(keys[0][found], scores[0][found])
         if mode == "fused" and hasattr(self.fusion, "contributions") and len(frame):
-            image_part, text_part = self.fusion.contributions(query[0], index.reconstruct(keys[0][found]))
+            image_part, text_part = self.fusion.contributions(query[0], self._stored_joint(keys[0][found]))
             frame.insert(3, "image_score", image_part)
             frame.insert(4, "text_score", text_part)
         return frame
@@ -475,6 +481,12 @@ class Retriever:
         except duckdb.Error as exc:
             raise QueryError(f"where: invalid filter {where!r}: {str(exc).splitlines()[0]}") from exc
         return np.asarray(result[KEY], np.int64)
+
+    def _stored_joint(self, keys: np.ndarray) -> np.ndarray:
+        """Joint vectors of items re-fused from their stored features (compressed indexes cannot give them back)."""
+        rows = np.searchsorted(self._items[KEY].to_numpy(), keys)
+        f = self._features
+        return self.fusion.fuse(f["image_tokens"][rows], f["image_mask"][rows], f["text_tokens"][rows], f["text_mask"][rows])
 
     def _results(self, keys: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
         if self._columns is None:

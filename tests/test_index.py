@@ -6,9 +6,10 @@ from multiretrieval.index import VectorIndex
 from multiretrieval.utils import l2_normalize
 
 
-def clustered(n, d=32, clusters=20, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, d))
+def clustered(n, d=32, clusters=20, seed=0, draw=None):
+    """Points around ``clusters`` centres fixed by ``seed``; ``draw`` picks another sample of the same distribution."""
+    centres = np.random.default_rng(seed).normal(size=(clusters, d))
+    rng = np.random.default_rng(seed if draw is None else (seed, draw))
     return l2_normalize(centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, d)))
 
 
@@ -35,16 +36,49 @@ def test_filtered_search_returns_only_allowed_ids_both_paths():
         np.testing.assert_allclose(scores, exact, atol=1e-5)
 
 
-def test_approximate_index_recall_against_exact():
+def recall_at_10(index, flat, queries):
+    truth, found = flat.search(queries, 10)[1], index.search(queries, 10)[1]
+    return np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)])
+
+
+@pytest.mark.parametrize("factory, param", [("HNSW32", "efSearch"), ("IVF64,Flat", "nprobe"),
+                                            ("PCA24,HNSW32,Refine(Flat)", "k_factor")])
+def test_tuning_reaches_the_target_recall_on_unseen_queries(factory, param):
     x = clustered(5000, seed=1)
-    queries = clustered(100, seed=2)
-    flat, hnsw = VectorIndex(32, "Flat"), VectorIndex(32, "HNSW32")
-    for index in (flat, hnsw):
-        index.add(np.arange(5000), x)
-    hnsw.set_params(efSearch=256)
-    truth, found = flat.search(queries, 10)[1], hnsw.search(queries, 10)[1]
-    recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)])
-    assert recall >= 0.9
+    queries = clustered(200, seed=1, draw=1)
+    flat, index = VectorIndex(32, "Flat"), VectorIndex(32, factory)
+    for ix in (flat, index):
+        ix.add(np.arange(5000) * 3, x)
+    index.set_params(**{param: 1})
+    untuned = recall_at_10(index, flat, queries)
+    chosen = index.tune(x, target_recall=0.95)
+    assert chosen["recall"] >= 0.95 and index.recall == chosen["recall"] and param in index.params
+    assert recall_at_10(index, flat, queries) >= 0.93 > untuned  # held-out queries: within noise of the tuned figure
+
+
+def test_choose_factory_by_size_and_memory_budget():
+    from multiretrieval.index import choose_factory
+
+    assert choose_factory(50_000, 1664) == "Flat"
+    assert choose_factory(1_000_000, 1664, 16e9) == "PCA256,HNSW32,Refine(Flat)"  # 8.2 GB of vectors and graph
+    assert choose_factory(1_000_000, 128, 1e9) == "HNSW32"
+    assert choose_factory(1_000_000, 1664, 1e9) == "OPQ64_256,IVF4096,PQ64"
+    assert choose_factory(10_000_000, 1664, 0.5e9) == "OPQ32_128,IVF16384,PQ32"
+    with pytest.raises(mr.QueryError, match="do not fit a memory budget"):
+        choose_factory(10_000_000, 1664, 1e8)
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF64,Flat", "PCA16,HNSW32,Refine(Flat)", "Flat"])
+def test_filtered_search_on_approximate_indexes_returns_k_allowed_results(factory):
+    """The IDSelector reaches the inner index typed for each level; a narrow filter still gives k results."""
+    x = clustered(5000, seed=3)
+    index = VectorIndex(32, factory, exact_filter_below=0)
+    index.add(np.arange(5000) + 10_000, x)
+    index.set_params(**({"nprobe": 1} if "IVF" in factory else {}))
+    for allowed in (np.arange(10_000, 15_000, 2), np.arange(10_000, 15_000, 500)):  # half, and 10 ids
+        scores, ids = index.search(x[:4], 10, allowed)
+        assert (ids >= 0).all() and set(ids.ravel()) <= set(allowed)
+        assert (np.diff(scores, axis=1) <= 1e-6).all()
 
 
 def test_trained_index_factory():

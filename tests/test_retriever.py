@@ -301,3 +301,19 @@ r.save({str(tmp_path / "idx")!r})
     assert subprocess.run([sys.executable, "-c", script]).returncode == 9
     assert not (tmp_path / "idx").exists()  # the moment a crash leaves behind
     assert len(mr.Retriever.load(tmp_path / "idx")) == before - 1  # the complete new save is recovered
+
+
+def test_approximate_index_is_tuned_and_its_parameters_saved(catalog, tmp_path):
+    """A non-exact factory is tuned at build time; the manifest records the parameters and
+    their recall, and a load sets them again (FAISS files do not keep nprobe)."""
+    import json
+
+    r = mr.Retriever(mr.RetrieverConfig().with_overrides({"index": {"factory": "IVF2,Flat"}}))
+    r.index(catalog, show_progress=False)
+    assert r._indexes["joint"].params == {"nprobe": 2} and r._indexes["joint"].recall == 1.0
+    manifest = json.loads((r.save(tmp_path / "ivf") / "manifest.json").read_text())
+    assert manifest["index"]["joint"]["params"] == {"nprobe": 2} and manifest["index"]["joint"]["recall_at_10"] == 1.0
+    again = mr.Retriever.load(tmp_path / "ivf")
+    assert again._indexes["joint"]._find(__import__("faiss").IndexIVF).nprobe == 2
+    hits = again.search(text="a washing machine", k=3, where="id != 1", mode="fused")
+    assert len(hits) == 3 and 1 not in list(hits["id"]) and "image_score" in hits
