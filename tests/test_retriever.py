@@ -315,5 +315,5 @@ def test_approximate_index_is_tuned_and_its_parameters_saved(catalog, tmp_path):
     assert manifest["index"]["joint"]["params"] == {"nprobe": 2} and manifest["index"]["joint"]["recall_at_10"] == 1.0
     again = mr.Retriever.load(tmp_path / "ivf")
     assert again._indexes["joint"]._find(__import__("faiss").IndexIVF).nprobe == 2
-    hits = again.search(text="a washing machine", k=3, where="id != 1", mode="fused")
-    assert len(hits) == 3 and 1 not in list(hits["id"]) and "image_score" in hits
+    hits = again.search(image=catalog.image_sources()[0], text="white", k=3, where=f"id != {catalog.ids[0]}", mode="fused")
+    assert len(hits) == 3 and catalog.ids[0] not in list(hits["id"]) and "image_score" in hits
