@@ -23,10 +23,12 @@ import multiretrieval as mr  # noqa: E402
 
 
 def repeated_catalog(path: str, n: int) -> mr.Catalog:
+    """The catalog repeated to n rows; each copy's titles get a suffix, so every row is new
+    content (identical rows would come from the pipeline's content-hash cache)."""
     base = mr.Catalog.from_csv(path)
     df = base.df.assign(image=base.image_sources())
     reps = -(-n // len(df))
-    big = pd.concat([df] * reps, ignore_index=True).iloc[:n].copy()
+    big = pd.concat([df.assign(title=df["title"] + ("" if c == 0 else f" #{c}")) for c in range(reps)], ignore_index=True).iloc[:n].copy()
     big["id"] = np.arange(1, n + 1)
     return mr.Catalog(big)
 
