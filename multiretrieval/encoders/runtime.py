@@ -70,6 +70,7 @@ class OnnxModule:
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        options.enable_mem_pattern = False  # same speed here, and 0.3 GB less held after a batch of 32 images
         self.path = path
         self.input_names = input_names
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
