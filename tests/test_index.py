@@ -62,8 +62,8 @@ def test_choose_factory_by_size_and_memory_budget():
     assert choose_factory(50_000, 1664) == "Flat"
     assert choose_factory(1_000_000, 1664, 16e9) == "PCA256,HNSW32,Refine(Flat)"  # 8.2 GB of vectors and graph
     assert choose_factory(1_000_000, 128, 1e9) == "HNSW32"
-    assert choose_factory(1_000_000, 1664, 1e9) == "OPQ64_256,IVF4096,PQ64"
-    assert choose_factory(10_000_000, 1664, 0.5e9) == "OPQ32_128,IVF16384,PQ32"
+    assert choose_factory(1_000_000, 1664, 1e9) == "PCAR256,IVF4096,PQ64"
+    assert choose_factory(10_000_000, 1664, 0.5e9) == "PCAR128,IVF16384,PQ32"
     with pytest.raises(mr.QueryError, match="do not fit a memory budget"):
         choose_factory(10_000_000, 1664, 1e8)
 
