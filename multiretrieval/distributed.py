@@ -30,7 +30,7 @@ class ShardWriter:
 
         from .retriever import Retriever
 
-        self.encoder = ShardEncoder(Retriever(RetrieverConfig.from_dict(config)), workers=1)
+        self.encoder = ShardEncoder(Retriever(RetrieverConfig.from_dict(config)))
         self.store = ShardStore(store)
         self.pool = ThreadPoolExecutor(max_workers=1)
 

@@ -187,12 +187,12 @@ class ShardStore:
 class ShardEncoder:
     """Reads and encodes rows with a retriever's models; one instance per process (or Ray actor)."""
 
-    def __init__(self, retriever: Retriever, workers: int = 2, prefetch_batches: int = 3) -> None:
+    def __init__(self, retriever: Retriever, prefetch_batches: int = 3) -> None:
         self.retriever = retriever
         cfg = retriever.config
         self.batch_size = cfg.encoders.batch_size
         self.max_pixels, self.max_bytes = cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes
-        self.workers, self.prefetch = max(1, workers), prefetch_batches * self.batch_size
+        self.prefetch = prefetch_batches * self.batch_size
 
     def _read(self, source: str):
         try:
@@ -224,8 +224,7 @@ class ShardEncoder:
         r = self.retriever
         image_enc, text_enc, fusion, zero_shot = r.image_encoder, r.text_encoder, r.fusion, r.zero_shot
         n = len(rows)
-        out = {**r._feature_buffers(n),
-               "clip_image": np.zeros((n, zero_shot.dim), np.float32), "clip_text": np.zeros((n, zero_shot.dim), np.float32)}
+        out = empty_arrays(r, n)
         errors: list[str | None] = [None] * n
 
         def flush(batch: list[tuple[int, Any]]) -> None:
@@ -259,6 +258,12 @@ class ShardEncoder:
 
 
 # ---------------------------------------------------------------- the run
+
+
+def empty_arrays(retriever: Retriever, n: int) -> dict[str, np.ndarray]:
+    """Zeroed ARRAYS for n items: the fusion module's token layout plus the zero-shot vectors."""
+    dim = retriever.zero_shot.dim
+    return {**retriever._feature_buffers(n), "clip_image": np.zeros((n, dim), np.float32), "clip_text": np.zeros((n, dim), np.float32)}
 
 
 def encoder_fingerprint(retriever: Retriever) -> dict[str, Any]:
@@ -300,7 +305,7 @@ def run(retriever: Retriever, rows: list[Row], store: ShardStore, shard_size: in
         encode_with_ray(retriever.config, todo, store, shard_size, show_progress)
         store.refresh()
     elif todo:
-        encoder = ShardEncoder(retriever, workers)
+        encoder = ShardEncoder(retriever)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
                 progress_bar(len(todo), "encoding", show_progress, unit="item") as bar:
             for start in range(0, len(todo), shard_size):

@@ -211,7 +211,7 @@ class Retriever:
         import tempfile
         from contextlib import nullcontext
 
-        from .pipeline import Row, ShardStore, encoder_fingerprint, hash_rows, run
+        from .pipeline import Row, ShardStore, empty_arrays, encoder_fingerprint, hash_rows, run
 
         cfg = self.config
         sources, texts = catalog.image_sources(), catalog.texts()
@@ -224,7 +224,7 @@ class Retriever:
             result = run(self, rows, store, cfg.ingest.shard_size, cfg.ingest.workers, engine or cfg.ingest.engine, show_progress)
             ok = np.array([i for i in range(len(rows)) if i not in result.errors], dtype=np.int64)
             t1 = time.perf_counter()
-            arrays = store.gather([hashes[i] for i in ok])
+            arrays = store.gather([hashes[i] for i in ok]) if len(ok) else empty_arrays(self, 0)
         report.seconds["encode"] = result.seconds["encode"] + time.perf_counter() - t1
         report.encoded, report.cached = result.encoded, len(set(hashes)) - result.encoded
         report.skipped = [SkippedRow(row, plain(catalog.df["id"].iloc[row]), reason) for row, reason in sorted(result.errors.items())]

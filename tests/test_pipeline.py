@@ -123,3 +123,10 @@ def test_ray_engine_writes_the_same_shards(catalog, tmp_path):
     for name, value in local.features().items():
         np.testing.assert_allclose(on_ray.features()[name], value, atol=1e-6)
     assert list(on_ray.search(text="a washing machine", k=3)["id"]) == list(local.search(text="a washing machine", k=3)["id"])
+
+
+def test_a_catalog_whose_every_row_fails_indexes_nothing_and_says_why(tmp_path):
+    r = mr.Retriever()
+    report = r.index(pd.DataFrame({"id": [1, 2], "image": [str(tmp_path / "a.png"), str(tmp_path / "b.png")]}), show_progress=False)
+    assert report.indexed == 0 and len(r) == 0
+    assert [s.id for s in report.skipped] == [1, 2] and all("file not found" in s.reason for s in report.skipped)
