@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,18 +34,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalog", default="data/demo/catalog.csv")
     parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--cache", help="shard cache to use (default: a fresh temporary folder)")
     args = parser.parse_args()
 
     catalog = repeated_catalog(args.catalog, args.items)
     r = mr.Retriever()
     r.zero_shot.text_batch(["warm-up"])
     r.zero_shot.image_batch([mr.catalog.load_image(catalog.image_sources()[0])])
-    loaded = psutil.Process().memory_info().rss
-    with tempfile.TemporaryDirectory() as cache:
+    process = psutil.Process()
+    loaded = process.memory_info().rss
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:  # resident memory every 0.2 s, to split the peak by stage
+        while not done.wait(0.2):
+            samples.append((time.perf_counter(), process.memory_info().rss))
+
+    threading.Thread(target=sample, daemon=True).start()
+    with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        report = r.index(catalog, show_progress=True, cache=cache)
+        report = r.index(catalog, show_progress=True, cache=args.cache or tmp)
         seconds = time.perf_counter() - t0
+    done.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    bounds, edge = {}, t0
+    for stage, secs in report.seconds.items():
+        bounds[stage] = (edge, edge + secs)
+        edge += secs
     held = sum(a.nbytes for a in r.features().values())
     index_bytes = {name: ix.faiss_index.ntotal * ix.dim * 4 for name, ix in r._indexes.items()}
     print(f"\n{report.indexed:,} items indexed in {seconds:.0f} s ({report.indexed / seconds:.1f} items/s)")
@@ -52,6 +68,10 @@ def main() -> None:
     print(f"{'':38} {'GiB':>7}")
     print(f"{'resident after loading the models':38} {loaded / GIB:7.2f}")
     print(f"{'peak resident while indexing':38} {peak / GIB:7.2f}")
+    for stage, (lo, hi) in bounds.items():
+        inside = [rss for t, rss in samples if lo <= t <= hi]
+        if inside:
+            print(f"{'  highest sample in stage ' + stage:38} {max(inside) / GIB:7.2f}")
     print(f"{'  of which encoder features held':38} {held / GIB:7.2f}")
     for name, size in index_bytes.items():
         print(f"{'  of which index ' + name + ' vectors':38} {size / GIB:7.2f}")

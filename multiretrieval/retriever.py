@@ -235,18 +235,16 @@ class Retriever:
         t0 = time.perf_counter()
         rows = encoded["rows"]
         keys = np.arange(self._next_key, self._next_key + len(rows), dtype=np.int64)
-        feats = {name: encoded[name] for name in ("image_tokens", "image_mask", "text_tokens", "text_mask")}
+        feats = {name: encoded.pop(name) for name in ("image_tokens", "image_mask", "text_tokens", "text_mask")}
         has_image, has_text = feats["image_mask"][:, 0], feats["text_mask"][:, 0]
-        joint = self.fusion.fuse(feats["image_tokens"], feats["image_mask"], feats["text_tokens"], feats["text_mask"])
 
-        n_after = len(self._items) + len(rows)
-        self._ensure_indexes(n_after)
-        self._fill("joint", keys, joint)
-        del joint
-        if has_image.any():
-            self._fill("clip_image", keys[has_image], encoded["clip_image"][has_image])
-        if has_text.any():
-            self._fill("clip_text", keys[has_text], encoded["clip_text"][has_text])
+        self._ensure_indexes(len(self._items) + len(rows))
+        for space, present in (("clip_image", has_image), ("clip_text", has_text)):
+            vectors = encoded.pop(space)  # not kept: freed once in the index
+            if present.any():
+                self._fill(space, keys[present], vectors if present.all() else vectors[present])
+            del vectors
+        self._fill_joint(keys, feats)
 
         new_items = catalog.df.iloc[rows].copy()
         new_items[IMAGE_SOURCE] = [encoded["sources"][r] for r in rows]
@@ -279,6 +277,18 @@ class Retriever:
         if fresh:
             index.tune(vectors, self.config.index.target_recall)
 
+    def _fill_joint(self, keys: np.ndarray, feats: dict[str, np.ndarray], chunk: int = 16_384) -> None:
+        """Fuse features into the joint index. Chunk by chunk, so a large catalog never holds
+        all its joint vectors twice, except where a new index must be tuned on all of them."""
+        index = self._indexes["joint"]
+        parts = ("image_tokens", "image_mask", "text_tokens", "text_mask")
+        if len(index) == 0 and index.tunable():
+            self._fill("joint", keys, self.fusion.fuse(*(feats[p] for p in parts)))
+            return
+        for start in range(0, len(keys), chunk):
+            sl = slice(start, start + chunk)
+            index.add(keys[sl], self.fusion.fuse(*(feats[p][sl] for p in parts)))
+
     def train(self, out: str | Path | None = None, show_progress: bool | None = None, resume: bool = True) -> dict[str, Any]:
         """Fit the attention fusion on the indexed items' own image/text pairs, switch to it, re-embed.
 
@@ -310,10 +320,8 @@ class Retriever:
         if (trained.image_grid, trained.text_chunks) != (old.image_grid, old.text_chunks):
             self.index(catalog, show_progress=show_progress)  # other token layout: encode again
             return report
-        f = self._features
-        joint = trained.fuse(f["image_tokens"], f["image_mask"], f["text_tokens"], f["text_mask"])
         self._indexes["joint"] = VectorIndex(trained.out_dim, self._indexes["joint"].factory, self.config.index.exact_filter_below)
-        self._fill("joint", self._items[KEY].to_numpy(), joint)
+        self._fill_joint(self._items[KEY].to_numpy(), self._features)
         return report
 
     def remove(self, ids: Any) -> int:
