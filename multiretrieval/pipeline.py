@@ -313,5 +313,7 @@ def run(retriever: Retriever, rows: list[Row], store: ShardStore, shard_size: in
                 errors, arrays = encoder.encode(chunk, pool, bar.update)
                 store.write([r.hash for r in chunk], errors, arrays)
                 bar.update(sum(e is not None or r.source is None for e, r in zip(errors, chunk)))  # the rest counted per batch
+        retriever.image_encoder.release_memory()  # before the index is built: the peak of a large run
+        retriever.text_encoder.release_memory()
     errors = {r.row: store.error(r.hash) for r in rows if store.error(r.hash) is not None}
     return PipelineResult([r.hash for r in rows], errors, len(todo), {"encode": time.perf_counter() - t0})

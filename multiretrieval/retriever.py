@@ -1,9 +1,10 @@
 """The Retriever: index a catalog, search it four ways, save and load it.
 
-Data flows one way: catalog rows -> reader (decode images, build texts) -> encoders
-(image tokens + ImageNet probabilities, text tokens) -> fusion (joint vectors) and the
-zero-shot space (ConSE) -> three FAISS indexes. Queries take the same path and end in
-a FAISS top-k over the ids a DuckDB ``where`` filter allows.
+Data flows one way: catalog rows -> the ingestion pipeline (pipeline.py: content hash,
+image decoding in threads, encoders -> image tokens + ImageNet probabilities, text
+tokens, zero-shot vectors, written as cached shards) -> fusion (joint vectors) -> three
+FAISS indexes. Queries take the same encoders and end in a FAISS top-k over the ids a
+DuckDB ``where`` filter allows.
 """
 
 from __future__ import annotations

@@ -145,6 +145,11 @@ class ImageEncoder:
         fmap = self.model.forward_features(batch)
         return fmap, self.model.forward_head(fmap).softmax(-1)
 
+    def release_memory(self) -> None:
+        """Return the runtime's working memory after a large job (ONNX Runtime keeps an arena)."""
+        if self._onnx is not None:
+            self._onnx.release_memory()
+
     def forward_images(self, images: Sequence, grid: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB PIL images -> :meth:`forward` of their preprocessed batch."""
         import torch

@@ -74,10 +74,20 @@ class OnnxModule:
         self.path = path
         self.input_names = input_names
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._smallest = [np.zeros((1, *x.shape[1:]), x.numpy().dtype) for x in example_inputs]
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         """Thread-safe; releases the GIL while it runs."""
         return self.session.run(None, dict(zip(self.input_names, inputs)))
+
+    def release_memory(self) -> None:
+        """Give the memory arena's free chunks back (about 0.5 GB after batches of 32 images):
+        a one-item run with arena shrinkage on."""
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self.session.run(None, dict(zip(self.input_names, self._smallest)), options)
 
 
 def _export(module, example_inputs, input_names, output_names, dynamic_axes, path: Path) -> None:

@@ -125,6 +125,11 @@ class TextEncoder:
             return torch.from_numpy(self._onnx(input_ids.numpy(), attention_mask.numpy())[0])
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
+    def release_memory(self) -> None:
+        """Return the runtime's working memory after a large job (ONNX Runtime keeps an arena)."""
+        if self._onnx is not None:
+            self._onnx.release_memory()
+
     def encode(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool | None = None,
                normalize: bool = True) -> np.ndarray:
         """Texts -> sentence embeddings, float32 (n, dim). Batches are sorted by length, then restored."""

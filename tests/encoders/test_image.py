@@ -109,3 +109,19 @@ def test_onnx_runtime_matches_eager_pytorch(catalog, tmp_path, monkeypatch):
 def test_unknown_runtime_is_a_config_error():
     with pytest.raises(mr.ConfigError, match="unknown encoder runtime 'tensorrt'"):
         ImageEncoder.load("efficientnet-lite0", runtime="tensorrt")
+
+
+def test_onnx_runtime_gives_its_arena_back(catalog):
+    import psutil
+    import torch
+
+    from multiretrieval.catalog import load_image
+
+    encoder = ImageEncoder.load("efficientnet-lite0", runtime="onnx")
+    batch = torch.stack([encoder.preprocess(load_image(s)) for s in catalog.image_sources()] * 4)  # 32 images
+    before = encoder.forward(batch[:2])[0]
+    encoder.forward(batch)
+    grown = psutil.Process().memory_info().rss
+    encoder.release_memory()
+    assert psutil.Process().memory_info().rss < grown - 100 * 2**20  # the arena's chunks for 32 images are freed
+    np.testing.assert_array_equal(encoder.forward(batch[:2])[0], before)  # and it still works
