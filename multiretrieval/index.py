@@ -72,7 +72,7 @@ class VectorIndex:
             self.faiss_index = faiss.index_factory(self.dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise QueryError(f"invalid FAISS index_factory string {factory!r}: {str(exc).splitlines()[-1]}") from exc
-        self._positions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._positions: tuple | None = None
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)
@@ -230,23 +230,36 @@ class VectorIndex:
         import faiss
 
         ids, sorted_ids, order = self._id_positions()
-        at = np.clip(np.searchsorted(sorted_ids, allowed), 0, max(len(ids) - 1, 0))
-        positions = np.sort(order[at[sorted_ids[at] == allowed]])
-        selector = faiss.IDSelectorBatch(positions)
+        if order is None:  # ids are the positions 0..n-1
+            positions = allowed[(allowed >= 0) & (allowed < len(ids))]
+        else:
+            at = np.clip(np.searchsorted(sorted_ids, allowed), 0, max(len(ids) - 1, 0))
+            positions = order[at[sorted_ids[at] == allowed]]
+        if len(positions) > len(ids) // 64:  # dense: a bitmap (n/8 bytes) is cheaper to build and probe than a hash set
+            mask = np.zeros(len(ids), bool)
+            mask[positions] = True
+            bits = np.packbits(mask, bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(ids), faiss.swig_ptr(bits))
+        else:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(positions, dtype=np.int64))
         inner = faiss.downcast_index(self.faiss_index.index)
         params = _typed_params(inner, selector, exhaustive)
         scores, pos = inner.search(queries, k, params=params)
         found = np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
         return scores, found
 
-    def _id_positions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(id per FAISS position, the ids sorted, the positions in that order); cached until add/remove."""
+    def _id_positions(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(id per FAISS position, the ids sorted, the positions in that order), or (ids, None,
+        None) when the ids are the positions themselves; cached until add/remove."""
         import faiss
 
         if self._positions is None:
             ids = faiss.vector_to_array(self.faiss_index.id_map)
-            order = np.argsort(ids, kind="stable")
-            self._positions = (ids, ids[order], order)
+            if np.array_equal(ids, np.arange(len(ids))):
+                self._positions = (ids, None, None)
+            else:
+                order = np.argsort(ids, kind="stable")
+                self._positions = (ids, ids[order], order)
         return self._positions
 
     def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
