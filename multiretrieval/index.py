@@ -5,7 +5,7 @@ in IDMap2, so ids are the caller's int64 keys, items can be removed (except from
 and vectors can be read back for exact scoring of small filtered sets.
 
 ``choose_factory`` picks the family from the catalog size and a memory budget, and
-``tune`` sets the search parameters (efSearch, nprobe, k_factor) to the cheapest values
+``build`` sets the search parameters (efSearch, nprobe, k_factor) to the cheapest values
 that reach a target recall@10 against exact search; both are recorded in the manifest.
 """
 
@@ -82,14 +82,18 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        if not self.faiss_index.is_trained:
-            sample = vectors if len(vectors) <= TRAIN_SAMPLE else vectors[np.random.default_rng(0).choice(len(vectors), TRAIN_SAMPLE, replace=False)]
-            logger.info("training %s index on %d vectors", self.factory, len(sample))
-            t0 = time.perf_counter()
-            self.faiss_index.train(sample)
-            logger.info("trained in %.1f s", time.perf_counter() - t0)
+        self._train(vectors)
         self.faiss_index.add_with_ids(vectors, ids)
         self._positions = None
+
+    def _train(self, vectors: np.ndarray) -> None:
+        if self.faiss_index.is_trained:
+            return
+        sample = vectors if len(vectors) <= TRAIN_SAMPLE else vectors[np.sort(np.random.default_rng(0).choice(len(vectors), TRAIN_SAMPLE, replace=False))]
+        logger.info("training %s index on %d vectors", self.factory, len(sample))
+        t0 = time.perf_counter()
+        self.faiss_index.train(sample)
+        logger.info("trained in %.1f s", time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- search parameters
 
@@ -123,45 +127,68 @@ class VectorIndex:
             grid["k_factor"] = [1, 2, 4, 8, 16, 32]
         return grid
 
-    def tune(self, vectors: np.ndarray, target_recall: float = 0.95, k: int = 10, queries: int = 200, seed: int = 0) -> dict:
-        """Choose the fastest search parameters that reach ``target_recall`` (recall@k against
-        exact search), with a sample of ``vectors`` (all vectors this index holds, in the
-        order they were added) as queries.
+    def build(self, ids: np.ndarray, vectors: np.ndarray, target_recall: float = 0.95, k: int = 10,
+              queries: int = 200, seed: int = 0) -> dict:
+        """Fill an empty index and tune it: the fastest search parameters whose recall@k
+        against exact search reaches ``target_recall``.
 
-        A query's own vector is left out of both result lists, so recall counts its k
-        nearest other items. Returns the chosen trial (params, recall, ms_per_query); the parameters are set and
-        kept in ``params``, the recall in ``recall``. If nothing reaches the target, the
-        best recall wins and a warning is logged.
+        The queries are ``queries`` rows held out of the index while it is tuned (added
+        afterwards): queries it holds would find themselves and their graph neighbours too
+        easily. Indexes under 20 x ``queries`` vectors are tuned on a sample of their own
+        vectors, each query's own vector left out of the results instead.
+
+        Returns the chosen trial (params, recall, ms_per_query), also kept in ``params``
+        and ``recall``; ``{}`` for an exact index. If nothing reaches the target, the best
+        recall wins and a warning is logged.
         """
-        import itertools
-
         import faiss
 
-        grid = self.tunable()
-        if not grid or len(self) == 0:
-            return {}
-        vectors = self._check(vectors)
-        if len(vectors) != len(self):
-            raise ValueError(f"tune needs the {len(self)} indexed vectors, got {len(vectors)}")
+        if len(self):
+            raise ValueError("build fills an empty index; use add")
+        vectors, ids = self._check(vectors), np.ascontiguousarray(ids, dtype=np.int64)
+        n, rng = len(vectors), np.random.default_rng(seed)
+        if not self.tunable() or n < 20 * queries:
+            self.add(ids, vectors)
+            return self._tune_on_own_vectors(vectors, target_recall, k, queries, rng)
+        self._train(vectors)
+        held = np.sort(rng.choice(n, queries, replace=False))
+        for a, b in zip(np.r_[0, held + 1], np.r_[held, n]):  # the runs between held-out rows, as views
+            if b > a:
+                self.add(ids[a:b], vectors[a:b])
+        held_ids = set(ids[held].tolist())
+        candidates = ids[faiss.knn(vectors[held], vectors, k + 8, faiss.METRIC_INNER_PRODUCT)[1]]
+        truth = [[c for c in row if c not in held_ids][:k] for row in candidates]  # exact, over what the index holds
+        best = self._grid_search(vectors[held], lambda found: [set(f[:k]) for f in found], truth, target_recall, k, k)
+        self.add(ids[held], vectors[held])
+        return best
+
+    def _tune_on_own_vectors(self, vectors, target_recall, k, queries, rng) -> dict:
+        import faiss
+
         k = min(k, len(vectors) - 1)  # a tiny index has fewer other items than k
-        if k < 1:
+        if not self.tunable() or k < 1:
             return {}
-        rng = np.random.default_rng(seed)
         rows = rng.choice(len(vectors), min(queries, len(vectors)), replace=False)
-        q, ids = vectors[rows], self._id_positions()[0]
+        ids = self._id_positions()[0]
         selves = ids[rows][:, None]
 
         def others(found: np.ndarray) -> list[set]:  # the query's own vector does not count
             return [set(f[f != s][:k]) for f, s in zip(found, selves)]
 
-        truth = others(ids[faiss.knn(q, vectors, k + 1, faiss.METRIC_INNER_PRODUCT)[1]])
+        truth = others(ids[faiss.knn(vectors[rows], vectors, k + 1, faiss.METRIC_INNER_PRODUCT)[1]])
+        return self._grid_search(vectors[rows], others, truth, target_recall, k, k + 1)
+
+    def _grid_search(self, q: np.ndarray, results, truth: list, target_recall: float, k: int, fetch: int) -> dict:
+        import itertools
+
+        grid = self.tunable()
         trials = []
         for values in itertools.product(*grid.values()):
             self.set_params(**dict(zip(grid, values)))
             t0 = time.perf_counter()
-            found = others(self.faiss_index.search(q, k + 1)[1])
+            found = results(self.faiss_index.search(q, fetch)[1])
             ms = (time.perf_counter() - t0) / len(q) * 1e3
-            recall = float(np.mean([len(t & f) / k for t, f in zip(truth, found)]))
+            recall = float(np.mean([len(set(t) & f) / k for t, f in zip(truth, found)]))
             trials.append({"params": dict(zip(grid, values)), "recall": recall, "ms_per_query": ms})
         good = [t for t in trials if t["recall"] >= target_recall]
         best = min(good, key=lambda t: t["ms_per_query"]) if good else max(trials, key=lambda t: t["recall"])

@@ -273,10 +273,10 @@ class Retriever:
     def _fill(self, name: str, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Add to an index; a new approximate index is then tuned to the target recall on its own vectors."""
         index = self._indexes[name]
-        fresh = len(index) == 0
-        index.add(keys, vectors)
-        if fresh:
-            index.tune(vectors, self.config.index.target_recall)
+        if len(index) == 0:
+            index.build(keys, vectors, self.config.index.target_recall)
+        else:
+            index.add(keys, vectors)
 
     def _fill_joint(self, keys: np.ndarray, feats: dict[str, np.ndarray], chunk: int = 16_384) -> None:
         """Fuse features into the joint index. Chunk by chunk, so a large catalog never holds
