@@ -79,7 +79,7 @@ def main() -> None:
     print("|---|---|")
     print(f"| items indexed | {report.indexed} |")
     print(f"| throughput | {report.items_per_second:.1f} items/s |")
-    print(f"| read / encode / write s | {s['read']:.1f} / {s['encode']:.1f} / {s['write']:.1f} |")
+    print(f"| {' / '.join(s)} s | {' / '.join(f'{v:.1f}' for v in s.values())} |")
 
 
 if __name__ == "__main__":
