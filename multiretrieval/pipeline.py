@@ -71,8 +71,11 @@ def content_hash(source: str | None, text: str | None, max_bytes: int) -> str:
         try:
             if os.path.getsize(source) > max_bytes:
                 raise OSError(f"larger than {max_bytes} bytes")
+            digest = hashlib.sha256()
             with open(source, "rb") as f:
-                h.update(b"file:" + hashlib.file_digest(f, "sha256").digest())
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            h.update(b"file:" + digest.digest())
         except OSError as exc:
             h.update(f"unreadable:{source}:{exc}".encode())
     h.update(b"\0text:" + (text.encode() if text is not None else b"\0none"))
