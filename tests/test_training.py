@@ -98,3 +98,28 @@ def test_feature_cache_is_reused_and_holds_no_pickle(catalog, tmp_path):
     again = encode_catalog(catalog, tmp_path / "c.npz", show_progress=False)
     np.testing.assert_array_equal(first["image"], again["image"])
     assert first["id"].tolist() == [str(i) for i in catalog.ids]
+
+
+def test_fit_zero_shot_is_repeatable_and_its_weights_load_as_the_lit_space(catalog, tmp_path):
+    import json
+
+    import pytest
+
+    from multiretrieval.encoders import get_image_encoder, get_text_encoder
+    from multiretrieval.encoders.clip import LiT
+    from multiretrieval.training import encode_catalog, fit_zero_shot
+
+    features = encode_catalog(catalog, tmp_path / "c.npz", show_progress=False)
+    pairs = {"a": features, "b": {k: v[::-1].copy() for k, v in features.items()}}
+    pairs["b"]["id"] = np.array([f"b{i}" for i in pairs["b"]["id"]])
+    runs = [fit_zero_shot(pairs, tmp_path / f"run{i}.safetensors", epochs=3, batch_size=8, val_share=0.3,
+                          data_weights={"b": 3.0}, show_progress=False) for i in (1, 2)]
+    assert (tmp_path / "run1.safetensors").read_bytes() == (tmp_path / "run2.safetensors").read_bytes()
+    report = json.loads((tmp_path / "run1.json").read_text())
+    assert report["settings"]["data_weights"] == {"b": 3.0} and report["settings"]["init"] == "conse"
+    assert set(report["validation"]["lit"]["by_data_set"]) == {"a", "b"}
+    assert len(report["history"]) == 3 and str(report["validation"]["best_conse_weight"]) in report["validation"]["by_conse_weight"]
+    lit = LiT(get_image_encoder("efficientnet-lite0"), get_text_encoder("minilm-l6"), tmp_path / "run1.safetensors")
+    assert lit.text_batch(["a chair"]).shape == (1, 384)
+    with pytest.raises(ValueError, match="not in pairs"):
+        fit_zero_shot(pairs, tmp_path / "x.safetensors", data_weights={"tuxpaint": 2.0}, show_progress=False)

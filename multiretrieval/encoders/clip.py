@@ -74,6 +74,17 @@ class ConSE:
             probs = self.image_encoder.forward_images(pils)[1]
         return self.embed_image_probs(probs)
 
+    def linear_map(self) -> np.ndarray:
+        """ConSE made linear: pooled image features (image dim) -> text space (dim), through the
+        ImageNet classifier's logits weighting every label's (centred) text embedding.
+
+        The LiT image projection starts from it, so training begins with what the labels' names
+        already say about each concept instead of from nothing.
+        """
+        classifier = self.image_encoder.model.get_classifier().weight.detach().numpy()  # (1000, image dim)
+        labels = self.label_embeddings
+        return (classifier.T @ (labels - labels.mean(0))).astype(np.float32)
+
     def text_batch(self, texts, pooled=None) -> np.ndarray:
         if pooled is None:
             pooled = self.text_encoder.forward(texts)[0][:, 0]
@@ -217,19 +228,24 @@ def load_lit_weights(path: Path) -> dict[str, np.ndarray]:
     return state
 
 
-def lit_model_config(text_model_path: str, image_dim_name: str = "tf_efficientnet_lite0", embed_dim: int = 384) -> dict:
-    """The open_clip model config of the LiT model: timm image tower + Hugging Face text tower."""
+def lit_model_config(text_model_path: str, image_dim_name: str = "tf_efficientnet_lite0", embed_dim: int = 384,
+                     head_dropout: float = 0.0) -> dict:
+    """The open_clip model config of the LiT model: timm image tower + Hugging Face text tower.
+
+    ``head_dropout``: dropout on the pooled image features before the projection (training only).
+    """
     return {
         "embed_dim": embed_dim,
         "vision_cfg": {"timm_model_name": image_dim_name, "timm_model_pretrained": False, "timm_pool": "avg",
-                       "timm_proj": "linear", "image_size": 224},
+                       "timm_proj": "linear", "timm_drop": head_dropout, "image_size": 224},
         "text_cfg": {"hf_model_name": text_model_path, "hf_tokenizer_name": text_model_path, "hf_proj_type": "linear",
                      "hf_pooler_type": "mean_pooler", "context_length": 64},
         "custom_text": True,
     }
 
 
-def build_lit_model(image_encoder, text_model_path: str, weights: str | Path | None = None, embed_dim: int = 384):
+def build_lit_model(image_encoder, text_model_path: str, weights: str | Path | None = None, embed_dim: int = 384,
+                    head_dropout: float = 0.0):
     """The LiT model as a real open_clip ``CustomTextCLIP``, towers loaded from the packaged weights and locked.
 
     ``image_encoder``: the retriever's ImageEncoder (its trunk weights are copied in). With
@@ -241,7 +257,7 @@ def build_lit_model(image_encoder, text_model_path: str, weights: str | Path | N
     name = "mr-lit-efficientnet-lite0-minilm-l6"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.json"
-        path.write_text(json.dumps(lit_model_config(text_model_path, embed_dim=embed_dim)))
+        path.write_text(json.dumps(lit_model_config(text_model_path, embed_dim=embed_dim, head_dropout=head_dropout)))
         open_clip.add_model_config(path)
         model = open_clip.create_model(name, pretrained=None)
     trunk_state = {k: v for k, v in image_encoder.model.state_dict().items() if not k.startswith("classifier.")}

@@ -84,13 +84,15 @@ def test_lit_weights_are_the_open_clip_models_projections(catalog):
     assert trainable == 1280 * 384 + 384 * 384 + 1  # towers locked: the two projections and the logit scale
 
 
-def test_lit_beats_conse_on_captions_of_the_fixture_products(catalog):
-    from multiretrieval.encoders.clip import LiT
+def test_default_zero_shot_space_beats_conse_on_captions_of_the_fixture_products(catalog):
+    """The shipped default (LiT mixed with ConSE at the configured weight) against ConSE alone."""
+    from multiretrieval.catalog import load_image
+    from multiretrieval.config import ZeroShotConfig
+    from multiretrieval.encoders.clip import build_zero_shot
 
     image_enc, text_enc = get_image_encoder("efficientnet-lite0"), get_text_encoder("minilm-l6")
-    lit, conse = LiT(image_enc, text_enc), ConSE(image_enc, text_enc)
-    from multiretrieval.catalog import load_image
-
+    default, conse = build_zero_shot(ZeroShotConfig(), image_enc, text_enc), ConSE(image_enc, text_enc)
+    assert default.kind == "lit+conse"
     pils = [load_image(s) for s in catalog.image_sources()]
     captions = [f"a {t.lower()}" for t in catalog.df["title"]]
 
@@ -98,4 +100,32 @@ def test_lit_beats_conse_on_captions_of_the_fixture_products(catalog):
         sims = space.text_batch(captions) @ space.image_batch(pils).T
         return float((sims.argmax(1) == np.arange(len(pils))).mean())
 
-    assert top1(lit) >= 0.75 and top1(lit) >= top1(conse)
+    assert top1(default) >= 0.75 and top1(default) > top1(conse)
+
+
+def test_conse_linear_map_weights_every_labels_text_by_the_classifiers_logits(catalog):
+    """The LiT image projection starts from this map: pooled features -> logits -> label texts."""
+    import torch
+
+    from multiretrieval.catalog import load_image
+
+    image_enc, text_enc = get_image_encoder("efficientnet-lite0"), get_text_encoder("minilm-l6")
+    conse = ConSE(image_enc, text_enc)
+    pooled = image_enc.forward_images([load_image(s) for s in catalog.image_sources()[:4]])[0][:, 0]
+    classifier = image_enc.model.get_classifier()
+    with torch.no_grad():
+        logits = (classifier(torch.from_numpy(pooled)) - classifier.bias).numpy()
+    labels = conse.label_embeddings
+    expected = logits @ (labels - labels.mean(0))
+    assert conse.linear_map().shape == (image_enc.dim, text_enc.dim)
+    np.testing.assert_allclose(pooled @ conse.linear_map(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_default_conse_weight_is_the_one_chosen_when_the_shipped_weights_were_trained():
+    import json
+
+    from multiretrieval.config import ZeroShotConfig
+    from multiretrieval.encoders.clip import PACKAGED_LIT
+
+    report = json.loads(PACKAGED_LIT.with_suffix(".json").read_text())
+    assert ZeroShotConfig().conse_weight == report["validation"]["best_conse_weight"]
