@@ -211,10 +211,12 @@ def report_markdown(results: dict[str, Any]) -> str:
     tux = results.get("tuxpaint_zero_shot")
     if tux:
         lines += [f"## Zero-shot description -> image (tuxpaint evaluation split, {tux['items']} stamps, indexed without texts)", "",
-                  "| zero-shot space | R@1 | R@5 | R@10 | category accuracy |", "|---|---|---|---|---|"]
+                  "| zero-shot space | R@1 | R@5 | R@10 | R@10 / ConSE's | category accuracy |", "|---|---|---|---|---|---|"]
+        baseline = tux["conse"]["R@10"]
         for kind in ZERO_SHOT_KINDS:
             m = tux[kind]
-            lines.append(f"| {kind} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['category_accuracy']:.3f} |")
+            ratio = f"{m['R@10'] / baseline:.2f}x" if baseline else "-"
+            lines.append(f"| {kind} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {ratio} | {m['category_accuracy']:.3f} |")
         lines.append("")
     fused = results.get("sweethome3d_fused")
     if fused:
