@@ -17,7 +17,7 @@ _EXPORTS = {
     "Retriever": "retriever", "IndexReport": "retriever",
     **{name: "errors" for name in (
         "CatalogError", "ConfigError", "ImageError", "IndexLoadError", "ItemNotFoundError",
-        "ModelUnavailableError", "MultiretrievalError", "QueryError")},
+        "LimitError", "ModelUnavailableError", "MultiretrievalError", "QueryError")},
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

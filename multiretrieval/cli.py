@@ -111,10 +111,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server import create_app
 
+    from .server.app import LOOPBACK_HOSTS
+
     api_key = args.api_key or os.environ.get("MULTIRETRIEVAL_API_KEY") or None
-    app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    hosts = list(LOOPBACK_HOSTS) + (args.allowed_host or [])
+    if args.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind names no host
+        hosts.append(args.host)
+    app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                     allowed_hosts=hosts, allowed_origins=args.allowed_origin)
     print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
           + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
+    if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
+        print("note: requests must name this machine as localhost or 127.0.0.1 unless --allowed-host NAME "
+              "(the name clients use, or '*') is given")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -174,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="key that POST/DELETE /items require (default: $MULTIRETRIEVAL_API_KEY)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413 (default 10)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name clients may use besides localhost/127.0.0.1 (repeatable; '*' for any)")
+    p.add_argument("--allowed-origin", action="append", metavar="URL",
+                   help="a web origin (https://shop.example) whose pages may POST/DELETE (repeatable)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="index the bundled demo catalog and run one query of each kind")

@@ -22,6 +22,7 @@ class CatalogConfig:
     text_columns: tuple[str, ...] = ("title", "description")  # joined with ". " into the item's text
     max_image_pixels: int = 40_000_000  # decompression-bomb guard, checked before decoding
     max_image_bytes: int = 50_000_000
+    download_timeout_s: float = 30.0  # an image URL must arrive whole within this (a trickling server is cut off)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,13 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """Bounds on queries, checked before any model runs."""
+
+    max_text_chars: int = 1000  # a longer query text is refused (QueryError; 422 from the service)
+
+
+@dataclass(frozen=True)
 class RetrieverConfig:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
@@ -109,6 +117,7 @@ class RetrieverConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> RetrieverConfig:

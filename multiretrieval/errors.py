@@ -23,6 +23,10 @@ class QueryError(MultiretrievalError, ValueError):
     """A query is invalid: empty text, unknown mode, bad k, a malformed filter, wrong dimension."""
 
 
+class LimitError(QueryError):
+    """A query exceeds a configured bound (text length, k, batch size): the service answers 422."""
+
+
 class IndexLoadError(MultiretrievalError):
     """A saved index folder is missing files, corrupt, or was written by an incompatible setup."""
 

@@ -50,7 +50,7 @@ def save_retriever(retriever: Retriever, folder: Path) -> Path:
         raise MultiretrievalError("nothing to save: index a catalog first")
     folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-{os.getpid()}-", dir=folder.parent))
     try:
         retriever._items.to_parquet(tmp / "catalog.parquet", index=False)
         (tmp / "features").mkdir()
@@ -86,6 +86,7 @@ def save_retriever(retriever: Retriever, folder: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_copies(folder)
     return folder
 
 
@@ -145,6 +146,30 @@ def load_retriever(cls: type[Retriever], folder: Path, config: RetrieverConfig |
     return retriever
 
 
+def remove_stale_copies(folder: Path) -> None:
+    """Delete the hidden siblings (``.NAME.saving-PID-*``, ``.NAME.old-PID-*``) that saves of
+    processes no longer running left behind when killed. Only while ``folder`` itself is a
+    complete save: otherwise ``_recover`` needs them."""
+    if not (folder / MANIFEST).is_file():
+        return
+    for pattern in (f".{folder.name}.saving-*", f".{folder.name}.old-*"):
+        for path in folder.parent.glob(pattern):
+            pid = path.name[len(f".{folder.name}."):].split("-")[1]
+            if not pid.isdigit() or not _alive(int(pid)):
+                logger.info("removing %s, left by an interrupted save", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _recover(folder: Path) -> None:
     """Finish a save that a crash cut off between its two renames (see ``_swap_in``).
 
@@ -165,6 +190,7 @@ def _recover(folder: Path) -> None:
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     _recover(folder)
+    remove_stale_copies(folder)
     if not folder.is_dir():
         raise IndexLoadError(f"{folder}: no such index folder")
     try:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .catalog import load_image
+from .catalog import is_url, load_image, open_regular_file
 from .errors import ConfigError, ImageError, IndexLoadError
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ARRAYS = ("image_tokens", "image_mask", "text_tokens", "text_mask", "clip_image", "clip_text")
-_URL = ("http://", "https://")
 
 
 @dataclass(frozen=True)
@@ -65,21 +64,28 @@ def content_hash(source: str | None, text: str | None, max_bytes: int) -> str:
     h = hashlib.sha256()
     if source is None:
         h.update(b"no image")
-    elif source.startswith(_URL):
+    elif is_url(source):
         h.update(b"url:" + source.encode())
     else:
         try:
-            if os.path.getsize(source) > max_bytes:
-                raise OSError(f"larger than {max_bytes} bytes")
             digest = hashlib.sha256()
-            with open(source, "rb") as f:
+            with os.fdopen(open_regular_file(source, max_bytes), "rb") as f:  # never blocks on a FIFO or reads a device
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
             h.update(b"file:" + digest.digest())
-        except OSError as exc:
+        except ImageError as exc:
             h.update(f"unreadable:{source}:{exc}".encode())
-    h.update(b"\0text:" + (text.encode() if text is not None else b"\0none"))
+    h.update(b"\0text:" + (text.encode("utf-8", "surrogatepass") if text is not None else b"\0none"))
     return h.hexdigest()
+
+
+def text_problem(text: str) -> str | None:
+    """Why a text cannot be encoded (a lone surrogate is not Unicode text), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"text is not valid Unicode: lone surrogate {text[exc.start]!r} at character {exc.start}"
+    return None
 
 
 def hash_rows(sources: list[str | None], texts: list[str | None], max_bytes: int, workers: int) -> list[str]:
@@ -126,11 +132,7 @@ class ShardStore:
             except (OSError, ValueError) as exc:
                 raise IndexLoadError(f"{folder}: unreadable shard ({exc}); delete it to re-encode its items") from exc
             self._loaded.add(folder.name)
-            for position, (h, error) in enumerate(zip(items["hash"], items["error"])):
-                if error is None:
-                    self._where[h] = (folder.name, position)
-                else:
-                    self._errors[h] = error
+            self._remember(folder.name, items["hash"].tolist(), items["error"].tolist())
 
     def __contains__(self, h: str) -> bool:
         return h in self._where or h in self._errors
@@ -160,12 +162,17 @@ class ShardStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._loaded.add(name)
-        for position, (h, error) in enumerate(zip(hashes, errors)):
-            if error is None:
-                self._where[h] = (name, position)
-            else:
-                self._errors[h] = error
+        self._remember(name, hashes, errors)
         return name
+
+    def _remember(self, shard: str, hashes: list[str], errors: list) -> None:
+        for position, (h, error) in enumerate(zip(hashes, errors)):
+            # A failed row has a non-empty reason; a good row's reason reads back as None or
+            # NaN (pandas 3 turns a missing string into NaN), never as an error.
+            if isinstance(error, str) and error:
+                self._errors[h] = error
+            else:
+                self._where[h] = (shard, position)
 
     def gather(self, hashes: list[str]) -> dict[str, np.ndarray]:
         """The stored arrays of these (encoded, not failed) hashes, stacked in the given order."""
@@ -250,6 +257,9 @@ class ShardEncoder:
         if batch:
             flush(batch)
 
+        for i, row in enumerate(rows):
+            if errors[i] is None and row.text is not None:
+                errors[i] = text_problem(row.text)
         with_text = sorted((i for i in range(n) if errors[i] is None and rows[i].text is not None), key=lambda i: -len(rows[i].text))
         for start in range(0, len(with_text), self.batch_size):
             idx = with_text[start:start + self.batch_size]

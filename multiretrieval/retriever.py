@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .catalog import Catalog, ImageInput, SkippedRow, load_image, plain
+from .catalog import Catalog, ImageInput, SkippedRow, conform_ids, conform_rows, load_image, plain
 from .config import RetrieverConfig
-from .errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, QueryError
-from .utils import progress
+from .errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, LimitError, QueryError
+from .utils import ReadWriteLock, progress
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,18 @@ class Retriever:
         config: a :class:`RetrieverConfig` (default: the packaged offline models, late
             fusion, ConSE zero-shot, automatic FAISS index).
 
-    Models load on first use and are shared between retrievers in a process.
+    Models load on first use and are shared between retrievers in a process. One retriever
+    may be used from many threads: searches run concurrently, and a write (index, add,
+    remove, train) waits for them, then holds them off while it changes the item table and
+    the indexes (encoding runs before that, without blocking searches).
     """
 
     def __init__(self, config: RetrieverConfig | None = None) -> None:
+        import threading
+
         self.config = config or RetrieverConfig()
+        self._lock = ReadWriteLock()  # the item table, features and indexes
+        self._lazy = threading.RLock()  # models and the DuckDB table, built on first use
         self._image_encoder = self._text_encoder = self._fusion = self._zero_shot = None
         self._expected_dims: dict[str, Any] = {}  # set by load(): encoder dims and zero-shot fingerprint of the index
         self.last_report: IndexReport | None = None  # of the latest index/add; saved as index-report.json
@@ -102,6 +109,10 @@ class Retriever:
 
     @property
     def image_encoder(self):
+        with self._lazy:
+            return self._load_image_encoder()
+
+    def _load_image_encoder(self):
         if self._image_encoder is None:
             from .encoders import get_image_encoder
 
@@ -111,6 +122,10 @@ class Retriever:
 
     @property
     def text_encoder(self):
+        with self._lazy:
+            return self._load_text_encoder()
+
+    def _load_text_encoder(self):
         if self._text_encoder is None:
             from .encoders import get_text_encoder
 
@@ -126,6 +141,10 @@ class Retriever:
 
     @property
     def fusion(self):
+        with self._lazy:
+            return self._load_fusion()
+
+    def _load_fusion(self):
         if self._fusion is None:
             from .fusion import build_fusion
 
@@ -134,6 +153,10 @@ class Retriever:
 
     @property
     def zero_shot(self):
+        with self._lazy:
+            return self._load_zero_shot()
+
+    def _load_zero_shot(self):
         if self._zero_shot is None:
             from .encoders.clip import build_zero_shot
 
@@ -181,20 +204,31 @@ class Retriever:
             CatalogError: an id of ``catalog`` is already indexed.
         """
         catalog = self._as_catalog(catalog)
-        existing = set(self._items["id"].astype(str)) if len(self._items) else set()
+        with self._lock.reading():
+            self._conform(catalog)  # refuse before encoding; checked again when committed
+        return self._ingest(catalog, show_progress, False, cache, engine)
+
+    def _conform(self, catalog: Catalog) -> None:
+        """Make new rows fit the indexed ones (id kind, column types) and refuse known ids, naming the rows."""
+        if not len(self._items):
+            return
+        catalog.df = conform_rows(catalog.df.assign(id=conform_ids(catalog.df["id"], self._items["id"])), self._items)
+        existing = set(self._items["id"].astype(str))
         clash = [i for i, v in enumerate(catalog.df["id"].astype(str)) if v in existing]
         if clash:
             raise CatalogError(f"row(s) {clash[:10]}: id {plain(catalog.df['id'].iloc[clash[0]])!r} is already indexed; remove it first")
-        return self._ingest(catalog, show_progress, False, cache, engine)
 
     def _ingest(self, catalog: Catalog, show_progress: bool | None, replace: bool, cache, engine) -> IndexReport:
         # The retriever changes only after every row has been read and encoded:
         # an exception or Ctrl-C midway leaves it as it was.
         report = IndexReport()
         encoded = self._encode_catalog(catalog, report, show_progress, cache, engine)
-        if replace:
-            self._reset()
-        self._commit(catalog, encoded, report)
+        with self._lock.writing():
+            if replace:
+                self._reset()
+            else:
+                self._conform(catalog)
+            self._commit(catalog, encoded, report)
         self.last_report = report
         logger.info("%s", report)
         return report
@@ -316,19 +350,26 @@ class Retriever:
         report = fit(catalog, out, dataclasses.replace(self.config, fusion=attention), show_progress, resume)
         trained = load_fusion(out)
         old = self.fusion
-        self.config = dataclasses.replace(self.config, fusion=dataclasses.replace(attention, weights=str(out)))
-        self._fusion = trained
         if (trained.image_grid, trained.text_chunks) != (old.image_grid, old.text_chunks):
+            with self._lock.writing():
+                self.config = dataclasses.replace(self.config, fusion=dataclasses.replace(attention, weights=str(out)))
+                self._fusion = trained
             self.index(catalog, show_progress=show_progress)  # other token layout: encode again
             return report
-        self._indexes["joint"] = VectorIndex(trained.out_dim, self._indexes["joint"].factory, self.config.index.exact_filter_below)
-        self._fill_joint(self._items[KEY].to_numpy(), self._features)
+        with self._lock.writing():
+            self.config = dataclasses.replace(self.config, fusion=dataclasses.replace(attention, weights=str(out)))
+            self._fusion = trained
+            self._indexes["joint"] = VectorIndex(trained.out_dim, self._indexes["joint"].factory, self.config.index.exact_filter_below)
+            self._fill_joint(self._items[KEY].to_numpy(), self._features)
         return report
 
     def remove(self, ids: Any) -> int:
         """Remove items by catalog id. Unknown ids raise ItemNotFoundError and nothing is removed."""
         ids = [ids] if isinstance(ids, (str, int, np.integer)) else list(ids)
-        keys = self._keys_for(ids)
+        with self._lock.writing():
+            return self._remove(self._keys_for(ids))
+
+    def _remove(self, keys: np.ndarray) -> int:
         for index in self._indexes.values():
             try:
                 index.remove(keys)
@@ -347,16 +388,23 @@ class Retriever:
             raise ItemNotFoundError(f"id(s) not in the index: {missing[:10]}")
         return np.array([lookup[str(i)] for i in ids], np.int64)
 
+    def image_sources(self) -> pd.Series:
+        """The resolved image path or URL of every indexed item (None where it has none), by id."""
+        with self._lock.reading():
+            return pd.Series(self._items[IMAGE_SOURCE].to_numpy(), index=self._items["id"].to_numpy(), name="image_source")
+
     def get(self, item_id: Any) -> dict[str, Any]:
         """One indexed item's catalog row as a dict."""
-        key = self._keys_for([item_id])[0]
-        row = self._items.loc[self._items[KEY] == key]
-        return self._public(row).iloc[0].to_dict()
+        with self._lock.reading():
+            key = self._keys_for([item_id])[0]
+            row = self._items.loc[self._items[KEY] == key]
+            return self._public(row).iloc[0].to_dict()
 
     def image_source(self, item_id: Any) -> str | None:
         """The resolved image path or URL of an indexed item (None if it has no image)."""
-        key = self._keys_for([item_id])[0]
-        return self._items.loc[self._items[KEY] == key, IMAGE_SOURCE].iloc[0]
+        with self._lock.reading():
+            key = self._keys_for([item_id])[0]
+            return self._items.loc[self._items[KEY] == key, IMAGE_SOURCE].iloc[0]
 
     # ---------------------------------------------------------------- queries
 
@@ -385,7 +433,12 @@ class Retriever:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         if text is not None:
             text = self._check_text(text)
-        pil = load_image(image, self.config.catalog.max_image_pixels, self.config.catalog.max_image_bytes) if image is not None else None
+        cat = self.config.catalog
+        pil = load_image(image, cat.max_image_pixels, cat.max_image_bytes, cat.download_timeout_s) if image is not None else None
+        with self._lock.reading():
+            return self._search(pil, text, mode, k, where)
+
+    def _search(self, pil, text: str | None, mode: str, k: int, where: str | None) -> pd.DataFrame:
         allowed = self._filter(where) if where else None
         if mode == "zero-shot":
             space = "clip_image" if text is not None else "clip_text"
@@ -420,7 +473,8 @@ class Retriever:
             raise QueryError(f"{len(images)} images but {len(texts)} texts: joint pairs need equal numbers")
         texts = None if texts is None else [self._check_text(t) for t in texts]
         cat = self.config.catalog
-        pils = None if images is None else [load_image(im, cat.max_image_pixels, cat.max_image_bytes) for im in images]
+        pils = None if images is None else [load_image(im, cat.max_image_pixels, cat.max_image_bytes, cat.download_timeout_s)
+                                            for im in images]
         if space == "clip":
             if pils is not None and texts is not None:
                 raise QueryError("space='clip' embeds images or texts, not pairs")
@@ -443,12 +497,19 @@ class Retriever:
         bs = self.config.encoders.batch_size
         return np.concatenate([self.zero_shot.image_batch(pils[s:s + bs]) for s in range(0, len(pils), bs)])
 
-    @staticmethod
-    def _check_text(text: Any) -> str:
+    def _check_text(self, text: Any) -> str:
+        from .pipeline import text_problem
+
         if not isinstance(text, str):
             raise QueryError(f"text must be a string, got {type(text).__name__}")
         if not text.strip():
             raise QueryError("text is empty")
+        limit = self.config.search.max_text_chars
+        if len(text) > limit:
+            raise LimitError(f"text has {len(text):,} characters; a query text may have at most {limit:,} (search.max_text_chars)")
+        problem = text_problem(text)
+        if problem:
+            raise QueryError(problem)
         return text
 
     @staticmethod
@@ -474,22 +535,31 @@ class Retriever:
 
         if not isinstance(where, str) or not where.strip():
             raise QueryError("where: the filter is empty")
-        if ";" in where:
-            raise QueryError(f"where: a single SQL condition is expected, found ';' in {where!r}")
-        if self._duck is None:
-            con = duckdb.connect()
-            # A table, not a registered view: cursors (one per query, for threads) share tables only.
-            con.register("items_view", self._items.drop(columns=[IMAGE_SOURCE], errors="ignore"))
-            con.execute("CREATE TABLE catalog AS SELECT * FROM items_view")
-            con.unregister("items_view")
-            con.execute("SET enable_external_access = false")  # a filter must never read files or URLs
-            con.execute("SET lock_configuration = true")
-            self._duck = con
+        problem = _outside_one_condition(where)
+        if problem:
+            raise QueryError(f"where: a single SQL condition is expected, but {where!r} has {problem}")
+        with self._lazy:
+            if self._duck is None:
+                self._duck = self._filter_table()
         try:
-            result = self._duck.cursor().execute(f"SELECT {KEY} FROM catalog WHERE {where}").fetchnumpy()  # noqa: S608
+            # In parentheses, so the filter is one condition: UNION or ORDER BY cannot attach to the statement.
+            result = self._duck.cursor().execute(f"SELECT {KEY} FROM catalog WHERE ({where})").fetchnumpy()  # noqa: S608
         except duckdb.Error as exc:
             raise QueryError(f"where: invalid filter {where!r}: {str(exc).splitlines()[0]}") from exc
         return np.asarray(result[KEY], np.int64)
+
+    def _filter_table(self):
+        """A DuckDB connection holding the item table as ``catalog``, with external access off."""
+        import duckdb
+
+        con = duckdb.connect()
+        # A table, not a registered view: cursors (one per query, for threads) share tables only.
+        con.register("items_view", self._items.drop(columns=[IMAGE_SOURCE], errors="ignore"))
+        con.execute("CREATE TABLE catalog AS SELECT * FROM items_view")
+        con.unregister("items_view")
+        con.execute("SET enable_external_access = false")  # a filter must never read files or URLs
+        con.execute("SET lock_configuration = true")
+        return con
 
     def _stored_joint(self, keys: np.ndarray) -> np.ndarray:
         """Joint vectors of items re-fused from their stored features (compressed indexes cannot give them back)."""
@@ -533,7 +603,8 @@ class Retriever:
         """Save to a folder (atomically: a crash leaves the previous save intact)."""
         from .persistence import save_retriever
 
-        return save_retriever(self, Path(folder))
+        with self._lock.reading():
+            return save_retriever(self, Path(folder))
 
     @classmethod
     def load(cls, folder: str | Path, config: RetrieverConfig | str | Path | None = None) -> Retriever:
@@ -543,3 +614,28 @@ class Retriever:
         if isinstance(config, (str, Path)):
             config = RetrieverConfig.from_yaml(config)
         return load_retriever(cls, Path(folder), config)
+
+
+def _outside_one_condition(where: str) -> str | None:
+    """What would let a filter reach past ``WHERE (...)``: a ';', a comment, or a ')' closing
+    more than it opened, outside quoted literals and identifiers; None if there is none."""
+    depth, quote, i = 0, None, 0
+    while i < len(where):
+        c = where[i]
+        if quote:
+            if c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c == ";":
+            return "a ';'"
+        elif where.startswith(("--", "/*"), i):
+            return "a comment"
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                return "a ')' that closes more than it opens"
+        i += 1
+    return "an unclosed quote" if quote else "unclosed parentheses" if depth else None

@@ -54,6 +54,14 @@ class TextEncoder:
         self.dim = int(model.config.hidden_size)
         self.max_tokens = max_tokens
 
+    @property
+    def max_chars(self) -> int:
+        """Texts are clipped to this many characters before tokenizing: a word piece covers at
+        least one character, so only texts padded with long runs of spaces could lose a token
+        that truncation to ``max_tokens`` would have kept, while a 50 MB cell no longer costs
+        gigabytes inside the tokenizer."""
+        return 32 * self.max_tokens
+
     @classmethod
     def load(cls, name: str, weights: str | None = None, max_tokens: int = 128, runtime: str = "auto") -> TextEncoder:
         from . import hub_offline, unavailable, unknown_encoder
@@ -92,7 +100,8 @@ class TextEncoder:
         """
         import torch
 
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        texts = [t[: self.max_chars] for t in texts]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
         with torch.inference_mode():
             states = self._network(enc["input_ids"], enc["attention_mask"])
             mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)

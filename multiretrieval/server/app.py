@@ -27,13 +27,14 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..catalog import load_image
-from ..errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, QueryError
+from ..errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, LimitError, QueryError
 from ..retriever import MODES, Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 THUMBNAIL_PX = 256
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 Mode = Literal["auto", "image", "text", "fused", "zero-shot"]
 assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
 
@@ -73,14 +74,27 @@ class Service:
             self.retriever = self._prepare(fresh)
             return result
 
+    def drop_unused_upload(self, source: str | Path | None) -> None:
+        """Delete an uploaded image that no indexed item uses (its item was removed, or never added)."""
+        if source is None or Path(source).parent != self.uploads:
+            return
+        with self._write_lock:
+            if str(source) not in set(self.retriever.image_sources().dropna()):
+                Path(source).unlink(missing_ok=True)
 
-def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20) -> FastAPI:
+
+def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20,
+               allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
     """Build the app for a saved index folder.
 
     Args:
         index_dir: a folder written by ``Retriever.save`` / ``multiretrieval index``.
         api_key: when set, POST /items and DELETE /items/{id} need header ``X-API-Key``.
         max_upload_bytes: larger request bodies get 413.
+        allowed_hosts: the Host names requests may carry (default: localhost, 127.0.0.1, ::1;
+            "*" for any). Others get 400, which stops DNS-rebinding pages from reaching the app.
+        allowed_origins: web origins (e.g. "https://shop.example") besides the app's own that
+            may send POST/DELETE requests; other origins get 403 (cross-site request forgery).
     """
     import faiss
 
@@ -92,6 +106,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
                   description="Search a product catalog by text, photo, or both.")
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts or list(LOOPBACK_HOSTS), allowed_origins=allowed_origins or [])
     _add_error_handlers(app)
 
     def require_key(request: Request) -> None:
@@ -152,6 +167,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         if not isinstance(metadata, dict) or "image" in metadata:
             raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
         upload = form.get("image")
+        path = None
         if upload is not None and hasattr(upload, "read"):
             data = await upload.read()
             load_image(data)  # refuse a bad image before anything is written
@@ -161,15 +177,20 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             metadata["image"] = str(path)
         import pandas as pd
 
-        report = await run_in_threadpool(service.write, lambda r: r.add(pd.DataFrame([metadata])))
-        if report.skipped:
-            raise _HTTPError(400, str(report.skipped[0]))
+        try:
+            report = await run_in_threadpool(service.write, lambda r: r.add(pd.DataFrame([metadata])))
+            if report.skipped:
+                raise _HTTPError(400, str(report.skipped[0]))
+        except BaseException:
+            service.drop_unused_upload(path)
+            raise
         return {"added": report.indexed, "items": len(service.retriever)}
 
     @app.delete("/items/{item_id}", dependencies=[Depends(require_key)])
     async def delete_item(item_id: str) -> dict:
-        service.retriever.get(item_id)  # 404 before taking the write lock
+        source = service.retriever.image_source(item_id)  # 404 before taking the write lock
         removed = await run_in_threadpool(service.write, lambda r: r.remove([item_id]))
+        service.drop_unused_upload(source)
         return {"removed": removed, "items": len(service.retriever)}
 
     return app
@@ -229,12 +250,64 @@ class _HTTPError(Exception):
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    statuses = {_HTTPError: None, ItemNotFoundError: 404, QueryError: 400, ImageError: 400, CatalogError: 400, ConfigError: 400}
+    statuses = {_HTTPError: None, ItemNotFoundError: 404, LimitError: 422, QueryError: 400, ImageError: 400, CatalogError: 400,
+                ConfigError: 400}
     for exc_type, status in statuses.items():
         def handler(request: Request, exc: Exception, status=status) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=status or exc.status)
 
         app.add_exception_handler(exc_type, handler)
+
+
+class RequestGuard:
+    """ASGI middleware: refuse requests whose Host is not allowed (DNS rebinding: a web page
+    whose name resolves to this machine), and POST/DELETE from other web origins (cross-site
+    request forgery: a form on any site can post to a local server).
+
+    Clients that are not browsers send no Origin and pass; browsers always send one on POST.
+    """
+
+    SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+    def __init__(self, app, allowed_hosts: list[str], allowed_origins: list[str]) -> None:
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = {h.lower().strip("[]") for h in allowed_hosts}
+        self.origins = {o.lower().rstrip("/") for o in allowed_origins}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if not self.any_host and _hostname(host) not in self.hosts:
+            return await _send_json(send, 400, f"Host header {host!r} is not allowed; start the server with "
+                                               f"--allowed-host {_hostname(host) or 'NAME'} if clients use that name")
+        if scope["method"] not in self.SAFE_METHODS:
+            origin = headers.get("origin")
+            if origin is not None:
+                same = origin.lower().rstrip("/") in (f"http://{host}".lower(), f"https://{host}".lower())
+                if not same and origin.lower().rstrip("/") not in self.origins:
+                    return await _send_json(send, 403, f"requests from origin {origin!r} are refused: writes and searches "
+                                                       "come from this app's own page or from clients that are not browsers "
+                                                       "(--allowed-origin adds a web origin)")
+            elif headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+                return await _send_json(send, 403, "cross-site requests are refused")
+        return await self.app(scope, receive, send)
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without the port ("[::1]:8000" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
@@ -272,9 +345,7 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
     async def _reject(self, send) -> None:
-        detail = json.dumps({"detail": f"request body exceeds the limit of {self.max_bytes:,} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": detail})
+        await _send_json(send, 413, f"request body exceeds the limit of {self.max_bytes:,} bytes")
 
 
 def _mount_docs(app: FastAPI) -> None:

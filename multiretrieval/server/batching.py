@@ -65,15 +65,20 @@ class MicroBatcher:
 
                 merged = torch.cat(payloads)
             outputs = self.fn(merged, *key)
-            start = 0
-            for _, payload, future in group:
-                n = _size(payload)
-                future.set_result(tuple(np.asarray(o)[start:start + n] for o in outputs))
-                start += n
-        except BaseException as exc:  # noqa: BLE001 - every caller must hear of the failure
-            for _, _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
+        except BaseException as exc:  # noqa: BLE001
+            if len(group) == 1:
+                group[0][2].set_exception(exc)
+                return
+            # One caller's input broke the merged batch: run each call alone, so that only
+            # the failing one fails and the others get their answers.
+            for one in group:
+                self._run(key, [one])
+            return
+        start = 0
+        for _, payload, future in group:
+            n = _size(payload)
+            future.set_result(tuple(np.asarray(o)[start:start + n] for o in outputs))
+            start += n
 
 
 def _size(payload: Any) -> int:

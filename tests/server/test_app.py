@@ -13,7 +13,7 @@ KEY = "s3cret"
 def client(indexed, tmp_path):
     indexed.save(tmp_path / "idx")
     app = create_app(tmp_path / "idx", api_key=KEY, max_upload_bytes=2 * 2**20)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
         c.index_dir = tmp_path / "idx"
         yield c
 
