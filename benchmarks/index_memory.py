@@ -62,7 +62,7 @@ def main() -> None:
         bounds[stage] = (edge, edge + secs)
         edge += secs
     held = sum(a.nbytes for a in r.features().values())
-    index_bytes = {name: ix.faiss_index.ntotal * ix.dim * 4 for name, ix in r._indexes.items()}
+    index_bytes = {name: ix.faiss_index.ntotal * ix.dim * 4 for name, ix in r.indexes.by_space.items()}
     print(f"\n{report.indexed:,} items indexed in {seconds:.0f} s ({report.indexed / seconds:.1f} items/s)")
     print(str(report).splitlines()[0])
     print(f"{'':38} {'GiB':>7}")

@@ -36,7 +36,7 @@ def real_statistics(catalog: str) -> tuple[np.ndarray, np.ndarray]:
     """Mean and principal axes (scaled by their standard deviations) of real joint vectors."""
     r = mr.Retriever()
     r.index(catalog, show_progress=False)
-    x = r._indexes["joint"].reconstruct(r._items["_key"].to_numpy())
+    x = r.vectors("joint")
     mean = x.mean(0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     return mean, (s[:, None] / np.sqrt(len(x))) * vt  # rows: axis * std

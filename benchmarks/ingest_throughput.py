@@ -26,7 +26,6 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import multiretrieval as mr  # noqa: E402

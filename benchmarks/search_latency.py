@@ -68,7 +68,7 @@ def main() -> None:
         "text + where (category)": timed(lambda t: r.search(text=t, k=10, where="category = 'Kitchen'"), titles),
     }
 
-    print(f"\n{len(r)} items, index {r._indexes['joint'].factory}, joint dim {r.fusion.out_dim}, {os.cpu_count()} CPUs, "
+    print(f"\n{len(r)} items, index {r.indexes['joint'].factory}, joint dim {r.fusion.out_dim}, {os.cpu_count()} CPUs, "
           f"{args.queries} queries per kind\n")
     print("| query kind | median ms | p90 ms |")
     print("|---|---|---|")

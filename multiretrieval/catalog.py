@@ -87,6 +87,15 @@ class Catalog:
         return cls(df, **kwargs)
 
     @classmethod
+    def of(cls, source: Catalog | pd.DataFrame | str | Path, text_columns: tuple[str, ...] | list[str]) -> Catalog:
+        """A catalog as given, or read from a DataFrame or a file, with these text columns."""
+        if isinstance(source, Catalog):
+            return source
+        if isinstance(source, pd.DataFrame):
+            return cls(source, text_columns=text_columns)
+        return cls.read(source, text_columns=text_columns)
+
+    @classmethod
     def read(cls, path: str | Path, **kwargs: Any) -> Catalog:
         """A catalog file: parquet by its suffix (.parquet, .pq), CSV otherwise."""
         reader = cls.from_parquet if Path(path).suffix.lower() in (".parquet", ".pq") else cls.from_csv
@@ -212,6 +221,15 @@ def read_image_bytes(source: str | Path | bytes, max_bytes: int, timeout: float 
     if not data:
         raise ImageError(f"{name}: empty file")
     return data, name
+
+
+def text_problem(text: str) -> str | None:
+    """Why a text cannot be encoded (a lone surrogate is not Unicode text), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"text is not valid Unicode: lone surrogate {text[exc.start]!r} at character {exc.start}"
+    return None
 
 
 def is_url(value: str) -> bool:

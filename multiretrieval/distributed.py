@@ -1,6 +1,6 @@
 """The encoder stage on Ray: Ray Data ``map_batches`` over actors that hold the models.
 
-Each actor builds the retriever's encoders once, then turns every batch of ``shard_size``
+Each actor builds the models (an Embedder) once, then turns every batch of ``shard_size``
 rows into one shard in the same store the local engine uses (pipeline.ShardStore), so
 the driver merges them exactly as it merges local shards. On a cluster, the store folder
 and the catalog's image paths must be on storage every node reads and writes (NFS, a
@@ -28,9 +28,9 @@ class ShardWriter:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from concurrent.futures import ThreadPoolExecutor
 
-        from .retriever import Retriever
+        from .embedder import Embedder
 
-        self.encoder = ShardEncoder(Retriever(RetrieverConfig.from_dict(config)))
+        self.encoder = ShardEncoder(Embedder(RetrieverConfig.from_dict(config)))
         self.store = ShardStore(store)
         self.pool = ThreadPoolExecutor(max_workers=1)
 

@@ -28,7 +28,6 @@ import pandas as pd
 
 from .catalog import Catalog
 from .config import RetrieverConfig
-from .utils import l2_normalize
 
 logger = logging.getLogger(__name__)
 BENCH_SEED = 20261122  # query photos and fragments; training views use other seeds
@@ -144,8 +143,7 @@ def _tuxpaint(folder: Path, config: RetrieverConfig, show_progress) -> dict[str,
     for kind in ZERO_SHOT_KINDS:
         r = Retriever(dataclasses.replace(config, zero_shot=dataclasses.replace(config.zero_shot, kind=kind)))
         r.index(images_only, show_progress=show_progress)
-        keys = r._items["_key"].to_numpy()
-        item_vecs = r._indexes["clip_image"].reconstruct(keys)
+        item_vecs = r.vectors("clip_image")
         position = {str(i): p for p, i in enumerate(r.items["id"].astype(str))}
         targets = np.array([position[str(i)] for i in full.df["id"]])
         queries = r.encode(texts=full.df["title"].tolist(), space="clip")
@@ -172,7 +170,7 @@ def _sweethome3d(folder: Path, config: RetrieverConfig, out: Path, train: bool, 
     texts = queries["text"].tolist()
 
     def measure(retriever) -> dict[str, dict[str, float]]:
-        items = retriever._indexes["joint"].reconstruct(retriever._items["_key"].to_numpy())
+        items = retriever.vectors("joint")
         encoded = {"image-only": retriever.encode(images=photos), "text-only": retriever.encode(texts=texts),
                    "fused": retriever.encode(images=photos, texts=texts)}
         return {name: recall(ranks_of_targets(q, items, targets), ks=(1, 10)) for name, q in encoded.items()}
@@ -192,9 +190,9 @@ def _same_name_precision(r, ids: np.ndarray, catalog: Catalog) -> dict[str, floa
 
     Precision is over min(10, same-name items - 1) places, for items whose name is shared.
     """
-    items = r._indexes["joint"].reconstruct(r._items["_key"].to_numpy())
+    items = r.vectors("joint")
     titles = r.items["title"].to_numpy()
-    queries = r.encode(images=r._items["_image_source"].tolist())
+    queries = r.encode(images=r.image_sources().tolist())
     sims = queries @ items.T
     np.fill_diagonal(sims, -np.inf)
     top = np.argsort(-sims, axis=1)[:, :10]

@@ -352,3 +352,98 @@ def _typed_params(index, selector, exhaustive: bool = False):
     if isinstance(index, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=selector, nprobe=index.nlist if exhaustive else index.nprobe)
     return faiss.SearchParameters(sel=selector)
+
+
+SPACES = ("joint", "clip_image", "clip_text")  # fused vectors; zero-shot vectors of item images and of item texts
+
+
+class IndexSet:
+    """A retriever's vector indexes, one per space, all keyed by the items' int64 keys.
+
+    ``joint`` holds every item's fused vector; ``clip_image`` and ``clip_text`` hold the
+    zero-shot vectors of the items that have an image, respectively a text.
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config  # an IndexConfig
+        self.by_space: dict[str, VectorIndex] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.by_space)
+
+    def __getitem__(self, space: str) -> VectorIndex:
+        return self.by_space[space]
+
+    def create(self, dims: dict[str, int], n_items: int) -> None:
+        """New empty indexes of the configured kind (``auto``: chosen by size and memory budget)."""
+        ic = self.config
+        for space, dim in dims.items():
+            factory = choose_factory(n_items, dim, ic.memory_budget_gb * 1e9) if ic.factory == "auto" else ic.factory
+            self.by_space[space] = VectorIndex(dim, factory, ic.exact_filter_below)
+
+    def fill(self, space: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Add to an index; a new approximate index is then tuned to the target recall on its own vectors."""
+        index = self.by_space[space]
+        if len(index) == 0:
+            index.build(keys, vectors, self.config.target_recall)
+        else:
+            index.add(keys, vectors)
+
+    def fill_joint(self, keys: np.ndarray, fuse, chunk: int = 16_384) -> None:
+        """Fuse and add to the joint index; ``fuse(rows)`` gives the joint vectors of those rows of ``keys``.
+
+        Chunk by chunk, so a large catalog never holds all its joint vectors twice, except
+        where a new approximate index must be tuned on all of them."""
+        index = self.by_space["joint"]
+        if len(index) == 0 and index.tunable():
+            self.fill("joint", keys, fuse(slice(None)))
+            return
+        for start in range(0, len(keys), chunk):
+            rows = slice(start, start + chunk)
+            index.add(keys[rows], fuse(rows))
+
+    def renew(self, space: str, dim: int) -> None:
+        """An empty index of the same kind in place of ``space``'s (the fusion changed its vectors)."""
+        old = self.by_space[space]
+        self.by_space[space] = VectorIndex(dim, old.factory, self.config.exact_filter_below)
+
+    def remove(self, keys: np.ndarray) -> None:
+        from .errors import ConfigError
+
+        for index in self.by_space.values():
+            try:
+                index.remove(keys)
+            except RuntimeError as exc:
+                raise ConfigError(f"the {index.factory} index does not support removal; rebuild with index()") from exc
+
+    def vectors(self, space: str, keys: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+        """The stored vectors of these keys; zeros where ``present`` is False (not in that index)."""
+        if present is None:
+            return self.by_space[space].reconstruct(keys)
+        out = np.zeros((len(keys), self.by_space[space].dim), np.float32)
+        if present.any():
+            out[present] = self.by_space[space].reconstruct(keys[present])
+        return out
+
+    def describe(self) -> dict:
+        return {space: index.describe() for space, index in self.by_space.items()}
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for space, index in self.by_space.items():
+            index.save(folder / f"{space}.faiss")
+
+    @classmethod
+    def load(cls, folder: str | Path, described: dict, config) -> IndexSet:
+        """The indexes saved in ``folder``, checked against their manifest record (``describe()``)."""
+        folder = Path(folder)
+        indexes = cls(config)
+        for space in SPACES:
+            saved = described[space]
+            index = VectorIndex.load(folder / f"{space}.faiss", saved["factory"], config.exact_filter_below, saved.get("params"))
+            index.recall = saved.get("recall_at_10")
+            if index.dim != saved["dim"] or len(index) != saved["count"]:
+                raise IndexLoadError(f"{folder / space}.faiss does not match the manifest (dim or count)")
+            indexes.by_space[space] = index
+        return indexes

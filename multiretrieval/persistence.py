@@ -1,14 +1,13 @@
-"""Saving and loading a retriever as a folder.
+"""Saving a folder of components atomically, with a manifest of versions and checksums.
 
-    manifest.json        versions, config, encoder names and dims, index keys, sha256 of every file
-    catalog.parquet      the indexed rows (with the internal _key column)
-    features/*.npy       encoder tokens and masks per item (so fusion can be re-applied)
-    index/*.faiss        the joint, clip_image and clip_text FAISS indexes
-    fusion/              the fusion module (fusion.json, plus safetensors when it has weights)
-    index-report.json    what the latest index/add did: counts, seconds, every skipped row and why
+    manifest.json        format, versions, what each component recorded, sha256 of every file
+    <component>/         one subfolder per component, written by that component's own ``save``
+    <name>.json          small records beside them (e.g. index-report.json)
 
-A save writes a sibling temporary folder, then swaps it in with renames, so a crash
-leaves either the old or the new save, never a mix. No pickle anywhere.
+A retriever is saved as ``items/`` (ItemStore), ``index/`` (IndexSet) and ``fusion/``
+(Embedder); format 1 (before components) kept the items at the top level and still loads.
+A save writes a sibling temporary folder, then swaps it in with renames, so a crash leaves
+either the old or the new save, never a mix. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -20,64 +19,47 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from .config import RetrieverConfig
-from .errors import ConfigError, IndexLoadError, MultiretrievalError
-
-if TYPE_CHECKING:
-    from .retriever import Retriever
+from .errors import IndexLoadError
 
 logger = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
-FEATURES = ("image_tokens", "image_mask", "text_tokens", "text_mask")
-INDEXES = ("joint", "clip_image", "clip_text")
 
 
-def save_retriever(retriever: Retriever, folder: Path) -> Path:
+def write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records: dict[str, Any],
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``folder`` atomically: each part's writer fills its own subfolder, ``extra_files``
+    (name -> text) go beside them, and the manifest holds ``records`` plus versions and the
+    sha256 of every file."""
     import faiss
+    import numpy as np
+    import pandas as pd
     import torch
 
     from . import __version__
-    from .retriever import KEY
 
-    if not retriever._indexes:
-        raise MultiretrievalError("nothing to save: index a catalog first")
     folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-{os.getpid()}-", dir=folder.parent))
     try:
-        retriever._items.to_parquet(tmp / "catalog.parquet", index=False)
-        (tmp / "features").mkdir()
-        for name in FEATURES:
-            np.save(tmp / "features" / f"{name}.npy", retriever._features[name], allow_pickle=False)
-        (tmp / "index").mkdir()
-        for name in INDEXES:
-            retriever._indexes[name].save(tmp / "index" / f"{name}.faiss")
-        retriever.fusion.save(tmp / "fusion")
-        if retriever.last_report is not None:  # every skipped row of the latest index/add, with its reason
-            (tmp / "index-report.json").write_text(json.dumps(retriever.last_report.to_dict(), indent=1, default=str))
+        for name, write in parts.items():
+            (tmp / name).mkdir()
+            write(tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         manifest = {
             "format": FORMAT_VERSION,
             "package": "multiretrieval",
             "versions": {"multiretrieval": __version__, "torch": torch.__version__, "faiss": faiss.__version__,
                          "numpy": np.__version__, "pandas": pd.__version__},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": retriever.config.to_dict(),
-            "encoders": {"image": {"name": retriever.config.encoders.image, "dim": retriever.image_encoder.dim},
-                         "text": {"name": retriever.config.encoders.text, "dim": retriever.text_encoder.dim}},
-            "fusion": retriever.fusion.config(),
-            "zero_shot": {"kind": retriever.config.zero_shot.kind, "dim": retriever.zero_shot.dim,
-                          "fingerprint": retriever.zero_shot.fingerprint},
-            "index": {name: ix.describe() for name, ix in retriever._indexes.items()},
-            "items": len(retriever),
-            "next_key": int(retriever._next_key),
-            "key_column": KEY,
+            "components": {name: name for name in parts},
+            **records,
             "files": {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -88,6 +70,27 @@ def save_retriever(retriever: Retriever, folder: Path) -> Path:
         raise
     remove_stale_copies(folder)
     return folder
+
+
+def read_folder(folder: Path) -> dict[str, Any]:
+    """The manifest of a saved folder, after recovering an interrupted save and checking every file's sha256."""
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    return manifest
+
+
+def component_folder(folder: Path, manifest: dict[str, Any], name: str) -> Path:
+    """Where a component's files are: its subfolder (format 1 kept the items at the top)."""
+    if manifest["format"] == 1:
+        return folder if name == "items" else folder / name
+    return folder / manifest["components"][name]
+
+
+def component_record(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """What a component recorded in the manifest when saved (its ``describe()``)."""
+    if manifest["format"] == 1 and name == "items":
+        return {"count": manifest["items"], "next_key": manifest["next_key"], "key_column": manifest["key_column"]}
+    return manifest[name]
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:
@@ -106,44 +109,6 @@ def _swap_in(tmp: Path, folder: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def load_retriever(cls: type[Retriever], folder: Path, config: RetrieverConfig | None) -> Retriever:
-    from .fusion import load_fusion
-    from .index import VectorIndex
-    from .retriever import KEY
-
-    manifest = read_manifest(folder)
-    verify_files(folder, manifest)
-    saved_config = RetrieverConfig.from_dict(manifest["config"], source=f"{folder / MANIFEST}")
-    if config is not None:
-        for part in ("image", "text"):
-            want, have = getattr(config.encoders, part), manifest["encoders"][part]["name"]
-            if want != have:
-                raise ConfigError(f"{folder}: saved with {part} encoder {have!r}, but the config names {want!r}")
-        if config.zero_shot.kind != manifest["zero_shot"]["kind"]:
-            raise ConfigError(f"{folder}: saved with zero-shot {manifest['zero_shot']['kind']!r}, config names {config.zero_shot.kind!r}")
-    retriever = cls(config or saved_config)
-    retriever._fusion = load_fusion(folder / "fusion")
-    retriever._items = pd.read_parquet(folder / "catalog.parquet")
-    retriever._features = {name: np.load(folder / "features" / f"{name}.npy", allow_pickle=False) for name in FEATURES}
-    ic = retriever.config.index
-    retriever._indexes = {}
-    for name in INDEXES:
-        saved = manifest["index"][name]
-        index = VectorIndex.load(folder / "index" / f"{name}.faiss", saved["factory"], ic.exact_filter_below, saved.get("params"))
-        index.recall = saved.get("recall_at_10")
-        retriever._indexes[name] = index
-    retriever._next_key = int(manifest["next_key"])
-    retriever._expected_dims = {part: manifest["encoders"][part]["dim"] for part in ("image", "text")}
-    retriever._expected_dims["zero_shot"] = manifest["zero_shot"]["fingerprint"]
-    n = len(retriever._items)
-    for name, ix in retriever._indexes.items():
-        if ix.dim != manifest["index"][name]["dim"] or len(ix) != manifest["index"][name]["count"]:
-            raise IndexLoadError(f"{folder}/index/{name}.faiss does not match the manifest (dim or count)")
-    if any(len(v) != n for v in retriever._features.values()) or retriever._items[KEY].to_numpy().max(initial=-1) >= retriever._next_key:
-        raise IndexLoadError(f"{folder}: catalog and features disagree on the number of items")
-    return retriever
 
 
 def remove_stale_copies(folder: Path) -> None:
@@ -199,8 +164,8 @@ def read_manifest(folder: Path) -> dict:
         raise IndexLoadError(f"{path}: missing; {folder} is not a saved index") from exc
     except (OSError, ValueError) as exc:
         raise IndexLoadError(f"{path}: unreadable or corrupt: {exc}") from exc
-    if manifest.get("package") != "multiretrieval" or manifest.get("format") != FORMAT_VERSION:
-        raise IndexLoadError(f"{path}: not a multiretrieval index of format {FORMAT_VERSION}")
+    if manifest.get("package") != "multiretrieval" or manifest.get("format") not in READABLE_FORMATS:
+        raise IndexLoadError(f"{path}: not a multiretrieval index of format {' or '.join(map(str, READABLE_FORMATS))}")
     return manifest
 
 

@@ -11,9 +11,10 @@
    midway restarts from its last complete shard, with the same batches, so it ends with
    the same vectors as an uninterrupted run.
 
-The retriever then gathers the encoded rows from the store in catalog order (``gather``).
-``engine="ray"`` runs step 2-4 as Ray Data ``map_batches`` over actors that hold the models
-(see :mod:`multiretrieval.distributed`); it writes the same shards.
+The stages, each usable alone: ``hash_rows``/``content_hash`` (1), ``ShardEncoder`` (2-3,
+with an :class:`~multiretrieval.embedder.Embedder`'s models) and ``ShardStore`` (4).
+:mod:`multiretrieval.ingest` runs them over a catalog, here or on Ray
+(:mod:`multiretrieval.distributed`, which writes the same shards).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,14 +35,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .catalog import is_url, load_image, open_regular_file
-from .errors import ConfigError, ImageError, IndexLoadError
+from .catalog import is_url, load_image, open_regular_file, text_problem
+from .embedder import FEATURES, ZERO_SHOT
+from .errors import ImageError, IndexLoadError
 
 if TYPE_CHECKING:
-    from .retriever import Retriever
+    from .embedder import Embedder
 
 logger = logging.getLogger(__name__)
-ARRAYS = ("image_tokens", "image_mask", "text_tokens", "text_mask", "clip_image", "clip_text")
+ARRAYS = FEATURES + ZERO_SHOT
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,6 @@ def content_hash(source: str | None, text: str | None, max_bytes: int) -> str:
             h.update(f"unreadable:{source}:{exc}".encode())
     h.update(b"\0text:" + (text.encode("utf-8", "surrogatepass") if text is not None else b"\0none"))
     return h.hexdigest()
-
-
-def text_problem(text: str) -> str | None:
-    """Why a text cannot be encoded (a lone surrogate is not Unicode text), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"text is not valid Unicode: lone surrogate {text[exc.start]!r} at character {exc.start}"
-    return None
 
 
 def hash_rows(sources: list[str | None], texts: list[str | None], max_bytes: int, workers: int) -> list[str]:
@@ -195,11 +187,11 @@ class ShardStore:
 
 
 class ShardEncoder:
-    """Reads and encodes rows with a retriever's models; one instance per process (or Ray actor)."""
+    """Reads and encodes rows with an embedder's models; one instance per process (or Ray actor)."""
 
-    def __init__(self, retriever: Retriever, prefetch_batches: int = 3) -> None:
-        self.retriever = retriever
-        cfg = retriever.config
+    def __init__(self, embedder: Embedder, prefetch_batches: int = 3) -> None:
+        self.embedder = embedder
+        cfg = embedder.config
         self.batch_size = cfg.encoders.batch_size
         self.max_pixels, self.max_bytes = cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes
         self.prefetch = prefetch_batches * self.batch_size
@@ -207,7 +199,7 @@ class ShardEncoder:
     def _read(self, source: str):
         try:
             image = load_image(source, self.max_pixels, self.max_bytes)
-            return image, self.retriever.image_encoder.preprocess(image)
+            return image, self.embedder.image_encoder.preprocess(image)
         except ImageError as exc:
             return exc
 
@@ -231,10 +223,10 @@ class ShardEncoder:
         """Encode rows into the store's arrays; returns (error per row or None, arrays)."""
         import torch
 
-        r = self.retriever
-        image_enc, text_enc, fusion, zero_shot = r.image_encoder, r.text_encoder, r.fusion, r.zero_shot
+        e = self.embedder
+        image_enc, text_enc, fusion, zero_shot = e.image_encoder, e.text_encoder, e.fusion, e.zero_shot
         n = len(rows)
-        out = empty_arrays(r, n)
+        out = e.empty_arrays(n)
         errors: list[str | None] = [None] * n
 
         def flush(batch: list[tuple[int, Any]]) -> None:
@@ -268,65 +260,3 @@ class ShardEncoder:
             out["text_tokens"][idx], out["text_mask"][idx] = tokens, mask
             out["clip_text"][idx] = zero_shot.text_batch(texts, tokens[:, 0])
         return errors, out
-
-
-# ---------------------------------------------------------------- the run
-
-
-def empty_arrays(retriever: Retriever, n: int) -> dict[str, np.ndarray]:
-    """Zeroed ARRAYS for n items: the fusion module's token layout plus the zero-shot vectors."""
-    dim = retriever.zero_shot.dim
-    return {**retriever._feature_buffers(n), "clip_image": np.zeros((n, dim), np.float32), "clip_text": np.zeros((n, dim), np.float32)}
-
-
-def encoder_fingerprint(retriever: Retriever) -> dict[str, Any]:
-    """Everything that changes an item's stored arrays (the runtime does not: ~1e-5)."""
-    cfg = retriever.config
-    enc = cfg.encoders
-    return {"image": [enc.image, enc.image_weights], "text": [enc.text, enc.text_weights, enc.max_text_tokens],
-            "image_grid": retriever.fusion.image_grid, "text_chunks": retriever.fusion.text_chunks,
-            "zero_shot": retriever.zero_shot.fingerprint,
-            "limits": [cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes], "format": 1}
-
-
-@dataclass
-class PipelineResult:
-    hashes: list[str]
-    errors: dict[int, str]  # catalog row -> reason it was skipped
-    encoded: int  # rows encoded in this run (the rest came from the store)
-    seconds: dict[str, float]
-
-
-def run(retriever: Retriever, rows: list[Row], store: ShardStore, shard_size: int = 1024, workers: int = 2,
-        engine: str = "local", show_progress: bool | None = None) -> PipelineResult:
-    """Encode every row not yet in ``store`` and write it as shards; see the module docstring."""
-    from .utils import progress_bar
-
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"unknown ingest engine {engine!r}; choose 'local' or 'ray'")
-    if shard_size % retriever.config.encoders.batch_size:
-        raise ConfigError("ingest.shard_size must be a multiple of encoders.batch_size (so a resumed run batches alike)")
-    t0 = time.perf_counter()
-    todo, seen = [], set()
-    for r in rows:  # duplicates of one content are encoded once
-        if r.hash not in store and r.hash not in seen:
-            todo.append(r)
-            seen.add(r.hash)
-    if todo and engine == "ray":
-        from .distributed import encode_with_ray
-
-        encode_with_ray(retriever.config, todo, store, shard_size, show_progress)
-        store.refresh()
-    elif todo:
-        encoder = ShardEncoder(retriever)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-                progress_bar(len(todo), "encoding", show_progress, unit="item") as bar:
-            for start in range(0, len(todo), shard_size):
-                chunk = todo[start:start + shard_size]
-                errors, arrays = encoder.encode(chunk, pool, bar.update)
-                store.write([r.hash for r in chunk], errors, arrays)
-                bar.update(sum(e is not None or r.source is None for e, r in zip(errors, chunk)))  # the rest counted per batch
-        retriever.image_encoder.release_memory()  # before the index is built: the peak of a large run
-        retriever.text_encoder.release_memory()
-    errors = {r.row: store.error(r.hash) for r in rows if store.error(r.hash) is not None}
-    return PipelineResult([r.hash for r in rows], errors, len(todo), {"encode": time.perf_counter() - t0})

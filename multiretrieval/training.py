@@ -19,7 +19,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .config import RetrieverConfig
-from .utils import l2_normalize, progress
+from .utils import progress
 
 logger = logging.getLogger(__name__)
 
@@ -27,26 +27,27 @@ logger = logging.getLogger(__name__)
 def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: bool | None = None) -> dict[str, np.ndarray]:
     """Pooled image and text features (and the ConSE zero-shot vectors) of a catalog's items.
 
-    Runs the retriever's own reader -> encoder pipeline (default encoders, late fusion, ConSE);
-    rows that fail are skipped. With ``cache``, the result is kept in that .npz file (no
-    pickle) and reused while the catalog's ids and image files are unchanged.
+    Runs the ingestion pipeline with the default encoders, late fusion and ConSE; rows that
+    fail are skipped. With ``cache``, the result is kept in that .npz file (no pickle) and
+    reused while the catalog's ids, image sources and texts are unchanged.
     """
-    from .retriever import Retriever
+    from .embedder import Embedder
+    from .ingest import ingest
 
     key = hashlib.sha256(json.dumps([[str(i) for i in catalog.ids], catalog.image_sources(), catalog.texts()]).encode()).hexdigest()
     cached = _load_cached(cache, key)
     if cached is not None:
         return cached
     # Eager PyTorch, so the shipped LiT weights are reproduced bit for bit (ONNX differs by ~1e-6).
-    r = Retriever(RetrieverConfig().with_overrides({"encoders": {"runtime": "torch"}}))
-    r.index(catalog, show_progress=show_progress)
-    f = r.features()
-    keys = r._items["_key"].to_numpy()
-    has_image, has_text = f["image_mask"][:, 0], f["text_mask"][:, 0]
+    config = RetrieverConfig().with_overrides({"encoders": {"runtime": "torch"}, "fusion": {"kind": "late"},
+                                               "zero_shot": {"kind": "conse"}})
+    encoded, _ = ingest(catalog, Embedder(config), show_progress)
+    a = encoded.arrays
     out = {
-        "id": np.array([str(i) for i in r.items["id"]], dtype=str),  # fixed-width unicode: np.savez must not pickle
-        "image": f["image_tokens"][:, 0], "text": f["text_tokens"][:, 0], "has_image": has_image, "has_text": has_text,
-        "conse_image": _reconstruct(r, "clip_image", keys, has_image), "conse_text": _reconstruct(r, "clip_text", keys, has_text),
+        "id": np.array([str(catalog.ids[r]) for r in encoded.rows], dtype=str),  # fixed-width unicode: np.savez must not pickle
+        "image": a["image_tokens"][:, 0], "text": a["text_tokens"][:, 0],
+        "has_image": a["image_mask"][:, 0], "has_text": a["text_mask"][:, 0],
+        "conse_image": a["clip_image"] * a["image_mask"][:, :1], "conse_text": a["clip_text"] * a["text_mask"][:, :1],
     }
     _save_cached(cache, key, out)
     return out
@@ -68,13 +69,6 @@ def _save_cached(cache: Path | None, key: str, arrays: dict[str, np.ndarray]) ->
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, key=np.array(key), **arrays)
     tmp.replace(cache)
-
-
-def _reconstruct(r, space: str, keys: np.ndarray, present: np.ndarray) -> np.ndarray:
-    out = np.zeros((len(keys), r._indexes[space].dim), np.float32)
-    if present.any():
-        out[present] = r._indexes[space].reconstruct(keys[present])
-    return out
 
 
 def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epochs: int = 40, batch_size: int = 512,
@@ -443,6 +437,23 @@ def fit(catalog: Catalog, out: str | Path, config: RetrieverConfig | None = None
                    "best_val_fused_R@1": state["best"]})
     (out / "training.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def fit_on_catalog(catalog: Catalog, config: RetrieverConfig, out: str | Path | None, show_progress: bool | None,
+                   resume: bool) -> tuple[dict[str, Any], Any, Path]:
+    """``fit`` the attention fusion (the config's sizes and training section) on a catalog's pairs.
+
+    Returns (the training report, the trained fusion module, the folder it is saved in:
+    ``out``, or a new temporary folder).
+    """
+    import tempfile
+
+    from .fusion import load_fusion
+
+    attention = dataclasses.replace(config, fusion=dataclasses.replace(config.fusion, kind="attention", weights=None))
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="multiretrieval-train-"))
+    report = fit(catalog, out, attention, show_progress, resume)
+    return report, load_fusion(out), out
 
 
 def _save_last(last: Path, module, optimizer, state: dict, save_file) -> None:

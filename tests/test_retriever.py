@@ -5,7 +5,6 @@ import pytest
 import multiretrieval as mr
 from multiretrieval.config import RetrieverConfig
 
-from .conftest import png_bytes
 
 
 def ids_of(frame):
@@ -310,10 +309,10 @@ def test_approximate_index_is_tuned_and_its_parameters_saved(catalog, tmp_path):
 
     r = mr.Retriever(mr.RetrieverConfig().with_overrides({"index": {"factory": "IVF2,Flat"}}))
     r.index(catalog, show_progress=False)
-    assert r._indexes["joint"].params == {"nprobe": 2} and r._indexes["joint"].recall == 1.0
+    assert r.indexes["joint"].params == {"nprobe": 2} and r.indexes["joint"].recall == 1.0
     manifest = json.loads((r.save(tmp_path / "ivf") / "manifest.json").read_text())
     assert manifest["index"]["joint"]["params"] == {"nprobe": 2} and manifest["index"]["joint"]["recall_at_10"] == 1.0
     again = mr.Retriever.load(tmp_path / "ivf")
-    assert again._indexes["joint"]._find(__import__("faiss").IndexIVF).nprobe == 2
+    assert __import__("faiss").downcast_index(again.indexes["joint"].faiss_index.index).nprobe == 2
     hits = again.search(image=catalog.image_sources()[0], text="white", k=3, where=f"id != {catalog.ids[0]}", mode="fused")
     assert len(hits) == 3 and catalog.ids[0] not in list(hits["id"]) and "image_score" in hits

@@ -156,7 +156,7 @@ class OpenCLIP:
     def __init__(self, model_name: str, pretrained: str | None) -> None:
         import open_clip
 
-        from . import hub_offline
+        from .hub import hub_offline
 
         local = pretrained is not None and Path(pretrained).is_file()
         if not local and hub_offline():

@@ -75,7 +75,7 @@ class ImageEncoder:
     def load(cls, name: str, weights: str | None = None, runtime: str = "auto") -> ImageEncoder:
         import timm
 
-        from . import hub_offline, unavailable, unknown_encoder
+        from .hub import hub_offline, unavailable, unknown_encoder
 
         if name.startswith("timm:"):
             spec = ImageEncoderSpec(name[len("timm:"):])

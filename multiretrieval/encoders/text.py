@@ -64,7 +64,7 @@ class TextEncoder:
 
     @classmethod
     def load(cls, name: str, weights: str | None = None, max_tokens: int = 128, runtime: str = "auto") -> TextEncoder:
-        from . import hub_offline, unavailable, unknown_encoder
+        from .hub import hub_offline, unavailable, unknown_encoder
 
         if name.startswith("hf:"):
             spec = TextEncoderSpec(name[len("hf:"):])

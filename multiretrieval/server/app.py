@@ -55,15 +55,16 @@ class Service:
         self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
         self._write_lock = threading.Lock()
         first = Retriever.load(self.index_dir)
-        self._text_batcher = MicroBatcher(first.text_encoder.forward)
-        self._image_batcher = MicroBatcher(first.image_encoder.forward, max_batch=16)
+        self.text_batcher = MicroBatcher(first.text_encoder.forward)
+        self.image_batcher = MicroBatcher(first.image_encoder.forward, max_batch=16)
         self.retriever = self._prepare(first)
 
     def _prepare(self, retriever: Retriever) -> Retriever:
         """Route the retriever's encoders through the shared micro-batchers and load every model now."""
-        retriever._text_encoder = BatchedTextEncoder(retriever.text_encoder, self._text_batcher)
-        retriever._image_encoder = BatchedImageEncoder(retriever.image_encoder, self._image_batcher)
-        retriever.fusion, retriever.zero_shot.text_batch(["warm-up"])  # noqa: B018
+        embedder = retriever.embedder
+        embedder.use_encoders(image=BatchedImageEncoder(embedder.image_encoder, self.image_batcher),
+                              text=BatchedTextEncoder(embedder.text_encoder, self.text_batcher))
+        embedder.fusion, embedder.zero_shot.text_batch(["warm-up"])  # noqa: B018
         return retriever
 
     def write(self, change) -> Any:
@@ -123,7 +124,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     @app.get("/health")
     def health() -> dict:
         batching = {name: {"calls": b.calls, "batches": b.batches}
-                    for name, b in (("text", service._text_batcher), ("image", service._image_batcher))}
+                    for name, b in (("text", service.text_batcher), ("image", service.image_batcher))}
         return {"status": "ok", "items": len(service.retriever), "batching": batching}
 
     @app.post("/search", openapi_extra=_SEARCH_BODY)

@@ -98,7 +98,7 @@ def test_photo_plus_description(page, tmp_path):
 
     page.fill("#query-text", "bed")
     page.set_input_files("#query-image", str(photo_path))
-    assert page.locator("#preview").is_visible()
+    page.locator("#preview").wait_for(state="visible", timeout=10_000)  # the change handler runs after set_input_files returns
     page.focus("#query-text")
     page.keyboard.press("Enter")
     wait_for_results(page, "fused")

@@ -1,0 +1,218 @@
+"""The item store: the indexed catalog rows, their encoded features, keys, filters and result rows.
+
+Every item has an internal int64 key (its FAISS id: assigned in order, never reused) beside
+its catalog id. The store keeps the catalog rows (with each item's resolved image source),
+the encoder features row-aligned with them (so fusion can be applied again after training),
+the ``where`` filter (DuckDB over the rows) and the layout of result tables.
+
+On disk (``save``/``load``): ``catalog.parquet`` (the rows, with ``_key``) and
+``features/*.npy`` (one array per feature, row-aligned).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .catalog import Catalog, conform_ids, conform_rows, plain
+from .embedder import FEATURES
+from .errors import CatalogError, IndexLoadError, ItemNotFoundError, QueryError
+
+KEY = "_key"  # internal int64 FAISS id of an item; never reused
+IMAGE_SOURCE = "_image_source"  # the item's image path or URL, resolved at index time
+
+
+class ItemStore:
+    """Catalog rows, features and keys of the indexed items. Not locked: the retriever
+    holds its readers-writer lock around every use."""
+
+    def __init__(self) -> None:
+        self.table = pd.DataFrame({KEY: pd.Series(dtype="int64")})
+        self.features: dict[str, np.ndarray] = {}
+        self.next_key = 0
+        self._lazy = threading.Lock()
+        self._changed()
+
+    def _changed(self) -> None:
+        """Drop what is derived from the rows: the DuckDB copy and the result-row layout."""
+        self._duck = None
+        self._columns: tuple[np.ndarray, pd.DataFrame] | None = None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.table[KEY].to_numpy()
+
+    def public(self) -> pd.DataFrame:
+        """The catalog rows without internal columns."""
+        return _public(self.table).reset_index(drop=True)
+
+    # ---------------------------------------------------------------- writes
+
+    def conform(self, catalog: Catalog) -> None:
+        """Make new rows fit the stored ones (id kind, column types); refuse ids already stored. Names the rows."""
+        if not len(self):
+            return
+        df = catalog.df
+        catalog.df = conform_rows(df.assign(id=conform_ids(df["id"], self.table["id"])), self.table)
+        existing = set(self.table["id"].astype(str))
+        clash = [i for i, v in enumerate(catalog.df["id"].astype(str)) if v in existing]
+        if clash:
+            raise CatalogError(f"row(s) {clash[:10]}: id {plain(catalog.df['id'].iloc[clash[0]])!r} is already indexed; remove it first")
+
+    def append(self, rows: pd.DataFrame, sources: list[str | None], features: dict[str, np.ndarray]) -> np.ndarray:
+        """Add catalog rows with their image sources and features; returns their new keys."""
+        keys = np.arange(self.next_key, self.next_key + len(rows), dtype=np.int64)
+        new = rows.copy()
+        new[IMAGE_SOURCE] = sources
+        new.insert(0, KEY, keys)
+        self.table = new if not len(self) else pd.concat([self.table, new], ignore_index=True)
+        for name in FEATURES:
+            self.features[name] = features[name] if name not in self.features else np.concatenate([self.features[name], features[name]])
+        self.next_key += len(rows)
+        self._changed()
+        return keys
+
+    def remove(self, keys: np.ndarray) -> None:
+        keep = ~self.table[KEY].isin(keys).to_numpy()
+        self.table = self.table[keep].reset_index(drop=True)
+        self.features = {k: v[keep] for k, v in self.features.items()}
+        self._changed()
+
+    # ---------------------------------------------------------------- reads
+
+    def keys_for(self, ids: list[Any]) -> np.ndarray:
+        """The keys of catalog ids (compared as text, so 42 and "42" name one item)."""
+        lookup = dict(zip(self.table["id"].astype(str), self.table[KEY]))
+        missing = [i for i in ids if str(i) not in lookup]
+        if missing:
+            raise ItemNotFoundError(f"id(s) not in the index: {missing[:10]}")
+        return np.array([lookup[str(i)] for i in ids], np.int64)
+
+    def has(self, space: str, keys: np.ndarray) -> np.ndarray:
+        """Which of these items have the modality a zero-shot space holds ("clip_image": an image; "clip_text": a text)."""
+        return self.features["image_mask" if space == "clip_image" else "text_mask"][self.rows_of(keys), 0]
+
+    def rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """Row positions of keys: keys grow with the rows (appended in order, never reused)."""
+        return np.searchsorted(self.keys, keys)
+
+    def get(self, item_id: Any) -> dict[str, Any]:
+        row = self.rows_of(self.keys_for([item_id]))
+        return _public(self.table.iloc[row]).iloc[0].to_dict()
+
+    def image_source(self, item_id: Any) -> str | None:
+        return self.table[IMAGE_SOURCE].iloc[self.rows_of(self.keys_for([item_id]))[0]]
+
+    def image_sources(self) -> pd.Series:
+        return pd.Series(self.table[IMAGE_SOURCE].to_numpy(), index=self.table["id"].to_numpy(), name="image_source")
+
+    def catalog(self, text_columns: tuple[str, ...]) -> Catalog:
+        """The stored rows as a catalog again, images at their resolved sources (for training)."""
+        return Catalog(self.public().assign(image=self.table[IMAGE_SOURCE].to_numpy()), text_columns=text_columns)
+
+    def filter(self, where: str) -> np.ndarray:
+        """Keys of the items matching an SQL condition, evaluated by DuckDB over the rows."""
+        import duckdb
+
+        if not isinstance(where, str) or not where.strip():
+            raise QueryError("where: the filter is empty")
+        problem = _outside_one_condition(where)
+        if problem:
+            raise QueryError(f"where: a single SQL condition is expected, but {where!r} has {problem}")
+        with self._lazy:
+            if self._duck is None:
+                self._duck = self._filter_table()
+        try:
+            # In parentheses, so the filter is one condition: UNION or ORDER BY cannot attach to the statement.
+            result = self._duck.cursor().execute(f"SELECT {KEY} FROM catalog WHERE ({where})").fetchnumpy()  # noqa: S608
+        except duckdb.Error as exc:
+            raise QueryError(f"where: invalid filter {where!r}: {str(exc).splitlines()[0]}") from exc
+        return np.asarray(result[KEY], np.int64)
+
+    def _filter_table(self):
+        """A DuckDB connection holding the rows as table ``catalog``, with external access off."""
+        import duckdb
+
+        con = duckdb.connect()
+        # A table, not a registered view: cursors (one per query, for threads) share tables only.
+        con.register("items_view", self.table.drop(columns=[IMAGE_SOURCE], errors="ignore"))
+        con.execute("CREATE TABLE catalog AS SELECT * FROM items_view")
+        con.unregister("items_view")
+        con.execute("SET enable_external_access = false")  # a filter must never read files or URLs
+        con.execute("SET lock_configuration = true")
+        return con
+
+    def results(self, keys: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+        """Result rows in the given order: rank, id, score, then the catalog columns."""
+        if self._columns is None:
+            # Cached once per change of the rows, laid out as results are: rank, id, score,
+            # catalog columns, with text as plain objects (taking rows of pandas' arrow-backed
+            # strings, or inserting columns, costs several times more per query).
+            table = _public(self.table)
+            table = table.astype({c: object for c, dtype in table.dtypes.items() if isinstance(dtype, pd.StringDtype)})
+            table.insert(0, "rank", 0)
+            table.insert(2, "score", np.float32(0))
+            self._columns = (self.keys, table)
+        item_keys, table = self._columns
+        frame = table.take(np.searchsorted(item_keys, keys))
+        frame.index = pd.RangeIndex(len(frame))
+        frame["rank"] = np.arange(1, len(frame) + 1)
+        frame["score"] = np.asarray(scores, np.float32)
+        return frame
+
+    # ---------------------------------------------------------------- files
+
+    def describe(self) -> dict[str, Any]:
+        return {"count": len(self), "next_key": int(self.next_key), "key_column": KEY}
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        (folder / "features").mkdir(parents=True, exist_ok=True)
+        self.table.to_parquet(folder / "catalog.parquet", index=False)
+        for name in FEATURES:
+            np.save(folder / "features" / f"{name}.npy", self.features[name], allow_pickle=False)
+
+    @classmethod
+    def load(cls, folder: str | Path, described: dict[str, Any]) -> ItemStore:
+        folder = Path(folder)
+        store = cls()
+        store.table = pd.read_parquet(folder / "catalog.parquet")
+        store.features = {name: np.load(folder / "features" / f"{name}.npy", allow_pickle=False) for name in FEATURES}
+        store.next_key = int(described["next_key"])
+        if any(len(v) != len(store) for v in store.features.values()) or store.keys.max(initial=-1) >= store.next_key:
+            raise IndexLoadError(f"{folder}: catalog and features disagree on the number of items")
+        return store
+
+
+def _public(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=[c for c in frame.columns if c.startswith("_")])
+
+
+def _outside_one_condition(where: str) -> str | None:
+    """What would let a filter reach past ``WHERE (...)``: a ';', a comment, or a ')' closing
+    more than it opened, outside quoted literals and identifiers; None if there is none."""
+    depth, quote = 0, None
+    for i, c in enumerate(where):
+        if quote:
+            if c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c == ";":
+            return "a ';'"
+        elif where.startswith(("--", "/*"), i):
+            return "a comment"
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                return "a ')' that closes more than it opens"
+    return "an unclosed quote" if quote else "unclosed parentheses" if depth else None
