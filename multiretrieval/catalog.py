@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import CatalogConfig
-from .errors import CatalogError, ImageError
+from .errors import CatalogError, ImageError, ImageLimitError
 
 ImageInput = Union[str, Path, bytes, Image.Image]
 
@@ -177,7 +177,7 @@ def load_image(source: ImageInput, max_pixels: int = CatalogConfig.max_image_pix
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"{name}: too many pixels (decompression bomb guard): {exc}") from exc
+            raise ImageLimitError(f"{name}: too many pixels (decompression bomb guard): {exc}") from exc
         except UnidentifiedImageError as exc:
             raise ImageError(f"{name}: not an image file PIL can read") from exc
         except (OSError, SyntaxError, ValueError) as exc:
@@ -202,7 +202,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
     w, h = image.size
     if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (decompression bomb guard)")
+        raise ImageLimitError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (decompression bomb guard)")
     if w == 0 or h == 0:
         raise ImageError(f"{name}: empty image ({w}x{h})")
 
@@ -212,7 +212,7 @@ def read_image_bytes(source: str | Path | bytes, max_bytes: int, timeout: float 
     """The bytes of an image given as bytes, a URL or a path, and a name for messages."""
     if isinstance(source, (bytes, bytearray)):
         if len(source) > max_bytes:
-            raise ImageError(f"image bytes: {len(source):,} bytes exceeds the limit of {max_bytes:,}")
+            raise ImageLimitError(f"image bytes: {len(source):,} bytes exceeds the limit of {max_bytes:,}")
         return bytes(source), "image bytes"
     if not isinstance(source, (str, Path)):
         raise ImageError(f"unsupported image input of type {type(source).__name__}: give a path, URL, bytes or PIL image")
@@ -255,7 +255,7 @@ def open_regular_file(path: str | Path, max_bytes: int) -> int:
         raise ImageError(f"{path}: not a regular file ({kind})")
     if info.st_size > max_bytes:
         os.close(fd)
-        raise ImageError(f"{path}: {info.st_size:,} bytes exceeds the limit of {max_bytes:,}")
+        raise ImageLimitError(f"{path}: {info.st_size:,} bytes exceeds the limit of {max_bytes:,}")
     return fd
 
 
@@ -264,7 +264,7 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     with os.fdopen(fd, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ImageError(f"{path}: more than {max_bytes:,} bytes")
+        raise ImageLimitError(f"{path}: more than {max_bytes:,} bytes")
     return data
 
 
@@ -287,7 +287,7 @@ def download(url: str, max_bytes: int, timeout: float) -> bytes:
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > max_bytes:
-                    raise ImageError(f"{url}: more than {max_bytes:,} bytes")
+                    raise ImageLimitError(f"{url}: more than {max_bytes:,} bytes")
     except ImageError:
         raise
     except TimeoutError as exc:

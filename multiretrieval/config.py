@@ -103,9 +103,14 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Bounds on queries, checked before any model runs."""
+    """Bounds on queries, checked before any model runs: a query over one gets a LimitError (422 from the service)."""
 
-    max_text_chars: int = 1000  # a longer query text is refused (QueryError; 422 from the service)
+    max_text_chars: int = 1000  # characters of a query text
+    max_text_tokens: int = 256  # word pieces of a query text (the text encoder reads the first encoders.max_text_tokens)
+    max_k: int = 1000  # results one query may ask for: k (plus offset, where a query pages)
+    max_batch: int = 64  # queries in one batch call
+    max_where_chars: int = 2000  # characters of a where filter
+    filter_timeout_s: float = 2.0  # a filter still running after this is interrupted (LimitError)
 
 
 @dataclass(frozen=True)

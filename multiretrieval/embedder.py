@@ -118,6 +118,10 @@ class Embedder:
         dim = self.zero_shot.dim
         return {**self.feature_buffers(n), **{name: np.zeros((n, dim), np.float32) for name in ZERO_SHOT}}
 
+    def count_tokens(self, text: str) -> int:
+        """The word pieces of a query text under the text encoder's tokenizer (for ``search.max_text_tokens``)."""
+        return self.text_encoder.count_tokens(text)
+
     def fuse(self, features: dict[str, np.ndarray], rows: Any = slice(None)) -> np.ndarray:
         """Joint vectors of stored token features (all rows, or the given ones)."""
         return self.fusion.fuse(*(features[name][rows] for name in FEATURES))

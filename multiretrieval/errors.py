@@ -15,6 +15,10 @@ class ImageError(MultiretrievalError, ValueError):
     """An image cannot be used: missing, unreadable, corrupt, truncated or too large."""
 
 
+class ImageLimitError(ImageError):
+    """An image over a configured bound: too many pixels (decompression bomb guard) or bytes; the service answers 413."""
+
+
 class ConfigError(MultiretrievalError, ValueError):
     """A configuration file or value is invalid, or does not match a saved index."""
 

@@ -20,7 +20,8 @@ import pandas as pd
 
 from .catalog import Catalog, conform_ids, conform_rows, plain
 from .embedder import FEATURES
-from .errors import CatalogError, IndexLoadError, ItemNotFoundError, QueryError
+from .errors import CatalogError, IndexLoadError, ItemNotFoundError, LimitError, QueryError
+from .filters import compile_filter, describe_columns
 
 KEY = "_key"  # internal int64 FAISS id of an item; never reused
 IMAGE_SOURCE = "_image_source"  # the item's image path or URL, resolved at index time
@@ -117,24 +118,45 @@ class ItemStore:
         """The stored rows as a catalog again, images at their resolved sources (for training)."""
         return Catalog(self.public().assign(image=self.table[IMAGE_SOURCE].to_numpy()), text_columns=text_columns)
 
-    def filter(self, where: str) -> np.ndarray:
-        """Keys of the items matching an SQL condition, evaluated by DuckDB over the rows."""
+    def filter(self, where: str, timeout_s: float | None = None, unsafe: bool = False) -> np.ndarray:
+        """Keys of the items matching a filter: one condition over the catalog columns (see filters.py),
+        run by DuckDB over the rows and interrupted after ``timeout_s`` seconds (LimitError).
+
+        Raises QueryError, before DuckDB sees anything, for a filter outside the grammar
+        (``unsafe=True``: any single DuckDB expression, for trusted callers)."""
         import duckdb
 
-        if not isinstance(where, str) or not where.strip():
-            raise QueryError("where: the filter is empty")
-        problem = _outside_one_condition(where)
-        if problem:
-            raise QueryError(f"where: a single SQL condition is expected, but {where!r} has {problem}")
+        sql = compile_filter(where, self.filter_columns(), unsafe)
         with self._lazy:
             if self._duck is None:
                 self._duck = self._filter_table()
+        cursor = self._duck.cursor()  # one connection per query: interrupting it stops this query only
+        fired = threading.Event()
+
+        def stop() -> None:
+            fired.set()
+            cursor.interrupt()
+
+        timer = threading.Timer(timeout_s, stop) if timeout_s else None
         try:
-            # In parentheses, so the filter is one condition: UNION or ORDER BY cannot attach to the statement.
-            result = self._duck.cursor().execute(f"SELECT {KEY} FROM catalog WHERE ({where})").fetchnumpy()  # noqa: S608
+            if timer:
+                timer.start()
+            result = cursor.execute(f"SELECT {KEY} FROM catalog WHERE {sql}").fetchnumpy()  # noqa: S608 - printed from a checked tree
         except duckdb.Error as exc:
-            raise QueryError(f"where: invalid filter {where!r}: {str(exc).splitlines()[0]}") from exc
+            if fired.is_set():
+                raise LimitError(f"where: the filter ran longer than {timeout_s:g} s (search.filter_timeout_s) and was "
+                                 f"stopped: {where[:200]!r}; simplify it") from None
+            raise QueryError(f"where: invalid filter {where[:200]!r}: {str(exc).splitlines()[0]}. Columns: "
+                             f"{describe_columns(self.filter_columns())}.") from None
+        finally:
+            if timer:
+                timer.cancel()
+            cursor.close()
         return np.asarray(result[KEY], np.int64)
+
+    def filter_columns(self) -> dict[str, str]:
+        """The columns a filter may name, with the kind of their values (for messages)."""
+        return {name: _kind(dtype) for name, dtype in self.table.dtypes.items() if not name.startswith("_")}
 
     def _filter_table(self):
         """A DuckDB connection holding the rows as table ``catalog``, with external access off."""
@@ -195,24 +217,13 @@ def _public(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=[c for c in frame.columns if c.startswith("_")])
 
 
-def _outside_one_condition(where: str) -> str | None:
-    """What would let a filter reach past ``WHERE (...)``: a ';', a comment, or a ')' closing
-    more than it opened, outside quoted literals and identifiers; None if there is none."""
-    depth, quote = 0, None
-    for i, c in enumerate(where):
-        if quote:
-            if c == quote:
-                quote = None
-        elif c in "'\"":
-            quote = c
-        elif c == ";":
-            return "a ';'"
-        elif where.startswith(("--", "/*"), i):
-            return "a comment"
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth < 0:
-                return "a ')' that closes more than it opens"
-    return "an unclosed quote" if quote else "unclosed parentheses" if depth else None
+def _kind(dtype) -> str:
+    if pd.api.types.is_bool_dtype(dtype):
+        return "boolean"
+    if pd.api.types.is_integer_dtype(dtype):
+        return "integer"
+    if pd.api.types.is_numeric_dtype(dtype):
+        return "number"
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        return "timestamp"
+    return "text" if pd.api.types.is_string_dtype(dtype) else "other"

@@ -195,16 +195,17 @@ class Retriever:
     # ---------------------------------------------------------------- queries
 
     def search(self, image: ImageInput | None = None, text: str | None = None, mode: str = "auto", k: int = 10,
-               where: str | None = None) -> pd.DataFrame:
+               where: str | None = None, unsafe_where: bool = False) -> pd.DataFrame:
         """The k best items for a photo (path, URL, bytes or PIL image), a text, or both.
 
         ``mode``: "auto" (image+text -> fused, image -> image, text -> text), "image", "text",
         "fused", or "zero-shot" (a text against item images, an image against item texts).
-        ``where``: an SQL condition over catalog columns, applied before ranking (k results
-        come back whenever k items match). Returns a DataFrame: rank, id, score, the catalog
-        columns; fused queries under late fusion also get image_score + text_score = score.
+        ``where``: a condition over catalog columns (grammar: filters.py), applied before ranking (k
+        results come back whenever k items match) and stopped after ``search.filter_timeout_s``;
+        ``unsafe_where=True``: any DuckDB expression, for trusted callers. Returns a DataFrame: rank,
+        id, score, the catalog columns; fused queries under late fusion also get image_score + text_score.
         """
-        query = make_query(image, text, mode, k, where, self.config)
+        query = make_query(image, text, mode, k, where, self.config, self.embedder.count_tokens, unsafe_where)
         with self._lock.reading():
             return run_query(query, self.embedder, self.store, self.indexes)
 

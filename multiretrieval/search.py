@@ -1,7 +1,11 @@
 """The query stage: validate a query, embed it, filter, search the index of its space, lay out results.
 
     make_query(image, text, mode, k, where, config) -> Query      (checks and decoding; no model runs)
-    run_query(query, embedder, store, indexes)      -> DataFrame  (rank, id, score, catalog columns)
+    run_query(query, embedder, store, indexes)      -> DataFrame  (filter, embed, top-k, result rows)
+
+Every bound of ``config.search`` is checked here (LimitError, a QueryError): text characters and
+tokens, k (+ offset), the filter's length, a batch's size (``check_batch``); the filter's grammar
+is checked by the item store (filters.py) before DuckDB or a model runs, and its time limit there.
 
 Modes: "auto" (image+text -> fused, image -> image, text -> text), "image", "text", "fused"
 (all in the joint space) and "zero-shot" (a text against item images, or an image against
@@ -10,6 +14,7 @@ item texts, in the zero-shot space).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,18 +35,51 @@ class Query:
     mode: str  # resolved: never "auto"
     k: int
     where: str | None = None
+    unsafe_where: bool = False  # any DuckDB expression (trusted callers), not only the filter grammar
 
 
 def make_query(image: ImageInput | None, text: str | None, mode: str, k: int, where: str | None,
-               config: RetrieverConfig) -> Query:
-    """A checked query with its image decoded. Raises QueryError (LimitError for a bound) or ImageError."""
+               config: RetrieverConfig, count_tokens: Callable[[str], int] | None = None, unsafe_where: bool = False) -> Query:
+    """A checked query with its image decoded. Raises QueryError (LimitError for a bound) or ImageError.
+
+    ``count_tokens``: the text encoder's word-piece count, for ``search.max_text_tokens``."""
     mode = resolve_mode(image, text, mode)
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise QueryError(f"k must be a positive integer, got {k!r}")
-    text = check_text(text, config) if text is not None else None
+    k = check_k(k, config)
+    where = None if isinstance(where, str) and not where.strip() else where  # an empty filter keeps every item
+    if where is not None:
+        check_where(where, config)
+    text = check_text(text, config, count_tokens) if text is not None else None
     cat = config.catalog
     pil = load_image(image, cat.max_image_pixels, cat.max_image_bytes, cat.download_timeout_s) if image is not None else None
-    return Query(pil, text, mode, int(k), where)
+    return Query(pil, text, mode, k, where, bool(unsafe_where))
+
+
+def check_k(k: Any, config: RetrieverConfig, offset: Any = 0) -> int:
+    """k, a positive integer, with k + offset within ``search.max_k``."""
+    for name, value, least in (("k", k, 1), ("offset", offset, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise QueryError(f"{name} must be a {'positive' if least else 'non-negative'} integer, got {value!r}")
+    limit = config.search.max_k
+    if k + offset > limit:
+        asked = f"k + offset = {k + offset:,}" if offset else f"k = {k:,}"
+        raise LimitError(f"{asked}; a query may ask for at most {limit:,} results (search.max_k)")
+    return int(k)
+
+
+def check_batch(n: int, config: RetrieverConfig) -> None:
+    """A batch of n queries within ``search.max_batch``."""
+    limit = config.search.max_batch
+    if n > limit:
+        raise LimitError(f"{n:,} queries in one batch; a batch may hold at most {limit:,} (search.max_batch)")
+
+
+def check_where(where: Any, config: RetrieverConfig) -> None:
+    """A filter's type and length (its grammar is checked against the catalog's columns by the item store)."""
+    if not isinstance(where, str):
+        raise QueryError(f"where must be a string, got {type(where).__name__}")
+    limit = config.search.max_where_chars
+    if len(where) > limit:
+        raise LimitError(f"where has {len(where):,} characters; a filter may have at most {limit:,} (search.max_where_chars)")
 
 
 def encode_inputs(images: list | None, texts: list[str] | None, space: str, config: RetrieverConfig) -> tuple[list | None, list | None]:
@@ -58,7 +96,7 @@ def encode_inputs(images: list | None, texts: list[str] | None, space: str, conf
     return pils, None if texts is None else [check_text(t, config) for t in texts]
 
 
-def check_text(text: Any, config: RetrieverConfig) -> str:
+def check_text(text: Any, config: RetrieverConfig, count_tokens: Callable[[str], int] | None = None) -> str:
     """A query text as it may reach the encoders: a non-empty string, within bounds, valid Unicode."""
     if not isinstance(text, str):
         raise QueryError(f"text must be a string, got {type(text).__name__}")
@@ -70,6 +108,9 @@ def check_text(text: Any, config: RetrieverConfig) -> str:
     problem = text_problem(text)
     if problem:
         raise QueryError(problem)
+    tokens, limit = (count_tokens(text) if count_tokens else 0), config.search.max_text_tokens
+    if tokens > limit:
+        raise LimitError(f"text has {tokens:,} word pieces; a query text may have at most {limit:,} (search.max_text_tokens)")
     return text
 
 
@@ -94,6 +135,9 @@ def run_query(query: Query, embedder, store, indexes) -> pd.DataFrame:
     """Answer a query over an item store and its indexes (the caller holds them steady)."""
     if not indexes:
         raise QueryError("nothing is indexed yet: call index(catalog) first")
+    # The filter first: a refused or interrupted one costs no encoding.
+    limit = embedder.config.search.filter_timeout_s
+    allowed = store.filter(query.where, limit, query.unsafe_where) if query.where is not None else None
     images = [query.image] if query.image is not None else None
     texts = [query.text] if query.text is not None else None
     if query.mode == "zero-shot":
@@ -101,7 +145,6 @@ def run_query(query: Query, embedder, store, indexes) -> pd.DataFrame:
         vector = embedder.embed(images, texts, space="clip")
     else:
         space, vector = "joint", embedder.embed(images, texts)
-    allowed = store.filter(query.where) if query.where else None
     index = indexes[space]
     if len(index) == 0 or (allowed is not None and len(allowed) == 0):
         return store.results(np.zeros(0, np.int64), np.zeros(0, np.float32))

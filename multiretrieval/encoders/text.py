@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ class TextEncoder:
         self.runtime = resolve_runtime(runtime)
         self._onnx = None
         self.tokenizer = tokenizer
+        self._counter, self._counter_lock = None, threading.Lock()
         self.model = model.eval()
         self.dim = int(model.config.hidden_size)
         self.max_tokens = max_tokens
@@ -90,6 +93,16 @@ class TextEncoder:
             raise unavailable("text", name, "text_weights", exc) from exc
         logger.info("loaded text encoder %s (%s, %d-d)", name, source, model.config.hidden_size)
         return cls(name, tokenizer, model, max_tokens, runtime)
+
+    def count_tokens(self, text: str) -> int:
+        """The word pieces of a text (special tokens not counted), from a private copy of the
+        tokenizer: a fast tokenizer shared with ``forward`` may not change its truncation
+        settings while another thread encodes."""
+        with self._counter_lock:
+            if self._counter is None:
+                self._counter = copy.deepcopy(self.tokenizer)
+                self._counter.model_max_length = 2**31  # counting, not encoding: no warning about the model's length
+            return len(self._counter(text[: self.max_chars * 8], add_special_tokens=False, truncation=False)["input_ids"])
 
     def forward(self, texts: Sequence[str], chunks: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Texts -> (tokens (n, 1 + chunks, dim), token mask (n, 1 + chunks)).

@@ -16,18 +16,22 @@ import secrets
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..catalog import load_image
-from ..errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, LimitError, QueryError
+from ..config import SearchConfig
+from ..filters import compile_filter
+from ..errors import CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError
 from ..retriever import MODES, Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
 
@@ -36,14 +40,53 @@ STATIC = Path(__file__).parent / "static"
 THUMBNAIL_PX = 256
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 Mode = Literal["auto", "image", "text", "fused", "zero-shot"]
+ItemId = Annotated[str, PathParam(description="the item's catalog id", examples=["575"])]
 assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
 
 
-class SearchRequest(BaseModel):
-    text: str | None = Field(None, description="query text")
-    mode: Mode = "auto"
-    k: int = Field(10, ge=1, le=1000)
-    where: str | None = Field(None, description="SQL condition over catalog columns")
+def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
+    """The search request's fields, with the index's bounds (``search:`` in its config) in the schema."""
+    return create_model(
+        "SearchRequest",
+        # Lengths are in the schema but checked by the query stage (make_query), whose 422 names the setting
+        # and whose 400 says what is wrong with a text that is not valid Unicode.
+        text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars}, examples=["a washing machine"], description=(
+            f"query text: at most {bounds.max_text_chars:,} characters (search.max_text_chars) and "
+            f"{bounds.max_text_tokens:,} word pieces (search.max_text_tokens); over either: 422"))),
+        mode=(Mode, "auto"),
+        k=(int, Field(10, ge=1, json_schema_extra={"maximum": bounds.max_k}, description=f"number of results, 1 to {bounds.max_k:,} (search.max_k)")),
+        where=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_where_chars}, examples=["price < 500 AND category = 'Kitchen'"], description=(
+            "filter: one condition over catalog columns (columns, literals, comparisons, AND/OR/NOT, arithmetic, "
+            "IN lists, BETWEEN, LIKE/ILIKE, IS NULL, CAST and a few scalar functions; README, \"Filters\"). "
+            f"At most {bounds.max_where_chars:,} characters (search.max_where_chars); outside the grammar: 400; "
+            f"still running after {bounds.filter_timeout_s:g} s (search.filter_timeout_s): 422"))),
+    )
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(description="what is wrong: a sentence, or a list of field errors (422)")
+
+
+class SearchResponse(BaseModel):
+    mode: str = Field(description="the mode that ran (auto resolved)")
+    count: int
+    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (fused: image_score, text_score)")
+
+
+class HealthResponse(BaseModel):
+    status: str
+    items: int
+    batching: dict[str, dict[str, int]]
+
+
+class AddResponse(BaseModel):
+    added: int
+    items: int
+
+
+class RemoveResponse(BaseModel):
+    removed: int
+    items: int
 
 
 class Service:
@@ -65,6 +108,8 @@ class Service:
         embedder.use_encoders(image=BatchedImageEncoder(embedder.image_encoder, self.image_batcher),
                               text=BatchedTextEncoder(embedder.text_encoder, self.text_batcher))
         embedder.fusion, embedder.zero_shot.text_batch(["warm-up"])  # noqa: B018
+        embedder.count_tokens("warm-up")  # the token counter's tokenizer copy, and the filter parser's import:
+        compile_filter("TRUE", {})  # made at start, not in the first request
         return retriever
 
     def write(self, change) -> Any:
@@ -103,8 +148,11 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     # across concurrent requests. Concurrency comes from the request threads instead.
     faiss.omp_set_num_threads(1)
     service = Service(index_dir)
+    bounds = service.retriever.config.search
+    request_model = search_request_model(bounds)
     app = FastAPI(title="multiretrieval", version=_version(), docs_url=None,
                   description="Search a product catalog by text, photo, or both.")
+    app.state.search_request_model = request_model
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts or list(LOOPBACK_HOSTS), allowed_origins=allowed_origins or [])
@@ -121,18 +169,28 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _mount_docs(app)
 
-    @app.get("/health")
+    upload = f"request body over {max_upload_bytes:,} bytes (--max-upload-mb)"
+    pixels = f"an image over {service.retriever.config.catalog.max_image_pixels:,} pixels (catalog.max_image_pixels)"
+
+    @app.get("/health", response_model=None, responses=_responses({200: (HealthResponse, "status, item count, micro-batching")}))
     def health() -> dict:
         batching = {name: {"calls": b.calls, "batches": b.batches}
                     for name, b in (("text", service.text_batcher), ("image", service.image_batcher))}
         return {"status": "ok", "items": len(service.retriever), "batching": batching}
 
-    @app.post("/search", openapi_extra=_SEARCH_BODY)
+    @app.post("/search", openapi_extra=_search_body(request_model), responses=_responses({
+        200: (SearchResponse, "the results"),
+        400: "malformed JSON or form; an empty query; a text that is not valid Unicode; a file that is not an image; "
+             "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses",
+        403: "a cross-origin request", 413: f"{upload}; {pixels}", 415: "a body that is neither JSON nor a form",
+        422: f"a field over its bound (k over {bounds.max_k:,}, a text over {bounds.max_text_chars:,} characters or "
+             f"{bounds.max_text_tokens:,} word pieces, a filter over {bounds.max_where_chars:,} characters), a filter still "
+             f"running after {bounds.filter_timeout_s:g} s, an unknown mode, a mode that does not fit the inputs"}))
     async def search(request: Request) -> Response:
         """Text queries as JSON; an image (field `image`) plus text, mode, k, where as multipart form.
 
         Each result's thumbnail is at GET /items/{id}/image."""
-        query, image = await _parse_search(request)
+        query, image = await _parse_search(request, request_model)
         retriever = service.retriever
         results = await run_in_threadpool(retriever.search, image=image, text=query.text, mode=query.mode, k=query.k,
                                           where=query.where)
@@ -141,14 +199,17 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         body = f'{{"mode": {json.dumps(mode)}, "count": {len(results)}, "results": {results.to_json(orient="records")}}}'
         return Response(body, media_type="application/json")
 
-    @app.get("/items/{item_id}")
-    def get_item(item_id: str) -> dict:
+    @app.get("/items/{item_id}", response_model=None, responses=_responses({
+        200: (dict[str, Any], "the item's catalog row"), 404: "unknown id"}))
+    def get_item(item_id: ItemId) -> dict:
         import pandas as pd
 
         return json.loads(pd.DataFrame([service.retriever.get(item_id)]).to_json(orient="records"))[0]  # NaN -> null
 
-    @app.get("/items/{item_id}/image")
-    def item_image(item_id: str) -> Response:
+    @app.get("/items/{item_id}/image", response_class=Response, responses=_responses({
+        200: ("image/png", "a PNG thumbnail, at most 256 px"), 307: "the item's image URL",
+        400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image"}))
+    def item_image(item_id: ItemId) -> Response:
         source = service.retriever.image_source(item_id)
         if source is None:
             raise _HTTPError(404, f"item {item_id!r} has no image")
@@ -157,7 +218,12 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         return Response(_thumbnail(source, _mtime(source)), media_type="image/png",
                         headers={"Cache-Control": "public, max-age=3600"})
 
-    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=_ADD_BODY)
+    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=_ADD_BODY,
+              response_model=None, responses=_responses({
+                  201: (AddResponse, "added"), 401: "missing or wrong X-API-Key", 403: "a cross-origin request",
+                  400: "metadata that is not a JSON object of catalog columns; an id already indexed or of another kind; "
+                       "a value whose type does not fit its column; a file that is not an image; an item without image or text",
+                  413: f"{upload}; {pixels}"}))
     async def add_item(request: Request) -> dict:
         """Add one item: multipart with `metadata` (a JSON object with id, title, ...) and an optional `image` file."""
         form = await _form(request)
@@ -187,8 +253,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             raise
         return {"added": report.indexed, "items": len(service.retriever)}
 
-    @app.delete("/items/{item_id}", dependencies=[Depends(require_key)])
-    async def delete_item(item_id: str) -> dict:
+    @app.delete("/items/{item_id}", dependencies=[Depends(require_key)], response_model=None, responses=_responses({
+        200: (RemoveResponse, "removed"), 401: "missing or wrong X-API-Key", 403: "a cross-origin request", 404: "unknown id"}))
+    async def delete_item(item_id: ItemId) -> dict:
         source = service.retriever.image_source(item_id)  # 404 before taking the write lock
         removed = await run_in_threadpool(service.write, lambda r: r.remove([item_id]))
         service.drop_unused_upload(source)
@@ -197,20 +264,20 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     return app
 
 
-async def _parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
+async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
             body = await request.json()
         except ValueError as exc:
             raise _HTTPError(400, f"request body is not valid JSON: {exc}") from exc
-        return _validate(body), None
+        return _validate(model, body), None
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await _form(request)
         fields = {k: v for k, v in form.items() if k != "image" and v != ""}
         upload = form.get("image")
         image = await upload.read() if upload is not None and hasattr(upload, "read") else None
-        return _validate(fields), (image or None)
+        return _validate(model, fields), (image or None)
     raise _HTTPError(415, "send JSON (text queries) or multipart/form-data (with an image)")
 
 
@@ -221,9 +288,9 @@ async def _form(request: Request):
         raise _HTTPError(400, f"malformed form data: {exc}") from exc
 
 
-def _validate(data: Any) -> SearchRequest:
+def _validate(model: type[BaseModel], data: Any) -> Any:
     try:
-        return SearchRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
 
@@ -244,6 +311,11 @@ def _mtime(path: str) -> float:
         raise ImageError(f"image file of this item is missing: {exc}") from exc
 
 
+def _short(value: Any) -> Any:
+    text = value if isinstance(value, str) else None
+    return value if text is None or len(text) <= 200 else text[:200] + "..."
+
+
 class _HTTPError(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -251,13 +323,32 @@ class _HTTPError(Exception):
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    statuses = {_HTTPError: None, ItemNotFoundError: 404, LimitError: 422, QueryError: 400, ImageError: 400, CatalogError: 400,
-                ConfigError: 400}
+    statuses = {_HTTPError: None, ItemNotFoundError: 404, LimitError: 422, QueryError: 400, ImageLimitError: 413, ImageError: 400,
+                CatalogError: 400, ConfigError: 400}
     for exc_type, status in statuses.items():
         def handler(request: Request, exc: Exception, status=status) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=status or exc.status)
 
         app.add_exception_handler(exc_type, handler)
+
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes each input whole and fails on text that is not valid Unicode.
+        errors = [{**e, "input": _short(e.get("input"))} for e in exc.errors()]
+        return Response(json.dumps({"detail": errors}, default=str), status_code=422, media_type="application/json")
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette's Allow names the first route's methods only; a path may have several
+            from starlette.routing import Match
+
+            methods = {m for route in app.routes if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE
+                       for m in route.methods}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 class RequestGuard:
@@ -370,12 +461,33 @@ def _version() -> str:
     return __version__
 
 
-_SEARCH_BODY = {"requestBody": {"content": {
-    "application/json": {"schema": SearchRequest.model_json_schema()},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "image": {"type": "string", "format": "binary"}, "text": {"type": "string"},
-        "mode": {"type": "string", "enum": list(MODES)}, "k": {"type": "integer"}, "where": {"type": "string"}}}},
-}}}
+def _search_body(model: type[BaseModel]) -> dict:
+    schema = model.model_json_schema()
+    form = {name: {k: v for k, v in field.items() if k != "default"} for name, field in schema["properties"].items()}
+    for name in ("text", "where"):  # a form field is a string, never null
+        form[name] = {"type": "string", **{k: v for k, v in form[name].items() if k in ("maxLength", "description", "examples")}}
+    form["image"] = {"type": "string", "format": "binary", "description": "a photo (JPEG, PNG, WebP, ...)"}
+    return {"requestBody": {"content": {"application/json": {"schema": schema},
+                                        "multipart/form-data": {"schema": {"type": "object", "properties": form}}}}}
+
+
+def _responses(described: dict[int, Any]) -> dict[int | str, dict]:
+    """OpenAPI responses: (model or media type, description) or a description of an error; 400 always
+    (a Host that is not allowed), every error with the body {"detail": ...}."""
+    out: dict[int | str, dict] = {400: {"model": ErrorResponse, "description": "a Host header that is not allowed"}}
+    for status, what in described.items():
+        if isinstance(what, str):
+            out[status] = {"model": ErrorResponse, "description": what} if status >= 400 else {"description": what}
+        elif isinstance(what[0], str):
+            out[status] = {"description": what[1], "content": {what[0]: {"schema": {"type": "string", "format": "binary"}}}}
+        else:
+            out[status] = {"model": what[0], "description": what[1]}
+    if 400 in described:
+        out[400]["description"] += "; a Host header that is not allowed"
+    return out
+
+
 _ADD_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["metadata"], "properties": {
-    "metadata": {"type": "string", "description": "JSON object: id, title, description, metadata columns"},
+    "metadata": {"type": "string", "description": "JSON object: id, title, description, metadata columns",
+                 "examples": ['{"id": 9001, "title": "a desk lamp", "category": "Lights", "price": 25.0}']},
     "image": {"type": "string", "format": "binary"}}}}}}}

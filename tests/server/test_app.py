@@ -75,11 +75,11 @@ def test_not_an_image_is_400(client):
     assert r.status_code == 400 and "not an image" in r.json()["detail"]
 
 
-def test_decompression_bomb_is_400(client):
+def test_decompression_bomb_is_413(client):
     buf = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(buf, format="PNG")
     r = client.post("/search", files={"image": ("bomb.png", buf.getvalue(), "image/png")})
-    assert r.status_code == 400 and "decompression bomb" in r.json()["detail"]
+    assert r.status_code == 413 and "decompression bomb" in r.json()["detail"]
 
 
 def test_malformed_filter_is_400_naming_the_problem(client):

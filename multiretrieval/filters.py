@@ -1,0 +1,264 @@
+"""The ``where`` filter's grammar: one boolean expression over catalog columns, nothing else.
+
+A filter is parsed by sqlglot (DuckDB dialect) and every node of the tree is checked against
+an allow-list: columns of the catalog, literals, comparisons, AND/OR/NOT, arithmetic, IN
+lists, BETWEEN, LIKE/ILIKE, IS [NOT] NULL, CAST to plain types and a short list of scalar
+functions. The SQL that DuckDB runs is printed here from the checked tree, fully
+parenthesised, so it holds exactly the constructs that were checked (sqlglot's own printer
+may rewrite a call into others). Subqueries, table functions, settings, system functions,
+placeholders and everything else are refused with a QueryError that lists what is allowed
+and the catalog's columns.
+
+    compile_filter("price < 200 AND lower(title) LIKE '%ring%'", {"price": "number", "title": "text"})
+    -> '(("price" < 200) AND (lower("title") LIKE \\'%ring%\\'))'
+
+``unsafe=True`` (trusted Python callers only) accepts any single DuckDB expression: it must
+still parse as one expression (no second statement, no UNION), and it still runs under the
+time limit with DuckDB's external access off.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from .errors import QueryError
+
+MAX_DEPTH = 64  # nesting of function calls, parentheses and operators (chains of AND / OR count once)
+
+FUNCTIONS = ("lower", "upper", "length", "trim", "abs", "round", "floor", "ceil", "coalesce", "year", "quarter", "month",
+             "week", "day", "dayofweek", "dayofyear", "hour", "minute", "second", "date_part", "extract")
+CAST_TYPES = ("BOOLEAN", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "FLOAT", "DOUBLE", "DECIMAL", "VARCHAR", "DATE",
+              "TIME", "TIMESTAMP")
+DATE_PARTS = ("year", "quarter", "month", "week", "day", "dayofweek", "dayofyear", "hour", "minute", "second")
+
+GRAMMAR = ("A filter is one condition over the catalog's columns, made of: column names (in \"double quotes\" if they "
+           "hold spaces or signs), numbers, 'text', TRUE, FALSE, NULL, DATE '2024-01-31'; comparisons = != <> < <= > >= "
+           "and IS [NOT] DISTINCT FROM; AND, OR, NOT, parentheses; arithmetic + - * / // %; x [NOT] IN (a list of values); "
+           "x [NOT] BETWEEN a AND b; x [NOT] LIKE / ILIKE 'pattern' [ESCAPE 'c']; x IS [NOT] NULL / TRUE / FALSE; "
+           f"CAST(x AS type) and TRY_CAST with a type among {', '.join(CAST_TYPES)}; the functions {', '.join(FUNCTIONS)} "
+           f"(date parts: {', '.join(DATE_PARTS)}). Not allowed: subqueries, table functions, other functions, settings, "
+           f"placeholders, a second statement")
+
+SUBQUERY = "a subquery (SELECT, UNION, EXISTS)"
+_NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def compile_filter(where: str, columns: Mapping[str, str], unsafe: bool = False) -> str:
+    """The DuckDB SQL of a filter that passed the allow-list. ``columns``: name -> kind (shown in errors).
+
+    Raises QueryError naming the problem, what is allowed and the columns."""
+    tree = _parse(where, columns)
+    if unsafe:
+        return _unsafe_sql(where, tree, columns)
+    return _Printer(where, columns).sql(tree, 0)
+
+
+def describe_columns(columns: Mapping[str, str]) -> str:
+    return ", ".join(f"{_quote_if_needed(name)} ({kind})" for name, kind in columns.items())
+
+
+def refusal(where: str, problem: str, columns: Mapping[str, str]) -> QueryError:
+    shown = where if len(where) <= 200 else where[:200] + "..."
+    return QueryError(f"where: {problem} in {shown!r}. {GRAMMAR}. Columns: {describe_columns(columns)}.")
+
+
+def _parse(where: str, columns: Mapping[str, str]):
+    import sqlglot
+
+    if not isinstance(where, str) or not where.strip():
+        raise QueryError(f"where: the filter is empty. {GRAMMAR}. Columns: {describe_columns(columns)}.")
+    try:
+        trees = [t for t in sqlglot.parse(where, read="duckdb") if t is not None]
+    except RecursionError:
+        raise refusal(where, f"parentheses or calls nested more than {MAX_DEPTH} deep", columns) from None
+    except Exception as exc:  # noqa: BLE001 - sqlglot raises ParseError, TokenError and others on malformed text
+        raise refusal(where, f"syntax error ({str(exc).splitlines()[0][:200]})", columns) from None
+    if len(trees) != 1:
+        raise refusal(where, "more than one statement" if trees else "no expression", columns)
+    return trees[0]
+
+
+def _unsafe_sql(where: str, tree, columns: Mapping[str, str]) -> str:
+    from sqlglot import exp
+
+    if not isinstance(tree, exp.Condition) or isinstance(tree, exp.Query):
+        raise refusal(where, f"a {type(tree).__name__.upper()} statement where one expression is expected", columns)
+    try:
+        return f"({tree.sql(dialect='duckdb', comments=False)})"
+    except Exception as exc:  # noqa: BLE001 - RecursionError, unsupported nodes
+        raise refusal(where, f"an expression that cannot be printed back ({type(exc).__name__})", columns) from None
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_if_needed(name: str) -> str:
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else _quote(name)
+
+
+def _string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class _Printer:
+    """Checks each node against the allow-list and prints it as DuckDB SQL, fully parenthesised."""
+
+    def __init__(self, where: str, columns: Mapping[str, str]) -> None:
+        from sqlglot import exp
+
+        self.exp, self.where, self.columns = exp, where, columns
+        self.by_lower = {name.lower(): name for name in columns if not name.startswith("_")}
+        self.binary = {exp.EQ: "=", exp.NEQ: "<>", exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<=",
+                       exp.NullSafeEQ: "IS NOT DISTINCT FROM", exp.NullSafeNEQ: "IS DISTINCT FROM",
+                       exp.Add: "+", exp.Sub: "-", exp.Mul: "*", exp.Div: "/", exp.IntDiv: "//", exp.Mod: "%"}
+        self.unary_functions = {exp.Lower: "lower", exp.Upper: "upper", exp.Abs: "abs", exp.Year: "year",
+                                exp.Quarter: "quarter", exp.Month: "month", exp.Week: "week", exp.Day: "day",
+                                exp.DayOfMonth: "day", exp.DayOfWeek: "dayofweek", exp.DayOfYear: "dayofyear",
+                                exp.Hour: "hour", exp.Minute: "minute", exp.Second: "second", exp.Length: "length",
+                                exp.Trim: "trim", exp.Floor: "floor", exp.Ceil: "ceil"}
+
+    def refuse(self, problem: str) -> QueryError:
+        return refusal(self.where, problem, self.columns)
+
+    def sql(self, node, depth: int) -> str:
+        if depth > MAX_DEPTH:
+            raise self.refuse(f"parentheses or calls nested more than {MAX_DEPTH} deep")
+        exp, kind = self.exp, type(node)
+        if kind in (exp.And, exp.Or):  # chains are flattened, so a long OR list is not deep
+            word = " AND " if kind is exp.And else " OR "
+            return "(" + word.join(self.sql(part, depth + 1) for part in node.flatten()) + ")"
+        if kind in self.binary:
+            self.only(node, "this", "expression")
+            return f"({self.sql(node.this, depth + 1)} {self.binary[kind]} {self.sql(node.expression, depth + 1)})"
+        if kind in (exp.Not, exp.Neg, exp.Paren):
+            self.only(node, "this")
+            inner = self.sql(node.this, depth + 1)
+            return inner if kind is exp.Paren else f"({'NOT' if kind is exp.Not else '-'} {inner})"
+        if kind is exp.Column:
+            return self.column(node)
+        if kind in (exp.Literal, exp.Boolean, exp.Null):
+            return self.literal(node)
+        if kind in (exp.Is, exp.In, exp.Between, exp.Like, exp.ILike, exp.Escape):
+            return self.predicate(node, depth)
+        if kind in (exp.Cast, exp.TryCast):
+            return self.cast(node, depth)
+        return self.function(node, depth)
+
+    def only(self, node, *allowed: str) -> None:
+        """Refuse a node carrying an argument this grammar does not print (so nothing is silently dropped)."""
+        extra = [k for k, v in node.args.items() if k not in allowed and v not in (None, False, [])]
+        if extra:
+            raise self.refuse(f"{self.construct(node)} (its {', '.join(extra)})")
+
+    def construct(self, node) -> str:
+        text = node.sql(dialect="duckdb")
+        return f"the construct {text if len(text) <= 60 else type(node).__name__.upper()}"
+
+    def column(self, node) -> str:
+        if node.args.get("table") is not None:
+            raise self.refuse(f"{node.sql(dialect='duckdb')!r}: name a column alone, without a table")
+        self.only(node, "this")
+        if not isinstance(node.this, self.exp.Identifier):
+            raise self.refuse(f"{node.sql(dialect='duckdb')!r}, which is not a column name")
+        name = self.by_lower.get(node.this.name.lower())
+        if name is None:
+            raise self.refuse(f"unknown column {node.this.name!r}")
+        return _quote(name)
+
+    def literal(self, node) -> str:
+        exp = self.exp
+        if isinstance(node, exp.Null):
+            return "NULL"
+        if isinstance(node, exp.Boolean):
+            return "TRUE" if node.this else "FALSE"
+        self.only(node, "this", "is_string")
+        if node.is_string:
+            return _string(node.this)
+        if not _NUMBER.fullmatch(str(node.this)):
+            raise self.refuse(f"the number {node.this!r}")
+        return str(node.this)
+
+    def predicate(self, node, depth: int) -> str:
+        exp, d = self.exp, depth + 1
+        if isinstance(node, exp.Is):
+            self.only(node, "this", "expression", "negate")
+            if not isinstance(node.expression, (exp.Null, exp.Boolean)):
+                raise self.refuse("IS followed by something other than NULL, TRUE or FALSE")
+            return f"({self.sql(node.this, d)} IS {'NOT ' if node.args.get('negate') else ''}{self.literal(node.expression)})"
+        if isinstance(node, exp.In):
+            if node.args.get("query") is not None:
+                raise self.refuse(SUBQUERY)
+            self.only(node, "this", "expressions")
+            if not node.expressions:
+                raise self.refuse("IN without a list of values (IN takes a list: x IN (1, 2, 3))")
+            return f"({self.sql(node.this, d)} IN ({', '.join(self.sql(v, d) for v in node.expressions)}))"
+        if isinstance(node, exp.Between):
+            self.only(node, "this", "low", "high")
+            return f"({self.sql(node.this, d)} BETWEEN {self.sql(node.args['low'], d)} AND {self.sql(node.args['high'], d)})"
+        escape = None
+        if isinstance(node, exp.Escape):
+            self.only(node, "this", "expression")
+            if not isinstance(node.this, (exp.Like, exp.ILike)):
+                raise self.refuse("ESCAPE outside LIKE / ILIKE")
+            node, escape = node.this, f" ESCAPE {self.sql(node.expression, d)}"
+        self.only(node, "this", "expression", "negate")
+        word = ("NOT " if node.args.get("negate") else "") + ("LIKE" if isinstance(node, exp.Like) else "ILIKE")
+        return f"({self.sql(node.this, d)} {word} {self.sql(node.expression, d)}{escape or ''})"
+
+    def cast(self, node, depth: int) -> str:
+        exp = self.exp
+        self.only(node, "this", "to", "safe", "requires_string")  # the last two: how sqlglot marks TRY_CAST
+        to = node.to
+        type_name = to.this.name if isinstance(to, exp.DataType) else ""
+        plain = {"INT": "INTEGER", "TEXT": "VARCHAR", "BIGDECIMAL": "DECIMAL"}.get(type_name, type_name)
+        if plain not in CAST_TYPES or any(k not in ("this", "expressions") and v for k, v in to.args.items()):
+            raise self.refuse(f"a cast to {to.sql(dialect='duckdb')}")
+        params = ""
+        if to.expressions:  # DECIMAL(p, s) only
+            values = [p.this for p in to.expressions if isinstance(p, exp.DataTypeParam) and isinstance(p.this, exp.Literal)]
+            if plain != "DECIMAL" or len(values) != len(to.expressions) or not all(v.this.isdigit() for v in values):
+                raise self.refuse(f"a cast to {to.sql(dialect='duckdb')}")
+            params = "(" + ", ".join(v.this for v in values) + ")"
+        word = "TRY_CAST" if isinstance(node, exp.TryCast) or node.args.get("safe") else "CAST"
+        return f"{word}({self.sql(node.this, depth + 1)} AS {plain}{params})"
+
+    def function(self, node, depth: int) -> str:
+        exp, d = self.exp, depth + 1
+        kind = type(node)
+        if kind in self.unary_functions:
+            self.only(node, "this")
+            return f"{self.unary_functions[kind]}({self.sql(node.this, d)})"
+        if kind is exp.Round:
+            self.only(node, "this", "decimals")
+            digits = node.args.get("decimals")
+            return f"round({self.sql(node.this, d)}{'' if digits is None else ', ' + self.sql(digits, d)})"
+        if kind is exp.Coalesce:
+            self.only(node, "this", "expressions")
+            return f"coalesce({', '.join(self.sql(a, d) for a in [node.this, *node.expressions])})"
+        if kind is exp.Extract:
+            self.only(node, "this", "expression")
+            part = node.this.name.lower() if isinstance(node.this, (exp.Var, exp.Identifier, exp.Column)) else ""
+            return f"date_part({_string(self.date_part(part))}, {self.sql(node.expression, d)})"
+        if kind is exp.Anonymous and node.name.lower() in ("date_part", "datepart"):
+            self.only(node, "this", "expressions")
+            part = node.expressions[0] if len(node.expressions) == 2 else None
+            if not (isinstance(part, exp.Literal) and part.is_string):
+                raise self.refuse("date_part without a quoted part and a value (date_part('year', column))")
+            return f"date_part({_string(self.date_part(part.this.lower()))}, {self.sql(node.expressions[1], d)})"
+        if isinstance(node, (exp.Subquery, exp.Query, exp.Exists)):
+            raise self.refuse(SUBQUERY)
+        if isinstance(node, exp.Placeholder):
+            raise self.refuse("a placeholder")
+        if isinstance(node, exp.Func) and not isinstance(node, (exp.Case, exp.If, exp.Any, exp.All)):
+            return self._refuse_function((node.name if kind is exp.Anonymous else node.sql_name()).lower())
+        raise self.refuse(self.construct(node))
+
+    def date_part(self, part: str) -> str:
+        if part not in DATE_PARTS:
+            raise self.refuse(f"the date part {part!r}")
+        return part
+
+    def _refuse_function(self, name: str) -> str:
+        raise self.refuse(f"the function {name}() (allowed: {', '.join(FUNCTIONS)})")
