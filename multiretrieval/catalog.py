@@ -312,7 +312,8 @@ def plain(value: Any) -> Any:
 
 
 def _is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip())
+    return (value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and np.isnan(value))
+            or (isinstance(value, str) and not value.strip()))
 
 
 def _join_text(values: tuple) -> str | None:
@@ -341,7 +342,7 @@ def _coerce_ids(df: pd.DataFrame) -> pd.DataFrame:
     if "id" not in df.columns:
         return df
     ids = df["id"]
-    if pd.api.types.is_integer_dtype(ids.dtype) and ids.dtype != np.uint64:
+    if pd.api.types.is_integer_dtype(ids.dtype) and ids.dtype != np.uint64 and not ids.isna().any():  # a nullable column may hold NA
         return df.assign(id=ids.astype("int64"))
     values = ids.tolist()
     kinds = set()
@@ -402,8 +403,8 @@ def conform_rows(new: pd.DataFrame, existing: pd.DataFrame) -> pd.DataFrame:
     """
     out = new.copy()
     for column in new.columns:
-        if column == "id" or column not in existing.columns or column.startswith("_"):
-            continue
+        if column == "id" or column not in existing.columns or column.startswith("_") or existing[column].isna().all():
+            continue  # a column with no value yet has no type to keep: the new values give it one
         want = existing[column].dtype
         values = new[column]
         if pd.api.types.is_bool_dtype(want):

@@ -19,12 +19,13 @@ time limit with DuckDB's external access off.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 
 from .errors import QueryError
 
-MAX_DEPTH = 64  # nesting of function calls, parentheses and operators (chains of AND / OR count once)
+MAX_DEPTH = 24  # parentheses (calls included) nested in a filter; sqlglot's parser recurses ~25 frames per level
 
 FUNCTIONS = ("lower", "upper", "length", "trim", "abs", "round", "floor", "ceil", "coalesce", "year", "quarter", "month",
              "week", "day", "dayofweek", "dayofyear", "hour", "minute", "second", "date_part", "extract")
@@ -51,7 +52,12 @@ def compile_filter(where: str, columns: Mapping[str, str], unsafe: bool = False)
     tree = _parse(where, columns)
     if unsafe:
         return _unsafe_sql(where, tree, columns)
-    return _Printer(where, columns).sql(tree, 0)
+    try:
+        return _Printer(where, columns).sql(tree, 0)
+    except QueryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a tree of a shape this printer does not expect is refused, not a crash
+        raise refusal(where, f"an expression this grammar cannot read ({type(exc).__name__})", columns) from None
 
 
 def describe_columns(columns: Mapping[str, str]) -> str:
@@ -63,20 +69,50 @@ def refusal(where: str, problem: str, columns: Mapping[str, str]) -> QueryError:
     return QueryError(f"where: {problem} in {shown!r}. {GRAMMAR}. Columns: {describe_columns(columns)}.")
 
 
+class _NoCommandWarnings(logging.Filter):
+    """sqlglot logs a warning when it reads a text as a bare command: a client's filter must not write the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Falling back to parsing as a 'Command'" not in record.getMessage()
+
+
 def _parse(where: str, columns: Mapping[str, str]):
     import sqlglot
 
+    quiet = logging.getLogger("sqlglot")
+    if not any(isinstance(f, _NoCommandWarnings) for f in quiet.filters):
+        quiet.addFilter(_NoCommandWarnings())
+
     if not isinstance(where, str) or not where.strip():
         raise QueryError(f"where: the filter is empty. {GRAMMAR}. Columns: {describe_columns(columns)}.")
+    if _paren_depth(where) > MAX_DEPTH:
+        raise refusal(where, f"parentheses or calls nested more than {MAX_DEPTH} deep", columns)
     try:
         trees = [t for t in sqlglot.parse(where, read="duckdb") if t is not None]
     except RecursionError:
-        raise refusal(where, f"parentheses or calls nested more than {MAX_DEPTH} deep", columns) from None
+        raise refusal(where, "operators nested too deeply", columns) from None
     except Exception as exc:  # noqa: BLE001 - sqlglot raises ParseError, TokenError and others on malformed text
         raise refusal(where, f"syntax error ({str(exc).splitlines()[0][:200]})", columns) from None
     if len(trees) != 1:
         raise refusal(where, "more than one statement" if trees else "no expression", columns)
     return trees[0]
+
+
+def _paren_depth(text: str) -> int:
+    """The deepest nesting of parentheses outside quoted text."""
+    depth = deepest = 0
+    quote = None
+    for c in text:
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+    return deepest
 
 
 def _unsafe_sql(where: str, tree, columns: Mapping[str, str]) -> str:
@@ -123,8 +159,10 @@ class _Printer:
         return refusal(self.where, problem, self.columns)
 
     def sql(self, node, depth: int) -> str:
-        if depth > MAX_DEPTH:
-            raise self.refuse(f"parentheses or calls nested more than {MAX_DEPTH} deep")
+        if depth > 4 * MAX_DEPTH:  # operators without parentheses (NOT NOT ..., - - ...)
+            raise self.refuse("operators nested too deeply")
+        if node is None:
+            raise self.refuse("an operator or function without its operand")
         exp, kind = self.exp, type(node)
         if kind in (exp.And, exp.Or):  # chains are flattened, so a long OR list is not deep
             word = " AND " if kind is exp.And else " OR "
@@ -252,7 +290,8 @@ class _Printer:
         if isinstance(node, exp.Placeholder):
             raise self.refuse("a placeholder")
         if isinstance(node, exp.Func) and not isinstance(node, (exp.Case, exp.If, exp.Any, exp.All)):
-            return self._refuse_function((node.name if kind is exp.Anonymous else node.sql_name()).lower())
+            name = node.name if kind is exp.Anonymous else node.sql(dialect="duckdb").split("(")[0]  # as DuckDB calls it
+            return self._refuse_function(name.lower() if name.replace("_", "").isalnum() else node.sql_name().lower())
         raise self.refuse(self.construct(node))
 
     def date_part(self, part: str) -> str:

@@ -11,6 +11,7 @@ On disk (``save``/``load``): ``catalog.parquet`` (the rows, with ``_key``) and
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .embedder import FEATURES
 from .errors import CatalogError, IndexLoadError, ItemNotFoundError, LimitError, QueryError
 from .filters import compile_filter, describe_columns
 
+logger = logging.getLogger(__name__)
 KEY = "_key"  # internal int64 FAISS id of an item; never reused
 IMAGE_SOURCE = "_image_source"  # the item's image path or URL, resolved at index time
 
@@ -70,7 +72,7 @@ class ItemStore:
     def append(self, rows: pd.DataFrame, sources: list[str | None], features: dict[str, np.ndarray]) -> np.ndarray:
         """Add catalog rows with their image sources and features; returns their new keys."""
         keys = np.arange(self.next_key, self.next_key + len(rows), dtype=np.int64)
-        new = rows.copy()
+        new = _storable(rows)
         new[IMAGE_SOURCE] = sources
         new.insert(0, KEY, keys)
         self.table = new if not len(self) else pd.concat([self.table, new], ignore_index=True)
@@ -215,6 +217,28 @@ class ItemStore:
 
 def _public(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=[c for c in frame.columns if c.startswith("_")])
+
+
+def _storable(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with each metadata column of mixed kinds (1 and "cheap"; a date and a word; a list and
+    a number: a DataFrame or JSON catalog can hold them) kept as the text of its values, as a CSV
+    would give them: parquet stores one type per column, and a filter compares one type."""
+    import pyarrow as pa
+
+    out = rows.copy()
+    for column in out.columns:
+        if column == "id" or out[column].dtype != object:
+            continue
+        try:
+            pa.array(out[column], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            logger.warning("column %r mixes kinds of values; it is kept as text", column)
+            out[column] = pd.Series([None if _missing(v) else str(v) for v in out[column]], dtype=object, index=out.index)
+    return out
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NaT or value is pd.NA
 
 
 def _kind(dtype) -> str:

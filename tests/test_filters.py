@@ -1,0 +1,154 @@
+"""Filters that are only filters: the grammar's allow-list, its refusals, the time limit, the query bounds."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import multiretrieval as mr
+from multiretrieval.config import RetrieverConfig
+from multiretrieval.embedder import FEATURES
+from multiretrieval.items import ItemStore
+from multiretrieval.search import check_batch, check_k
+
+CROSS_JOIN = "(SELECT sum(a.range * b.range) FROM range(200000) a, range(200000) b) > 0"  # ran for minutes before
+
+
+def ids(retriever, where):
+    return sorted(retriever.search(text="a thing", k=100, where=where)["id"])
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("price < 300", [47, 163, 570]),
+    ("category = 'Kitchen' AND NOT (price > 600)", [575]),
+    ("lower(title) LIKE '%bed%' OR title ILIKE 'sofa'", [56, 118]),
+    ("category IN ('Bathroom', 'Lights')", [163, 570]),
+    ("price BETWEEN 189 AND 259", [47, 570]),
+    ("tags IS NULL", [163, 570]),
+    ("round(width_cm) = 60 OR abs(width_cm - 13.7) < 0.01", [163, 575]),
+    ("length(title) >= 12", [570, 575, 773]),
+    ("\"width_cm\" * 2 > 500", [56]),
+    ("coalesce(tags, 'none') = 'none' AND price >= 100", [570]),
+    ("CAST(price AS INTEGER) = 499", [575]),
+    ("id % 2 = 1 AND id NOT IN (47, 163)", [367, 575, 773]),
+    ("Price < 40", [163]),  # column names are not case-sensitive, as in DuckDB
+])
+def test_filters_in_the_grammar_select_what_pandas_selects(indexed, where, expected):
+    assert ids(indexed, where) == expected
+
+
+@pytest.mark.parametrize("where,problem", [
+    (CROSS_JOIN, "a subquery"),
+    ("id IN (SELECT 1 FROM duckdb_settings())", "a subquery"),
+    ("EXISTS (SELECT 1)", "a subquery"),
+    ("current_setting('threads') = '2'", "the function current_setting()"),
+    ("len(read_text('/etc/passwd')) > 0", "the function read_text()"),
+    ("getenv('HOME') = '/root'", "the function getenv()"),
+    ("regexp_matches(title, 'a.*')", "the function regexp_matches()"),
+    ("price > 0; DROP TABLE catalog", "more than one statement"),
+    ("price > 0 UNION SELECT 5", "a subquery"),
+    ("price = ?", "a placeholder"),
+    ("catalog.price > 0", "without a table"),
+    ("_key > 3", "unknown column '_key'"),
+    ("colour = 'red'", "unknown column 'colour'"),
+    ("price = ANY (SELECT 1)", "the construct ANY"),
+    ("CAST(price AS INT[]) = 1", "a cast to INT[]"),
+    ("lower(" * 30 + "title" + ")" * 30 + " = 'x'", "nested more than 24 deep"),
+    ("NOT " * 400 + "price > 1", "nested too deeply"),
+    ("price <", "syntax error"),
+], ids=lambda value: value[:40])
+def test_filters_outside_the_grammar_are_refused_naming_what_is_allowed_and_the_columns(indexed, where, problem):
+    with pytest.raises(mr.QueryError) as refused:
+        indexed.search(text="sofa", where=where)
+    message = str(refused.value)
+    assert problem in message
+    assert "A filter is one condition" in message and "LIKE" in message and "lower, upper, length" in message
+    assert "Columns: id (integer), title (text), category (text)" in message and "price (number)" in message
+
+
+def test_a_refused_filter_never_reaches_duckdb(retriever_copy, monkeypatch):
+    import duckdb
+
+    def no_duckdb(*args, **kwargs):
+        raise AssertionError("a refused filter reached DuckDB")
+
+    monkeypatch.setattr(duckdb, "connect", no_duckdb)  # the copy has run no filter yet: a filter would connect
+    for where in (CROSS_JOIN, "id IN (SELECT 1 FROM duckdb_settings())", "getenv('HOME') = ''"):
+        with pytest.raises(mr.QueryError, match="where: "):
+            retriever_copy.search(text="sofa", where=where)
+    with pytest.raises(AssertionError, match="reached DuckDB"):  # and a legal one does reach it
+        retriever_copy.search(text="sofa", where="price > 1")
+
+
+def test_unsafe_where_lets_a_trusted_caller_use_any_duckdb_expression_but_one(indexed):
+    assert ids(indexed, None) == sorted(indexed.items["id"])
+    found = indexed.search(text="x", k=100, where="regexp_matches(title, '^(Bed|Sofa)$')", unsafe_where=True)
+    assert sorted(found["id"]) == [56, 118]
+    with pytest.raises(mr.QueryError, match="UNION statement"):
+        indexed.search(text="x", where="price > 0 UNION SELECT 5", unsafe_where=True)
+    with pytest.raises(mr.QueryError, match="more than one statement"):
+        indexed.search(text="x", where="price > 0; SELECT 1", unsafe_where=True)
+    with pytest.raises(mr.QueryError, match="invalid filter"):  # external access stays off
+        indexed.search(text="x", where="length(read_text('/etc/hostname')) > 0", unsafe_where=True)
+
+
+def big_store(rows: int, cell: str) -> ItemStore:
+    """An item store of many rows without any model: a text column ``notes`` and an integer id."""
+    store = ItemStore()
+    features = {name: np.zeros((rows, 1, 1) if "tokens" in name else (rows, 1), np.float32 if "tokens" in name else bool)
+                for name in FEATURES}
+    store.append(pd.DataFrame({"id": np.arange(rows), "notes": [f"{i} {cell}" for i in range(rows)]}), [None] * rows, features)
+    return store
+
+
+def slow_filter(depth: int = 11) -> str:
+    """A legal filter that costs: case conversions nested around a text column, on every row."""
+    inner = "notes"
+    for _ in range(depth):
+        inner = f"upper(lower({inner}))"
+    return f"length({inner}) > 0"
+
+
+def test_a_slow_filter_is_interrupted_at_the_time_limit_and_the_store_stays_usable():
+    store = big_store(300_000, "ab" * 250)  # uncut, the slow filter runs for seconds (chunks of 2,048 rows of 500 characters)
+    answers: list = []
+
+    def other_filter():
+        answers.append(len(store.filter("id < 1000", 30.0)))
+
+    with pytest.raises(mr.LimitError, match=r"ran longer than 0.3 s \(search.filter_timeout_s\) and was stopped"):
+        worker = threading.Timer(0.1, other_filter)  # another filter, while the slow one runs
+        worker.start()
+        store.filter(slow_filter(), 0.3)
+    worker.join(30)
+    assert answers == [1000]
+    assert len(store.filter("id % 1000 = 0", 30.0)) == 300  # the interrupted connection's table answers the next one
+    with pytest.raises(mr.LimitError):
+        store.filter(slow_filter(), 0.3)  # and is interrupted again
+
+
+def test_query_bounds_come_from_the_config_and_name_their_setting(indexed):
+    config = RetrieverConfig().with_overrides({"search": {"max_k": 5, "max_text_tokens": 4, "max_where_chars": 20, "max_batch": 3}})
+    r = mr.Retriever(embedder=indexed.embedder)
+    r.store, r.indexes = indexed.store, indexed.indexes
+    r.config = config
+    try:
+        assert len(r.search(text="a bed", k=5)) == 5
+        with pytest.raises(mr.LimitError, match=r"k = 10; a query may ask for at most 5 results \(search.max_k\)"):
+            r.search(text="a bed")  # k=10, the default
+        with pytest.raises(mr.LimitError, match=r"k \+ offset = 6.*search.max_k"):
+            check_k(4, config, offset=2)
+        with pytest.raises(mr.LimitError, match=r"6 word pieces; a query text may have at most 4 \(search.max_text_tokens\)"):
+            r.search(text="a bed with a headboard", k=5)
+        with pytest.raises(mr.LimitError, match=r"where has 24 characters; a filter may have at most 20 \(search.max_where_chars\)"):
+            r.search(text="a bed", k=5, where="price > 1 AND price < 99")
+        with pytest.raises(mr.LimitError, match=r"4 queries in one batch; a batch may hold at most 3 \(search.max_batch\)"):
+            check_batch(4, config)
+        check_batch(3, config)
+    finally:
+        r.config = indexed.config  # the embedder is shared with the session's retriever
+    with pytest.raises(mr.QueryError, match="offset must be a non-negative integer"):
+        check_k(3, config, offset=-1)
