@@ -111,7 +111,8 @@ class ItemStore:
         return _public(self.table.iloc[row]).iloc[0].to_dict()
 
     def image_source(self, item_id: Any) -> str | None:
-        return self.table[IMAGE_SOURCE].iloc[self.rows_of(self.keys_for([item_id]))[0]]
+        value = self.table[IMAGE_SOURCE].iloc[self.rows_of(self.keys_for([item_id]))[0]]
+        return None if _missing(value) else value  # a saved table gives NaN for "no image"
 
     def image_sources(self) -> pd.Series:
         return pd.Series(self.table[IMAGE_SOURCE].to_numpy(), index=self.table["id"].to_numpy(), name="image_source")

@@ -136,3 +136,13 @@ def test_bad_writes_change_nothing(client):
     assert r.status_code == 400 and "not an image" in r.json()["detail"]
     assert client.get("/health").json()["items"] == 8
 
+
+
+def test_an_item_added_without_a_photo_has_no_image_and_can_be_deleted(client):
+    """Its image source comes back from the saved table as NaN, not None: it answered 500 on both."""
+    h = {"X-API-Key": KEY}
+    assert client.post("/items", headers=h, data={"metadata": '{"id": 950, "title": "a plain shelf"}'}).status_code == 201
+    assert client.post("/items", headers=h, data={"metadata": '{"id": 951, "title": "another shelf"}'}).status_code == 201
+    r = client.get("/items/950/image")
+    assert r.status_code == 404 and "has no image" in r.json()["detail"]
+    assert client.delete("/items/950", headers=h).json() == {"removed": 1, "items": 9}
