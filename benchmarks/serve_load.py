@@ -1,11 +1,16 @@
-"""Load test of the search service on loopback: N concurrent clients for a bounded time.
+"""Load and soak test of the search service on loopback: N concurrent clients for a bounded time.
 
-    python benchmarks/serve_load.py --index indexes/demo --clients 8 --seconds 20
+    python benchmarks/serve_load.py --index indexes/demo --clients 8 32 64 --seconds 300        # the soak
+    python benchmarks/serve_load.py --index indexes/demo --clients 1 8 --seconds 15 --kinds text image
 
-Starts `multiretrieval serve` on 127.0.0.1 (a free port) over the index, or uses --url
-for a server already running on this machine. Each client sends queries back to back;
-prints requests/s, p50, p99 and the error count for text queries and for image queries.
-Traffic goes to 127.0.0.1 only, and every loop stops at the deadline.
+Starts `multiretrieval serve` on 127.0.0.1 (a free port) over the index, or uses --url (and --pid
+for its memory) for a server already running on this machine. Each client sends requests back to
+back until the level's deadline. With the default ``--kinds mix`` every client cycles through the
+endpoints (text search, filtered text search, photo search, an item, its thumbnail, health) and
+the table gives requests/s, p50, p99 and errors per endpoint and level; the server's resident
+memory is sampled every second and printed at the start and end of each level (after a warm-up),
+with the highest sample. Other kinds run one endpoint at a time. Traffic goes to 127.0.0.1 only,
+every loop stops at its deadline, and a request may take at most 60 s.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +32,8 @@ import numpy as np
 
 TEXTS = ["a washing machine", "a comfortable armchair", "a red car", "a bed with a headboard", "a desk lamp",
          "kitchen cabinet", "a bathtub", "a wooden table", "a plant in a pot", "a computer screen"]
+FILTERS = ["width_cm < 100", "category = 'Kitchen' OR category = 'Bathroom'", "width_cm BETWEEN 40 AND 120",
+           "lower(title) LIKE '%chair%' OR tags IS NULL"]  # over the demo catalog's columns
 
 
 def free_port() -> int:
@@ -39,7 +47,7 @@ def start_server(index: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "multiretrieval.cli", "serve", index, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -49,50 +57,115 @@ def start_server(index: str) -> tuple[subprocess.Popen, str]:
         if proc.poll() is not None:
             raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
     proc.kill()
-    raise SystemExit("server did not start within 120 s")
+    raise SystemExit("server did not start within 180 s")
 
 
-def run(url: str, clients: int, seconds: float, make_request) -> dict:
-    """``clients`` concurrent asyncio clients (one thread, so the load generator stays light) until the deadline."""
-    return asyncio.run(_run(url, clients, seconds, make_request))
+class Memory:
+    """The server's resident memory, sampled every second in a thread (psutil)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self.process = None
+        if pid is not None:
+            import psutil
+
+            self.process = psutil.Process(pid)
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def now(self) -> float:
+        return self.process.memory_info().rss / 2**20 if self.process else float("nan")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.samples.append(self.process.memory_info().rss)
+            except Exception:  # noqa: BLE001 - the server went away
+                return
+
+    def peak_since(self, index: int) -> float:
+        window = self.samples[index:]
+        return max(window) / 2**20 if window else float("nan")
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
-async def _run(url: str, clients: int, seconds: float, make_request) -> dict:
-    latencies: list[float] = []
-    errors = 0
+def requests_for(kinds: list[str], photo: bytes, ids: list[str]) -> dict:
+    """Endpoint name -> a function (client, i) -> awaitable response."""
+    every = {
+        "text": lambda http, i: http.post("/search", json={"text": TEXTS[i % len(TEXTS)], "k": 10}),
+        "text+where": lambda http, i: http.post("/search", json={"text": TEXTS[i % len(TEXTS)], "k": 10,
+                                                                 "where": FILTERS[i % len(FILTERS)]}),
+        "image": lambda http, i: http.post("/search", files={"image": ("q.png", photo, "image/png")}, data={"k": "10"}),
+        "item": lambda http, i: http.get(f"/items/{ids[i % len(ids)]}"),
+        "thumbnail": lambda http, i: http.get(f"/items/{ids[i % len(ids)]}/image"),
+        "health": lambda http, i: http.get("/health"),
+    }
+    if kinds == ["mix"]:
+        return every
+    unknown = set(kinds) - set(every)
+    if unknown:
+        raise SystemExit(f"unknown kinds {sorted(unknown)}; choose mix or some of {sorted(every)}")
+    return {k: every[k] for k in kinds}
+
+
+def run(url: str, clients: int, seconds: float, endpoints: dict) -> dict:
+    return asyncio.run(_run(url, clients, seconds, endpoints))
+
+
+async def _run(url: str, clients: int, seconds: float, endpoints: dict) -> dict:
+    """``clients`` asyncio clients (one thread, so the load generator stays light), each cycling through
+    the endpoints until the deadline; latencies and errors per endpoint."""
+    names = list(endpoints)
+    latencies: dict[str, list[float]] = {n: [] for n in names}
+    errors: dict[str, int] = dict.fromkeys(names, 0)
+    first_errors: list[str] = []
     deadline = time.perf_counter() + seconds
 
     async def client(http: httpx.AsyncClient, worker: int) -> None:
-        nonlocal errors
         i = worker
         while time.perf_counter() < deadline:
+            name = names[i % len(names)]
             t = time.perf_counter()
             try:
-                ok = (await make_request(http, i)).status_code == 200
-            except httpx.HTTPError:
-                ok = False
+                response = await endpoints[name](http, i // len(names))
+                ok = response.status_code in (200, 307)
+                problem = f"{name}: {response.status_code} {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                ok, problem = False, f"{name}: {type(exc).__name__} {exc}"
             if ok:
-                latencies.append((time.perf_counter() - t) * 1000)
+                latencies[name].append((time.perf_counter() - t) * 1000)
             else:
-                errors += 1
+                errors[name] += 1
+                if len(first_errors) < 5:
+                    first_errors.append(problem)
             i += clients
 
     started = time.perf_counter()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, follow_redirects=False) as http:
         await asyncio.gather(*(client(http, w) for w in range(clients)))
     elapsed = time.perf_counter() - started
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "errors": errors,
-            "p50": statistics.median(latencies) if latencies else float("nan"),
-            "p99": float(np.percentile(latencies, 99)) if latencies else float("nan")}
+    rows = {}
+    for name in names:
+        lat = latencies[name]
+        rows[name] = {"requests": len(lat), "rps": len(lat) / elapsed, "errors": errors[name],
+                      "p50": statistics.median(lat) if lat else float("nan"),
+                      "p99": float(np.percentile(lat, 99)) if lat else float("nan")}
+    return {"rows": rows, "first_errors": first_errors}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", help="index folder to serve (starts a server)")
     parser.add_argument("--url", help="a server already running on this machine, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--pid", type=int, help="with --url: the server's process id, for its memory")
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--seconds", type=float, default=300, help="per level (default 300)")
+    parser.add_argument("--warmup", type=float, default=10, help="seconds of load before the first memory reading")
+    parser.add_argument("--kinds", nargs="+", default=["mix"], help="mix (default), or some of: text text+where image item "
+                                                                      "thumbnail health (each run alone)")
     parser.add_argument("--photo", default="data/demo/images/KatorLegaz/futon-couch.png")
     args = parser.parse_args()
     if bool(args.index) == bool(args.url):
@@ -100,22 +173,40 @@ def main() -> None:
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("--url must be a loopback address")
     proc, url = start_server(args.index) if args.index else (None, args.url)
+    memory = Memory(proc.pid if proc else args.pid)
     photo = Path(args.photo).read_bytes()
-    kinds = {
-        "text": lambda http, i: http.post("/search", json={"text": TEXTS[i % len(TEXTS)], "k": 10}),
-        "image": lambda http, i: http.post("/search", files={"image": ("q.png", photo, "image/png")}, data={"k": "10"}),
-    }
     try:
-        rows = [(kind, n, run(url, n, args.seconds, fn)) for kind, fn in kinds.items() for n in args.clients]
+        with httpx.Client(base_url=url, timeout=60) as http:
+            ids = [str(r["id"]) for r in http.post("/search", json={"text": "a chair", "k": 50}).json()["results"]]
+        endpoints = requests_for(args.kinds, photo, ids)
+        groups = [endpoints] if args.kinds == ["mix"] else [{k: v} for k, v in endpoints.items()]
+        if args.warmup:
+            run(url, args.clients[0], args.warmup, groups[0])
+        results = []
+        for group in groups:
+            for n in args.clients:
+                mark, before = len(memory.samples), memory.now()
+                outcome = run(url, n, args.seconds, group)
+                results.append((n, outcome, before, memory.now(), memory.peak_since(mark)))
     finally:
+        memory.stop()
         if proc is not None:
             proc.terminate()
             proc.wait(10)
-    print(f"\n{url}, {os.cpu_count()} CPUs, {args.seconds:.0f} s per row\n")
-    print("| query | clients | requests | req/s | p50 ms | p99 ms | errors |")
+    print(f"\n{url}, {os.cpu_count()} CPUs, {args.seconds:.0f} s per level, kinds {' '.join(args.kinds)}\n")
+    print("| clients | endpoint | requests | req/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|")
-    for kind, n, r in rows:
-        print(f"| {kind} | {n} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
+    for n, outcome, *_ in results:
+        for name, r in outcome["rows"].items():
+            print(f"| {n} | {name} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
+    print("\n| clients | requests | errors | resident MiB at start | at end | highest |")
+    print("|---|---|---|---|---|---|")
+    for n, outcome, before, after, peak in results:
+        rows = outcome["rows"].values()
+        print(f"| {n} | {sum(r['requests'] for r in rows)} | {sum(r['errors'] for r in rows)} | {before:.0f} | {after:.0f} | {peak:.0f} |")
+    problems = [p for _, outcome, *_ in results for p in outcome["first_errors"]]
+    if problems:
+        print("\nfirst errors:\n" + "\n".join(problems[:10]))
 
 
 if __name__ == "__main__":

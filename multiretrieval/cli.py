@@ -55,7 +55,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .retriever import Retriever
 
     retriever = Retriever.load(args.index_dir, _load_config(args.config) if args.config else None)
-    results = retriever.search(image=args.image, text=args.text, mode=args.mode, k=args.k, where=args.where)
+    results = retriever.search(image=args.image, text=args.text, mode=args.mode, k=args.k, where=args.where,
+                               unsafe_where=args.unsafe_where)
     if args.format == "json":
         print(results.to_json(orient="records", indent=2))
     elif args.format == "csv":
@@ -163,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="query image: a path or URL")
     p.add_argument("--mode", default="auto", choices=MODES, help="default auto: image+text -> fused, image -> image, text -> text")
     p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
-    p.add_argument("--where", help="SQL condition over catalog columns, e.g. \"price < 200 AND category = 'rings'\"")
+    p.add_argument("--where", help="a condition over catalog columns, e.g. \"price < 200 AND category = 'rings'\" "
+                                   "(grammar: README, Filters)")
+    p.add_argument("--unsafe-where", action="store_true", help="accept any single DuckDB expression as --where (you trust it)")
     p.add_argument("--show", metavar="PNG", help="also draw the query and its results into this PNG")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--config", help="YAML config; must name the encoders the index was built with")
