@@ -132,25 +132,22 @@ def test_a_slow_filter_is_interrupted_at_the_time_limit_and_the_store_stays_usab
         store.filter(slow_filter(), 0.3)  # and is interrupted again
 
 
-def test_query_bounds_come_from_the_config_and_name_their_setting(indexed):
+def test_query_bounds_come_from_the_config_and_name_their_setting(indexed, tmp_path):
     config = RetrieverConfig().with_overrides({"search": {"max_k": 5, "max_text_tokens": 4, "max_where_chars": 20, "max_batch": 3}})
-    r = mr.Retriever(embedder=indexed.embedder)
-    r.store, r.indexes = indexed.store, indexed.indexes
-    r.config = config
-    try:
-        assert len(r.search(text="a bed", k=5)) == 5
-        with pytest.raises(mr.LimitError, match=r"k = 10; a query may ask for at most 5 results \(search.max_k\)"):
-            r.search(text="a bed")  # k=10, the default
-        with pytest.raises(mr.LimitError, match=r"k \+ offset = 6.*search.max_k"):
-            check_k(4, config, offset=2)
-        with pytest.raises(mr.LimitError, match=r"6 word pieces; a query text may have at most 4 \(search.max_text_tokens\)"):
-            r.search(text="a bed with a headboard", k=5)
-        with pytest.raises(mr.LimitError, match=r"where has 24 characters; a filter may have at most 20 \(search.max_where_chars\)"):
-            r.search(text="a bed", k=5, where="price > 1 AND price < 99")
-        with pytest.raises(mr.LimitError, match=r"4 queries in one batch; a batch may hold at most 3 \(search.max_batch\)"):
-            check_batch(4, config)
-        check_batch(3, config)
-    finally:
-        r.config = indexed.config  # the embedder is shared with the session's retriever
+    indexed.save(tmp_path / "ix")
+    r = mr.Retriever.load(tmp_path / "ix", config=config)
+    assert len(r.search(text="a bed", k=5)) == 5
+    with pytest.raises(mr.LimitError, match=r"k = 10; a query may ask for at most 5 results \(search.max_k\)"):
+        r.search(text="a bed")  # k=10, the default
+    with pytest.raises(mr.LimitError, match=r"k \+ offset = 6.*search.max_k"):
+        check_k(4, config, offset=2)
     with pytest.raises(mr.QueryError, match="offset must be a non-negative integer"):
         check_k(3, config, offset=-1)
+    with pytest.raises(mr.LimitError, match=r"6 word pieces; a query text may have at most 4 \(search.max_text_tokens\)"):
+        r.search(text="a bed with a headboard", k=5)
+    with pytest.raises(mr.LimitError, match=r"where has 24 characters; a filter may have at most 20 \(search.max_where_chars\)"):
+        r.search(text="a bed", k=5, where="price > 1 AND price < 99")
+    with pytest.raises(mr.LimitError, match=r"4 queries in one batch; a batch may hold at most 3 \(search.max_batch\)"):
+        check_batch(4, config)
+    check_batch(3, config)
+    assert indexed.config.search == RetrieverConfig().search  # the session's retriever keeps its own
