@@ -80,7 +80,8 @@ def service(args) -> list[str]:
             with httpx.Client(base_url=url, timeout=120) as http:
                 post = lambda **body: http.post("/search", json=body)  # noqa: E731
                 post(text="warm-up", where="notes IS NULL")  # DuckDB's copy of the rows
-                for name, where in (("refused: the cross join (a subquery)", CROSS_JOIN), ("refused: IN (SELECT ... duckdb_settings())", SUBQUERY),
+                for name, where in (("refused: the cross join (a subquery)", CROSS_JOIN),
+                                    ("refused: IN (SELECT ... duckdb_settings())", SUBQUERY),
                                     ("legal filter `notes IS NULL AND title <> 'x'`", "notes IS NULL AND title <> 'x'")):
                     times, rs = timed(lambda i, w=where: post(text=TEXTS[i % 5], where=w), args.n)
                     out.append(row(name, times, [r.status_code for r in rs]))
@@ -124,8 +125,9 @@ def in_process(rows: int = 300_000, limit: float = 2.0) -> list[str]:
     from multiretrieval.items import ItemStore
 
     store = ItemStore()
-    features = {n: np.zeros((rows, 1, 1) if "tokens" in n else (rows, 1), np.float32 if "tokens" in n else bool) for n in FEATURES}
-    store.append(pd.DataFrame({"id": np.arange(rows), "notes": [f"{i} " + "ab" * 50 for i in range(rows)]}), [None] * rows, features)
+    features = {n: np.zeros((rows, 1, 1), np.float32) if "tokens" in n else np.zeros((rows, 1), bool) for n in FEATURES}
+    notes = [f"{i} " + "ab" * 50 for i in range(rows)]
+    store.append(pd.DataFrame({"id": np.arange(rows), "notes": notes}), [None] * rows, features)
     store.filter("id < 0", None)
     started = time.perf_counter()
     store.filter(slow_filter(), None)

@@ -187,7 +187,10 @@ def main() -> None:
             for n in args.clients:
                 mark, before = len(memory.samples), memory.now()
                 outcome = run(url, n, args.seconds, group)
-                results.append((n, outcome, before, memory.now(), memory.peak_since(mark)))
+                after = memory.now()
+                readings = [v for v in (memory.peak_since(mark), before, after) if v == v]  # v == v: not NaN (no --pid)
+                peak = max(readings, default=float("nan"))
+                results.append((n, outcome, before, after, peak))
     finally:
         memory.stop()
         if proc is not None:
@@ -203,7 +206,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for n, outcome, before, after, peak in results:
         rows = outcome["rows"].values()
-        print(f"| {n} | {sum(r['requests'] for r in rows)} | {sum(r['errors'] for r in rows)} | {before:.0f} | {after:.0f} | {peak:.0f} |")
+        requests, errors = sum(r["requests"] for r in rows), sum(r["errors"] for r in rows)
+        print(f"| {n} | {requests} | {errors} | {before:.0f} | {after:.0f} | {peak:.0f} |")
     problems = [p for _, outcome, *_ in results for p in outcome["first_errors"]]
     if problems:
         print("\nfirst errors:\n" + "\n".join(problems[:10]))

@@ -133,7 +133,8 @@ def test_a_slow_filter_is_interrupted_at_the_time_limit_and_the_store_stays_usab
 
 
 def test_query_bounds_come_from_the_config_and_name_their_setting(indexed, tmp_path):
-    config = RetrieverConfig().with_overrides({"search": {"max_k": 5, "max_text_tokens": 4, "max_where_chars": 20, "max_batch": 3}})
+    bounds = {"max_k": 5, "max_text_tokens": 4, "max_where_chars": 20, "max_batch": 3}
+    config = RetrieverConfig().with_overrides({"search": bounds})
     indexed.save(tmp_path / "ix")
     r = mr.Retriever.load(tmp_path / "ix", config=config)
     assert len(r.search(text="a bed", k=5)) == 5

@@ -101,7 +101,8 @@ def test_filters_are_applied_before_ranking(indexed):
 
 
 @pytest.mark.parametrize("where,message", [
-    ("price <", "syntax error"), ("colour = 'red'", "unknown column 'colour'"), ("1=1; DROP TABLE catalog", "more than one statement"),
+    ("price <", "syntax error"), ("colour = 'red'", "unknown column 'colour'"),
+    ("1=1; DROP TABLE catalog", "more than one statement"),
     ("len(read_text('/etc/passwd')) > 0", r"the function read_text\(\)"), ("title > 3", "invalid filter"),
 ])
 def test_bad_filters_are_named(indexed, where, message):

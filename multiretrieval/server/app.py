@@ -30,8 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..catalog import load_image
 from ..config import SearchConfig
-from ..filters import compile_filter
 from ..errors import CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError
+from ..filters import compile_filter
 from ..retriever import MODES, Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
 
@@ -50,12 +50,15 @@ def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
         "SearchRequest",
         # Lengths are in the schema but checked by the query stage (make_query), whose 422 names the setting
         # and whose 400 says what is wrong with a text that is not valid Unicode.
-        text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars}, examples=["a washing machine"], description=(
-            f"query text: at most {bounds.max_text_chars:,} characters (search.max_text_chars) and "
-            f"{bounds.max_text_tokens:,} word pieces (search.max_text_tokens); over either: 422"))),
+        text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars}, examples=["a washing machine"],
+                                description=(f"query text: at most {bounds.max_text_chars:,} characters (search.max_text_chars) "
+                                             f"and {bounds.max_text_tokens:,} word pieces (search.max_text_tokens); "
+                                             "over either: 422"))),
         mode=(Mode, "auto"),
-        k=(int, Field(10, ge=1, json_schema_extra={"maximum": bounds.max_k}, description=f"number of results, 1 to {bounds.max_k:,} (search.max_k)")),
-        where=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_where_chars}, examples=["price < 500 AND category = 'Kitchen'"], description=(
+        k=(int, Field(10, ge=1, json_schema_extra={"maximum": bounds.max_k},
+                      description=f"number of results, 1 to {bounds.max_k:,} (search.max_k)")),
+        where=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_where_chars},
+                                 examples=["price < 500 AND category = 'Kitchen'"], description=(
             "filter: one condition over catalog columns (columns, literals, comparisons, AND/OR/NOT, arithmetic, "
             "IN lists, BETWEEN, LIKE/ILIKE, IS NULL, CAST and a few scalar functions; README, \"Filters\"). "
             f"At most {bounds.max_where_chars:,} characters (search.max_where_chars); outside the grammar: 400; "
@@ -152,7 +155,6 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     request_model = search_request_model(bounds)
     app = FastAPI(title="multiretrieval", version=_version(), docs_url=None,
                   description="Search a product catalog by text, photo, or both.")
-    app.state.search_request_model = request_model
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts or list(LOOPBACK_HOSTS), allowed_origins=allowed_origins or [])
@@ -343,8 +345,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:  # Starlette's Allow names the first route's methods only; a path may have several
             from starlette.routing import Match
 
-            methods = {m for route in app.routes if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE
-                       for m in route.methods}
+            methods = {m for route in app.routes if getattr(route, "methods", None)
+                       and route.matches(request.scope)[0] != Match.NONE for m in route.methods}
             headers["Allow"] = ", ".join(sorted(methods))
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 

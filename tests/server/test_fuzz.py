@@ -23,7 +23,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=20, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 def test_the_api_answers_generated_requests_within_its_schema(case):
     # A request valid by the schema may still be refused (mode "fused" needs both inputs; an image
     # field must hold an image): positive_data_acceptance cannot apply. Every other check does.
