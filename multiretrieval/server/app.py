@@ -1,9 +1,16 @@
 """FastAPI app: REST endpoints and the search page, over one saved index folder.
 
-Reads take a snapshot of the current retriever and run concurrently. Writes are
-serialised by a lock and copy-on-write: the writer loads a fresh copy of the index,
-changes it, saves it to the index folder (atomically), then swaps the snapshot, so a
-reader sees the index before or after a write, never half of it.
+One retriever serves every request: searches run concurrently, writes (add, upsert, remove)
+change it in place, one at a time (the retriever's readers-writer lock lets a search see the
+index before or after a write, never half of it). A write is acknowledged once it is applied
+and appended to the write log (``INDEX_DIR.journal``, fsync'ed); the index folder is saved
+(atomically) only at checkpoints: every ``checkpoint_every`` writes and at shutdown, after
+which the log is emptied. A restart loads the folder and replays the log, so every
+acknowledged write survives a crash, a SIGKILL included.
+
+Item ids are any strings: ``/items/{id}`` takes the id URL-encoded, slashes included
+(``/items/lamps%2Fdesk.jpg`` or ``/items/lamps/desk.jpg``), and ``/item?id=...`` takes it as a
+query parameter (also for an id that ends in "/image").
 """
 
 from __future__ import annotations
@@ -21,15 +28,16 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..catalog import load_image
+from ..catalog import is_url, load_image
 from ..errors import CatalogError, ConfigError, ImageError, ItemNotFoundError, LimitError, QueryError
 from ..retriever import MODES, Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
+from .journal import Journal, write_durably
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -44,20 +52,26 @@ class SearchRequest(BaseModel):
     mode: Mode = "auto"
     k: int = Field(10, ge=1, le=1000)
     where: str | None = Field(None, description="SQL condition over catalog columns")
+    hybrid: Literal["rrf", "weighted", "off"] | None = Field(None, description="text queries: how keywords and vectors combine")
+    keyword_weight: float | None = Field(None, ge=0, le=1, description="text queries: the keywords' share")
 
 
 class Service:
-    """The current retriever snapshot, the write lock, and where uploads go."""
+    """The retriever, the write lock and log, and where uploads go."""
 
-    def __init__(self, index_dir: str | Path) -> None:
+    def __init__(self, index_dir: str | Path, checkpoint_every: int = 1000) -> None:
         self.index_dir = Path(index_dir).resolve()
-        # Uploaded images live beside the index folder: a save replaces the folder itself.
+        # Uploaded images and the write log live beside the index folder: a save replaces the folder itself.
         self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
+        self.checkpoint_every = max(1, checkpoint_every)
         self._write_lock = threading.Lock()
-        first = Retriever.load(self.index_dir)
-        self.text_batcher = MicroBatcher(first.text_encoder.forward)
-        self.image_batcher = MicroBatcher(first.image_encoder.forward, max_batch=16)
-        self.retriever = self._prepare(first)
+        retriever = Retriever.load(self.index_dir)
+        self.text_batcher = MicroBatcher(retriever.text_encoder.forward)
+        self.image_batcher = MicroBatcher(retriever.image_encoder.forward, max_batch=16)
+        self.retriever = self._prepare(retriever)
+        saved = int(retriever.saved_note.get("journal_seq", 0))
+        self.journal = Journal(self.index_dir.with_name(self.index_dir.name + ".journal"), after=saved)
+        self._replay(self.journal.records(after=saved))
 
     def _prepare(self, retriever: Retriever) -> Retriever:
         """Route the retriever's encoders through the shared micro-batchers and load every model now."""
@@ -67,13 +81,44 @@ class Service:
         embedder.fusion, embedder.zero_shot.text_batch(["warm-up"])  # noqa: B018
         return retriever
 
-    def write(self, change) -> Any:
+    def _replay(self, records: list[dict]) -> None:
+        """Apply the logged writes that the saved folder does not hold yet, in order."""
+        for record in records:
+            try:
+                apply(record, self.retriever)
+            except Exception as exc:  # noqa: BLE001 - logged writes were valid when made; go on with the rest
+                logger.warning("replaying write %d (%s) of %s: %s", record["seq"], record.get("op"), self.journal.path, exc)
+        if records:
+            logger.info("replayed %d logged writes from %s", len(records), self.journal.path)
+
+    def write(self, record: dict, check=None) -> Any:
+        """Apply a write to the retriever, log it (fsync'ed), then answer; ``check(result)`` may refuse it
+        first (raising) when the retriever did not take it (a row it skipped changes nothing)."""
         with self._write_lock:
-            fresh = Retriever.load(self.index_dir)
-            result = change(fresh)
-            fresh.save(self.index_dir)
-            self.retriever = self._prepare(fresh)
+            result = apply(record, self.retriever)
+            if check is not None:
+                check(result)
+            try:
+                self.journal.append(record)
+            except BaseException:
+                logger.exception("cannot log a write; going back to the state on disk")
+                self.retriever = self._prepare(Retriever.load(self.index_dir))
+                self._replay(self.journal.records(after=int(self.retriever.saved_note.get("journal_seq", 0))))
+                raise
+            if len(self.journal) >= self.checkpoint_every:
+                self._checkpoint()
             return result
+
+    def checkpoint(self) -> None:
+        """Save the index folder (atomically) and empty the write log, if anything was written since the last one."""
+        with self._write_lock:
+            if len(self.journal):
+                self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        self.retriever.save(self.index_dir, note={"journal_seq": self.journal.last_seq})
+        self.journal.reset()
+        logger.info("checkpoint: saved %s through write %d", self.index_dir, self.journal.last_seq)
 
     def drop_unused_upload(self, source: str | Path | None) -> None:
         """Delete an uploaded image that no indexed item uses (its item was removed, or never added)."""
@@ -84,26 +129,56 @@ class Service:
                 Path(source).unlink(missing_ok=True)
 
 
+def apply(record: dict, retriever: Retriever) -> Any:
+    """Carry out one logged write on a retriever: add, upsert (rows of catalog columns) or remove (ids)."""
+    import pandas as pd
+
+    op = record["op"]
+    if op == "add":
+        return retriever.add(pd.DataFrame(record["rows"]))
+    if op == "upsert":
+        return retriever.upsert(pd.DataFrame(record["rows"]))
+    if op == "remove":
+        return retriever.remove(record["ids"])
+    raise ValueError(f"unknown write {op!r}")
+
+
+def _refuse_skipped(report) -> None:
+    if report.skipped:
+        raise _HTTPError(400, str(report.skipped[0]))
+
+
 def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20,
-               allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None,
+               checkpoint_every: int = 1000) -> FastAPI:
     """Build the app for a saved index folder.
 
     Args:
         index_dir: a folder written by ``Retriever.save`` / ``multiretrieval index``.
-        api_key: when set, POST /items and DELETE /items/{id} need header ``X-API-Key``.
+        api_key: when set, POST/PUT/DELETE of items need header ``X-API-Key``.
         max_upload_bytes: larger request bodies get 413.
         allowed_hosts: the Host names requests may carry (default: localhost, 127.0.0.1, ::1;
             "*" for any). Others get 400, which stops DNS-rebinding pages from reaching the app.
         allowed_origins: web origins (e.g. "https://shop.example") besides the app's own that
             may send POST/DELETE requests; other origins get 403 (cross-site request forgery).
+        checkpoint_every: save the index folder (and empty the write log) after this many writes.
     """
+    import contextlib
+
     import faiss
 
     # One query searches one vector: FAISS's OpenMP threads would only spin against each other
     # across concurrent requests. Concurrency comes from the request threads instead.
     faiss.omp_set_num_threads(1)
-    service = Service(index_dir)
-    app = FastAPI(title="multiretrieval", version=_version(), docs_url=None,
+    service = Service(index_dir, checkpoint_every)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(service.checkpoint)  # a clean shutdown leaves no log to replay
+        service.journal.close()
+
+    app = FastAPI(title="multiretrieval", version=_version(), docs_url=None, lifespan=lifespan,
                   description="Search a product catalog by text, photo, or both.")
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
@@ -131,70 +206,125 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     async def search(request: Request) -> Response:
         """Text queries as JSON; an image (field `image`) plus text, mode, k, where as multipart form.
 
-        Each result's thumbnail is at GET /items/{id}/image."""
+        Each result's thumbnail is at GET /item/image?id=ID (or /items/ID/image, the id URL-encoded)."""
         query, image = await _parse_search(request)
         retriever = service.retriever
         results = await run_in_threadpool(retriever.search, image=image, text=query.text, mode=query.mode, k=query.k,
-                                          where=query.where)
+                                          where=query.where, hybrid=query.hybrid, keyword_weight=query.keyword_weight)
         mode = query.mode if query.mode != "auto" else ("fused" if image and query.text else "image" if image else "text")
         # Serialised once by pandas (NaN -> null), not converted to dicts and back.
         body = f'{{"mode": {json.dumps(mode)}, "count": {len(results)}, "results": {results.to_json(orient="records")}}}'
         return Response(body, media_type="application/json")
 
-    @app.get("/items/{item_id}")
-    def get_item(item_id: str) -> dict:
+    def item_row(item_id: str) -> dict:
         import pandas as pd
 
         return json.loads(pd.DataFrame([service.retriever.get(item_id)]).to_json(orient="records"))[0]  # NaN -> null
 
-    @app.get("/items/{item_id}/image")
-    def item_image(item_id: str) -> Response:
+    def item_thumbnail(item_id: str) -> Response:
         source = service.retriever.image_source(item_id)
         if source is None:
             raise _HTTPError(404, f"item {item_id!r} has no image")
-        if source.startswith(("http://", "https://")):
-            return RedirectResponse(source)
-        return Response(_thumbnail(source, _mtime(source)), media_type="image/png",
-                        headers={"Cache-Control": "public, max-age=3600"})
+        data = _thumbnail(source, 0.0 if is_url(source) else _mtime(source))  # an image URL is fetched here, not by the browser
+        return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
+
+    async def write(record: dict, check=None) -> Any:
+        return await run_in_threadpool(service.write, record, check)
+
+    async def add_or_upsert(request: Request, op: str, item_id: str | None = None) -> dict:
+        metadata, path = await _item_upload(request, service, item_id)
+        try:
+            previous = service.retriever.image_source(metadata["id"]) if op == "upsert" else None
+        except (ItemNotFoundError, KeyError):
+            previous = None
+        try:
+            report = await write({"op": op, "rows": [metadata]}, _refuse_skipped)
+        except BaseException:
+            service.drop_unused_upload(path)
+            raise
+        if previous != (str(path) if path else None):
+            service.drop_unused_upload(previous)  # the image an upsert replaced
+        return {"added" if op == "add" else "upserted": report.indexed, "items": len(service.retriever),
+                **({"changes": report.changes} if op == "upsert" else {})}
+
+    async def delete(item_id: str) -> dict:
+        source = service.retriever.image_source(item_id)  # 404 before taking the write lock
+        removed = await write({"op": "remove", "ids": [item_id]})
+        service.drop_unused_upload(source)
+        return {"removed": removed, "items": len(service.retriever)}
+
+    @app.get("/item")
+    def get_item_by_query(id: str) -> dict:  # noqa: A002 - the query parameter is called id
+        """An item's catalog row; the id as a query parameter (any string, URL-encoded)."""
+        return item_row(id)
+
+    @app.get("/item/image")
+    def item_image_by_query(id: str) -> Response:  # noqa: A002
+        """An item's thumbnail (PNG, at most 256 px); the id as a query parameter."""
+        return item_thumbnail(id)
+
+    @app.delete("/item", dependencies=[Depends(require_key)])
+    async def delete_item_by_query(id: str) -> dict:  # noqa: A002
+        """Remove an item; the id as a query parameter."""
+        return await delete(id)
+
+    @app.put("/item", dependencies=[Depends(require_key)], openapi_extra=_ADD_BODY)
+    async def upsert_item_by_query(request: Request, id: str) -> dict:  # noqa: A002
+        """Add or replace an item (see PUT /items/{id}); the id as a query parameter."""
+        return await add_or_upsert(request, "upsert", id)
+
+    @app.get("/items/{item_id:path}/image")
+    def item_image(item_id: str) -> Response:
+        """An item's thumbnail (PNG, at most 256 px); the id URL-encoded, slashes allowed."""
+        return item_thumbnail(item_id)
+
+    @app.get("/items/{item_id:path}")
+    def get_item(item_id: str) -> dict:
+        """An item's catalog row; the id URL-encoded, slashes allowed."""
+        return item_row(item_id)
 
     @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=_ADD_BODY)
     async def add_item(request: Request) -> dict:
         """Add one item: multipart with `metadata` (a JSON object with id, title, ...) and an optional `image` file."""
-        form = await _form(request)
-        try:
-            metadata = json.loads(form.get("metadata") or "")
-        except ValueError as exc:
-            raise _HTTPError(400, f"metadata: not a JSON object: {exc}") from exc
-        if not isinstance(metadata, dict) or "image" in metadata:
-            raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
-        upload = form.get("image")
-        path = None
-        if upload is not None and hasattr(upload, "read"):
-            data = await upload.read()
-            load_image(data)  # refuse a bad image before anything is written
-            service.uploads.mkdir(parents=True, exist_ok=True)
-            path = service.uploads / f"{hashlib.sha256(data).hexdigest()}.img"  # the name is ours, never the client's
-            path.write_bytes(data)
-            metadata["image"] = str(path)
-        import pandas as pd
+        return await add_or_upsert(request, "add")
 
-        try:
-            report = await run_in_threadpool(service.write, lambda r: r.add(pd.DataFrame([metadata])))
-            if report.skipped:
-                raise _HTTPError(400, str(report.skipped[0]))
-        except BaseException:
-            service.drop_unused_upload(path)
-            raise
-        return {"added": report.indexed, "items": len(service.retriever)}
+    @app.put("/items/{item_id:path}", dependencies=[Depends(require_key)], openapi_extra=_ADD_BODY)
+    async def upsert_item(request: Request, item_id: str) -> dict:
+        """Add or replace one item (multipart `metadata` and optional `image`, as for POST /items): a new id is
+        added, a changed image or text is encoded again, changed metadata alone is updated in place."""
+        return await add_or_upsert(request, "upsert", item_id)
 
-    @app.delete("/items/{item_id}", dependencies=[Depends(require_key)])
+    @app.delete("/items/{item_id:path}", dependencies=[Depends(require_key)])
     async def delete_item(item_id: str) -> dict:
-        source = service.retriever.image_source(item_id)  # 404 before taking the write lock
-        removed = await run_in_threadpool(service.write, lambda r: r.remove([item_id]))
-        service.drop_unused_upload(source)
-        return {"removed": removed, "items": len(service.retriever)}
+        """Remove an item; the id URL-encoded, slashes allowed."""
+        return await delete(item_id)
 
     return app
+
+
+async def _item_upload(request: Request, service: Service, item_id: str | None) -> tuple[dict, Path | None]:
+    """The catalog row of an add/upsert request (its image saved under a name of ours), checked."""
+    form = await _form(request)
+    try:
+        metadata = json.loads(form.get("metadata") or "")
+    except ValueError as exc:
+        raise _HTTPError(400, f"metadata: not a JSON object: {exc}") from exc
+    if not isinstance(metadata, dict) or "image" in metadata:
+        raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
+    if item_id is not None:
+        if "id" in metadata and str(metadata["id"]) != item_id:
+            raise _HTTPError(400, f"metadata: id {metadata['id']!r} differs from the id in the URL, {item_id!r}")
+        metadata.setdefault("id", item_id)
+    upload = form.get("image")
+    path = None
+    if upload is not None and hasattr(upload, "read"):
+        data = await upload.read()
+        load_image(data)  # refuse a bad image before anything is written
+        service.uploads.mkdir(parents=True, exist_ok=True)
+        path = service.uploads / f"{hashlib.sha256(data).hexdigest()}.img"  # the name is ours, never the client's
+        write_durably(path, data)  # on disk before the write that names it is logged
+        metadata["image"] = str(path)
+    return metadata, path
 
 
 async def _parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
