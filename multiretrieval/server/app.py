@@ -273,15 +273,13 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         """Add or replace an item (see PUT /items/{id}); the id as a query parameter."""
         return await add_or_upsert(request, "upsert", id)
 
-    @app.get("/items/{item_id:path}/image")
-    def item_image(item_id: str) -> Response:
-        """An item's thumbnail (PNG, at most 256 px); the id URL-encoded, slashes allowed."""
-        return item_thumbnail(item_id)
-
-    @app.get("/items/{item_id:path}")
-    def get_item(item_id: str) -> dict:
-        """An item's catalog row; the id URL-encoded, slashes allowed."""
-        return item_row(item_id)
+    @app.get("/items/{item_path:path}", responses={200: {"content": {"image/png": {}}}})
+    def get_item(item_path: str, request: Request) -> Any:
+        """``/items/ID``: an item's catalog row; ``/items/ID/image``: its thumbnail (PNG, at most 256 px).
+        The id URL-encoded (``lamps%2Fdesk.jpg``); unencoded slashes work too, except in an id that
+        itself ends in "/image": for such ids use ``/item?id=``."""
+        item_id, thumbnail = _item_path(request, item_path)
+        return item_thumbnail(item_id) if thumbnail else item_row(item_id)
 
     @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=_ADD_BODY)
     async def add_item(request: Request) -> dict:
@@ -300,6 +298,22 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         return await delete(item_id)
 
     return app
+
+
+def _item_path(request: Request, decoded: str) -> tuple[str, bool]:
+    """(item id, whether the thumbnail is asked for) of GET /items/...: read from the path as sent, still
+    percent-encoded, so that an encoded id ("a%2Fimage") is never mistaken for a thumbnail request."""
+    from urllib.parse import unquote
+
+    raw = request.scope.get("raw_path")
+    if raw is None:
+        tail = decoded
+    else:
+        raw = raw.decode("latin-1").split("?", 1)[0]
+        tail = raw[raw.index("/items/") + len("/items/"):] if "/items/" in raw else decoded
+    if tail.endswith("/image"):
+        return unquote(tail[: -len("/image")]), True
+    return unquote(tail), False
 
 
 async def _item_upload(request: Request, service: Service, item_id: str | None) -> tuple[dict, Path | None]:
