@@ -10,6 +10,10 @@ a compound joined by ``-``, ``_``, ``.``, ``/`` or an apostrophe also gives its 
 together. So "KX-2210" indexes ``kx``, ``2210`` and ``kx2210``, and the queries "KX-2210",
 "kx2210", "KX 2210" and "KX2210" all find it; "500ml" and "500 ml" meet in ``500`` and ``ml``.
 A few English function words ("a", "the", "of", ...) are left out of both.
+
+:func:`identifiers` picks the model codes out of a query: compounds that mix letters and digits
+(as one token: "KX-2210" -> ``kx2210``, "500ml") and numbers of four or more digits. Hybrid
+search puts the items that carry all of them first (search.py): a model code is a lookup.
 """
 
 from __future__ import annotations
@@ -43,6 +47,18 @@ def tokenize(text: str) -> list[str]:
         if len(pieces) > 1:
             out.append("".join(parts))
     return out
+
+
+def identifiers(text: str) -> list[str]:
+    """The model codes in a text, as keyword tokens: compounds mixing letters and digits (run together:
+    "KX-2210" -> "kx2210", "500ml") and numbers of 4 or more digits ("2210" in "KX 2210")."""
+    out: list[str] = []
+    for match in _COMPOUND.finditer(unicodedata.normalize("NFKC", text).casefold()):
+        joined = "".join(_ALNUM.findall(match.group()))
+        has_digit = any(c.isdigit() for c in joined)
+        if has_digit and not joined.isdigit() or joined.isdigit() and len(joined) >= 4:
+            out.append(joined)
+    return list(dict.fromkeys(out))
 
 
 def keyword_texts(rows, columns: tuple[str, ...]) -> list[str]:
@@ -121,6 +137,15 @@ class KeywordIndex:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         keys, scores = zip(*found)
         return np.array(keys, np.int64), np.array(scores, np.float32)
+
+    def having(self, tokens: list[str], keys: np.ndarray) -> np.ndarray:
+        """Which of these items' texts hold every one of these tokens (a boolean per key)."""
+        if not tokens or not self._count or not len(keys):
+            return np.zeros(len(keys), bool)
+        match = " AND ".join(f'"{t}"' for t in tokens)  # tokens are letters and digits only: safe inside quotes
+        with self._lock:
+            found = {row[0] for row in self._db.execute("SELECT rowid FROM docs WHERE docs MATCH ?", (match,))}
+        return np.array([int(k) in found for k in keys], bool)
 
     def describe(self) -> dict[str, Any]:
         return {"count": self._count, "columns": list(self.columns), "tokenizer": TOKENIZER_VERSION, "ranking": "fts5 bm25"}

@@ -12,6 +12,9 @@ Text queries in modes auto and text are hybrid by default: the vector ranking is
 with BM25 over the item texts (keywords.py) by reciprocal-rank fusion (``hybrid="rrf"``), or
 by a weighted sum of the vector score and the BM25 score scaled to the best one
 (``hybrid="weighted"``); ``keyword_weight`` is the keywords' share, ``hybrid="off"`` turns it off.
+Either way, items whose text carries every model code of the query (keywords.identifiers:
+"KX-2210", "500ml", 4+ digits) score 1 more, so they come first: rank fusion alone would let
+an item that is second in both rankings beat the one that carries the exact code.
 
 Where scores of different spaces meet, one function (``merge_spaces``) puts them on one scale.
 """
@@ -28,6 +31,8 @@ import pandas as pd
 from .catalog import ImageInput, load_image, text_problem
 from .config import RetrieverConfig
 from .errors import LimitError, QueryError
+
+from .keywords import identifiers
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -193,7 +198,8 @@ def _text_query(query: Query, embedder, items: Collection, allowed: np.ndarray |
         frame.insert(3, "matched", ranked.matched)
         return frame
     keys, scores = items.keywords.search(query.text, depth, allowed)
-    ranked, vector_scores, keyword_scores = fuse_rankings(vector, Hits(keys, scores), query.hybrid, query.keyword_weight)
+    ranked, vector_scores, keyword_scores = fuse_rankings(vector, Hits(keys, scores), query.hybrid, query.keyword_weight,
+                                                          lambda found: items.keywords.having(identifiers(query.text), found))
     top = slice(0, query.k)
     frame = store.results(ranked.keys[top], ranked.scores[top])
     frame.insert(3, "matched", ranked.matched[top])
@@ -251,14 +257,14 @@ def _measure_scale(embedder, items: Collection) -> tuple[float, float]:
     return a, float(j.mean() - a * z.mean())
 
 
-def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float) -> tuple[Hits, np.ndarray, np.ndarray]:
+def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact=None) -> tuple[Hits, np.ndarray, np.ndarray]:
     """Combine the vector ranking with the keyword (BM25) ranking; returns the ranking and, per item,
     its vector score and keyword score (NaN where that ranking did not reach it).
 
     ``rrf``: (RRF_K + 1) * ((1 - w) / (RRF_K + vector rank) + w / (RRF_K + keyword rank)): 1 for an
     item first in both, a ranking that misses an item adds nothing. ``weighted``: (1 - w) * vector
     score + w * keyword score / best keyword score; an item the vector ranking did not reach counts
-    its lowest score.
+    its lowest score. ``exact(keys)``: which items carry every model code of the query; they get 1 more.
     """
     keys = np.array(list(dict.fromkeys([*vector.keys.tolist(), *keyword.keys.tolist()])), np.int64)
     v_at = {k: i for i, k in enumerate(vector.keys.tolist())}
@@ -274,6 +280,8 @@ def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float) -> tu
         floor = float(vector.scores.min()) if len(vector.keys) else 0.0
         best = float(keyword.scores.max()) if len(keyword.keys) else 1.0
         fused = (1 - weight) * np.where(v_rank >= 0, v_score, floor) + weight * np.where(k_rank >= 0, k_score / max(best, 1e-12), 0.0)
+    if exact is not None and len(keys):
+        fused = fused + exact(keys)
     matched = np.array([vector.matched[v] if v >= 0 else "text" for v in v_rank.tolist()], dtype=object)
     order = np.argsort(-fused, kind="stable")  # ties keep the vector ranking's order
     return Hits(keys[order], fused[order].astype(np.float32), matched[order]), v_score[order], k_score[order]

@@ -16,6 +16,13 @@ from multiretrieval.search import RRF_K, zero_shot_scale
 DEMO = "data/demo/catalog.csv"
 
 
+def test_model_codes_in_a_query():
+    from multiretrieval.keywords import identifiers
+
+    assert identifiers("KX-2210 desk lamp") == ["kx2210"] and identifiers("KX 2210") == ["2210"]
+    assert identifiers("500ml bottle, A4 paper") == ["500ml", "a4"] and identifiers("a red sofa, 2 seats, 500 ml") == []
+
+
 @pytest.mark.parametrize("text", ["KX-2210", "kx2210", "KX 2210", "Kx_2210", "kx-2210!"])
 def test_sku_spellings_share_tokens(text):
     assert {"kx", "2210"} <= set(tokenize(text)) or "kx2210" in tokenize(text)
@@ -64,8 +71,11 @@ def test_an_exact_model_code_finds_its_item_first(lamps, query, hybrid):
 
 def test_rrf_scores_and_the_keyword_weight(lamps):
     res = lamps.search(text="desk lamp kx-2210", k=8)
-    first = res.iloc[0]  # first in both rankings: (60 + 1) * (0.5 / 61 + 0.5 / 61) = 1
-    assert first["id"] == 1001 and first["score"] == pytest.approx(1.0)
+    first = res.iloc[0]  # first in both rankings: (60 + 1) * (0.5 / 61 + 0.5 / 61) = 1, plus 1 for the exact model code
+    assert first["id"] == 1001 and first["score"] == pytest.approx(2.0)
+    assert (res["score"].iloc[1:] <= 1).all()  # no other item carries KX-2210
+    plain = lamps.search(text="adjustable desk lamp", k=3)
+    assert plain["score"].iloc[0] <= 1  # no model code in the query: no bonus
     vector_only = lamps.search(text="desk lamp kx-2210", k=8, hybrid="off")
     assert "keyword_score" not in vector_only and set(vector_only["matched"]) == {"text"}
     no_keywords = lamps.search(text="desk lamp kx-2210", k=8, keyword_weight=0)
@@ -73,11 +83,11 @@ def test_rrf_scores_and_the_keyword_weight(lamps):
     only = lamps.search(text="desk lamp kx-2210", k=3, keyword_weight=1)
     keyword_order = only.dropna(subset=["keyword_score"])
     assert keyword_order["keyword_score"].is_monotonic_decreasing
-    assert only["score"].iloc[0] == pytest.approx(1.0) and only["score"].iloc[1] == pytest.approx((RRF_K + 1) / (RRF_K + 2))
+    assert only["score"].iloc[0] == pytest.approx(2.0) and only["score"].iloc[1] == pytest.approx((RRF_K + 1) / (RRF_K + 2))
     weighted = lamps.search(text="desk lamp kx-2210", k=3, hybrid="weighted", keyword_weight=0.5)
     top = weighted.iloc[0]
     best = weighted["keyword_score"].max()
-    assert top["score"] == pytest.approx(0.5 * top["vector_score"] + 0.5 * top["keyword_score"] / best, abs=1e-5)
+    assert top["score"] == pytest.approx(0.5 * top["vector_score"] + 0.5 * top["keyword_score"] / best + 1, abs=1e-5)
     filtered = lamps.search(text="kx-2210", k=3, where="price > 40")
     assert 1001 not in filtered["id"].tolist() and filtered["id"].iloc[0] == 1002  # the filter holds for keywords too
     with pytest.raises(mr.QueryError, match="unknown hybrid method"):
