@@ -9,10 +9,13 @@
    1% of the rows gone.
 3. ``Retriever.upsert(tomorrow, prune=True)`` on the loaded index, then saved (what
    ``multiretrieval index tomorrow.csv --out idx --update --prune`` does), timed against step 1.
-4. A fresh index of tomorrow's catalog (its rows come from the shard cache, so this one is quick
-   and not a timing), and the top-10 ids of the two for ``--queries`` text queries (titles of
-   random rows, changed rows among them), hybrid and vector-only, each also against exact search.
-Prints one table; every figure is measured in this run.
+4. A fresh index of tomorrow's catalog (its rows come from the shard cache, so it is not a
+   timing). The two must hold the same items with the same vectors (checked id by id, every
+   space), and give the same top-10 ids for ``--queries`` text queries (titles of random rows,
+   changed rows among them): with the tuned search parameters (two HNSW graphs built in other
+   orders differ within their tuned recall, so some near-ties swap) and with exhaustive ones
+   (efSearch and k_factor raised until both are exact), hybrid and vector-only.
+Prints the tables; every figure is measured in this run.
 """
 
 from __future__ import annotations
@@ -52,18 +55,44 @@ def tomorrow(today: pd.DataFrame, changed: float, new: float, removed: float, se
     return out, {"changed": n_changed, "new": n_new, "removed": n_removed, "changed_ids": today["id"].iloc[change].tolist()}
 
 
-def exact_top(r: mr.Retriever, texts: list[str], k: int = 10) -> list[set]:
-    """Exact top-k ids of the joint space (text queries against items with text), from the stored vectors."""
+def exact_top(r: mr.Retriever, texts: list[str], k: int = 10) -> list[pd.DataFrame]:
+    """Exact top-k (id, score) of the joint space (text queries against items with text), from the stored vectors."""
     ids = r.items["id"].to_numpy()
     has_text = r.features()["text_mask"][:, 0]
     sims = r.encode(texts=texts) @ r.vectors("joint").T
     sims[:, ~has_text] = -np.inf
-    return [set(ids[np.argsort(-s, kind="stable")[:k]]) for s in sims]
+    tops = [np.argsort(-s, kind="stable")[:k] for s in sims]
+    return [pd.DataFrame({"id": ids[t], "score": s[t]}) for t, s in zip(tops, sims)]
 
 
-def overlap(a: list[list], b: list[list]) -> tuple[int, float]:
-    same = sum(set(x) == set(y) for x, y in zip(a, b))
-    return same, float(np.mean([len(set(x) & set(y)) / max(len(x), 1) for x, y in zip(a, b)]))
+def same_vectors(a: mr.Retriever, b: mr.Retriever, chunk: int = 20_000) -> float:
+    """The largest difference between the two retrievers' stored vectors, id by id, over every space."""
+    ids = sorted(a.items["id"].tolist())
+    if ids != sorted(b.items["id"].tolist()):
+        raise AssertionError("the upserted and the fresh index hold different ids")
+    worst = 0.0
+    for space in ("joint", "clip_image", "clip_text"):
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            worst = max(worst, float(np.abs(a.vectors(space, part) - b.vectors(space, part)).max()))
+    return worst
+
+
+def exhaustive(r: mr.Retriever) -> None:
+    """Search parameters at which the approximate index answers as exact search does (for the comparison only)."""
+    for space in ("joint", "clip_image", "clip_text"):
+        index = r.indexes[space]
+        grid = index.tunable()
+        index.set_params(**{name: max(values) * 4 for name, values in grid.items()})
+
+
+def overlap(a: list[pd.DataFrame], b: list[pd.DataFrame]) -> tuple[int, float, int]:
+    """Queries whose top-10 ids are the same, the mean share of ids in common, and queries whose
+    top-10 scores are the same (equal up to which of several equally scored items comes first)."""
+    same = sum(set(x["id"]) == set(y["id"]) for x, y in zip(a, b))
+    mean = float(np.mean([len(set(x["id"]) & set(y["id"])) / max(len(x), 1) for x, y in zip(a, b)]))
+    scores = sum(len(x) == len(y) and np.allclose(x["score"], y["score"], atol=1e-5) for x, y in zip(a, b))
+    return same, mean, scores
 
 
 def main() -> None:
@@ -112,14 +141,20 @@ def main() -> None:
         n_changed_queries = min(len(changed), args.queries // 4)
         picks = pd.concat([changed.sample(n_changed_queries, random_state=1), new_frame.sample(args.queries, random_state=2)])
         texts = picks["title"].head(args.queries).tolist()  # e.g. "Desk lamp #57 (new model)"
+        worst = same_vectors(r, fresh)
         rows = []
-        for label, kwargs in (("hybrid (default)", {}), ("vector only", {"hybrid": "off"})):
-            a = [r.search(text=t, k=10, **kwargs)["id"].tolist() for t in texts]
-            b = [fresh.search(text=t, k=10, **kwargs)["id"].tolist() for t in texts]
-            rows.append((f"{label}: upserted vs fresh", *overlap(a, b)))
-            if kwargs:
-                truth = [list(t) for t in exact_top(fresh, texts)]
-                rows += [("vector only: upserted vs exact search", *overlap(a, truth)), ("vector only: fresh vs exact search", *overlap(b, truth))]
+        truth = exact_top(fresh, texts)
+        for params in ("tuned", "exhaustive"):
+            if params == "exhaustive":
+                exhaustive(r)
+                exhaustive(fresh)
+            for label, kwargs in (("hybrid (default)", {}), ("vector only", {"hybrid": "off"})):
+                a = [r.search(text=t, k=10, **kwargs)[["id", "score"]] for t in texts]
+                b = [fresh.search(text=t, k=10, **kwargs)[["id", "score"]] for t in texts]
+                rows.append((f"{params} parameters, {label}: upserted vs fresh", *overlap(a, b)))
+                if kwargs:
+                    rows += [(f"{params} parameters, vector only: upserted vs exact search", *overlap(a, truth)),
+                             (f"{params} parameters, vector only: fresh vs exact search", *overlap(b, truth))]
 
     n = args.items
     print(f"\n{n:,} items, index {args.factory}; tomorrow: {plan['changed']:,} changed, {plan['new']:,} new, "
@@ -133,11 +168,13 @@ def main() -> None:
     print(f"| (fresh index of tomorrow's catalog, from the shard cache: not a timing) | {t_fresh:,.1f} | |")
     print(f"\nupsert: encoded {up.encoded:,} rows (changed + new = {plan['changed'] + plan['new']:,}), "
           f"changes {up.changes}, seconds {dict((k, round(v, 1)) for k, v in up.seconds.items())}")
+    print(f"\nthe upserted and the fresh index hold the same {len(new_frame):,} ids; largest difference of their stored "
+          f"vectors, id by id over the three spaces: {worst:.2e}")
     print(f"\n{len(texts)} text queries (titles of random rows of tomorrow's catalog, {n_changed_queries} of them changed rows):\n")
-    print("| comparison | queries with the same top-10 ids | mean top-10 overlap |")
-    print("|---|---|---|")
-    for label, same, mean in rows:
-        print(f"| {label} | {same}/{len(texts)} | {mean:.3f} |")
+    print("| comparison | same top-10 ids | mean top-10 overlap | same top-10 scores |")
+    print("|---|---|---|---|")
+    for label, same, mean, scores in rows:
+        print(f"| {label} | {same}/{len(texts)} | {mean:.3f} | {scores}/{len(texts)} |")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,10 @@ class Service:
                 self._replay(self.journal.records(after=int(self.retriever.saved_note.get("journal_seq", 0))))
                 raise
             if len(self.journal) >= self.checkpoint_every:
-                self._checkpoint()
+                try:
+                    self._checkpoint()
+                except Exception:  # noqa: BLE001 - the write is in the log: answer it; the next checkpoint tries again
+                    logger.exception("checkpoint of %s failed; the write log keeps every write", self.index_dir)
             return result
 
     def checkpoint(self) -> None:
