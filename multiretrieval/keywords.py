@@ -138,6 +138,16 @@ class KeywordIndex:
         keys, scores = zip(*found)
         return np.array(keys, np.int64), np.array(scores, np.float32)
 
+    def holds(self, keys: np.ndarray) -> np.ndarray:
+        """Which of these items have a keyword text at all (a boolean per key)."""
+        keys = [int(k) for k in keys]
+        found: set[int] = set()
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                found.update(r[0] for r in self._db.execute(f"SELECT rowid FROM docs WHERE rowid IN ({','.join('?' * len(chunk))})", chunk))  # noqa: S608
+        return np.array([k in found for k in keys], bool)
+
     def having(self, tokens: list[str], keys: np.ndarray) -> np.ndarray:
         """Which of these items' texts hold every one of these tokens (a boolean per key)."""
         if not tokens or not self._count or not len(keys):

@@ -199,7 +199,8 @@ def _text_query(query: Query, embedder, items: Collection, allowed: np.ndarray |
         return frame
     keys, scores = items.keywords.search(query.text, depth, allowed)
     ranked, vector_scores, keyword_scores = fuse_rankings(vector, Hits(keys, scores), query.hybrid, query.keyword_weight,
-                                                          lambda found: items.keywords.having(identifiers(query.text), found))
+                                                          lambda found: items.keywords.having(identifiers(query.text), found),
+                                                          items.keywords.holds)
     top = slice(0, query.k)
     frame = store.results(ranked.keys[top], ranked.scores[top])
     frame.insert(3, "matched", ranked.matched[top])
@@ -257,14 +258,18 @@ def _measure_scale(embedder, items: Collection) -> tuple[float, float]:
     return a, float(j.mean() - a * z.mean())
 
 
-def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact=None) -> tuple[Hits, np.ndarray, np.ndarray]:
+def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact=None, has_keywords=None
+                  ) -> tuple[Hits, np.ndarray, np.ndarray]:
     """Combine the vector ranking with the keyword (BM25) ranking; returns the ranking and, per item,
     its vector score and keyword score (NaN where that ranking did not reach it).
 
     ``rrf``: (RRF_K + 1) * ((1 - w) / (RRF_K + vector rank) + w / (RRF_K + keyword rank)): 1 for an
     item first in both, a ranking that misses an item adds nothing. ``weighted``: (1 - w) * vector
     score + w * keyword score / best keyword score; an item the vector ranking did not reach counts
-    its lowest score. ``exact(keys)``: which items carry every model code of the query; they get 1 more.
+    its lowest score. ``has_keywords(keys)``: which items have a keyword text at all; one that has
+    none (a photo without words) cannot be judged by keywords, so its vector part counts whole
+    (w = 0 for it) instead of losing to every item that shares a word with the query.
+    ``exact(keys)``: which items carry every model code of the query; they get 1 more.
     """
     keys = np.array(list(dict.fromkeys([*vector.keys.tolist(), *keyword.keys.tolist()])), np.int64)
     v_at = {k: i for i, k in enumerate(vector.keys.tolist())}
@@ -273,13 +278,14 @@ def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact
     k_rank = np.array([k_at.get(k, -1) for k in keys.tolist()])
     v_score = np.where(v_rank >= 0, vector.scores[np.maximum(v_rank, 0)] if len(vector.keys) else 0, np.nan).astype(np.float32)
     k_score = np.where(k_rank >= 0, keyword.scores[np.maximum(k_rank, 0)] if len(keyword.keys) else 0, np.nan).astype(np.float32)
+    w = np.full(len(keys), weight) if has_keywords is None or not len(keys) else np.where(has_keywords(keys), weight, 0.0)
     if method == "rrf":
-        fused = (RRF_K + 1) * (np.where(v_rank >= 0, (1 - weight) / (RRF_K + 1 + v_rank), 0.0)
-                               + np.where(k_rank >= 0, weight / (RRF_K + 1 + k_rank), 0.0))
+        fused = (RRF_K + 1) * (np.where(v_rank >= 0, (1 - w) / (RRF_K + 1 + v_rank), 0.0)
+                               + np.where(k_rank >= 0, w / (RRF_K + 1 + k_rank), 0.0))
     else:
         floor = float(vector.scores.min()) if len(vector.keys) else 0.0
         best = float(keyword.scores.max()) if len(keyword.keys) else 1.0
-        fused = (1 - weight) * np.where(v_rank >= 0, v_score, floor) + weight * np.where(k_rank >= 0, k_score / max(best, 1e-12), 0.0)
+        fused = (1 - w) * np.where(v_rank >= 0, v_score, floor) + w * np.where(k_rank >= 0, k_score / max(best, 1e-12), 0.0)
     if exact is not None and len(keys):
         fused = fused + exact(keys)
     matched = np.array([vector.matched[v] if v >= 0 else "text" for v in v_rank.tolist()], dtype=object)

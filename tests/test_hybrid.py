@@ -167,3 +167,19 @@ def test_the_zero_shot_scale_does_not_depend_on_the_order_items_came_in(mixed):
     few = mr.Retriever()
     few.index(items.iloc[:10], show_progress=False)
     assert zero_shot_scale(few.embedder, few.collection) == (1.0, 0.0)  # too few items with both to measure on
+
+
+def test_an_item_without_words_is_judged_by_its_vector_rank_alone():
+    """A photo with no text cannot match keywords: its vector rank counts whole, so it is not pushed
+    below every item that shares a word with the query."""
+    from multiretrieval.search import Hits, fuse_rankings
+
+    vector = Hits(np.array([1, 2, 3]), np.array([0.6, 0.5, 0.4], np.float32), np.array(["image", "text", "text"], dtype=object))
+    keyword = Hits(np.array([2, 3]), np.array([3.0, 2.0], np.float32))
+    ranked, v, k = fuse_rankings(vector, keyword, "rrf", 0.5, has_keywords=lambda keys: keys != 1)
+    assert ranked.keys.tolist() == [1, 2, 3] and ranked.scores[0] == pytest.approx(1.0) and np.isnan(k[0])
+    assert ranked.scores[1] == pytest.approx(61 * (0.5 / 62 + 0.5 / 61))
+    unfair, _, _ = fuse_rankings(vector, keyword, "rrf", 0.5)  # were keywords counted against it
+    assert unfair.keys.tolist() == [2, 3, 1]
+    weighted, _, _ = fuse_rankings(vector, keyword, "weighted", 0.5, has_keywords=lambda keys: keys != 1)
+    assert weighted.scores[weighted.keys.tolist().index(1)] == pytest.approx(0.6)
