@@ -48,6 +48,7 @@ class ItemStore:
         self._duck = None
         self._columns: tuple[np.ndarray, pd.DataFrame] | None = None
         self._ids: dict[str, int] | None = None
+        self._modality: dict[str, np.ndarray] = {}
         self.version += 1
 
     def __len__(self) -> int:
@@ -131,10 +132,14 @@ class ItemStore:
         return self.keys[np.array([positions[str(i)] for i in ids], np.int64)] if ids else np.zeros(0, np.int64)
 
     def with_modality(self, modality: str) -> np.ndarray:
-        """Keys of the items that have a text ("text"), an image ("image"), or only an image ("image only")."""
-        has_image, has_text = self.features["image_mask"][:, 0], self.features["text_mask"][:, 0]
-        mask = {"text": has_text, "image": has_image, "image only": has_image & ~has_text}[modality]
-        return self.keys[mask]
+        """Keys of the items that have a text ("text"), an image ("image"), or only an image ("image only");
+        cached until the rows change (every text query asks)."""
+        cached = self._modality.get(modality)
+        if cached is None:
+            has_image, has_text = self.features["image_mask"][:, 0], self.features["text_mask"][:, 0]
+            mask = {"text": has_text, "image": has_image, "image only": has_image & ~has_text}[modality]
+            cached = self._modality[modality] = self.keys[mask]
+        return cached
 
     def has(self, space: str, keys: np.ndarray) -> np.ndarray:
         """Which of these items have the modality a zero-shot space holds ("clip_image": an image; "clip_text": a text)."""

@@ -239,10 +239,6 @@ class Outcomes:
     def only(self, rows: list[int]) -> Outcomes:
         return Outcomes([self.errors[i] for i in rows], [self.warnings[i] for i in rows], [self.retry[i] for i in rows])
 
-    def done(self) -> int:
-        """Rows that are settled without an image batch (failed, or without an image)."""
-        return sum(e is not None for e in self.errors)
-
 
 def prune_store(root: str | Path, referenced: set[str], dry_run: bool = False) -> dict[str, int]:
     """Delete the shards under a cache folder (all encoder fingerprints) that hold no referenced
@@ -270,9 +266,10 @@ def prune_store(root: str | Path, referenced: set[str], dry_run: bool = False) -
 class ShardEncoder:
     """Reads and encodes rows with an embedder's models; one instance per process (or Ray actor).
 
-    Local files are decoded by the caller's thread pool, ``catalog.download_workers`` ahead of
-    the encoder; URLs are fetched by a pool of that many threads through a :class:`Downloader`
-    (retries, backoff, a per-host limit), ahead of the encoder too.
+    Local files are decoded by the caller's thread pool a few batches ahead of the encoder; image
+    URLs are fetched (and decoded) by a pool of ``catalog.download_workers`` threads through a
+    :class:`~multiretrieval.downloads.Downloader` (retries, backoff, a per-host limit), up to
+    four times that many ahead.
     """
 
     def __init__(self, embedder: Embedder, prefetch_batches: int = 3, show_progress: bool | None = False) -> None:

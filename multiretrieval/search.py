@@ -31,7 +31,6 @@ import pandas as pd
 from .catalog import ImageInput, load_image, text_problem
 from .config import RetrieverConfig
 from .errors import LimitError, QueryError
-
 from .keywords import identifiers
 
 if TYPE_CHECKING:

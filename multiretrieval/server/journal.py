@@ -83,12 +83,25 @@ class Journal:
                 _fsync_folder(self.path.parent)  # the file's name is durable too
         seq = self.last_seq + 1
         entry = {"seq": seq, **record}
-        self._file.write(json.dumps(entry, default=str).encode() + b"\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        start = self._file.tell()
+        try:
+            self._file.write(json.dumps(entry, default=str).encode() + b"\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self._cut(start)  # no half record in the middle of the log for the next ones to follow
+            raise
         self.last_seq = seq
         self._records.append(entry)
         return seq
+
+    def _cut(self, size: int) -> None:
+        try:
+            self.close()
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+        except OSError:
+            logger.exception("%s: cannot cut an unfinished record; it will be dropped when the log is read", self.path)
 
     def reset(self) -> None:
         """Empty the log (its records are in a checkpoint); sequence numbers go on growing."""
