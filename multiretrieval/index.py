@@ -477,10 +477,15 @@ class IndexSet:
         return choose_factory(n_items, dim, ic.memory_budget_gb * 1e9) if ic.factory == "auto" else ic.factory
 
     def stale(self, n_items: int) -> list[str]:
-        """The spaces whose index should be rebuilt: the automatic choice for ``n_items`` differs
-        from its kind, or the share of its entries marked deleted passed ``index.compact_deleted_share``."""
-        return [space for space, index in self.by_space.items()
-                if index.factory != self.factory_for(n_items, index.dim) or index.deleted_share > self.config.compact_deleted_share]
+        """The spaces whose index should be rebuilt: the share of its entries marked deleted passed
+        ``index.compact_deleted_share``, or the automatic choice differs from its kind for
+        ``n_items``, and for 10% fewer and 10% more (so a catalog hovering around a threshold is
+        not rebuilt back and forth)."""
+        def moved(index: VectorIndex) -> bool:
+            want = self.factory_for(n_items, index.dim)
+            return index.factory != want and all(self.factory_for(int(n_items * f), index.dim) == want for f in (0.9, 1.1))
+
+        return [space for space, index in self.by_space.items() if moved(index) or index.deleted_share > self.config.compact_deleted_share]
 
     def rebuild(self, space: str, keys: np.ndarray, vectors: np.ndarray, n_items: int) -> None:
         """A new index for ``space`` of the kind chosen for ``n_items``, built (and tuned) from these vectors."""
