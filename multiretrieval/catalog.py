@@ -4,11 +4,19 @@ A catalog is a table with a unique ``id`` column and, per item, an ``image`` (a 
 relative to ``image_root``, an absolute path or an http(s) URL) and/or text columns
 (``title``, ``description`` by default). Every other column is metadata, returned with
 search results and usable in ``where=`` filters.
+
+Sources: a CSV, parquet, JSON or JSON Lines file (relative image paths are taken relative to
+the file's folder), a DataFrame, or a folder of images (:meth:`Catalog.from_folder`: id = the
+image's path relative to the folder, optional sidecar metadata).
 """
 
 from __future__ import annotations
 
+import functools
+import http.client
 import io
+import json
+import logging
 import os
 import re
 import stat
@@ -28,8 +36,14 @@ from .errors import CatalogError, ImageError, ImageLimitError
 
 ImageInput = Union[str, Path, bytes, Image.Image]
 
-RESERVED_COLUMNS = ("rank", "score", "_key")  # names search results and the index use
+logger = logging.getLogger(__name__)
+# Names search results add to the catalog columns; names starting with "_" are the index's own.
+RESERVED_COLUMNS = ("rank", "score", "matched", "vector_score", "keyword_score", "image_score", "text_score")
 _URL_PREFIXES = ("http://", "https://")
+# Image files a folder catalog picks up (HEIC/HEIF decode when pillow-heif is installed).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".avif", ".heic", ".heif")
+SIDECAR_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json")  # metadata beside the images, joined by file name
+SIDECAR_KEYS = ("file_name", "file", "filename", "path")  # the sidecar column naming the image
 
 
 class Catalog:
@@ -87,6 +101,57 @@ class Catalog:
         return cls(df, **kwargs)
 
     @classmethod
+    def from_jsonl(cls, path: str | Path, **kwargs: Any) -> Catalog:
+        """Read JSON Lines (one object per line) or a JSON array of objects (``.json``);
+        relative image paths are taken relative to the file's folder."""
+        path = Path(path)
+        if not path.is_file():
+            raise CatalogError(f"{path}: catalog file not found")
+        df = _read_json_records(path)
+        kwargs.setdefault("image_root", path.resolve().parent)
+        return cls(df, **kwargs)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, recursive: bool = True, title_from_filename: bool = False,
+                    **kwargs: Any) -> Catalog:
+        """Every image file under a folder, one item each; id = its path relative to the folder.
+
+        Args:
+            folder: the folder of images (JPEG, PNG, WebP, GIF (first frame), TIFF, BMP, AVIF,
+                and HEIC/HEIF when pillow-heif is installed). Hidden files and folders are left out.
+            recursive: also the images in subfolders (ids like ``lamps/desk.jpg``).
+            title_from_filename: a ``title`` from the file name ("desk_lamp-02.jpg" -> "desk lamp 02").
+            kwargs: passed to the constructor (``text_columns``).
+
+        Metadata can sit beside the images in ``metadata.csv``, ``metadata.jsonl`` or
+        ``metadata.json`` (in the folder or, when recursive, any subfolder), one row per image,
+        joined by the column ``file_name`` (or ``file``, ``filename``, ``path``): the image's path
+        relative to that metadata file, or its bare name when that is unique. Its other columns
+        (title, description, price, ...) become catalog columns; a title there wins over one from
+        the file name. A row naming no image is logged as a warning.
+
+        Raises:
+            CatalogError: the folder does not exist or holds no image, or a metadata file is
+                malformed (naming the file, the row and the reason).
+        """
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise CatalogError(f"{folder}: not a folder" if root.exists() else f"{folder}: folder not found")
+        root = root.resolve()
+        images, sidecars = _walk_folder(root, recursive)
+        if not images:
+            raise CatalogError(f"{root}: no image files ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
+                               f"{'under' if recursive else 'in'} this folder")
+        ids = [p.relative_to(root).as_posix() for p in images]
+        df = pd.DataFrame({"id": pd.Series(ids, dtype=object), "image": [str(p) for p in images]})
+        if title_from_filename:
+            df["title"] = [title_from_file_name(p.name) for p in images]
+        for sidecar in sidecars:
+            df = _join_sidecar(df, root, sidecar)
+        kwargs.setdefault("image_root", root)
+        return cls(df, **kwargs)
+
+    @classmethod
     def of(cls, source: Catalog | pd.DataFrame | str | Path, text_columns: tuple[str, ...] | list[str]) -> Catalog:
         """A catalog as given, or read from a DataFrame or a file, with these text columns."""
         if isinstance(source, Catalog):
@@ -97,9 +162,21 @@ class Catalog:
 
     @classmethod
     def read(cls, path: str | Path, **kwargs: Any) -> Catalog:
-        """A catalog file: parquet by its suffix (.parquet, .pq), CSV otherwise."""
-        reader = cls.from_parquet if Path(path).suffix.lower() in (".parquet", ".pq") else cls.from_csv
-        return reader(path, **kwargs)
+        """A catalog from a path: a folder of images (:meth:`from_folder`), or a file by its
+        suffix: parquet (.parquet, .pq), JSON Lines (.jsonl, .ndjson), JSON (.json), CSV otherwise."""
+        path = Path(path).expanduser()
+        suffix = path.suffix.lower()
+        if path.is_dir():
+            return cls.from_folder(path, **kwargs)
+        if suffix in (".parquet", ".pq"):
+            return cls.from_parquet(path, **kwargs)
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            return cls.from_jsonl(path, **kwargs)
+        return cls.from_csv(path, **kwargs)
+
+    def subset(self, rows: list[int] | np.ndarray) -> Catalog:
+        """The catalog of these rows (positions), with the same image root and text columns."""
+        return Catalog(self.df.iloc[np.asarray(rows, dtype=np.int64)], image_root=self.image_root, text_columns=self.text_columns)
 
     def __len__(self) -> int:
         return len(self.df)
@@ -125,9 +202,13 @@ class Catalog:
         df = self.df
         if "id" not in df.columns:
             raise CatalogError(f"missing required column 'id' (columns: {list(df.columns)})")
-        reserved = [c for c in RESERVED_COLUMNS if c in df.columns]
+        reserved = [c for c in df.columns if c in RESERVED_COLUMNS]
         if reserved:
-            raise CatalogError(f"column name(s) {reserved} are reserved for search results; rename them")
+            raise CatalogError(f"column name(s) {reserved} are reserved: search results add columns of these names; rename them")
+        internal = [c for c in df.columns if not isinstance(c, str) or c.startswith("_")]
+        if internal:
+            raise CatalogError(f"column name(s) {internal} are reserved: names starting with '_' are the index's own columns "
+                               "(column names must be strings); rename them")
         if "image" not in df.columns and not self.text_columns:
             raise CatalogError(
                 f"no 'image' column and none of the text columns {list(CatalogConfig.text_columns)}: "
@@ -167,6 +248,7 @@ def load_image(source: ImageInput, max_pixels: int = CatalogConfig.max_image_pix
         _check_pixels(image, name, max_pixels)
     else:
         data, name = read_image_bytes(source, max_bytes, timeout)
+        register_optional_formats()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -183,6 +265,18 @@ def load_image(source: ImageInput, max_pixels: int = CatalogConfig.max_image_pix
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"{name}: corrupt or truncated image: {exc}") from exc
     return _to_rgb(image)
+
+
+@functools.cache
+def register_optional_formats() -> bool:
+    """Let PIL open HEIC/HEIF through pillow-heif when it is installed; True if it is.
+    (AVIF, WebP, TIFF, BMP and GIF need nothing more than Pillow.)"""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -268,12 +362,18 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     return data
 
 
+TRANSIENT_HTTP = (408, 425, 429, 500, 502, 503, 504)  # answers worth asking again
+
+
 def download(url: str, max_bytes: int, timeout: float) -> bytes:
-    """GET a URL, whole within about ``timeout`` seconds.
+    """GET a URL, whole within about ``timeout`` seconds (one attempt; see downloads.Downloader for retries).
 
     The socket timeout bounds each read; the deadline, checked between reads, bounds the
-    whole download, so a server that trickles a byte at a time is cut off too.
+    whole download, so a server that trickles a byte at a time is cut off too. Timeouts,
+    dropped connections and HTTP 408/425/429/5xx raise an ImageError marked ``transient``.
     """
+    import urllib.error
+
     deadline = time.monotonic() + timeout
     chunks, size = [], 0
     try:
@@ -290,20 +390,137 @@ def download(url: str, max_bytes: int, timeout: float) -> bytes:
                     raise ImageLimitError(f"{url}: more than {max_bytes:,} bytes")
     except ImageError:
         raise
+    except urllib.error.HTTPError as exc:
+        transient = exc.code in TRANSIENT_HTTP
+        raise ImageError(f"{url}: cannot download: HTTP {exc.code} {exc.reason}", transient=transient,
+                         retry_after=_retry_after(exc.headers.get("Retry-After")) if transient else None) from exc
     except TimeoutError as exc:
-        raise ImageError(f"{url}: download timed out after {timeout:g} s") from exc
-    except OSError as exc:  # URLError, HTTPError, connection errors
+        raise ImageError(f"{url}: download timed out after {timeout:g} s", transient=True) from exc
+    except OSError as exc:  # URLError, connection errors: the network or the server may come back
         reason = getattr(exc, "reason", None)
         if isinstance(reason, TimeoutError) or "timed out" in str(exc):
-            raise ImageError(f"{url}: download timed out after {timeout:g} s") from exc
-        raise ImageError(f"{url}: cannot download: {exc}") from exc
+            raise ImageError(f"{url}: download timed out after {timeout:g} s", transient=True) from exc
+        if isinstance(reason, ValueError) or isinstance(exc, urllib.error.URLError) and "unknown url type" in str(exc):
+            raise ImageError(f"{url}: cannot download: {exc}") from exc
+        raise ImageError(f"{url}: cannot download: {exc}", transient=True) from exc
+    except (ValueError, http.client.HTTPException) as exc:  # a malformed URL or answer
+        raise ImageError(f"{url}: cannot download: {exc}", transient=isinstance(exc, http.client.HTTPException)) from exc
     return b"".join(chunks)
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header given in seconds (an HTTP date is ignored)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _resolve(value: str, root: Path) -> str:
-    if is_url(value) or Path(value).is_absolute():
+    """An image reference as an absolute path (``~`` expanded) or a URL."""
+    if is_url(value):
         return value
-    return str(root / value)
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else root / path)
+
+
+def title_from_file_name(name: str) -> str:
+    """A readable title from an image's file name: "desk_lamp-02.jpg" -> "desk lamp 02"."""
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return re.sub(r"\s+", " ", re.sub(r"[_\-.]+", " ", stem)).strip() or stem
+
+
+def _walk_folder(root: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
+    """The image files and the sidecar metadata files under ``root``, sorted; hidden ones left out."""
+    images, sidecars = [], []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            if name.lower() in SIDECAR_NAMES:
+                sidecars.append(path)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                images.append(path)
+    return sorted(images), sorted(sidecars)
+
+
+def _read_json_records(path: Path) -> pd.DataFrame:
+    """Objects from JSON Lines (or a JSON array, or an object keyed by file name for sidecars), types kept."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot read: {exc}") from exc
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CatalogError(f"{path}: not valid JSON: {exc}") from exc
+        if isinstance(data, dict):  # {"lamp.jpg": {"title": ...}, ...}
+            data = [{"file_name": k, **v} if isinstance(v, dict) else None for k, v in data.items()]
+        records = data if isinstance(data, list) else None
+        if records is None:
+            raise CatalogError(f"{path}: expected a JSON array of objects")
+    else:
+        records = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise CatalogError(f"{path} line {line_no}: not valid JSON: {exc}") from exc
+    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+    if bad:
+        raise CatalogError(f"{path}: record {bad[0]} is not a JSON object")
+    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+
+
+def _join_sidecar(df: pd.DataFrame, root: Path, sidecar: Path) -> pd.DataFrame:
+    """Catalog rows of a folder with the columns of one sidecar metadata file joined in by file name."""
+    if sidecar.suffix.lower() == ".csv":
+        try:
+            meta = pd.read_csv(sidecar, dtype={k: str for k in SIDECAR_KEYS})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise CatalogError(f"{sidecar}: cannot parse CSV: {exc}") from exc
+    else:
+        meta = _read_json_records(sidecar)
+    key = next((k for k in SIDECAR_KEYS if k in meta.columns), None)
+    if key is None:
+        raise CatalogError(f"{sidecar}: no column naming the image file (one of {list(SIDECAR_KEYS)})")
+    clash = [c for c in ("id", "image") if c in meta.columns]
+    if clash:
+        raise CatalogError(f"{sidecar}: column(s) {clash} cannot be set by metadata: a folder catalog's id is the image's "
+                           "path and its image the file itself; rename them")
+    base = sidecar.parent.relative_to(root).as_posix()
+    prefix = "" if base == "." else base + "/"
+    under = [i for i in df["id"] if i.startswith(prefix)]
+    known = set(under)
+    by_name: dict[str, list[str]] = {}
+    for i in under:
+        by_name.setdefault(i.rsplit("/", 1)[-1], []).append(i)
+    targets, unmatched = [], []
+    for row, value in enumerate(meta[key]):
+        name = re.sub(r"^(\./)+", "", str(value).strip().replace("\\", "/")) if not _is_empty(value) else ""
+        target = prefix + name if prefix + name in known else (by_name[name][0] if len(by_name.get(name, ())) == 1 else None)
+        targets.append(target)
+        if target is None:
+            unmatched.append(f"row {row} ({value!r})")
+    if unmatched:
+        logger.warning("%s: %d row(s) name no image under %s: %s", sidecar, len(unmatched), sidecar.parent, ", ".join(unmatched[:10]))
+    meta = meta.drop(columns=[key]).assign(id=targets)
+    meta = meta[meta["id"].notna()]
+    dup = meta["id"].duplicated(keep=False)
+    if dup.any():
+        raise CatalogError(f"{sidecar}: rows {_rows(list(meta.index[dup]))} describe the same image "
+                           f"{meta.loc[dup, 'id'].iloc[0]!r}")
+    merged = df.merge(meta, on="id", how="left", suffixes=("", "__sidecar"))
+    for column in [c for c in merged.columns if c.endswith("__sidecar")]:  # a sidecar value wins where it has one
+        own = column[: -len("__sidecar")]
+        merged[own] = merged[column].where(merged[column].notna(), merged[own])
+        merged = merged.drop(columns=[column])
+    return merged
 
 
 def plain(value: Any) -> Any:

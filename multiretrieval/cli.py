@@ -1,7 +1,8 @@
 """Command-line interface, one sub-command per API call, with the API's argument names.
 
-    multiretrieval index CATALOG --out DIR [--config FILE] [--factory F] [--cache DIR] [--engine local|ray]
-    multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--show out.png]
+    multiretrieval index CATALOG|FOLDER --out DIR [--update [--prune]] [--title-from-filename] [--config FILE] [--cache DIR] ...
+    multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--hybrid H] [--show out.png]
+    multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train]
     multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
@@ -35,17 +36,45 @@ def _load_config(path: str | None, factory: str | None = None, fusion: str | Non
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from .catalog import Catalog
     from .retriever import Retriever
 
-    retriever = Retriever(_load_config(args.config, args.factory, args.fusion, args.memory_gb))
+    config = _load_config(args.config, args.factory, args.fusion, args.memory_gb)
+    source = Path(args.catalog).expanduser()
+    if source.is_dir():
+        catalog = Catalog.from_folder(source, recursive=not args.no_recursive, title_from_filename=args.title_from_filename,
+                                      text_columns=config.catalog.text_columns)
+    else:
+        catalog = Catalog.read(source, text_columns=config.catalog.text_columns)
     cache = args.cache or f"{Path(args.out).resolve()}.cache"
-    report = retriever.index(args.catalog, show_progress=not args.no_progress, cache=cache, engine=args.engine)
+    if args.update and (Path(args.out) / "manifest.json").is_file():
+        retriever = Retriever.load(args.out, _load_config(args.config) if args.config else None)
+        report = retriever.upsert(catalog, prune=args.prune, show_progress=not args.no_progress, cache=cache, engine=args.engine)
+    else:
+        retriever = Retriever(config)
+        report = retriever.index(catalog, show_progress=not args.no_progress, cache=cache, engine=args.engine)
     print(report)
-    print(f"encoded shards kept in {cache} (a re-run encodes only new or changed items; delete it to start afresh)")
-    if report.indexed == 0:
+    print(f"encoded shards kept in {cache} (a re-run encodes only new or changed items; "
+          f"`multiretrieval cache prune {args.out}` drops the shards the index no longer uses)")
+    if not len(retriever):
         print("error: no item could be indexed; nothing saved", file=sys.stderr)
         return 1
     print(f"saved to {retriever.save(args.out)}")
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from .collection import saved_hashes
+    from .pipeline import prune_store
+
+    referenced: set[str] = set()
+    for index_dir in args.index_dirs:
+        referenced |= saved_hashes(index_dir)
+    cache = args.cache or f"{Path(args.index_dirs[0]).resolve()}.cache"
+    counts = prune_store(cache, referenced, dry_run=args.dry_run)
+    verb = "would drop" if args.dry_run else "dropped"
+    print(f"{cache}: {verb} {counts['dropped']} shards ({counts['bytes'] / 2**20:.1f} MiB) that no given index uses; "
+          f"kept {counts['kept']}")
     return 0
 
 
@@ -56,7 +85,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     retriever = Retriever.load(args.index_dir, _load_config(args.config) if args.config else None)
     results = retriever.search(image=args.image, text=args.text, mode=args.mode, k=args.k, where=args.where,
-                               unsafe_where=args.unsafe_where)
+                               unsafe_where=args.unsafe_where, hybrid=args.hybrid, keyword_weight=args.keyword_weight)
     if args.format == "json":
         print(results.to_json(orient="records", indent=2))
     elif args.format == "csv":
@@ -112,14 +141,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server import create_app
 
-    from .server.app import LOOPBACK_HOSTS
+    from .server.guards import LOOPBACK_HOSTS
 
     api_key = args.api_key or os.environ.get("MULTIRETRIEVAL_API_KEY") or None
     hosts = list(LOOPBACK_HOSTS) + (args.allowed_host or [])
     if args.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind names no host
         hosts.append(args.host)
     app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     allowed_hosts=hosts, allowed_origins=args.allowed_origin)
+                     allowed_hosts=hosts, allowed_origins=args.allowed_origin, checkpoint_every=args.checkpoint_every)
     print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
           + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
@@ -134,9 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("index", help="index a catalog (CSV or parquet) and save it to a folder")
-    p.add_argument("catalog", help="catalog file: columns id, image, title, description, metadata...")
+    p = sub.add_parser("index", help="index a catalog (CSV, parquet, JSON Lines) or a folder of images, and save it")
+    p.add_argument("catalog", help="catalog file (columns id, image, title, description, metadata...) or a folder of images "
+                                   "(id = the path in the folder; metadata.csv/.jsonl beside them joins by file_name)")
     p.add_argument("--out", required=True, help="folder to save the index to (replaced atomically)")
+    p.add_argument("--update", action="store_true", help="upsert into the index at --out, if there is one: encode only new "
+                                                         "and changed items, change the index in place")
+    p.add_argument("--prune", action="store_true", help="with --update: remove indexed items missing from the catalog")
+    p.add_argument("--title-from-filename", action="store_true", help="a folder: title each image by its file name")
+    p.add_argument("--no-recursive", action="store_true", help="a folder: only its own images, not its subfolders'")
     p.add_argument("--config", help="YAML config (default: the packaged offline models)")
     p.add_argument("--factory", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF1024,PQ32 (default: auto)")
     p.add_argument("--memory-gb", type=float, help="memory budget for each vector index when --factory is auto (default 8)")
@@ -167,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", help="a condition over catalog columns, e.g. \"price < 200 AND category = 'rings'\" "
                                    "(grammar: README, Filters)")
     p.add_argument("--unsafe-where", action="store_true", help="accept any single DuckDB expression as --where (you trust it)")
+    p.add_argument("--hybrid", choices=("rrf", "weighted", "off"),
+                   help="text queries: combine BM25 keywords and vectors by reciprocal-rank fusion (default), a weighted sum, or not")
+    p.add_argument("--keyword-weight", type=float, help="text queries: the keywords' share, 0 to 1 (default 0.5)")
     p.add_argument("--show", metavar="PNG", help="also draw the query and its results into this PNG")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--config", help="YAML config; must name the encoders the index was built with")
@@ -190,7 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Host name clients may use besides localhost/127.0.0.1 (repeatable; '*' for any)")
     p.add_argument("--allowed-origin", action="append", metavar="URL",
                    help="a web origin (https://shop.example) whose pages may POST/DELETE (repeatable)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
+                   help="save the index folder after this many writes (each write is in the write log before it is "
+                        "answered; default 1000)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cache", help="manage a folder of encoded shards")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    q = cache_sub.add_parser("prune", help="drop the shards that none of the given indexes uses")
+    q.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR", help="the indexes whose items the cache must keep")
+    q.add_argument("--cache", metavar="DIR", help="the shard folder (default: the first INDEX_DIR.cache)")
+    q.add_argument("--dry-run", action="store_true", help="only say what would be dropped")
+    q.set_defaults(func=cmd_cache_prune)
 
     p = sub.add_parser("demo", help="index the bundled demo catalog and run one query of each kind")
     p.add_argument("--catalog", help="catalog to use instead of data/demo/catalog.csv")
@@ -202,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "prune", False) and not args.update:
+        parser.error("--prune goes with --update")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The packaged models need no network; say so before transformers is imported, so that
     # it does not try the hub. A user who names a hub model can set HF_HUB_OFFLINE=0.

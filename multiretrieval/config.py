@@ -20,9 +20,15 @@ class CatalogConfig:
     """How catalog rows become model inputs."""
 
     text_columns: tuple[str, ...] = ("title", "description")  # joined with ". " into the item's text
+    keyword_columns: tuple[str, ...] = ()  # more columns the keyword index reads besides the text columns (sku, brand)
     max_image_pixels: int = 40_000_000  # decompression-bomb guard, checked before decoding
     max_image_bytes: int = 50_000_000
     download_timeout_s: float = 30.0  # an image URL must arrive whole within this (a trickling server is cut off)
+    download_workers: int = 16  # image downloads in parallel while indexing a URL catalog
+    downloads_per_host: int = 8  # of which at most this many against one host
+    download_retries: int = 3  # more attempts after a transient failure (timeout, dropped connection, 408/425/429/5xx)
+    download_backoff_s: float = 0.5  # wait before retry n: this x 2^n, with jitter (or the server's Retry-After)
+    text_when_image_fails: bool = True  # an item whose image fails is indexed by its text (a warning), if it has one
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class IndexConfig:
     memory_budget_gb: float = 8.0  # auto: memory one vector index may use
     target_recall: float = 0.95  # approximate indexes: search parameters tuned to this recall@10 against exact search
     exact_filter_below: int = 20_000  # filtered queries matching fewer ids than this are scored exactly
+    compact_deleted_share: float = 0.2  # graph indexes (HNSW) keep removed items marked deleted; rebuilt past this share
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Bounds on queries, checked before any model runs: a query over one gets a LimitError (422 from the service)."""
+    """Bounds on queries, checked before any model runs (a query over one gets a LimitError, 422 from the
+    service), and how text queries combine keywords and vectors."""
 
     max_text_chars: int = 1000  # characters of a query text
     max_text_tokens: int = 256  # word pieces of a query text (the text encoder reads the first encoders.max_text_tokens)
@@ -111,6 +119,9 @@ class SearchConfig:
     max_batch: int = 64  # queries in one batch call
     max_where_chars: int = 2000  # characters of a where filter
     filter_timeout_s: float = 2.0  # a filter still running after this is interrupted (LimitError)
+    hybrid: str = "rrf"  # text queries: rrf (reciprocal-rank fusion of vectors and BM25) | weighted | off
+    keyword_weight: float = 0.5  # the keyword (BM25) ranking's share in a hybrid text query
+    hybrid_depth: int = 100  # how deep each ranking is read before they are combined (at least k)
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ class ShardWriter:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = [Row(int(r), h, _value(s), _value(t)) for r, h, s, t in zip(batch["row"], batch["hash"], batch["source"], batch["text"])]
-        errors, arrays = self.encoder.encode(rows, self.pool)
-        name = self.store.write([r.hash for r in rows], errors, arrays)
+        outcomes, arrays = self.encoder.encode(rows, self.pool)
+        name = self.store.write([r.hash for r in rows], outcomes, arrays)
         return pd.DataFrame({"shard": [name], "items": [len(rows)]})
 
 

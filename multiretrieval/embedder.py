@@ -158,7 +158,8 @@ class Embedder:
         return {"image": [enc.image, enc.image_weights], "text": [enc.text, enc.text_weights, enc.max_text_tokens],
                 "image_grid": self.fusion.image_grid, "text_chunks": self.fusion.text_chunks,
                 "zero_shot": self.zero_shot.fingerprint,
-                "limits": [cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes], "format": 1}
+                "limits": [cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes],
+                "text_when_image_fails": cfg.catalog.text_when_image_fails, "format": 2}  # 2: shards record warnings and retries
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of the models: encoder names and widths, fusion, zero-shot space."""

@@ -12,7 +12,16 @@ class CatalogError(MultiretrievalError, ValueError):
 
 
 class ImageError(MultiretrievalError, ValueError):
-    """An image cannot be used: missing, unreadable, corrupt, truncated or too large."""
+    """An image cannot be used: missing, unreadable, corrupt, truncated or too large.
+
+    ``transient``: the failure may pass (a download that timed out, a 5xx or 429 answer, a
+    dropped connection): it is retried, and never remembered by the shard cache.
+    ``retry_after``: seconds the server asked to wait (a Retry-After header), if it did.
+    """
+
+    def __init__(self, message: str = "", transient: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient, self.retry_after = transient, retry_after
 
 
 class ImageLimitError(ImageError):

@@ -12,6 +12,11 @@ Benchmarks (none of their queries is ever trained on):
   one fragment of its metadata (its category or one tag), is a query for that item: recall@1 and @10 for image-only, text-only and fused
   queries, under late fusion and under the attention fusion trained on the catalog's own pairs.
 - image -> image: each sweethome3d render as a query; precision@10 of items with the same name.
+- exact names: the sweethome3d items, each given a synthetic brand (shared by ~10 items of
+  different categories) and a unique model code ("KX-2210") in its title, the only text
+  indexed; one query per item holding an exact name plus words of its category or tags that
+  its title lacks: "<model code, spelt one of three ways> <descriptive words>" or "<brand>
+  <descriptive words>". Recall@1/@10 of vector-only, BM25-only and hybrid text search.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from .config import RetrieverConfig
 logger = logging.getLogger(__name__)
 BENCH_SEED = 20261122  # query photos and fragments; training views use other seeds
 ZERO_SHOT_KINDS = ("conse", "lit", "lit+conse")
+# exact names: how each method is asked through Retriever.search
+EXACT_NAME_METHODS = {"vector only": {"hybrid": "off"}, "BM25 only": {"keyword_weight": 1.0},
+                      "hybrid: reciprocal-rank fusion (default)": {}, "hybrid: weighted sum": {"hybrid": "weighted"}}
 
 
 # ---------------------------------------------------------------- building the benchmarks
@@ -97,7 +105,51 @@ def build_benchmarks(root: str | Path, out: str | Path) -> dict[str, int]:
         fragments = [row.category] + [t.strip() for t in tags.split(",") if t.strip()]
         queries.append({"target": row.id, "image": f"queries/{row.id}.png", "text": fragments[int(rng.integers(0, len(fragments)))]})
     pd.DataFrame(queries).to_csv(sh / "queries.csv", index=False)
-    return {"tuxpaint_items": len(tux), "sweethome3d_items": len(df), "sweethome3d_queries": len(queries)}
+    names = build_exact_names(df.assign(image=[str((sh / p).resolve()) for p in df["image"]]), out / "exact_names")
+    return {"tuxpaint_items": len(tux), "sweethome3d_items": len(df), "sweethome3d_queries": len(queries),
+            "exact_name_queries": names}
+
+
+_SYLLABLES = ("ka", "lo", "ven", "dor", "mi", "sa", "tur", "bel", "quo", "rin", "zan", "fel", "mar", "tis", "vok", "lum",
+              "ber", "cor", "nes", "pia", "gal", "hov", "ird", "jun")
+
+
+def build_exact_names(items: pd.DataFrame, out: str | Path) -> int:
+    """Write the exact-name benchmark (see the module docstring) from sweethome3d rows (id, image, title,
+    category, tags); returns the number of queries. Seeded: the same rows give the same files."""
+    rng = np.random.default_rng([BENCH_SEED, 12])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = items.sort_values(["category", "id"]).reset_index(drop=True)  # brands dealt round-robin: ~10 categories each
+    n_brands = max(1, len(items) // 10)
+    brands: list[str] = []
+    while len(brands) < n_brands:
+        name = "".join(rng.choice(_SYLLABLES, int(rng.integers(2, 4)))).capitalize()
+        if name not in brands:
+            brands.append(name)
+    codes: set[str] = set()
+    while len(codes) < len(items):
+        letters = "".join(rng.choice(list("ABCDEFGHJKLMNPRSTUVWXZ"), 2))
+        codes.add(f"{letters}-{int(rng.integers(1000, 10000))}")
+    codes_list = sorted(codes)
+    rng.shuffle(codes_list)
+    catalog, queries = [], []
+    for i, row in enumerate(items.itertuples(index=False)):
+        brand, code = brands[i % n_brands], codes_list[i]
+        catalog.append({"id": row.id, "image": row.image, "title": f"{brand} {row.title} {code}", "category": row.category,
+                        "tags": row.tags if isinstance(row.tags, str) else ""})
+        title_words = {w.lower() for w in str(row.title).replace("-", " ").split()}
+        words = [w.strip() for w in ([row.category] + str(row.tags if isinstance(row.tags, str) else "").split(","))]
+        words = [w.lower() for w in words if w and not {x.lower() for x in w.split()} & title_words]
+        descriptive = words[int(rng.integers(0, len(words)))] if words else str(row.category).lower()
+        if i % 2 == 0:
+            spelt = [code, code.replace("-", "").lower(), code.replace("-", " ")][int(rng.integers(0, 3))]
+            queries.append({"target": row.id, "kind": "model code", "text": f"{spelt} {descriptive}"})
+        else:
+            queries.append({"target": row.id, "kind": "brand", "text": f"{brand} {descriptive}"})
+    pd.DataFrame(catalog).to_csv(out / "catalog.csv", index=False)
+    pd.DataFrame(queries).to_csv(out / "queries.csv", index=False)
+    return len(queries)
 
 
 # ---------------------------------------------------------------- measures
@@ -124,6 +176,8 @@ def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None 
         results["tuxpaint_zero_shot"] = _tuxpaint(bench / "tuxpaint", config, show_progress)
     if (bench / "sweethome3d" / "catalog.csv").is_file():
         results.update(_sweethome3d(bench / "sweethome3d", config, out, train, show_progress))
+    if (bench / "exact_names" / "catalog.csv").is_file():
+        results["exact_names"] = exact_names(bench / "exact_names", config, show_progress)
     results["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "report.md").write_text(report_markdown(results))
@@ -185,6 +239,26 @@ def _sweethome3d(folder: Path, config: RetrieverConfig, out: Path, train: bool, 
     return {"sweethome3d_fused": fused, "sweethome3d_same_name": same_name}
 
 
+def exact_names(folder: str | Path, config: RetrieverConfig, show_progress=None) -> dict[str, Any]:
+    """Recall@1/@10 of each text-search method on the exact-name benchmark, overall and per kind of query."""
+    from .retriever import Retriever
+
+    folder = Path(folder)
+    queries = pd.read_csv(folder / "queries.csv")
+    r = Retriever(dataclasses.replace(config, catalog=dataclasses.replace(config.catalog, text_columns=("title",))))
+    r.index(Catalog.from_csv(folder / "catalog.csv", text_columns=("title",)), show_progress=show_progress)
+    out: dict[str, Any] = {"items": len(r), "queries": len(queries), "kinds": queries["kind"].value_counts().to_dict()}
+    for method, kwargs in EXACT_NAME_METHODS.items():
+        ranks = []
+        for text, target in zip(queries["text"], queries["target"]):
+            found = r.search(text=text, k=10, **kwargs)["id"].tolist()
+            ranks.append(found.index(target) if target in found else 10)
+        ranks = np.array(ranks)
+        out[method] = {**recall(ranks, ks=(1, 10)),
+                       **{f"R@1 {kind}": float((ranks[queries["kind"].to_numpy() == kind] < 1).mean()) for kind in out["kinds"]}}
+    return out
+
+
 def _same_name_precision(r, ids: np.ndarray, catalog: Catalog) -> dict[str, float]:
     """Image-only queries with each render: precision@10 of same-name items among the other results.
 
@@ -228,6 +302,16 @@ def report_markdown(results: dict[str, Any]) -> str:
     if same:
         lines += ["## Image -> image, same-name precision@10 (sweethome3d)", "", "| fusion | P@10 | queries |", "|---|---|---|"]
         lines += [f"| {k} | {'-' if v['P@10'] is None else format(v['P@10'], '.3f')} | {v['queries']} |" for k, v in same.items()]
+        lines.append("")
+    names = results.get("exact_names")
+    if names:
+        kinds = list(names["kinds"])
+        lines += [f"## Exact names in text queries (sweethome3d with synthetic brands and model codes, {names['queries']} queries)", "",
+                  "| text search | R@1 | R@10 | " + " | ".join(f"R@1, {k} queries" for k in kinds) + " |",
+                  "|---|---|---|" + "---|" * len(kinds)]
+        for method in EXACT_NAME_METHODS:
+            m = names[method]
+            lines.append(f"| {method} | {m['R@1']:.3f} | {m['R@10']:.3f} | " + " | ".join(f"{m[f'R@1 {k}']:.3f}" for k in kinds) + " |")
         lines.append("")
     lines.append(f"Run time: {results.get('seconds', 0):.0f} s.")
     return "\n".join(lines) + "\n"

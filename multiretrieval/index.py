@@ -1,8 +1,12 @@
 """The vector index: FAISS by index_factory string, inner product, int64 ids.
 
 Vectors are L2-normalised, so inner product is cosine similarity. The index is wrapped
-in IDMap2, so ids are the caller's int64 keys, items can be removed (except from HNSW),
-and vectors can be read back for exact scoring of small filtered sets.
+in IDMap2, so ids are the caller's int64 keys and vectors can be read back for exact
+scoring of small filtered sets. Items are removed from every kind of index: from flat
+storage (Flat, PQ, SQ) at once; from the others (HNSW graphs, Refine, IVF, whose removal
+IDMap2 cannot follow) they are marked deleted, left out of every search by an IDSelector,
+and the index is rebuilt from the live vectors once the deleted share passes
+``index.compact_deleted_share`` (``IndexSet``).
 
 ``choose_factory`` picks the family from the catalog size and a memory budget, and
 ``build`` sets the search parameters (efSearch, nprobe, k_factor) to the cheapest values
@@ -72,10 +76,31 @@ class VectorIndex:
             self.faiss_index = faiss.index_factory(self.dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise QueryError(f"invalid FAISS index_factory string {factory!r}: {str(exc).splitlines()[-1]}") from exc
+        self.deleted = np.zeros(0, np.int64)  # ids marked deleted (kinds FAISS cannot remove from), sorted
         self._positions: tuple | None = None
+        self._live = None  # cached IDSelector of the positions not deleted
 
     def __len__(self) -> int:
-        return int(self.faiss_index.ntotal)
+        return int(self.faiss_index.ntotal) - len(self.deleted)
+
+    @property
+    def deleted_share(self) -> float:
+        """The share of the index's entries that are marked deleted (0 where removal is real)."""
+        return len(self.deleted) / self.faiss_index.ntotal if self.faiss_index.ntotal else 0.0
+
+    @property
+    def removes_in_place(self) -> bool:
+        """Whether entries can really be removed: flat storage (Flat, PQ, SQ), which FAISS compacts
+        as IDMap2 expects. HNSW and Refine cannot remove at all, and IVF keeps its own numbering,
+        which IDMap2's removal would scramble (it assumes the entries after a removed one shift)."""
+        import faiss
+
+        return self._find(faiss.IndexFlatCodes) is not None
+
+    def ids(self) -> np.ndarray:
+        """The ids of the live entries, in FAISS order."""
+        ids = self._id_positions()[0]
+        return ids[~np.isin(ids, self.deleted)] if len(self.deleted) else ids
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = self._check(vectors)
@@ -84,7 +109,7 @@ class VectorIndex:
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         self._train(vectors)
         self.faiss_index.add_with_ids(vectors, ids)
-        self._positions = None
+        self._positions = self._live = None
 
     def _train(self, vectors: np.ndarray) -> None:
         if self.faiss_index.is_trained:
@@ -217,11 +242,22 @@ class VectorIndex:
     # ---------------------------------------------------------------- search
 
     def remove(self, ids: np.ndarray) -> int:
+        """Remove entries by id (ids it does not hold are ignored); returns how many went.
+
+        Graph indexes (HNSW, Refine) cannot drop entries: theirs are marked deleted instead and
+        left out of every search; ``IndexSet`` rebuilds such an index when too many are.
+        """
         import faiss
 
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        removed = int(self.faiss_index.remove_ids(faiss.IDSelectorBatch(ids)))
-        self._positions = None
+        if self.removes_in_place:
+            removed = int(self.faiss_index.remove_ids(faiss.IDSelectorBatch(ids)))
+        else:
+            held = self._id_positions()[0]
+            fresh = np.setdiff1d(ids[np.isin(ids, held)], self.deleted)
+            self.deleted = np.union1d(self.deleted, fresh)
+            removed = len(fresh)
+        self._positions = self._live = None
         return removed
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -230,9 +266,13 @@ class VectorIndex:
         ``allowed``: only these ids may be returned (a filter). Small sets are scored
         exactly from the stored vectors; larger ones go through a FAISS IDSelector, and if
         the approximate search finds fewer than k allowed items, exactly again: a filtered
-        query returns k results whenever k items match.
+        query returns k results whenever k items match. Entries marked deleted never come back.
         """
         queries = self._check(queries)
+        if len(self.deleted):
+            if allowed is None:
+                return self._search_live(queries, k)
+            allowed = np.setdiff1d(np.asarray(allowed, np.int64), self.deleted)
         if allowed is None:
             return self.faiss_index.search(queries, k)
         import faiss
@@ -254,25 +294,54 @@ class VectorIndex:
         Refine reject; so the selector goes to the inner index, typed for each level,
         and positions are mapped back to ids here. ``exhaustive``: IVF probes every list.
         """
-        import faiss
+        ids = self._id_positions()[0]
+        return self._search_positions(queries, k, self._selector(self._positions_of(allowed), len(ids)), exhaustive)
 
+    def _positions_of(self, wanted: np.ndarray) -> np.ndarray:
         ids, sorted_ids, order = self._id_positions()
         if order is None:  # ids are the positions 0..n-1
-            positions = allowed[(allowed >= 0) & (allowed < len(ids))]
-        else:
-            at = np.clip(np.searchsorted(sorted_ids, allowed), 0, max(len(ids) - 1, 0))
-            positions = order[at[sorted_ids[at] == allowed]]
-        if len(positions) > len(ids) // 64:  # dense: a bitmap (n/8 bytes) is cheaper to build and probe than a hash set
-            mask = np.zeros(len(ids), bool)
+            return wanted[(wanted >= 0) & (wanted < len(ids))]
+        at = np.clip(np.searchsorted(sorted_ids, wanted), 0, max(len(ids) - 1, 0))
+        return order[at[sorted_ids[at] == wanted]]
+
+    @staticmethod
+    def _selector(positions: np.ndarray, n: int):
+        import faiss
+
+        if len(positions) > n // 64:  # dense: a bitmap (n/8 bytes) is cheaper to build and probe than a hash set
+            mask = np.zeros(n, bool)
             mask[positions] = True
             bits = np.packbits(mask, bitorder="little")
-            selector = faiss.IDSelectorBitmap(len(ids), faiss.swig_ptr(bits))
-        else:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(positions, dtype=np.int64))
+            selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
+            selector.bits_array = bits  # the selector only points at the bits: keep them alive with it
+            return selector
+        return faiss.IDSelectorBatch(np.ascontiguousarray(positions, dtype=np.int64))
+
+    def _search_positions(self, queries: np.ndarray, k: int, selector, exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        ids = self._id_positions()[0]
         inner = faiss.downcast_index(self.faiss_index.index)
         params = _typed_params(inner, selector, exhaustive)
         scores, pos = inner.search(queries, k, params=params)
         found = np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
+        return scores, found
+
+    def _search_live(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """An unfiltered search of an index with entries marked deleted: every live entry allowed."""
+        if self._live is None:
+            n = len(self._id_positions()[0])
+            dead = np.zeros(n, bool)
+            dead[self._positions_of(self.deleted)] = True
+            self._live = self._selector(np.flatnonzero(~dead), n)
+        import faiss
+
+        scores, found = self._search_positions(queries, k, self._live)
+        short = (found < 0).any(axis=1) & (len(self) >= k)
+        if short.any():  # the search ran out among deleted entries: every IVF list, or the live vectors exactly
+            ivf = self._find(faiss.IndexIVF) is not None
+            scores[short], found[short] = (self._search_positions(queries[short], k, self._live, True) if ivf
+                                           else self._exact(queries[short], k, self.ids()))
         return scores, found
 
     def _id_positions(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -290,10 +359,11 @@ class VectorIndex:
         return self._positions
 
     def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = self._id_positions()[0][np.sort(self._positions_of(np.asarray(ids, np.int64)))]  # only ids it holds
         scores = np.full((len(queries), k), -np.inf, np.float32)
         found = np.full((len(queries), k), -1, np.int64)
         if len(ids):
-            vectors = self.faiss_index.reconstruct_batch(ids)
+            vectors = self.reconstruct(ids)
             sims = queries @ vectors.T
             top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
             scores[:, :top.shape[1]] = np.take_along_axis(sims, top, 1)
@@ -301,7 +371,18 @@ class VectorIndex:
         return scores, found
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        return self.faiss_index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+        """The stored vectors of these ids (as the index keeps them: exact for Flat and Refine(Flat))."""
+        import faiss
+
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        try:
+            return self.faiss_index.reconstruct_batch(ids)
+        except RuntimeError:
+            ivf = self._find(faiss.IndexIVF)
+            if ivf is None:
+                raise
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # IVF reads back by id only with a direct map
+            return self.faiss_index.reconstruct_batch(ids)
 
     def _check(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -314,13 +395,17 @@ class VectorIndex:
     # ---------------------------------------------------------------- files
 
     def describe(self) -> dict:
-        """What the manifest records: factory, width, count, tuned parameters and their recall."""
-        return {"factory": self.factory, "dim": self.dim, "count": len(self), "params": dict(self.params), "recall_at_10": self.recall}
+        """What the manifest records: factory, width, count, deleted entries, tuned parameters and their recall."""
+        return {"factory": self.factory, "dim": self.dim, "count": len(self), "deleted": len(self.deleted),
+                "params": dict(self.params), "recall_at_10": self.recall}
 
     def save(self, path: str | Path) -> None:
+        """Write the FAISS index to ``path`` and, if entries are marked deleted, their ids beside it."""
         import faiss
 
         faiss.write_index(self.faiss_index, str(path))
+        if len(self.deleted):
+            np.save(_deleted_path(path), self.deleted, allow_pickle=False)
 
     @classmethod
     def load(cls, path: str | Path, factory: str, exact_filter_below: int = 20_000, params: dict | None = None) -> VectorIndex:
@@ -332,10 +417,17 @@ class VectorIndex:
             raise IndexLoadError(f"{path}: not a readable FAISS index: {str(exc).splitlines()[-1]}") from exc
         index = cls.__new__(cls)
         index.dim, index.factory, index.exact_filter_below = int(loaded.d), factory, exact_filter_below
-        index.faiss_index, index.params, index.recall, index._positions = loaded, {}, None, None
+        index.faiss_index, index.params, index.recall, index._positions, index._live = loaded, {}, None, None, None
+        deleted = _deleted_path(path)
+        index.deleted = np.load(deleted, allow_pickle=False) if deleted.is_file() else np.zeros(0, np.int64)
         if params:
             index.set_params(**params)  # not stored by write_index (efSearch is, nprobe and k_factor are not)
         return index
+
+
+def _deleted_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.stem + ".deleted.npy")
 
 
 def _typed_params(index, selector, exhaustive: bool = False):
@@ -376,10 +468,35 @@ class IndexSet:
 
     def create(self, dims: dict[str, int], n_items: int) -> None:
         """New empty indexes of the configured kind (``auto``: chosen by size and memory budget)."""
-        ic = self.config
         for space, dim in dims.items():
-            factory = choose_factory(n_items, dim, ic.memory_budget_gb * 1e9) if ic.factory == "auto" else ic.factory
-            self.by_space[space] = VectorIndex(dim, factory, ic.exact_filter_below)
+            self.by_space[space] = VectorIndex(dim, self.factory_for(n_items, dim), self.config.exact_filter_below)
+
+    def factory_for(self, n_items: int, dim: int) -> str:
+        """The configured index kind for this many items (``auto``: chosen by size and memory budget)."""
+        ic = self.config
+        return choose_factory(n_items, dim, ic.memory_budget_gb * 1e9) if ic.factory == "auto" else ic.factory
+
+    def stale(self, n_items: int) -> list[str]:
+        """The spaces whose index should be rebuilt: the share of its entries marked deleted passed
+        ``index.compact_deleted_share``, or the automatic choice differs from its kind for
+        ``n_items``, and for 10% fewer and 10% more (so a catalog hovering around a threshold is
+        not rebuilt back and forth)."""
+        def moved(index: VectorIndex) -> bool:
+            want = self.factory_for(n_items, index.dim)
+            return index.factory != want and all(self.factory_for(int(n_items * f), index.dim) == want for f in (0.9, 1.1))
+
+        return [space for space, index in self.by_space.items() if moved(index) or index.deleted_share > self.config.compact_deleted_share]
+
+    def rebuild(self, space: str, keys: np.ndarray, vectors: np.ndarray, n_items: int) -> None:
+        """A new index for ``space`` of the kind chosen for ``n_items``, built (and tuned) from these vectors."""
+        old = self.by_space[space]
+        factory = self.factory_for(n_items, old.dim)
+        logger.info("rebuilding the %s index (%s -> %s, %d vectors, %d marked deleted)", space, old.factory, factory,
+                    len(keys), len(old.deleted))
+        index = VectorIndex(old.dim, factory, self.config.exact_filter_below)
+        if len(keys):
+            index.build(keys, vectors, self.config.target_recall)
+        self.by_space[space] = index
 
     def fill(self, space: str, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Add to an index; a new approximate index is then tuned to the target recall on its own vectors."""
@@ -408,13 +525,9 @@ class IndexSet:
         self.by_space[space] = VectorIndex(dim, old.factory, self.config.exact_filter_below)
 
     def remove(self, keys: np.ndarray) -> None:
-        from .errors import ConfigError
-
+        """Remove items from every index (marked deleted where FAISS cannot remove; see ``stale``)."""
         for index in self.by_space.values():
-            try:
-                index.remove(keys)
-            except RuntimeError as exc:
-                raise ConfigError(f"the {index.factory} index does not support removal; rebuild with index()") from exc
+            index.remove(keys)
 
     def vectors(self, space: str, keys: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
         """The stored vectors of these keys; zeros where ``present`` is False (not in that index)."""
@@ -443,7 +556,7 @@ class IndexSet:
             saved = described[space]
             index = VectorIndex.load(folder / f"{space}.faiss", saved["factory"], config.exact_filter_below, saved.get("params"))
             index.recall = saved.get("recall_at_10")
-            if index.dim != saved["dim"] or len(index) != saved["count"]:
+            if index.dim != saved["dim"] or len(index) != saved["count"] or len(index.deleted) != saved.get("deleted", 0):
                 raise IndexLoadError(f"{folder / space}.faiss does not match the manifest (dim or count)")
             indexes.by_space[space] = index
         return indexes

@@ -29,13 +29,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class IndexReport:
-    """What ``index``/``add`` did: counts, per-stage seconds, and every skipped row with its reason."""
+    """What ``index``/``add``/``upsert`` did: counts, per-stage seconds, every skipped row with its
+    reason and every row indexed without its image (``warnings``).
+
+    Counts are of catalog rows: ``encoded + cached + skipped`` = the rows read (for ``upsert``:
+    the rows it had to encode); ``text_only`` of the indexed rows lost their image.
+    """
 
     indexed: int = 0
     skipped: list[SkippedRow] = field(default_factory=list)
-    encoded: int = 0  # distinct contents encoded in this run
-    cached: int = 0  # distinct contents taken from the shard cache (unchanged since an earlier run)
+    encoded: int = 0  # rows indexed whose content was encoded in this run
+    cached: int = 0  # rows indexed whose content came from the shard cache (unchanged since an earlier run)
+    warnings: list[SkippedRow] = field(default_factory=list)  # rows indexed by their text, their image failing
     seconds: dict[str, float] = field(default_factory=lambda: {"hash": 0.0, "encode": 0.0, "index": 0.0})
+    changes: dict[str, int] = field(default_factory=dict)  # upsert: added, replaced, updated, unchanged, removed
+
+    @property
+    def text_only(self) -> int:
+        return len(self.warnings)
 
     @property
     def total_seconds(self) -> float:
@@ -49,15 +60,20 @@ class IndexReport:
         return pd.DataFrame([vars(s) for s in self.skipped], columns=["row", "id", "reason"])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"indexed": self.indexed, "encoded": self.encoded, "cached": self.cached,
+        rows = lambda found: [{"row": s.row, "id": s.id, "reason": s.reason} for s in found]  # noqa: E731
+        return {"indexed": self.indexed, "encoded": self.encoded, "cached": self.cached, "text_only": self.text_only,
+                **({"changes": dict(self.changes)} if self.changes else {}),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-                "skipped": [{"row": s.row, "id": s.id, "reason": s.reason} for s in self.skipped]}
+                "skipped": rows(self.skipped), "warnings": rows(self.warnings)}
 
     def __str__(self) -> str:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         lines = [f"indexed {self.indexed} items in {self.total_seconds:.1f} s ({self.items_per_second:.1f} items/s; {stages}); "
-                 f"encoded {self.encoded}, from cache {self.cached}, skipped {len(self.skipped)}"]
-        lines += [f"  {s}" for s in self.skipped]
+                 f"encoded {self.encoded}, from cache {self.cached}, text only {self.text_only}, skipped {len(self.skipped)}"]
+        if self.changes:
+            lines.append("  " + ", ".join(f"{k} {v}" for k, v in self.changes.items()))
+        lines += [f"  skipped {s}" for s in self.skipped]
+        lines += [f"  warning {s}" for s in self.warnings]
         return "\n".join(lines)
 
 
@@ -65,7 +81,8 @@ class IndexReport:
 class PipelineResult:
     hashes: list[str]
     errors: dict[int, str]  # catalog row -> reason it was skipped
-    encoded: int  # rows encoded in this run (the rest came from the store)
+    warnings: dict[int, str]  # catalog row -> why it was indexed without its image
+    fresh: set[str]  # hashes encoded in this run (the rest came from the store)
     seconds: dict[str, float]
 
 
@@ -90,31 +107,39 @@ def run(embedder: Embedder, rows: list[Row], store: ShardStore, shard_size: int 
         encode_with_ray(embedder.config, todo, store, shard_size, show_progress)
         store.refresh()
     elif todo:
-        encoder = ShardEncoder(embedder)
+        encoder = ShardEncoder(embedder, show_progress=show_progress)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
                 progress_bar(len(todo), "encoding", show_progress, unit="item") as bar:
             for start in range(0, len(todo), shard_size):
                 chunk = todo[start:start + shard_size]
-                errors, arrays = encoder.encode(chunk, pool, bar.update)
-                store.write([r.hash for r in chunk], errors, arrays)
-                bar.update(sum(e is not None or r.source is None for e, r in zip(errors, chunk)))  # the rest counted per batch
+                outcomes, arrays = encoder.encode(chunk, pool, bar.update)
+                store.write([r.hash for r in chunk], outcomes, arrays)
+                bar.update(len(chunk) - int(arrays["image_mask"][:, 0].sum()))  # rows with an image were counted per batch
         embedder.image_encoder.release_memory()  # before the index is built: the peak of a large run
         embedder.text_encoder.release_memory()
     errors = {r.row: store.error(r.hash) for r in rows if store.error(r.hash) is not None}
-    return PipelineResult([r.hash for r in rows], errors, len(todo), {"encode": time.perf_counter() - t0})
+    warnings = {r.row: store.warning(r.hash) for r in rows if store.warning(r.hash) is not None}
+    fresh = {r.hash for r in todo}
+    return PipelineResult([r.hash for r in rows], errors, warnings, fresh, {"encode": time.perf_counter() - t0})
 
 
 @dataclass
 class Encoded:
-    """The encoded rows of a catalog: their positions, their image sources, and their arrays (ARRAYS)."""
+    """The encoded rows of a catalog: their positions, image sources, content hashes and arrays (ARRAYS)."""
 
     rows: np.ndarray  # catalog positions of the rows that encoded, in order
     sources: list[str | None]  # every catalog row's resolved image source
     arrays: dict[str, np.ndarray]  # row-aligned with ``rows``
+    hashes: list[str | None] = field(default_factory=list)  # row-aligned with ``rows``; None: encode again next time
+
+
+def hash_catalog(catalog: Catalog, config: RetrieverConfig) -> list[str]:
+    """Every row's content hash (pipeline.content_hash): its image file's bytes (a URL: the URL) and its text."""
+    return hash_rows(catalog.image_sources(), catalog.texts(), config.catalog.max_image_bytes, config.ingest.workers)
 
 
 def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = None, cache: str | Path | None = None,
-           engine: str | None = None) -> tuple[Encoded, IndexReport]:
+           engine: str | None = None, hashes: list[str] | None = None) -> tuple[Encoded, IndexReport]:
     """Hash, read, encode and write a catalog's rows (see the module docstring), then gather them.
 
     Args:
@@ -122,6 +147,7 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
             unchanged since a run with the same folder are not encoded again, and a killed
             run resumes from its last complete shard. Default: a temporary folder, removed.
         engine: "local" or "ray" (default: the config's ``ingest.engine``).
+        hashes: the rows' content hashes, if already computed (``hash_catalog``).
     """
     import tempfile
     from contextlib import nullcontext
@@ -130,7 +156,7 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
     report = IndexReport()
     sources, texts = catalog.image_sources(), catalog.texts()
     t0 = time.perf_counter()
-    hashes = hash_rows(sources, texts, cfg.catalog.max_image_bytes, cfg.ingest.workers)
+    hashes = hashes if hashes is not None else hash_rows(sources, texts, cfg.catalog.max_image_bytes, cfg.ingest.workers)
     report.seconds["hash"] = time.perf_counter() - t0
     rows = [Row(i, h, s, t) for i, (h, s, t) in enumerate(zip(hashes, sources, texts))]
     with nullcontext(cache) if cache is not None else tempfile.TemporaryDirectory(prefix="multiretrieval-shards-") as root:
@@ -139,7 +165,22 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
         ok = np.array([i for i in range(len(rows)) if i not in result.errors], dtype=np.int64)
         t1 = time.perf_counter()
         arrays = store.gather([hashes[i] for i in ok]) if len(ok) else embedder.empty_arrays(0)
+        kept = [None if store.retried(hashes[i]) else hashes[i] for i in ok]
     report.seconds["encode"] = result.seconds["encode"] + time.perf_counter() - t1
-    report.encoded, report.cached = result.encoded, len(set(hashes)) - result.encoded
-    report.skipped = [SkippedRow(row, plain(catalog.df["id"].iloc[row]), reason) for row, reason in sorted(result.errors.items())]
-    return Encoded(ok, sources, arrays), report
+    report.encoded = sum(hashes[i] in result.fresh for i in ok)
+    report.cached = len(ok) - report.encoded
+    ids = catalog.df["id"]
+    report.skipped = [SkippedRow(row, plain(ids.iloc[row]), reason) for row, reason in sorted(result.errors.items())]
+    report.warnings = [SkippedRow(row, plain(ids.iloc[row]), reason) for row, reason in sorted(result.warnings.items())]
+    return Encoded(ok, sources, arrays, kept), report
+
+
+def ingest_rows(catalog: Catalog, rows: np.ndarray, hashes: list[str], embedder: Embedder, show_progress: bool | None = None,
+                cache: str | Path | None = None, engine: str | None = None) -> tuple[Catalog, Encoded, IndexReport]:
+    """Encode only these rows of a catalog (an upsert's new and changed ones), given every row's hash.
+    Returns the sub-catalog they make, its encoded rows, and a report whose rows are the catalog's."""
+    part = catalog.subset(rows)
+    encoded, report = ingest(part, embedder, show_progress, cache, engine, hashes=[hashes[i] for i in rows])
+    report.skipped = [SkippedRow(int(rows[s.row]), s.id, s.reason) for s in report.skipped]
+    report.warnings = [SkippedRow(int(rows[s.row]), s.id, s.reason) for s in report.warnings]
+    return part, encoded, report

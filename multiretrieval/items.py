@@ -3,10 +3,12 @@
 Every item has an internal int64 key (its FAISS id: assigned in order, never reused) beside
 its catalog id. The store keeps the catalog rows (with each item's resolved image source),
 the encoder features row-aligned with them (so fusion can be applied again after training),
-the ``where`` filter (DuckDB over the rows) and the layout of result tables.
+each item's content hash (so an upsert can tell unchanged rows), the ``where`` filter
+(DuckDB over the rows) and the layout of result tables.
 
-On disk (``save``/``load``): ``catalog.parquet`` (the rows, with ``_key``) and
-``features/*.npy`` (one array per feature, row-aligned).
+On disk (``save``/``load``): ``catalog.parquet`` (the rows, with ``_key``),
+``features/*.npy`` (one array per feature, row-aligned) and ``hashes.npy`` (row-aligned;
+empty where the item must be encoded again, e.g. its image URL failed).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .filters import compile_filter, describe_columns
 logger = logging.getLogger(__name__)
 KEY = "_key"  # internal int64 FAISS id of an item; never reused
 IMAGE_SOURCE = "_image_source"  # the item's image path or URL, resolved at index time
+HASH_DTYPE = "S64"  # a sha256 in hex; b"" where unknown
+HASHES_FILE = "hashes.npy"
 
 
 class ItemStore:
@@ -36,7 +40,9 @@ class ItemStore:
     def __init__(self) -> None:
         self.table = pd.DataFrame({KEY: pd.Series(dtype="int64")})
         self.features: dict[str, np.ndarray] = {}
+        self.hashes = np.zeros(0, HASH_DTYPE)  # content hash per row (pipeline.content_hash)
         self.next_key = 0
+        self.version = 0  # changes whenever the rows do (for what is derived from them elsewhere)
         self._lazy = threading.Lock()
         self._changed()
 
@@ -44,6 +50,9 @@ class ItemStore:
         """Drop what is derived from the rows: the DuckDB copy and the result-row layout."""
         self._duck = None
         self._columns: tuple[np.ndarray, pd.DataFrame] | None = None
+        self._ids: dict[str, int] | None = None
+        self._modality: dict[str, np.ndarray] = {}
+        self.version += 1
 
     def __len__(self) -> int:
         return len(self.table)
@@ -58,19 +67,23 @@ class ItemStore:
 
     # ---------------------------------------------------------------- writes
 
-    def conform(self, catalog: Catalog) -> None:
-        """Make new rows fit the stored ones (id kind, column types); refuse ids already stored. Names the rows."""
+    def conform(self, catalog: Catalog, allow_existing: bool = False) -> None:
+        """Make new rows fit the stored ones (id kind, column types); refuse ids already stored
+        unless ``allow_existing`` (an upsert). Names the rows."""
         if not len(self):
             return
         df = catalog.df
         catalog.df = conform_rows(df.assign(id=conform_ids(df["id"], self.table["id"])), self.table)
-        existing = set(self.table["id"].astype(str))
+        if allow_existing:
+            return
+        existing = self.id_positions()
         clash = [i for i, v in enumerate(catalog.df["id"].astype(str)) if v in existing]
         if clash:
             raise CatalogError(f"row(s) {clash[:10]}: id {plain(catalog.df['id'].iloc[clash[0]])!r} is already indexed; remove it first")
 
-    def append(self, rows: pd.DataFrame, sources: list[str | None], features: dict[str, np.ndarray]) -> np.ndarray:
-        """Add catalog rows with their image sources and features; returns their new keys."""
+    def append(self, rows: pd.DataFrame, sources: list[str | None], features: dict[str, np.ndarray],
+               hashes: list[str | None] | None = None) -> np.ndarray:
+        """Add catalog rows with their image sources, features and content hashes; returns their new keys."""
         keys = np.arange(self.next_key, self.next_key + len(rows), dtype=np.int64)
         new = _storable(rows)
         new[IMAGE_SOURCE] = sources
@@ -78,6 +91,8 @@ class ItemStore:
         self.table = new if not len(self) else pd.concat([self.table, new], ignore_index=True)
         for name in FEATURES:
             self.features[name] = features[name] if name not in self.features else np.concatenate([self.features[name], features[name]])
+        added = np.array([(h or "").encode() for h in hashes] if hashes is not None else [b""] * len(rows), HASH_DTYPE)
+        self.hashes = np.concatenate([self.hashes, added])
         self.next_key += len(rows)
         self._changed()
         return keys
@@ -86,17 +101,48 @@ class ItemStore:
         keep = ~self.table[KEY].isin(keys).to_numpy()
         self.table = self.table[keep].reset_index(drop=True)
         self.features = {k: v[keep] for k, v in self.features.items()}
+        self.hashes = self.hashes[keep]
+        self._changed()
+
+    def update(self, keys: np.ndarray, rows: pd.DataFrame, sources: list[str | None]) -> None:
+        """Replace the catalog values (and image sources) of stored items, keeping their keys, features
+        and hashes: items whose content is unchanged but whose metadata is not (a new price)."""
+        if not len(keys):
+            return
+        new = rows.copy()
+        new[IMAGE_SOURCE] = sources
+        new.insert(0, KEY, np.asarray(keys, np.int64))
+        kept = self.table.drop(index=self.table.index[self.rows_of(keys)])
+        # Keys grow with the rows, so ordering by key puts every row back at its position.
+        self.table = pd.concat([kept, new], ignore_index=True).sort_values(KEY, kind="stable").reset_index(drop=True)
         self._changed()
 
     # ---------------------------------------------------------------- reads
 
+    def id_positions(self) -> dict[str, int]:
+        """Row position of every id, by its text (42 and "42" name one item); cached until the rows change."""
+        with self._lazy:
+            if self._ids is None:
+                self._ids = {i: p for p, i in enumerate(self.table["id"].astype(str))}
+            return self._ids
+
     def keys_for(self, ids: list[Any]) -> np.ndarray:
         """The keys of catalog ids (compared as text, so 42 and "42" name one item)."""
-        lookup = dict(zip(self.table["id"].astype(str), self.table[KEY]))
-        missing = [i for i in ids if str(i) not in lookup]
+        positions = self.id_positions()
+        missing = [i for i in ids if str(i) not in positions]
         if missing:
             raise ItemNotFoundError(f"id(s) not in the index: {missing[:10]}")
-        return np.array([lookup[str(i)] for i in ids], np.int64)
+        return self.keys[np.array([positions[str(i)] for i in ids], np.int64)] if ids else np.zeros(0, np.int64)
+
+    def with_modality(self, modality: str) -> np.ndarray:
+        """Keys of the items that have a text ("text"), an image ("image"), or only an image ("image only");
+        cached until the rows change (every text query asks)."""
+        cached = self._modality.get(modality)
+        if cached is None:
+            has_image, has_text = self.features["image_mask"][:, 0], self.features["text_mask"][:, 0]
+            mask = {"text": has_text, "image": has_image, "image only": has_image & ~has_text}[modality]
+            cached = self._modality[modality] = self.keys[mask]
+        return cached
 
     def has(self, space: str, keys: np.ndarray) -> np.ndarray:
         """Which of these items have the modality a zero-shot space holds ("clip_image": an image; "clip_text": a text)."""
@@ -203,6 +249,7 @@ class ItemStore:
         self.table.to_parquet(folder / "catalog.parquet", index=False)
         for name in FEATURES:
             np.save(folder / "features" / f"{name}.npy", self.features[name], allow_pickle=False)
+        np.save(folder / HASHES_FILE, self.hashes, allow_pickle=False)
 
     @classmethod
     def load(cls, folder: str | Path, described: dict[str, Any]) -> ItemStore:
@@ -210,9 +257,13 @@ class ItemStore:
         store = cls()
         store.table = pd.read_parquet(folder / "catalog.parquet")
         store.features = {name: np.load(folder / "features" / f"{name}.npy", allow_pickle=False) for name in FEATURES}
+        hashes = folder / HASHES_FILE  # saves before upserts had none: every item counts as changed
+        store.hashes = np.load(hashes, allow_pickle=False) if hashes.is_file() else np.zeros(len(store.table), HASH_DTYPE)
         store.next_key = int(described["next_key"])
-        if any(len(v) != len(store) for v in store.features.values()) or store.keys.max(initial=-1) >= store.next_key:
+        if (any(len(v) != len(store) for v in store.features.values()) or len(store.hashes) != len(store)
+                or store.keys.max(initial=-1) >= store.next_key):
             raise IndexLoadError(f"{folder}: catalog and features disagree on the number of items")
+        store._changed()
         return store
 
 

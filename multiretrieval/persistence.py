@@ -79,11 +79,12 @@ def read_folder(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def component_folder(folder: Path, manifest: dict[str, Any], name: str) -> Path:
-    """Where a component's files are: its subfolder (format 1 kept the items at the top)."""
+def component_folder(folder: Path, manifest: dict[str, Any], name: str) -> Path | None:
+    """Where a component's files are: its subfolder (format 1 kept the items at the top); None for a
+    component the save does not hold (one added to the package since)."""
     if manifest["format"] == 1:
-        return folder if name == "items" else folder / name
-    return folder / manifest["components"][name]
+        return folder if name == "items" else folder / name if name in ("index", "fusion") else None
+    return folder / manifest["components"][name] if name in manifest["components"] else None
 
 
 def component_record(manifest: dict[str, Any], name: str) -> dict[str, Any]:

@@ -7,9 +7,14 @@
 3. **Encode.** Images in batches of ``encoders.batch_size``; texts sorted by length within
    a shard (less padding), then put back in row order; zero-shot vectors from the same outputs.
 4. **Write.** Every ``shard_size`` new items become one shard: a folder of ``.npy`` arrays
-   plus ``items.parquet`` (hash, error), renamed into place when complete. A run killed
-   midway restarts from its last complete shard, with the same batches, so it ends with
-   the same vectors as an uninterrupted run.
+   plus ``items.parquet`` (hash, error, warning, retry), renamed into place when complete. A
+   run killed midway restarts from its last complete shard, with the same batches, so it ends
+   with the same vectors as an uninterrupted run.
+
+An item whose image fails but which has a text is encoded by its text alone (a *warning*,
+not an error) unless ``catalog.text_when_image_fails`` is off. A row whose image is a URL
+that failed (for any reason: the server may come back, the image may appear) is marked
+*retry*: the shard keeps it for this run, and later runs encode it again.
 
 The stages, each usable alone: ``hash_rows``/``content_hash`` (1), ``ShardEncoder`` (2-3,
 with an :class:`~multiretrieval.embedder.Embedder`'s models) and ``ShardStore`` (4).
@@ -92,15 +97,18 @@ class ShardStore:
     """Encoded items on disk, looked up by content hash.
 
     ``root/<encoders fingerprint>/<shard>/`` holds one ``.npy`` per array in ARRAYS and
-    ``items.parquet`` (hash, error). A shard becomes visible by an atomic rename, so a
-    killed writer leaves only a hidden temporary folder, removed on the next open.
+    ``items.parquet`` (hash, error, warning, retry). A shard becomes visible by an atomic
+    rename, so a killed writer leaves only a hidden temporary folder, removed on the next open.
+    Rows marked ``retry`` count only in the run that wrote them: a store opened later ignores them.
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self._where: dict[str, tuple[str, int]] = {}  # hash -> (shard, position)
         self._errors: dict[str, str] = {}  # hash -> why the item could not be encoded
-        self._loaded: set[str] = set()  # shard names already in the two maps
+        self._warnings: dict[str, str] = {}  # hash -> why the item was encoded without its image
+        self._retry: set[str] = set()  # hashes written in this run whose failure may pass
+        self._loaded: set[str] = set()  # shard names already in the maps
 
     @classmethod
     def open(cls, root: str | Path, fingerprint: dict[str, Any]) -> ShardStore:
@@ -124,7 +132,12 @@ class ShardStore:
             except (OSError, ValueError) as exc:
                 raise IndexLoadError(f"{folder}: unreadable shard ({exc}); delete it to re-encode its items") from exc
             self._loaded.add(folder.name)
-            self._remember(folder.name, items["hash"].tolist(), items["error"].tolist())
+            n = len(items)
+            retry = items["retry"].tolist() if "retry" in items.columns else [False] * n
+            outcomes = Outcomes(items["error"].tolist(), items["warning"].tolist() if "warning" in items.columns else [None] * n,
+                                [bool(r) for r in retry])
+            keep = [i for i in range(n) if not outcomes.retry[i]]  # written by an earlier run: encode those again
+            self._remember(folder.name, [items["hash"].iloc[i] for i in keep], outcomes.only(keep), keep)
 
     def __contains__(self, h: str) -> bool:
         return h in self._where or h in self._errors
@@ -135,14 +148,30 @@ class ShardStore:
     def error(self, h: str) -> str | None:
         return self._errors.get(h)
 
-    def write(self, hashes: list[str], errors: list[str | None], arrays: dict[str, np.ndarray]) -> str:
+    def warning(self, h: str) -> str | None:
+        return self._warnings.get(h)
+
+    def retried(self, h: str) -> bool:
+        """Whether this item's failure may pass (a later run encodes it again)."""
+        return h in self._retry
+
+    def shards(self) -> dict[str, list[str]]:
+        """Every complete shard's name and the hashes it holds (retry rows included)."""
+        out = {}
+        for folder in sorted(self.folder.glob("shard-*")):
+            out[folder.name] = pd.read_parquet(folder / "items.parquet", columns=["hash"])["hash"].tolist()
+        return out
+
+    def write(self, hashes: list[str], outcomes: Outcomes, arrays: dict[str, np.ndarray]) -> str:
         """Store one shard; returns its name (derived from its content, so rewriting is harmless)."""
         name = "shard-" + hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
         tmp = Path(tempfile.mkdtemp(prefix=".shard-", dir=self.folder))
         try:
             for key in ARRAYS:
                 np.save(tmp / f"{key}.npy", arrays[key], allow_pickle=False)
-            pd.DataFrame({"hash": hashes, "error": pd.Series(errors, dtype=object)}).to_parquet(tmp / "items.parquet", index=False)
+            pd.DataFrame({"hash": hashes, "error": pd.Series(outcomes.errors, dtype=object),
+                          "warning": pd.Series(outcomes.warnings, dtype=object),
+                          "retry": np.array(outcomes.retry, dtype=bool)}).to_parquet(tmp / "items.parquet", index=False)
             for path in tmp.iterdir():
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
@@ -154,17 +183,24 @@ class ShardStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._loaded.add(name)
-        self._remember(name, hashes, errors)
+        self._remember(name, hashes, outcomes, list(range(len(hashes))))
+        self._retry.update(h for h, r in zip(hashes, outcomes.retry) if r)
         return name
 
-    def _remember(self, shard: str, hashes: list[str], errors: list) -> None:
-        for position, (h, error) in enumerate(zip(hashes, errors)):
+    def _remember(self, shard: str, hashes: list[str], outcomes: Outcomes, positions: list[int]) -> None:
+        for h, error, warning, position in zip(hashes, outcomes.errors, outcomes.warnings, positions):
             # A failed row has a non-empty reason; a good row's reason reads back as None or
             # NaN (pandas 3 turns a missing string into NaN), never as an error.
-            if isinstance(error, str) and error:
+            if _reason(error):
                 self._errors[h] = error
+                self._where.pop(h, None)
             else:
                 self._where[h] = (shard, position)
+                self._errors.pop(h, None)
+                if _reason(warning):
+                    self._warnings[h] = warning
+                else:
+                    self._warnings.pop(h, None)
 
     def gather(self, hashes: list[str]) -> dict[str, np.ndarray]:
         """The stored arrays of these (encoded, not failed) hashes, stacked in the given order."""
@@ -183,51 +219,133 @@ class ShardStore:
         return out
 
 
+def _reason(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+@dataclass
+class Outcomes:
+    """What happened to each row of a shard: an error (not indexed), a warning (indexed by its
+    text only, the image failed), and whether the failure may pass (encode it again next run)."""
+
+    errors: list[str | None]
+    warnings: list[str | None]
+    retry: list[bool]
+
+    @classmethod
+    def empty(cls, n: int) -> Outcomes:
+        return cls([None] * n, [None] * n, [False] * n)
+
+    def only(self, rows: list[int]) -> Outcomes:
+        return Outcomes([self.errors[i] for i in rows], [self.warnings[i] for i in rows], [self.retry[i] for i in rows])
+
+
+def prune_store(root: str | Path, referenced: set[str], dry_run: bool = False) -> dict[str, int]:
+    """Delete the shards under a cache folder (all encoder fingerprints) that hold no referenced
+    hash; returns counts of shards kept and dropped and bytes freed. Folders left empty go too."""
+    root = Path(root)
+    counts = {"kept": 0, "dropped": 0, "bytes": 0}
+    for store_folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        store = ShardStore(store_folder)
+        for name, hashes in store.shards().items():
+            if referenced.intersection(hashes):
+                counts["kept"] += 1
+                continue
+            counts["dropped"] += 1
+            counts["bytes"] += sum(f.stat().st_size for f in (store_folder / name).iterdir())
+            if not dry_run:
+                shutil.rmtree(store_folder / name)
+        if not dry_run and not any(store_folder.glob("shard-*")):
+            shutil.rmtree(store_folder, ignore_errors=True)
+    return counts
+
+
 # ---------------------------------------------------------------- 2 + 3. read and encode
 
 
 class ShardEncoder:
-    """Reads and encodes rows with an embedder's models; one instance per process (or Ray actor)."""
+    """Reads and encodes rows with an embedder's models; one instance per process (or Ray actor).
 
-    def __init__(self, embedder: Embedder, prefetch_batches: int = 3) -> None:
+    Local files are decoded by the caller's thread pool a few batches ahead of the encoder; image
+    URLs are fetched (and decoded) by a pool of ``catalog.download_workers`` threads through a
+    :class:`~multiretrieval.downloads.Downloader` (retries, backoff, a per-host limit), up to
+    four times that many ahead.
+    """
+
+    def __init__(self, embedder: Embedder, prefetch_batches: int = 3, show_progress: bool | None = False) -> None:
+        from .downloads import Downloader
+
         self.embedder = embedder
         cfg = embedder.config
         self.batch_size = cfg.encoders.batch_size
         self.max_pixels, self.max_bytes = cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes
+        self.text_fallback = cfg.catalog.text_when_image_fails
         self.prefetch = prefetch_batches * self.batch_size
+        self.downloader = Downloader(cfg.catalog)
+        self.download_workers = max(1, cfg.catalog.download_workers)
+        self.show_progress = show_progress
 
     def _read(self, source: str):
         try:
-            image = load_image(source, self.max_pixels, self.max_bytes)
+            data = self.downloader.fetch(source) if is_url(source) else source
+            image = load_image(data, self.max_pixels, self.max_bytes)
             return image, self.embedder.image_encoder.preprocess(image)
         except ImageError as exc:
+            message = str(exc)
+            if is_url(source) and not message.startswith(source):  # decoding downloaded bytes: name the URL
+                exc = ImageError(f"{source}: {message.removeprefix('image bytes: ')}", transient=exc.transient)
             return exc
 
-    def _decoded(self, pool: ThreadPoolExecutor, rows: list[Row]) -> Iterator[tuple[int, Any]]:
+    def _decoded(self, pool: ThreadPoolExecutor, rows: list[Row], on_download: Callable[[], None]) -> Iterator[tuple[int, Any]]:
         """(index in rows, decoded or ImageError) for rows with an image, in order, read ahead."""
+        with_image = [i for i, r in enumerate(rows) if r.source is not None]
+        urls = sum(is_url(rows[i].source) for i in with_image)
+        downloads = ThreadPoolExecutor(max_workers=self.download_workers, thread_name_prefix="download") if urls else None
+        ahead = max(self.prefetch, 4 * self.download_workers) if urls else self.prefetch
+
+        def submit(i: int) -> Future:
+            if downloads is not None and is_url(rows[i].source):
+                future = downloads.submit(self._read, rows[i].source)
+                future.add_done_callback(lambda _: on_download())
+                return future
+            return pool.submit(self._read, rows[i].source)
+
         window: deque[tuple[int, Future]] = deque()
-        todo = iter([i for i, r in enumerate(rows) if r.source is not None])
-        for i in todo:
-            window.append((i, pool.submit(self._read, rows[i].source)))
-            if len(window) >= self.prefetch:
-                break
-        while window:
-            i, future = window.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                window.append((nxt, pool.submit(self._read, rows[nxt].source)))
-            yield i, future.result()
+        todo = iter(with_image)
+        try:
+            for i in todo:
+                window.append((i, submit(i)))
+                if len(window) >= ahead:
+                    break
+            while window:
+                i, future = window.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    window.append((nxt, submit(nxt)))
+                yield i, future.result()
+        finally:
+            if downloads is not None:
+                for _, future in window:
+                    future.cancel()
+                downloads.shutdown(wait=True)
 
     def encode(self, rows: list[Row], pool: ThreadPoolExecutor, on_items: Callable[[int], None] | None = None
-               ) -> tuple[list[str | None], dict[str, np.ndarray]]:
-        """Encode rows into the store's arrays; returns (error per row or None, arrays)."""
+               ) -> tuple[Outcomes, dict[str, np.ndarray]]:
+        """Encode rows into the store's arrays; returns (what happened to each row, arrays)."""
+        from .utils import progress_bar
+
+        n_urls = sum(r.source is not None and is_url(r.source) for r in rows)
+        with progress_bar(n_urls, "downloading", self.show_progress if n_urls else False, unit="image") as bar:
+            return self._encode(rows, pool, on_items, lambda: bar.update(1))
+
+    def _encode(self, rows: list[Row], pool: ThreadPoolExecutor, on_items, on_download) -> tuple[Outcomes, dict[str, np.ndarray]]:
         import torch
 
         e = self.embedder
         image_enc, text_enc, fusion, zero_shot = e.image_encoder, e.text_encoder, e.fusion, e.zero_shot
         n = len(rows)
         out = e.empty_arrays(n)
-        errors: list[str | None] = [None] * n
+        outcomes = Outcomes.empty(n)
 
         def flush(batch: list[tuple[int, Any]]) -> None:
             idx = [i for i, _ in batch]
@@ -238,9 +356,9 @@ class ShardEncoder:
                 on_items(len(batch))
 
         batch: list[tuple[int, Any]] = []
-        for i, value in self._decoded(pool, rows):
+        for i, value in self._decoded(pool, rows, on_download):
             if isinstance(value, ImageError):
-                errors[i] = str(value)
+                self._image_failed(i, rows[i], value, outcomes)
                 continue
             batch.append((i, value))
             if len(batch) == self.batch_size:
@@ -250,13 +368,22 @@ class ShardEncoder:
             flush(batch)
 
         for i, row in enumerate(rows):
-            if errors[i] is None and row.text is not None:
-                errors[i] = text_problem(row.text)
-        with_text = sorted((i for i in range(n) if errors[i] is None and rows[i].text is not None), key=lambda i: -len(rows[i].text))
+            if outcomes.errors[i] is None and row.text is not None:
+                outcomes.errors[i] = text_problem(row.text)
+        with_text = sorted((i for i in range(n) if outcomes.errors[i] is None and rows[i].text is not None),
+                           key=lambda i: -len(rows[i].text))
         for start in range(0, len(with_text), self.batch_size):
             idx = with_text[start:start + self.batch_size]
             texts = [rows[i].text for i in idx]
             tokens, mask = text_enc.forward(texts, fusion.text_chunks)
             out["text_tokens"][idx], out["text_mask"][idx] = tokens, mask
             out["clip_text"][idx] = zero_shot.text_batch(texts, tokens[:, 0])
-        return errors, out
+        return outcomes, out
+
+    def _image_failed(self, i: int, row: Row, error: ImageError, outcomes: Outcomes) -> None:
+        """A row whose image failed: indexed by its text (a warning) or not at all (an error)."""
+        if row.text is not None and self.text_fallback:
+            outcomes.warnings[i] = f"indexed by its text only: {error}"
+        else:
+            outcomes.errors[i] = str(error)
+        outcomes.retry[i] = is_url(row.source)  # the server may answer next time

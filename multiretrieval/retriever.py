@@ -1,7 +1,8 @@
 """The Retriever: a facade that wires the rooms together and delegates, one direction of data flow.
 
-    catalog -> pipeline.ingest (Embedder) -> ItemStore (rows, features, keys) + IndexSet (FAISS per space)
-    query   -> search.make_query -> search.run_query (Embedder, ItemStore, IndexSet) -> result rows
+    catalog -> ingest.ingest (Embedder) -> Collection: ItemStore (rows, features, hashes) + IndexSet (FAISS
+               per space) + KeywordIndex (BM25)
+    query   -> search.make_query -> search.run_query (Embedder, Collection) -> result rows
     files   -> persistence.write_folder / read_folder over each component's own save and load
 
 Thread-safe: searches run concurrently; a write encodes first, then holds searches off while it
@@ -21,12 +22,11 @@ import numpy as np
 import pandas as pd
 
 from .catalog import Catalog, ImageInput
+from .collection import Collection
 from .config import RetrieverConfig
 from .embedder import Embedder
 from .errors import MultiretrievalError, QueryError
-from .index import SPACES, IndexSet
-from .items import ItemStore
-from .ingest import Encoded, IndexReport, ingest
+from .ingest import IndexReport, hash_catalog, ingest, ingest_rows
 from .persistence import MANIFEST, component_folder, component_record, read_folder, write_folder
 from .search import MODES, encode_inputs, make_query, run_query
 from .utils import ReadWriteLock
@@ -45,9 +45,9 @@ class Retriever:
 
     def __init__(self, config: RetrieverConfig | None = None, embedder: Embedder | None = None) -> None:
         self.embedder = embedder or Embedder(config)
-        self.store = ItemStore()
-        self.indexes = IndexSet(self.config.index)
-        self.last_report: IndexReport | None = None  # of the latest index/add; saved as index-report.json
+        self.collection = Collection(self.config)
+        self.last_report: IndexReport | None = None  # of the latest index/add/upsert; saved as index-report.json
+        self.saved_note: dict[str, Any] = {}  # the note of the save this retriever was loaded from
         self._lock = ReadWriteLock()
 
     @classmethod
@@ -66,6 +66,8 @@ class Retriever:
     text_encoder = property(lambda self: self.embedder.text_encoder)
     fusion = property(lambda self: self.embedder.fusion)
     zero_shot = property(lambda self: self.embedder.zero_shot)
+    store = property(lambda self: self.collection.store)  # rows, features, hashes (items.ItemStore)
+    indexes = property(lambda self: self.collection.indexes)  # FAISS per space (index.IndexSet)
 
     # ---------------------------------------------------------------- the indexed items
 
@@ -77,18 +79,13 @@ class Retriever:
         """The indexed catalog rows (public columns only)."""
         return self.store.public()
 
-    def features(self) -> dict[str, np.ndarray]:
-        """The encoder outputs, row-aligned with ``items``: image/text tokens and masks (token 0: pooled; fusion.py)."""
+    def features(self) -> dict[str, np.ndarray]:  # encoder outputs, row-aligned with items: tokens and masks (fusion.py)
         return dict(self.store.features)
 
     def vectors(self, space: str = "joint", ids: list[Any] | None = None) -> np.ndarray:
         """Stored vectors (n, d) of the items (all, in ``items`` order, or these ids) in a space:
         "joint", "clip_image" or "clip_text"; zeros for an item without that modality."""
-        if space not in SPACES:
-            raise QueryError(f"unknown space {space!r}; choose one of {list(SPACES)}")
-        with self._lock.reading():
-            keys = self.store.keys if ids is None else self.store.keys_for(list(ids))
-            return self.indexes.vectors(space, keys, None if space == "joint" else self.store.has(space, keys))
+        return self._reading(self.collection.vectors, space, ids)
 
     def get(self, item_id: Any) -> dict[str, Any]:
         """One indexed item's catalog row as a dict."""
@@ -110,17 +107,15 @@ class Retriever:
 
     def index(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
               cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
-        """Index a catalog from scratch, replacing what this retriever held once every row is encoded.
-
-        ``cache``: a folder of encoded shards, reused by later runs and resumed after a kill
-        (default: a temporary one); ``engine``: "local" or "ray" (see ``ingest.ingest``).
-        """
+        """Index a catalog (a Catalog, DataFrame, or path: CSV, parquet, JSON (Lines), folder of images) from
+        scratch, replacing what this retriever held once every row is encoded. ``cache``: a folder of encoded
+        shards, reused by later runs and resumed after a kill (default: temporary); ``engine``: "local" | "ray"."""
         return self._ingest(Catalog.of(catalog, self.config.catalog.text_columns), show_progress, cache, engine, replace=True)
 
     def add(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
             cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
         """Encode and add more items (``cache``, ``engine``: as for ``index``); rows that fail are reported and skipped.
-        Raises CatalogError when an id is already indexed, or an id or a value does not fit the indexed ones."""
+        Raises CatalogError when an id is already indexed (see ``upsert``), or an id or a value does not fit the indexed ones."""
         catalog = Catalog.of(catalog, self.config.catalog.text_columns)
         with self._lock.reading():
             self.store.conform(catalog)  # refuse before encoding; checked again when committed
@@ -132,39 +127,45 @@ class Retriever:
         encoded, report = ingest(catalog, embedder, show_progress, cache, engine)
         t0 = time.perf_counter()
         with self._lock.writing():
-            store, indexes = (ItemStore(), IndexSet(embedder.config.index)) if replace else (self.store, self.indexes)
+            collection = Collection(embedder.config) if replace else self.collection
             if not replace:
-                store.conform(catalog)
-            self._commit(catalog, encoded, embedder, store, indexes)
-            self.embedder, self.store, self.indexes = embedder, store, indexes
-        report.indexed = len(encoded.rows)
+                collection.store.conform(catalog)
+            if len(encoded.rows) or replace:
+                collection.commit(catalog, encoded, embedder)
+            self.embedder, self.collection = embedder, collection
+        return self._reported(report, len(encoded.rows), t0)
+
+    def _reported(self, report: IndexReport, indexed: int, t0: float) -> IndexReport:
+        report.indexed = indexed
         report.seconds["index"] = time.perf_counter() - t0
         self.last_report = report
         logger.info("%s", report)
         return report
 
-    @staticmethod
-    def _commit(catalog: Catalog, encoded: Encoded, embedder: Embedder, store: ItemStore, indexes: IndexSet) -> None:
-        """Add the encoded rows to the store, their zero-shot vectors and fused joint vectors to the indexes."""
-        arrays = encoded.arrays
-        if not indexes:
-            dim = embedder.zero_shot.dim
-            indexes.create({"joint": embedder.fusion.out_dim, "clip_image": dim, "clip_text": dim}, len(store) + len(encoded.rows))
-        keys = store.append(catalog.df.iloc[encoded.rows], [encoded.sources[r] for r in encoded.rows], arrays)
-        for space, present in (("clip_image", arrays["image_mask"][:, 0]), ("clip_text", arrays["text_mask"][:, 0])):
-            vectors = arrays.pop(space)  # not kept: freed once in the index (the peak of a large run)
-            if present.any():
-                indexes.fill(space, keys[present], vectors if present.all() else vectors[present])
-            del vectors
-        indexes.fill_joint(keys, lambda rows: embedder.fuse(arrays, rows))
+    def upsert(self, catalog: Catalog | pd.DataFrame | str | Path, prune: bool = False, show_progress: bool | None = None,
+               cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
+        """Bring the index in line with a catalog, changing only what changed: new ids added, ids whose content
+        (image bytes or URL, text) changed encoded again and replaced, metadata-only changes made in place,
+        unchanged ids untouched; with ``prune``, ids missing from the catalog removed. Indexes change in place
+        (rebuilt only when the automatic kind changes with the size). ``report.changes`` counts each kind."""
+        catalog, t0 = Catalog.of(catalog, self.config.catalog.text_columns), time.perf_counter()
+        hashes = hash_catalog(catalog, self.config)  # reads every image file: outside the lock
+        with self._lock.reading():
+            self.store.conform(catalog, allow_existing=True)
+            plan = self.collection.plan_upsert(catalog, hashes, prune)
+        part, encoded, report = ingest_rows(catalog, plan.encode, hashes, self.embedder, show_progress, cache, engine)
+        report.seconds["hash"], t1 = time.perf_counter() - t0 - report.total_seconds, time.perf_counter()
+        with self._lock.writing():
+            if len(encoded.rows) or self.indexes:
+                report.changes = self.collection.apply_upsert(plan, catalog, part, encoded, self.embedder)
+        return self._reported(report, len(encoded.rows), t1)
 
     def remove(self, ids: Any) -> int:
         """Remove items by catalog id. Unknown ids raise ItemNotFoundError and nothing is removed."""
         ids = [ids] if isinstance(ids, (str, int, np.integer)) else list(ids)
         with self._lock.writing():
             keys = self.store.keys_for(ids)
-            self.indexes.remove(keys)
-            self.store.remove(keys)
+            self.collection.remove(keys, self.embedder)
         return len(keys)
 
     def train(self, out: str | Path | None = None, show_progress: bool | None = None, resume: bool = True) -> dict[str, Any]:
@@ -195,19 +196,23 @@ class Retriever:
     # ---------------------------------------------------------------- queries
 
     def search(self, image: ImageInput | None = None, text: str | None = None, mode: str = "auto", k: int = 10,
-               where: str | None = None, unsafe_where: bool = False) -> pd.DataFrame:
+               where: str | None = None, unsafe_where: bool = False, hybrid: str | None = None,
+               keyword_weight: float | None = None) -> pd.DataFrame:
         """The k best items for a photo (path, URL, bytes or PIL image), a text, or both.
 
-        ``mode``: "auto" (image+text -> fused, image -> image, text -> text), "image", "text",
-        "fused", or "zero-shot" (a text against item images, an image against item texts).
-        ``where``: a condition over catalog columns (grammar: filters.py), applied before ranking (k
-        results come back whenever k items match) and stopped after ``search.filter_timeout_s``;
-        ``unsafe_where=True``: any DuckDB expression, for trusted callers. Returns a DataFrame: rank,
-        id, score, the catalog columns; fused queries under late fusion also get image_score + text_score.
+        ``mode``: "auto" (image+text -> fused, image -> image, text -> item texts, and the images of items
+        without text through the zero-shot space), "image", "text", "fused", or "zero-shot" (text against
+        item images, image against item texts). ``where``: a condition over catalog columns (grammar:
+        filters.py), applied before ranking, stopped after ``search.filter_timeout_s``; ``unsafe_where=True``:
+        any DuckDB expression, for trusted callers. ``hybrid`` ("rrf", "weighted", "off") and
+        ``keyword_weight`` (0..1): how text queries combine BM25 keywords with vectors (search.py). Returns a
+        DataFrame: rank, id, score, the catalog columns; text queries add ``matched`` ("text" | "image") and,
+        when hybrid, ``vector_score`` and ``keyword_score``; fused queries under late fusion add image_score +
+        text_score = score.
         """
-        query = make_query(image, text, mode, k, where, self.config, self.embedder.count_tokens, unsafe_where)
+        query = make_query(image, text, mode, k, where, self.config, self.embedder.count_tokens, unsafe_where, hybrid, keyword_weight)
         with self._lock.reading():
-            return run_query(query, self.embedder, self.store, self.indexes)
+            return run_query(query, self.embedder, self.collection)
 
     def encode(self, images: list[ImageInput] | None = None, texts: list[str] | None = None, space: str = "joint",
                batch_size: int | None = None) -> np.ndarray:
@@ -219,16 +224,15 @@ class Retriever:
 
     # ---------------------------------------------------------------- files
 
-    def save(self, folder: str | Path) -> Path:
-        """Save to a folder, atomically: a crash leaves the previous save intact (see persistence.py)."""
+    def save(self, folder: str | Path, note: dict[str, Any] | None = None) -> Path:
+        """Save to a folder, atomically: a crash leaves the previous save intact (see persistence.py).
+        ``note``: a small JSON record kept in the manifest (the service notes its write log's position)."""
         with self._lock.reading():
             if not self.indexes:
                 raise MultiretrievalError("nothing to save: index a catalog first")
-            records = {"config": self.config.to_dict(), **self.embedder.describe(), "index": self.indexes.describe(),
-                       "items": self.store.describe()}
+            records = {"config": self.config.to_dict(), **self.embedder.describe(), **self.collection.describe(), "note": note or {}}
             report = {"index-report.json": json.dumps(self.last_report.to_dict(), indent=1, default=str)} if self.last_report else {}
-            parts = {"items": self.store.save, "index": self.indexes.save, "fusion": self.embedder.save}
-            return write_folder(Path(folder), parts, records, report)
+            return write_folder(Path(folder), {**self.collection.parts(), "fusion": self.embedder.save}, records, report)
 
     @classmethod
     def load(cls, folder: str | Path, config: RetrieverConfig | str | Path | None = None) -> Retriever:
@@ -242,6 +246,7 @@ class Retriever:
                             expect=Embedder.expectations(manifest))
         embedder.load(component_folder(folder, manifest, "fusion"))
         retriever = cls(embedder=embedder)
-        retriever.store = ItemStore.load(component_folder(folder, manifest, "items"), component_record(manifest, "items"))
-        retriever.indexes = IndexSet.load(component_folder(folder, manifest, "index"), manifest["index"], embedder.config.index)
+        folders = {name: component_folder(folder, manifest, name) for name in ("items", "index", "keywords")}
+        retriever.collection = Collection.load(folders, manifest, component_record(manifest, "items"), embedder.config)
+        retriever.saved_note = manifest.get("note", {})
         return retriever

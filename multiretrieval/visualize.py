@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .catalog import load_image
 
+logger = logging.getLogger(__name__)
 THUMB = 128
 PAD = 8
 CAPTION = 34
@@ -50,7 +51,8 @@ def contact_sheet(rows: Sequence[SheetRow], image_of: Callable[[object], str | N
             if source is not None:
                 try:
                     _paste(sheet, load_image(source), x, y)
-                except Exception:  # noqa: BLE001 - a missing thumbnail must not stop the sheet
+                except Exception as exc:  # noqa: BLE001 - a missing thumbnail must not stop the sheet
+                    logger.warning("contact sheet: no thumbnail for id %r: %s", result.id, exc)
                     draw.text((x + 4, y + 4), "(no image)", fill="gray", font=font)
             title = str(getattr(result, "title", "") or "")
             draw.text((x, y + THUMB + 2), f"#{result.rank} id {result.id}  {result.score:.3f}", fill="black", font=font)

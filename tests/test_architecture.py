@@ -87,4 +87,4 @@ def test_the_graph_sees_the_imports(graph):
     """The checks above are only as good as the graph: it must see lazy and relative imports."""
     assert "multiretrieval.embedder" in graph["multiretrieval.retriever"]
     assert "multiretrieval.encoders.clip" in graph["multiretrieval.embedder"]  # imported inside a method
-    assert "multiretrieval.retriever" in graph["multiretrieval.server.app"]  # `from ..retriever import`
+    assert "multiretrieval.retriever" in graph["multiretrieval.server.service"]  # `from ..retriever import`

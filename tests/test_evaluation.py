@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from multiretrieval.evaluation import evaluate, ranks_of_targets, recall, shopper_photo
+from multiretrieval.evaluation import EXACT_NAME_METHODS, build_exact_names, evaluate, ranks_of_targets, recall, shopper_photo
 
 
 def test_ranks_and_recall():
@@ -31,6 +31,11 @@ def test_evaluate_end_to_end_on_a_tiny_bench(catalog, tmp_path):
         shopper_photo(load_image(row.image), np.random.default_rng(i)).save(sh / "queries" / f"{row.id}.png")
         rows.append({"target": row.id, "image": f"queries/{row.id}.png", "text": row.category})
     pd.DataFrame(rows).to_csv(sh / "queries.csv", index=False)
+    assert build_exact_names(df, bench / "exact_names") == 8
+    names = pd.read_csv(bench / "exact_names" / "catalog.csv").set_index("id")
+    for q in pd.read_csv(bench / "exact_names" / "queries.csv").itertuples():
+        brand, code = names.loc[q.target, "title"].split()[0], names.loc[q.target, "title"].split()[-1]
+        assert q.text.startswith(brand) if q.kind == "brand" else q.text.split()[0].replace("-", "").lower() in code.replace("-", "").lower()
 
     cfg = RetrieverConfig().with_overrides({"training": {"epochs": 2, "val_share": 0.3, "batch_size": 4}})
     results = evaluate(bench, tmp_path / "out", cfg, train=True, show_progress=False)
@@ -46,3 +51,7 @@ def test_evaluate_end_to_end_on_a_tiny_bench(catalog, tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| lit |" in report and "| trained | fused |" in report
     assert (tmp_path / "out" / "recall_at_k.png").stat().st_size > 10_000
+    exact = results["exact_names"]
+    assert exact["queries"] == 8 and set(EXACT_NAME_METHODS) <= set(exact)
+    assert exact["hybrid: reciprocal-rank fusion (default)"]["R@1 model code"] == 1.0  # an exact model code is found first
+    assert "## Exact names in text queries" in report

@@ -38,7 +38,7 @@ def test_reindexing_with_a_bad_row_keeps_every_good_row(fixtures, tmp_path, caps
     (tmp_path / "good.png").write_bytes((fixtures / "images" / "bed1.png").read_bytes())
     (tmp_path / "empty.png").write_bytes(b"")
     catalog = tmp_path / "c.csv"
-    _write_catalog(catalog, ["1,good.png,Bed", "2,empty.png,Nothing"])
+    _write_catalog(catalog, ["1,good.png,Bed", "2,empty.png,"])  # no title: a bad image skips the row
     out = str(tmp_path / "ix")
     assert cli(["index", str(catalog), "--out", out, "--no-progress"]) == 0
     first = mr.Retriever.load(out)
@@ -47,7 +47,7 @@ def test_reindexing_with_a_bad_row_keeps_every_good_row(fixtures, tmp_path, caps
     assert cli(["index", str(catalog), "--out", out, "--no-progress"]) == 0  # the same catalog again: all from the cache
     printed = capsys.readouterr().out
     assert "row 0" not in printed and "nan" not in printed
-    _write_catalog(catalog, ["1,good.png,Bed", "2,empty.png,Nothing", "3,,A text-only row"])
+    _write_catalog(catalog, ["1,good.png,Bed", "2,empty.png,", "3,,A text-only row"])
     assert cli(["index", str(catalog), "--out", out, "--no-progress"]) == 0
 
     again = mr.Retriever.load(out)
@@ -198,7 +198,7 @@ def _index_in_thread(retriever, frame, timeout):
 def test_fifos_and_devices_are_skipped_not_read(tmp_path, fixtures):
     os.mkfifo(tmp_path / "pipe.png")
     frame = pd.DataFrame({"id": [1, 2, 3], "image": [str(tmp_path / "pipe.png"), "/dev/zero", str(fixtures / "images" / "bed1.png")],
-                          "title": ["pipe", "zero", "bed"]})
+                          "title": [None, None, "bed"]})  # no titles: a bad image skips the row
     report = _index_in_thread(mr.Retriever(), frame, 60)
     assert report.indexed == 1
     reasons = {s.id: s.reason for s in report.skipped}

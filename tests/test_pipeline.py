@@ -62,12 +62,13 @@ def test_a_broken_shard_is_refused_with_its_name(catalog, tmp_path):
 
 def test_index_report_file_lists_every_skipped_row(catalog, tmp_path):
     df = catalog.df.assign(image=catalog.image_sources(), id=catalog.df["id"].astype(str))
-    bad = pd.DataFrame({"id": ["b1"], "image": [str(tmp_path / "missing.png")], "title": ["gone"]})
+    bad = pd.DataFrame({"id": ["b1", "b2"], "image": [str(tmp_path / "missing.png")] * 2, "title": [None, "gone"]})
     r = mr.Retriever()
     r.index(mr.Catalog(pd.concat([df, bad], ignore_index=True)), show_progress=False)
     report = json.loads((r.save(tmp_path / "index") / "index-report.json").read_text())
-    assert report["indexed"] == 8
+    assert report["indexed"] == 9 and report["text_only"] == 1
     assert report["skipped"] == [{"row": 8, "id": "b1", "reason": f"{tmp_path / 'missing.png'}: file not found"}]
+    assert report["warnings"] == [{"row": 9, "id": "b2", "reason": f"indexed by its text only: {tmp_path / 'missing.png'}: file not found"}]
 
 
 def test_a_killed_index_run_resumes_from_its_last_shard_and_ends_identical(catalog, tmp_path):

@@ -87,9 +87,12 @@ def test_zero_shot_image_against_item_texts(indexed, catalog):
     assert indexed.search(image=car, mode="zero-shot", k=1)["title"].iloc[0] == "Smart car"
 
 
-def test_untitled_items_are_not_found_by_text_mode(untitled):
-    res = untitled.search(text="a car", k=8)
-    assert (res["score"] == 0).all()  # text mode compares texts, and these items have none
+def test_text_queries_in_auto_mode_find_items_that_have_only_an_image(untitled, catalog):
+    res = untitled.search(text="a car", k=8)  # auto: their images, through the zero-shot space
+    titles = catalog.df.set_index("id").loc[res["id"], "title"].tolist()
+    assert titles[0] == "Smart car" and res["score"].iloc[0] > 0 and res["score"].is_monotonic_decreasing
+    assert set(res["matched"]) == {"image"}
+    assert untitled.search(text="a car", mode="text", k=8).empty  # text mode compares texts, and these items have none
 
 
 def test_filters_are_applied_before_ranking(indexed):
@@ -138,6 +141,7 @@ def test_k_larger_than_the_catalog(indexed):
 
 
 def test_bad_rows_are_reported_and_the_rest_indexed(catalog, tmp_path):
+    """A row whose image fails is indexed by its text when it has one (a warning), else skipped (with its reason)."""
     import io
 
     from PIL import Image
@@ -147,16 +151,21 @@ def test_bad_rows_are_reported_and_the_rest_indexed(catalog, tmp_path):
     (tmp_path / "broken.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (tmp_path / "text.png").write_text("not an image")
     bad = pd.DataFrame({"id": ["b1", "b2", "b3"], "image": [str(tmp_path / "missing.png"), str(tmp_path / "broken.png"),
-                                                              str(tmp_path / "text.png")], "title": ["x", "y", "z"]})
+                                                              str(tmp_path / "text.png")], "title": ["a lost lamp", None, None]})
     df = pd.concat([catalog.df.assign(image=catalog.image_sources(), id=catalog.df["id"].astype(str)), bad], ignore_index=True)
     r = mr.Retriever()
     report = r.index(mr.Catalog(df), show_progress=False)
-    assert report.indexed == 8 and len(r) == 8
+    assert report.indexed == 9 and len(r) == 9 and (report.encoded, report.cached, report.text_only) == (9, 0, 1)
     reasons = {s.id: s.reason for s in report.skipped}
-    assert set(reasons) == {"b1", "b2", "b3"}
-    assert "file not found" in reasons["b1"] and "corrupt or truncated" in reasons["b2"] and "not an image" in reasons["b3"]
-    assert [s.row for s in report.skipped] == [8, 9, 10]
-    assert "skipped 3" in str(report)
+    assert set(reasons) == {"b2", "b3"} and [s.row for s in report.skipped] == [9, 10]
+    assert "corrupt or truncated" in reasons["b2"] and "not an image" in reasons["b3"]
+    assert [(w.row, w.id) for w in report.warnings] == [(8, "b1")] and "file not found" in report.warnings[0].reason
+    assert "skipped 2" in str(report) and "text only 1" in str(report)
+    assert r.search(text="lost lamp", k=1)["id"].iloc[0] == "b1" and not r.features()["image_mask"][8].any()
+
+    strict = mr.Retriever(mr.RetrieverConfig().with_overrides({"catalog": {"text_when_image_fails": False}}))
+    report = strict.index(mr.Catalog(df), show_progress=False)
+    assert report.indexed == 8 and {s.id for s in report.skipped} == {"b1", "b2", "b3"} and not report.warnings
 
 
 def test_add_and_remove(retriever_copy, catalog, fixtures):

@@ -130,11 +130,11 @@ class RetrieverModel(RuleBasedStateMachine):
     def exact_search_agrees_with_the_model(self):
         if self.retriever is None or not self.model:
             return
-        results = self.retriever.search(text=QUERY, k=len(IDS))
+        results = self.retriever.search(text=QUERY, k=len(IDS), hybrid="off")  # the model is exact vector search
         assert results["id"].is_unique and sorted(results["id"]) == sorted(self.model)
         expected = {i: float(self.vectors[(i, v)] @ self.query) for i, v in self.model.items()}
         np.testing.assert_allclose(results["score"], [expected[i] for i in results["id"]], atol=1e-4)
-        cheap = self.retriever.search(text=QUERY, k=len(IDS), where="price < 500")
+        cheap = self.retriever.search(text=QUERY, k=len(IDS), where="price < 500", hybrid="off")
         assert sorted(cheap["id"]) == sorted(i for i, v in self.model.items() if VERSIONS[(i, v)]["price"] < 500)
 
 

@@ -1,9 +1,9 @@
-"""FastAPI app: REST endpoints and the search page, over one saved index folder.
+"""The web service: REST endpoints and the search page, over one saved index folder (see service.py).
 
-Reads take a snapshot of the current retriever and run concurrently. Writes are
-serialised by a lock and copy-on-write: the writer loads a fresh copy of the index,
-changes it, saves it to the index folder (atomically), then swaps the snapshot, so a
-reader sees the index before or after a write, never half of it.
+Item ids are any strings: ``/items/{id}`` takes the id URL-encoded, slashes included
+(``/items/lamps%2Fdesk.jpg`` or ``/items/lamps/desk.jpg``), and ``/item?id=...`` takes it as a
+query parameter (also for an id that ends in "/image"). Every status an endpoint can answer, and
+every bound, is in the OpenAPI description (schemas.py).
 """
 
 from __future__ import annotations
@@ -13,147 +13,65 @@ import io
 import json
 import logging
 import secrets
-import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..catalog import load_image
-from ..config import SearchConfig
+from ..catalog import is_url, load_image
 from ..errors import CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError
-from ..filters import compile_filter
-from ..retriever import MODES, Retriever
-from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
+from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
+from .journal import write_durably
+from .schemas import (ADD_BODY, AddResponse, HealthResponse, ItemId, RemoveResponse, SearchResponse, UpsertResponse,
+                      responses, search_body, search_request_model)
+from .service import Service, refuse_skipped
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 THUMBNAIL_PX = 256
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-Mode = Literal["auto", "image", "text", "fused", "zero-shot"]
-ItemId = Annotated[str, PathParam(description="the item's catalog id", examples=["575"])]
-assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
-
-
-def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
-    """The search request's fields, with the index's bounds (``search:`` in its config) in the schema."""
-    return create_model(
-        "SearchRequest",
-        # Lengths are in the schema but checked by the query stage (make_query), whose 422 names the setting
-        # and whose 400 says what is wrong with a text that is not valid Unicode.
-        text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars}, examples=["a washing machine"],
-                                description=(f"query text: at most {bounds.max_text_chars:,} characters (search.max_text_chars) "
-                                             f"and {bounds.max_text_tokens:,} word pieces (search.max_text_tokens); "
-                                             "over either: 422"))),
-        mode=(Mode, "auto"),
-        k=(int, Field(10, ge=1, json_schema_extra={"maximum": bounds.max_k},
-                      description=f"number of results, 1 to {bounds.max_k:,} (search.max_k)")),
-        where=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_where_chars},
-                                 examples=["price < 500 AND category = 'Kitchen'"], description=(
-            "filter: one condition over catalog columns (columns, literals, comparisons, AND/OR/NOT, arithmetic, "
-            "IN lists, BETWEEN, LIKE/ILIKE, IS NULL, CAST and a few scalar functions; README, \"Filters\"). "
-            f"At most {bounds.max_where_chars:,} characters (search.max_where_chars); outside the grammar: 400; "
-            f"still running after {bounds.filter_timeout_s:g} s (search.filter_timeout_s): 422"))),
-    )
-
-
-class ErrorResponse(BaseModel):
-    detail: str | list[dict[str, Any]] = Field(description="what is wrong: a sentence, or a list of field errors (422)")
-
-
-class SearchResponse(BaseModel):
-    mode: str = Field(description="the mode that ran (auto resolved)")
-    count: int
-    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (fused: image_score, text_score)")
-
-
-class HealthResponse(BaseModel):
-    status: str
-    items: int
-    batching: dict[str, dict[str, int]]
-
-
-class AddResponse(BaseModel):
-    added: int
-    items: int
-
-
-class RemoveResponse(BaseModel):
-    removed: int
-    items: int
-
-
-class Service:
-    """The current retriever snapshot, the write lock, and where uploads go."""
-
-    def __init__(self, index_dir: str | Path) -> None:
-        self.index_dir = Path(index_dir).resolve()
-        # Uploaded images live beside the index folder: a save replaces the folder itself.
-        self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
-        self._write_lock = threading.Lock()
-        first = Retriever.load(self.index_dir)
-        self.text_batcher = MicroBatcher(first.text_encoder.forward)
-        self.image_batcher = MicroBatcher(first.image_encoder.forward, max_batch=16)
-        self.retriever = self._prepare(first)
-
-    def _prepare(self, retriever: Retriever) -> Retriever:
-        """Route the retriever's encoders through the shared micro-batchers and load every model now."""
-        embedder = retriever.embedder
-        embedder.use_encoders(image=BatchedImageEncoder(embedder.image_encoder, self.image_batcher),
-                              text=BatchedTextEncoder(embedder.text_encoder, self.text_batcher))
-        embedder.fusion, embedder.zero_shot.text_batch(["warm-up"])  # noqa: B018
-        embedder.count_tokens("warm-up")  # the token counter's tokenizer copy, and the filter parser's import:
-        compile_filter("TRUE", {})  # made at start, not in the first request
-        return retriever
-
-    def write(self, change) -> Any:
-        with self._write_lock:
-            fresh = Retriever.load(self.index_dir)
-            result = change(fresh)
-            fresh.save(self.index_dir)
-            self.retriever = self._prepare(fresh)
-            return result
-
-    def drop_unused_upload(self, source: str | Path | None) -> None:
-        """Delete an uploaded image that no indexed item uses (its item was removed, or never added)."""
-        if source is None or Path(source).parent != self.uploads:
-            return
-        with self._write_lock:
-            if str(source) not in set(self.retriever.image_sources().dropna()):
-                Path(source).unlink(missing_ok=True)
 
 
 def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20,
-               allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None,
+               checkpoint_every: int = 1000) -> FastAPI:
     """Build the app for a saved index folder.
 
     Args:
         index_dir: a folder written by ``Retriever.save`` / ``multiretrieval index``.
-        api_key: when set, POST /items and DELETE /items/{id} need header ``X-API-Key``.
+        api_key: when set, POST/PUT/DELETE of items need header ``X-API-Key``.
         max_upload_bytes: larger request bodies get 413.
         allowed_hosts: the Host names requests may carry (default: localhost, 127.0.0.1, ::1;
             "*" for any). Others get 400, which stops DNS-rebinding pages from reaching the app.
         allowed_origins: web origins (e.g. "https://shop.example") besides the app's own that
-            may send POST/DELETE requests; other origins get 403 (cross-site request forgery).
+            may send POST/PUT/DELETE requests; other origins get 403 (cross-site request forgery).
+        checkpoint_every: save the index folder (and empty the write log) after this many writes.
     """
+    import contextlib
+
     import faiss
 
     # One query searches one vector: FAISS's OpenMP threads would only spin against each other
     # across concurrent requests. Concurrency comes from the request threads instead.
     faiss.omp_set_num_threads(1)
-    service = Service(index_dir)
+    service = Service(index_dir, checkpoint_every)
     bounds = service.retriever.config.search
     request_model = search_request_model(bounds)
-    app = FastAPI(title="multiretrieval", version=_version(), docs_url=None,
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(service.checkpoint)  # a clean shutdown leaves no log to replay
+        service.journal.close()
+
+    app = FastAPI(title="multiretrieval", version=_version(), docs_url=None, lifespan=lifespan,
                   description="Search a product catalog by text, photo, or both.")
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
@@ -173,14 +91,17 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     upload = f"request body over {max_upload_bytes:,} bytes (--max-upload-mb)"
     pixels = f"an image over {service.retriever.config.catalog.max_image_pixels:,} pixels (catalog.max_image_pixels)"
+    key = {401: "missing or wrong X-API-Key", 403: "a cross-origin request"}
+    bad_row = ("metadata that is not a JSON object of catalog columns; an id of another kind; a value whose type does not fit "
+               "its column; a column named like an internal one; a file that is not an image; an item without image or text")
 
-    @app.get("/health", response_model=None, responses=_responses({200: (HealthResponse, "status, item count, micro-batching")}))
+    @app.get("/health", response_model=None, responses=responses({200: (HealthResponse, "status, item count, micro-batching")}))
     def health() -> dict:
         batching = {name: {"calls": b.calls, "batches": b.batches}
                     for name, b in (("text", service.text_batcher), ("image", service.image_batcher))}
         return {"status": "ok", "items": len(service.retriever), "batching": batching}
 
-    @app.post("/search", openapi_extra=_search_body(request_model), responses=_responses({
+    @app.post("/search", openapi_extra=search_body(request_model), responses=responses({
         200: (SearchResponse, "the results"),
         400: "malformed JSON or form; an empty query; a text that is not valid Unicode; a file that is not an image; "
              "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses",
@@ -191,79 +112,151 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     async def search(request: Request) -> Response:
         """Text queries as JSON; an image (field `image`) plus text, mode, k, where as multipart form.
 
-        Each result's thumbnail is at GET /items/{id}/image."""
+        Each result's thumbnail is at GET /items/{id}/image (the id URL-encoded) or GET /item/image?id=ID."""
         query, image = await _parse_search(request, request_model)
         retriever = service.retriever
         results = await run_in_threadpool(retriever.search, image=image, text=query.text, mode=query.mode, k=query.k,
-                                          where=query.where)
+                                          where=query.where, hybrid=query.hybrid, keyword_weight=query.keyword_weight)
         mode = query.mode if query.mode != "auto" else ("fused" if image and query.text else "image" if image else "text")
         # Serialised once by pandas (NaN -> null), not converted to dicts and back.
         body = f'{{"mode": {json.dumps(mode)}, "count": {len(results)}, "results": {results.to_json(orient="records")}}}'
         return Response(body, media_type="application/json")
 
-    @app.get("/items/{item_id}", response_model=None, responses=_responses({
-        200: (dict[str, Any], "the item's catalog row"), 404: "unknown id"}))
-    def get_item(item_id: ItemId) -> dict:
+    def item_row(item_id: str) -> dict:
         import pandas as pd
 
         return json.loads(pd.DataFrame([service.retriever.get(item_id)]).to_json(orient="records"))[0]  # NaN -> null
 
-    @app.get("/items/{item_id}/image", response_class=Response, responses=_responses({
-        200: ("image/png", "a PNG thumbnail, at most 256 px"), 307: "the item's image URL",
-        400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image"}))
-    def item_image(item_id: ItemId) -> Response:
+    def item_thumbnail(item_id: str) -> Response:
         source = service.retriever.image_source(item_id)
         if source is None:
             raise _HTTPError(404, f"item {item_id!r} has no image")
-        if source.startswith(("http://", "https://")):
-            return RedirectResponse(source)
-        return Response(_thumbnail(source, _mtime(source)), media_type="image/png",
-                        headers={"Cache-Control": "public, max-age=3600"})
+        data = _thumbnail(source, 0.0 if is_url(source) else _mtime(source))  # an image URL is fetched here, not by the browser
+        return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
-    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=_ADD_BODY,
-              response_model=None, responses=_responses({
-                  201: (AddResponse, "added"), 401: "missing or wrong X-API-Key", 403: "a cross-origin request",
-                  400: "metadata that is not a JSON object of catalog columns; an id already indexed or of another kind; "
-                       "a value whose type does not fit its column; a file that is not an image; an item without image or text",
-                  413: f"{upload}; {pixels}"}))
-    async def add_item(request: Request) -> dict:
-        """Add one item: multipart with `metadata` (a JSON object with id, title, ...) and an optional `image` file."""
-        form = await _form(request)
-        try:
-            metadata = json.loads(form.get("metadata") or "")
-        except ValueError as exc:
-            raise _HTTPError(400, f"metadata: not a JSON object: {exc}") from exc
-        if not isinstance(metadata, dict) or "image" in metadata:
-            raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
-        upload = form.get("image")
-        path = None
-        if upload is not None and hasattr(upload, "read"):
-            data = await upload.read()
-            load_image(data)  # refuse a bad image before anything is written
-            service.uploads.mkdir(parents=True, exist_ok=True)
-            path = service.uploads / f"{hashlib.sha256(data).hexdigest()}.img"  # the name is ours, never the client's
-            path.write_bytes(data)
-            metadata["image"] = str(path)
-        import pandas as pd
+    async def write(record: dict, check=None) -> Any:
+        return await run_in_threadpool(service.write, record, check)
 
+    async def add_or_upsert(request: Request, op: str, item_id: str | None = None) -> dict:
+        metadata, path = await _item_upload(request, service, item_id)
         try:
-            report = await run_in_threadpool(service.write, lambda r: r.add(pd.DataFrame([metadata])))
-            if report.skipped:
-                raise _HTTPError(400, str(report.skipped[0]))
+            previous = service.retriever.image_source(metadata["id"]) if op == "upsert" else None
+        except (ItemNotFoundError, KeyError):
+            previous = None
+        try:
+            report = await write({"op": op, "rows": [metadata]}, refuse_skipped)
         except BaseException:
             service.drop_unused_upload(path)
             raise
-        return {"added": report.indexed, "items": len(service.retriever)}
+        if previous != (str(path) if path else None):
+            service.drop_unused_upload(previous)  # the image an upsert replaced
+        return {"added" if op == "add" else "upserted": report.indexed, "items": len(service.retriever),
+                **({"changes": report.changes} if op == "upsert" else {})}
 
-    @app.delete("/items/{item_id}", dependencies=[Depends(require_key)], response_model=None, responses=_responses({
-        200: (RemoveResponse, "removed"), 401: "missing or wrong X-API-Key", 403: "a cross-origin request", 404: "unknown id"}))
-    async def delete_item(item_id: ItemId) -> dict:
+    async def delete(item_id: str) -> dict:
         source = service.retriever.image_source(item_id)  # 404 before taking the write lock
-        removed = await run_in_threadpool(service.write, lambda r: r.remove([item_id]))
+        removed = await write({"op": "remove", "ids": [item_id]})
         service.drop_unused_upload(source)
         return {"removed": removed, "items": len(service.retriever)}
 
+    row_answers = responses({200: (dict[str, Any], "the item's catalog row"), 404: "unknown id"})
+    image_answers = responses({200: ("image/png", "a PNG thumbnail, at most 256 px"),
+                               400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image"})
+    remove_answers = responses({200: (RemoveResponse, "removed"), **key, 404: "unknown id"})
+    upsert_answers = responses({200: (UpsertResponse, "added or replaced"), **key, 400: bad_row, 413: f"{upload}; {pixels}",
+                                404: "an id with a line break, which no path carries: use PUT /item?id="})
+
+    @app.get("/item", response_model=None, responses=row_answers)
+    def get_item_by_query(id: str) -> dict:  # noqa: A002 - the query parameter is called id
+        """An item's catalog row; the id as a query parameter (any string, URL-encoded)."""
+        return item_row(id)
+
+    @app.get("/item/image", response_class=Response, responses=image_answers)
+    def item_image_by_query(id: str) -> Response:  # noqa: A002
+        """An item's thumbnail (PNG, at most 256 px); the id as a query parameter."""
+        return item_thumbnail(id)
+
+    @app.delete("/item", dependencies=[Depends(require_key)], response_model=None, responses=remove_answers)
+    async def delete_item_by_query(id: str) -> dict:  # noqa: A002
+        """Remove an item; the id as a query parameter."""
+        return await delete(id)
+
+    @app.put("/item", dependencies=[Depends(require_key)], openapi_extra=ADD_BODY, response_model=None, responses=upsert_answers)
+    async def upsert_item_by_query(request: Request, id: str) -> dict:  # noqa: A002
+        """Add or replace an item (see PUT /items/{id}); the id as a query parameter."""
+        return await add_or_upsert(request, "upsert", id)
+
+    @app.get("/items/{item_id:path}", response_model=None, responses=responses({
+        200: (dict[str, Any], "/items/ID: the item's catalog row; /items/ID/image: its PNG thumbnail (at most 256 px)"),
+        400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image"}))
+    def get_item(item_id: ItemId, request: Request) -> Any:
+        """``/items/ID``: an item's catalog row; ``/items/ID/image``: its thumbnail (PNG, at most 256 px).
+        The id URL-encoded (``lamps%2Fdesk.jpg``); unencoded slashes work too, except in an id that
+        itself ends in "/image": for such ids use ``/item?id=``."""
+        item_id, thumbnail = _item_path(request, item_id)
+        return item_thumbnail(item_id) if thumbnail else item_row(item_id)
+
+    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=ADD_BODY,
+              response_model=None, responses=responses({
+                  201: (AddResponse, "added"), **key, 400: bad_row + "; an id already indexed", 413: f"{upload}; {pixels}"}))
+    async def add_item(request: Request) -> dict:
+        """Add one item: multipart with `metadata` (a JSON object with id, title, ...) and an optional `image` file."""
+        return await add_or_upsert(request, "add")
+
+    @app.put("/items/{item_id:path}", dependencies=[Depends(require_key)], openapi_extra=ADD_BODY, response_model=None,
+             responses=upsert_answers)
+    async def upsert_item(request: Request, item_id: ItemId) -> dict:
+        """Add or replace one item (multipart `metadata` and optional `image`, as for POST /items): a new id is
+        added, a changed image or text is encoded again, changed metadata alone is updated in place."""
+        return await add_or_upsert(request, "upsert", item_id)
+
+    @app.delete("/items/{item_id:path}", dependencies=[Depends(require_key)], response_model=None, responses=remove_answers)
+    async def delete_item(item_id: ItemId) -> dict:
+        """Remove an item; the id URL-encoded, slashes allowed."""
+        return await delete(item_id)
+
     return app
+
+
+def _item_path(request: Request, decoded: str) -> tuple[str, bool]:
+    """(item id, whether the thumbnail is asked for) of GET /items/...: read from the path as sent, still
+    percent-encoded, so that an encoded id ("a%2Fimage") is never mistaken for a thumbnail request."""
+    from urllib.parse import unquote
+
+    raw = request.scope.get("raw_path")
+    if raw is None:
+        tail = decoded
+    else:
+        raw = raw.decode("latin-1").split("?", 1)[0]
+        tail = raw[raw.index("/items/") + len("/items/"):] if "/items/" in raw else decoded
+    if tail.endswith("/image"):
+        return unquote(tail[: -len("/image")]), True
+    return unquote(tail), False
+
+
+async def _item_upload(request: Request, service: Service, item_id: str | None) -> tuple[dict, Path | None]:
+    """The catalog row of an add/upsert request (its image saved under a name of ours), checked."""
+    form = await _form(request)
+    try:
+        metadata = json.loads(form.get("metadata") or "")
+    except ValueError as exc:
+        raise _HTTPError(400, f"metadata: not a JSON object: {exc}") from exc
+    if not isinstance(metadata, dict) or "image" in metadata:
+        raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
+    if item_id is not None:
+        if "id" in metadata and str(metadata["id"]) != item_id:
+            raise _HTTPError(400, f"metadata: id {metadata['id']!r} differs from the id in the URL, {item_id!r}")
+        metadata.setdefault("id", item_id)
+    upload = form.get("image")
+    path = None
+    if upload is not None and hasattr(upload, "read"):
+        data = await upload.read()
+        load_image(data)  # refuse a bad image before anything is written
+        service.uploads.mkdir(parents=True, exist_ok=True)
+        path = service.uploads / f"{hashlib.sha256(data).hexdigest()}.img"  # the name is ours, never the client's
+        write_durably(path, data)  # on disk before the write that names it is logged
+        metadata["image"] = str(path)
+    return metadata, path
 
 
 async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:
@@ -273,7 +266,7 @@ async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, 
             body = await request.json()
         except ValueError as exc:
             raise _HTTPError(400, f"request body is not valid JSON: {exc}") from exc
-        return _validate(model, body), None
+        return _validate(model, body, strict=True), None
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await _form(request)
         fields = {k: v for k, v in form.items() if k != "image" and v != ""}
@@ -290,9 +283,10 @@ async def _form(request: Request):
         raise _HTTPError(400, f"malformed form data: {exc}") from exc
 
 
-def _validate(model: type[BaseModel], data: Any) -> Any:
+def _validate(model: type[BaseModel], data: Any, strict: bool = False) -> Any:
+    """``strict`` for JSON, whose values carry their types (true is not 1); a form's fields are all text."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
 
@@ -353,95 +347,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
-class RequestGuard:
-    """ASGI middleware: refuse requests whose Host is not allowed (DNS rebinding: a web page
-    whose name resolves to this machine), and POST/DELETE from other web origins (cross-site
-    request forgery: a form on any site can post to a local server).
-
-    Clients that are not browsers send no Origin and pass; browsers always send one on POST.
-    """
-
-    SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-
-    def __init__(self, app, allowed_hosts: list[str], allowed_origins: list[str]) -> None:
-        self.app = app
-        self.any_host = "*" in allowed_hosts
-        self.hosts = {h.lower().strip("[]") for h in allowed_hosts}
-        self.origins = {o.lower().rstrip("/") for o in allowed_origins}
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        host = headers.get("host", "")
-        if not self.any_host and _hostname(host) not in self.hosts:
-            return await _send_json(send, 400, f"Host header {host!r} is not allowed; start the server with "
-                                               f"--allowed-host {_hostname(host) or 'NAME'} if clients use that name")
-        if scope["method"] not in self.SAFE_METHODS:
-            origin = headers.get("origin")
-            if origin is not None:
-                same = origin.lower().rstrip("/") in (f"http://{host}".lower(), f"https://{host}".lower())
-                if not same and origin.lower().rstrip("/") not in self.origins:
-                    return await _send_json(send, 403, f"requests from origin {origin!r} are refused: writes and searches "
-                                                       "come from this app's own page or from clients that are not browsers "
-                                                       "(--allowed-origin adds a web origin)")
-            elif headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-                return await _send_json(send, 403, "cross-site requests are refused")
-        return await self.app(scope, receive, send)
-
-
-def _hostname(host: str) -> str:
-    """The name in a Host header, without the port ("[::1]:8000" -> "::1")."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-async def _send_json(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before the app reads it."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
-        chunks, size, more = [], 0, True
-        while more:  # bodies are bounded by max_bytes, so buffering them is safe
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._reject(send)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-    async def _reject(self, send) -> None:
-        await _send_json(send, 413, f"request body exceeds the limit of {self.max_bytes:,} bytes")
-
-
 def _mount_docs(app: FastAPI) -> None:
     """Swagger UI at /docs from the swagger-ui-bundle package: no CDN."""
     try:
@@ -461,35 +366,3 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def _search_body(model: type[BaseModel]) -> dict:
-    schema = model.model_json_schema()
-    form = {name: {k: v for k, v in field.items() if k != "default"} for name, field in schema["properties"].items()}
-    for name in ("text", "where"):  # a form field is a string, never null
-        form[name] = {"type": "string", **{k: v for k, v in form[name].items() if k in ("maxLength", "description", "examples")}}
-    form["image"] = {"type": "string", "format": "binary", "description": "a photo (JPEG, PNG, WebP, ...)"}
-    return {"requestBody": {"content": {"application/json": {"schema": schema},
-                                        "multipart/form-data": {"schema": {"type": "object", "properties": form}}}}}
-
-
-def _responses(described: dict[int, Any]) -> dict[int | str, dict]:
-    """OpenAPI responses: (model or media type, description) or a description of an error; 400 always
-    (a Host that is not allowed), every error with the body {"detail": ...}."""
-    out: dict[int | str, dict] = {400: {"model": ErrorResponse, "description": "a Host header that is not allowed"}}
-    for status, what in described.items():
-        if isinstance(what, str):
-            out[status] = {"model": ErrorResponse, "description": what} if status >= 400 else {"description": what}
-        elif isinstance(what[0], str):
-            out[status] = {"description": what[1], "content": {what[0]: {"schema": {"type": "string", "format": "binary"}}}}
-        else:
-            out[status] = {"model": what[0], "description": what[1]}
-    if 400 in described:
-        out[400]["description"] += "; a Host header that is not allowed"
-    return out
-
-
-_ADD_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["metadata"], "properties": {
-    "metadata": {"type": "string", "description": "JSON object: id, title, description, metadata columns",
-                 "examples": ['{"id": 9001, "title": "a desk lamp", "category": "Lights", "price": 25.0}']},
-    "image": {"type": "string", "format": "binary"}}}}}}}

@@ -120,10 +120,10 @@ def test_writes_need_the_key_and_persist(client, fixtures):
     assert client.get("/items/900/image").status_code == 200
     assert client.delete("/items/575", headers={"X-API-Key": KEY}).json() == {"removed": 1, "items": 8}
 
-    from multiretrieval import Retriever
+    from multiretrieval.server.service import Service
 
-    saved = Retriever.load(client.index_dir)  # the changes are on disk
-    assert 900 in saved.items["id"].tolist() and 575 not in saved.items["id"].tolist()
+    restarted = Service(client.index_dir)  # as after a crash: the saved folder plus the write log
+    assert 900 in restarted.retriever.items["id"].tolist() and 575 not in restarted.retriever.items["id"].tolist()
 
 
 def test_bad_writes_change_nothing(client):

@@ -43,19 +43,21 @@ function text(tag, className, content) {
   return el;
 }
 
-const HIDDEN = new Set(["rank", "id", "score", "image_score", "text_score", "title", "image", "source_id"]);
+const HIDDEN = new Set(["rank", "id", "score", "image_score", "text_score", "title", "image", "source_id",
+  "matched", "vector_score", "keyword_score"]);
 
 function card(item, mode) {
   const li = document.createElement("li");
   li.className = "card";
   const link = document.createElement("a");
-  link.href = "/items/" + encodeURIComponent(item.id);
+  link.href = "/item?id=" + encodeURIComponent(item.id);  // ids may hold slashes: a query parameter takes any
   const img = document.createElement("img");
-  img.src = "/items/" + encodeURIComponent(item.id) + "/image";
+  img.src = "/item/image?id=" + encodeURIComponent(item.id);
   img.alt = item.title || "item " + item.id;
   img.loading = "lazy";
   link.append(img, text("div", "title", item.title || "(untitled) #" + item.id));
-  link.append(text("div", "score", "#" + item.rank + " · score " + item.score.toFixed(3)));
+  const by = item.matched ? " · by its " + item.matched : "";
+  link.append(text("div", "score", "#" + item.rank + " · score " + item.score.toFixed(3) + by));
   li.append(link);
   if (mode === "fused" && item.image_score !== undefined) {
     const total = Math.max(item.image_score, 0) + Math.max(item.text_score, 0) || 1;

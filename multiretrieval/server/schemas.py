@@ -1,0 +1,108 @@
+"""The service's request and response models, and their OpenAPI descriptions (bounds, statuses).
+
+The search request is built per index (``search_request_model``), so the schema carries that
+index's bounds (``search:`` in its config).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import Path as PathParam
+from pydantic import BaseModel, Field, create_model
+
+from ..config import SearchConfig
+from ..search import MODES
+
+Mode = Literal["auto", "image", "text", "fused", "zero-shot"]
+ItemId = Annotated[str, PathParam(description="the item's catalog id, URL-encoded (slashes allowed)", examples=["575"])]
+assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
+
+
+def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
+    """The search request's fields, with the index's bounds (``search:`` in its config) in the schema."""
+    return create_model(
+        "SearchRequest",
+        # Lengths are in the schema but checked by the query stage (make_query), whose 422 names the setting
+        # and whose 400 says what is wrong with a text that is not valid Unicode.
+        text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars}, examples=["a washing machine"],
+                                description=(f"query text: at most {bounds.max_text_chars:,} characters (search.max_text_chars) "
+                                             f"and {bounds.max_text_tokens:,} word pieces (search.max_text_tokens); "
+                                             "over either: 422"))),
+        mode=(Mode, "auto"),
+        k=(int, Field(10, ge=1, json_schema_extra={"maximum": bounds.max_k},
+                      description=f"number of results, 1 to {bounds.max_k:,} (search.max_k)")),
+        where=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_where_chars},
+                                 examples=["price < 500 AND category = 'Kitchen'"], description=(
+            "filter: one condition over catalog columns (columns, literals, comparisons, AND/OR/NOT, arithmetic, "
+            "IN lists, BETWEEN, LIKE/ILIKE, IS NULL, CAST and a few scalar functions; README, \"Filters\"). "
+            f"At most {bounds.max_where_chars:,} characters (search.max_where_chars); outside the grammar: 400; "
+            f"still running after {bounds.filter_timeout_s:g} s (search.filter_timeout_s): 422"))),
+        hybrid=(Literal["rrf", "weighted", "off"] | None, Field(None, description=(
+            "text queries: how BM25 keywords and vectors combine: reciprocal-rank fusion (default), a weighted sum, or not"))),
+        keyword_weight=(float | None, Field(None, ge=0, le=1, description="text queries: the keywords' share, 0 to 1 (default 0.5)")),
+    )
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(description="what is wrong: a sentence, or a list of field errors (422)")
+
+
+class SearchResponse(BaseModel):
+    mode: str = Field(description="the mode that ran (auto resolved)")
+    count: int
+    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (fused: image_score, text_score)")
+
+
+class HealthResponse(BaseModel):
+    status: str
+    items: int
+    batching: dict[str, dict[str, int]]
+
+
+class AddResponse(BaseModel):
+    added: int
+    items: int
+
+
+class UpsertResponse(BaseModel):
+    upserted: int
+    items: int
+    changes: dict[str, Any] = Field(description="how many rows were new, changed (encoded again), updated in place, unchanged")
+
+
+class RemoveResponse(BaseModel):
+    removed: int
+    items: int
+
+
+def search_body(model: type[BaseModel]) -> dict:
+    schema = model.model_json_schema()
+    form = {name: {k: v for k, v in field.items() if k != "default"} for name, field in schema["properties"].items()}
+    for name in ("text", "where"):  # a form field is a string, never null
+        form[name] = {"type": "string", **{k: v for k, v in form[name].items() if k in ("maxLength", "description", "examples")}}
+    form["image"] = {"type": "string", "format": "binary", "description": "a photo (JPEG, PNG, WebP, ...)"}
+    return {"requestBody": {"content": {"application/json": {"schema": schema},
+                                        "multipart/form-data": {"schema": {"type": "object", "properties": form}}}}}
+
+
+def responses(described: dict[int, Any]) -> dict[int | str, dict]:
+    """OpenAPI responses: (model or media type, description) or a description of an error; 400 always
+    (a Host that is not allowed), every error with the body {"detail": ...}."""
+    out: dict[int | str, dict] = {400: {"model": ErrorResponse, "description": "a Host header that is not allowed"}}
+    for status, what in described.items():
+        if isinstance(what, str):
+            out[status] = {"model": ErrorResponse, "description": what} if status >= 400 else {"description": what}
+        elif isinstance(what[0], str):
+            out[status] = {"description": what[1], "content": {what[0]: {"schema": {"type": "string", "format": "binary"}}}}
+        else:
+            out[status] = {"model": what[0], "description": what[1]}
+    if 400 in described:
+        out[400]["description"] += "; a Host header that is not allowed"
+    return out
+
+
+ADD_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["metadata"], "properties": {
+    "metadata": {"type": "string", "description": "JSON object: id, title, description, metadata columns",
+                 "examples": ['{"id": 9001, "title": "a desk lamp", "category": "Lights", "price": 25.0}']},
+    "image": {"type": "string", "format": "binary"}}}}}}}

@@ -1,0 +1,124 @@
+"""The service's state: one retriever shared by every request, its micro-batched encoders, the write
+log, and the uploads folder.
+
+One retriever serves every request: searches run concurrently, writes (add, upsert, remove)
+change it in place, one at a time (the retriever's readers-writer lock lets a search see the
+index before or after a write, never half of it). A write is acknowledged once it is applied
+and appended to the write log (``INDEX_DIR.journal``, fsync'ed); the index folder is saved
+(atomically) only at checkpoints: every ``checkpoint_every`` writes and at shutdown, after
+which the log is emptied. A restart loads the folder and replays the log, so every
+acknowledged write survives a crash, a SIGKILL included.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..errors import CatalogError
+from ..filters import compile_filter
+from ..retriever import Retriever
+from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
+from .journal import Journal
+
+logger = logging.getLogger(__name__)
+
+
+class Service:
+    """The retriever, the write lock and log, and where uploads go."""
+
+    def __init__(self, index_dir: str | Path, checkpoint_every: int = 1000) -> None:
+        self.index_dir = Path(index_dir).resolve()
+        # Uploaded images and the write log live beside the index folder: a save replaces the folder itself.
+        self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
+        self.checkpoint_every = max(1, checkpoint_every)
+        self._write_lock = threading.Lock()
+        retriever = Retriever.load(self.index_dir)
+        self.text_batcher = MicroBatcher(retriever.text_encoder.forward)
+        self.image_batcher = MicroBatcher(retriever.image_encoder.forward, max_batch=16)
+        self.retriever = self._prepare(retriever)
+        saved = int(retriever.saved_note.get("journal_seq", 0))
+        self.journal = Journal(self.index_dir.with_name(self.index_dir.name + ".journal"), after=saved)
+        self._replay(self.journal.records(after=saved))
+
+    def _prepare(self, retriever: Retriever) -> Retriever:
+        """Route the retriever's encoders through the shared micro-batchers and load every model now."""
+        embedder = retriever.embedder
+        embedder.use_encoders(image=BatchedImageEncoder(embedder.image_encoder, self.image_batcher),
+                              text=BatchedTextEncoder(embedder.text_encoder, self.text_batcher))
+        embedder.fusion, embedder.zero_shot.text_batch(["warm-up"])  # noqa: B018
+        embedder.count_tokens("warm-up")  # the token counter's tokenizer copy, and the filter parser's import:
+        compile_filter("TRUE", {})  # made at start, not in the first request
+        return retriever
+
+    def _replay(self, records: list[dict]) -> None:
+        """Apply the logged writes that the saved folder does not hold yet, in order."""
+        for record in records:
+            try:
+                apply(record, self.retriever)
+            except Exception as exc:  # noqa: BLE001 - logged writes were valid when made; go on with the rest
+                logger.warning("replaying write %d (%s) of %s: %s", record["seq"], record.get("op"), self.journal.path, exc)
+        if records:
+            logger.info("replayed %d logged writes from %s", len(records), self.journal.path)
+
+    def write(self, record: dict, check=None) -> Any:
+        """Apply a write to the retriever, log it (fsync'ed), then answer; ``check(result)`` may refuse it
+        first (raising) when the retriever did not take it (a row it skipped changes nothing)."""
+        with self._write_lock:
+            result = apply(record, self.retriever)
+            if check is not None:
+                check(result)
+            try:
+                self.journal.append(record)
+            except BaseException:
+                logger.exception("cannot log a write; going back to the state on disk")
+                self.retriever = self._prepare(Retriever.load(self.index_dir))
+                self._replay(self.journal.records(after=int(self.retriever.saved_note.get("journal_seq", 0))))
+                raise
+            if len(self.journal) >= self.checkpoint_every:
+                try:
+                    self._checkpoint()
+                except Exception:  # noqa: BLE001 - the write is in the log: answer it; the next checkpoint tries again
+                    logger.exception("checkpoint of %s failed; the write log keeps every write", self.index_dir)
+            return result
+
+    def checkpoint(self) -> None:
+        """Save the index folder (atomically) and empty the write log, if anything was written since the last one."""
+        with self._write_lock:
+            if len(self.journal):
+                self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        self.retriever.save(self.index_dir, note={"journal_seq": self.journal.last_seq})
+        self.journal.reset()
+        logger.info("checkpoint: saved %s through write %d", self.index_dir, self.journal.last_seq)
+
+    def drop_unused_upload(self, source: str | Path | None) -> None:
+        """Delete an uploaded image that no indexed item uses (its item was removed, or never added)."""
+        if source is None or Path(source).parent != self.uploads:
+            return
+        with self._write_lock:
+            if str(source) not in set(self.retriever.image_sources().dropna()):
+                Path(source).unlink(missing_ok=True)
+
+
+def apply(record: dict, retriever: Retriever) -> Any:
+    """Carry out one logged write on a retriever: add, upsert (rows of catalog columns) or remove (ids)."""
+    import pandas as pd
+
+    op = record["op"]
+    if op == "add":
+        return retriever.add(pd.DataFrame(record["rows"]))
+    if op == "upsert":
+        return retriever.upsert(pd.DataFrame(record["rows"]))
+    if op == "remove":
+        return retriever.remove(record["ids"])
+    raise ValueError(f"unknown write {op!r}")
+
+
+def refuse_skipped(report) -> None:
+    """A one-item write whose row the retriever skipped is refused (400) rather than acknowledged."""
+    if report.skipped:
+        raise CatalogError(str(report.skipped[0]))
