@@ -109,6 +109,11 @@ class Collection:
         self.store.remove(keys)
         self.refresh(embedder, rechoose)
 
+    def refit_joint(self, embedder: Embedder) -> None:
+        """The joint index made again from the stored features (the embedder's fusion changed)."""
+        self.indexes.renew("joint", embedder.fusion.out_dim)
+        self.indexes.fill_joint(self.store.keys, lambda rows: embedder.fuse(self.store.features, rows))
+
     def refresh(self, embedder: Embedder, rechoose: bool) -> list[str]:
         """Rebuild the indexes with too many entries marked deleted and, with ``rechoose``, those whose
         automatic kind differs for the current number of items (no new encoding: joint vectors are

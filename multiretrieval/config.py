@@ -122,6 +122,18 @@ class SearchConfig:
     hybrid: str = "rrf"  # text queries: rrf (reciprocal-rank fusion of vectors and BM25) | weighted | off
     keyword_weight: float = 0.5  # the keyword (BM25) ranking's share in a hybrid text query
     hybrid_depth: int = 100  # how deep each ranking is read before they are combined (at least k)
+    sort_candidates: int = 200  # sort_by reorders this many of the most relevant items (or offset + k if more)
+
+
+@dataclass(frozen=True)
+class DisplayConfig:
+    """What a shop shows of an item (the search page, GET /info), and which columns it offers as filters."""
+
+    title: str = "title"  # the product's name
+    price: str | None = "price"  # shown as the price, and offered for sorting, when the catalog has it
+    brand: str | None = None  # shown under the name, e.g. "brand" or "creator"
+    columns: tuple[str, ...] = ()  # more columns shown on result cards (default: none)
+    facets: tuple[str, ...] = ()  # columns offered as filters (default: chosen from the columns' types and values)
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,7 @@ class RetrieverConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    display: DisplayConfig = field(default_factory=DisplayConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> RetrieverConfig:

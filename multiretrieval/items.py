@@ -207,6 +207,68 @@ class ItemStore:
         """The columns a filter may name, with the kind of their values (for messages)."""
         return {name: _kind(dtype) for name, dtype in self.table.dtypes.items() if not name.startswith("_")}
 
+    def facets(self, columns: list[str] | None = None, where: str | None = None, filters: dict[str, Any] | None = None,
+               timeout_s: float | None = None, top: int = 20, bins: int = 10) -> dict[str, dict[str, Any]]:
+        """Per column, over the items matching ``where`` and ``filters`` (all by default), computed by DuckDB,
+        each column's counts leaving out its own filter (so other values of it can still be added):
+
+        - text, booleans: ``{"kind": "values", "values": [{"value": v, "count": n}, ...]}``, the ``top`` most frequent;
+        - numbers: ``{"kind": "range", "min", "max", "histogram": {"edges": [...], "counts": [...]}}``, the
+          min/max over all items (a slider keeps its scale), the counts over the matching ones.
+
+        ``columns`` default: ``facet_columns()``; ``timeout_s``: each filter's time limit (see ``filter``).
+        """
+        columns = list(columns) if columns else self.facet_columns()
+        public = list(_public(self.table).columns)
+        unknown = [c for c in columns if c not in public]
+        if unknown:
+            raise QueryError(f"facets: no column(s) {unknown}; columns: {public}")
+        with self._lazy:
+            if self._duck is None:
+                self._duck = self._filter_table()
+        out = {}
+        for column in columns:
+            condition = filters_where(filters, where, leave_out=column)
+            cur = self._duck.cursor()
+            scope = "TRUE"
+            if condition:
+                cur.register("selected", pd.DataFrame({KEY: self.filter(condition, timeout_s)}))
+                scope = f"{KEY} IN (SELECT {KEY} FROM selected)"
+            out[column] = self._facet(cur, column, scope, top, bins)
+        return out
+
+    def _facet(self, cur, column: str, scope: str, top: int, bins: int) -> dict[str, Any]:
+        q = '"' + column.replace('"', '""') + '"'
+        dtype = self.table[column].dtype
+        if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
+            lo, hi = cur.execute(f"SELECT min({q}), max({q}) FROM catalog").fetchone()  # noqa: S608
+            if lo is None:
+                return {"kind": "range", "min": None, "max": None, "histogram": {"edges": [], "counts": []}}
+            width = (hi - lo) / bins or 1.0
+            rows = cur.execute(f"SELECT least(floor(({q} - ?) / ?), ?) AS b, count(*) FROM catalog "  # noqa: S608
+                               f"WHERE {q} IS NOT NULL AND {scope} GROUP BY b", [lo, width, bins - 1]).fetchall()
+            counts = [0] * bins
+            for b, n in rows:
+                counts[int(b)] = int(n)
+            return {"kind": "range", "min": plain(lo), "max": plain(hi),
+                    "histogram": {"edges": [float(lo + i * width) for i in range(bins + 1)], "counts": counts}}
+        rows = cur.execute(f"SELECT {q} AS v, count(*) AS n FROM catalog WHERE {q} IS NOT NULL AND {scope} "  # noqa: S608
+                           f"GROUP BY v ORDER BY n DESC, v LIMIT ?", [top]).fetchall()
+        return {"kind": "values", "values": [{"value": plain(v), "count": int(n)} for v, n in rows]}
+
+    def facet_columns(self, limit: int = 6, max_values: int = 50) -> list[str]:
+        """Columns worth offering as filters when the config names none: numbers, and text with
+        2..``max_values`` distinct values (not the id, not long texts), fewest values first."""
+        table = _public(self.table).drop(columns=["id", "image", "title", "description"], errors="ignore")
+        chosen = []
+        for column in table.columns:
+            values = table[column].dropna()
+            distinct = values.nunique()
+            numeric = pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype)
+            if distinct >= 2 and (numeric or distinct <= max_values):
+                chosen.append((numeric, distinct if not numeric else 0, column))
+        return [c for _, _, c in sorted(chosen)][:limit]
+
     def _filter_table(self):
         """A DuckDB connection holding the rows as table ``catalog``, with external access off."""
         import duckdb
@@ -265,6 +327,44 @@ class ItemStore:
             raise IndexLoadError(f"{folder}: catalog and features disagree on the number of items")
         store._changed()
         return store
+
+
+def filters_where(filters: dict[str, Any] | None, where: str | None = None, leave_out: str | None = None) -> str | None:
+    """One SQL condition from structured filters and a ``where``: each column's filter is a list
+    of values (any of them) or a range {"min": a, "max": b} (either may be missing); the
+    column ``leave_out`` is skipped (a facet's own counts ignore its own filter). A ``where`` alone
+    comes back as it is (so the filter grammar's refusals name its own text)."""
+    if filters is not None and not isinstance(filters, dict):
+        raise QueryError(f"filters must map columns to values or ranges, got {type(filters).__name__}")
+    if not filters or all(column == leave_out for column in filters):
+        return where or None
+    parts = [f"({where})"] if where else []
+    for column, wanted in (filters or {}).items():
+        if column == leave_out:
+            continue
+        name = '"' + str(column).replace('"', '""') + '"'
+        if isinstance(wanted, dict):
+            unknown = set(wanted) - {"min", "max"}
+            if unknown:
+                raise QueryError(f"filters[{column!r}]: a range has 'min' and/or 'max', not {sorted(unknown)}")
+            parts += [f"{name} {op} {_literal(wanted[key], column)}" for key, op in (("min", ">="), ("max", "<=")) if wanted.get(key) is not None]
+        elif isinstance(wanted, (list, tuple)):
+            if not wanted:
+                continue
+            parts.append(f"{name} IN ({', '.join(_literal(v, column) for v in wanted)})")
+        else:
+            raise QueryError(f"filters[{column!r}]: a list of values or a range {{'min': .., 'max': ..}}, got {wanted!r}")
+    return " AND ".join(parts) or None
+
+
+def _literal(value: Any, column: str) -> str:
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, (int, float, np.number)) and np.isfinite(value):
+        return repr(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    raise QueryError(f"filters[{column!r}]: {value!r} is not a number, text or boolean")
 
 
 def _public(frame: pd.DataFrame) -> pd.DataFrame:

@@ -1,12 +1,10 @@
 """The Retriever: a facade that wires the rooms together and delegates, one direction of data flow.
 
-    catalog -> ingest.ingest (Embedder) -> Collection: ItemStore (rows, features, hashes) + IndexSet (FAISS
-               per space) + KeywordIndex (BM25)
+    catalog -> ingest.ingest (Embedder) -> Collection: ItemStore + IndexSet (FAISS per space) + KeywordIndex (BM25)
     query   -> search.make_query -> search.run_query (Embedder, Collection) -> result rows
     files   -> persistence.write_folder / read_folder over each component's own save and load
 
-Thread-safe: searches run concurrently; a write encodes first, then holds searches off while it
-changes the store and the indexes.
+Thread-safe: searches run concurrently; a write encodes first, then holds searches off while it changes them.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from .embedder import Embedder
 from .errors import MultiretrievalError, QueryError
 from .ingest import IndexReport, hash_catalog, ingest, ingest_rows
 from .persistence import MANIFEST, component_folder, component_record, read_folder, write_folder
-from .search import MODES, encode_inputs, make_query, run_query
+from .search import MODES, batch_query, check_batch, encode_inputs, make_query, run_batch, run_query
 from .utils import ReadWriteLock
 
 __all__ = ["MODES", "IndexReport", "Retriever"]
@@ -169,12 +167,9 @@ class Retriever:
         return len(keys)
 
     def train(self, out: str | Path | None = None, show_progress: bool | None = None, resume: bool = True) -> dict[str, Any]:
-        """Fit the attention fusion on the indexed items' own image/text pairs, switch to it, re-embed.
-
-        ``out``: folder for the module and its checkpoints (default: a temporary one; ``save``
-        stores the module with the index either way); ``resume``: continue a run found there.
-        Returns the training report (loss and validation recall per epoch).
-        """
+        """Fit the attention fusion on the indexed items' own image/text pairs, switch to it, re-embed. ``out``: a
+        folder for the module and its checkpoints (default: temporary; ``save`` keeps the module either way);
+        ``resume``: continue a run found there. Returns the training report (loss, validation recall per epoch)."""
         from .training import fit_on_catalog
 
         if not len(self):
@@ -189,38 +184,46 @@ class Retriever:
             return report
         with self._lock.writing():
             self.embedder.use_fusion(trained, out)
-            self.indexes.renew("joint", trained.out_dim)
-            self.indexes.fill_joint(self.store.keys, lambda rows: self.embedder.fuse(self.store.features, rows))
+            self.collection.refit_joint(self.embedder)
         return report
 
     # ---------------------------------------------------------------- queries
 
     def search(self, image: ImageInput | None = None, text: str | None = None, mode: str = "auto", k: int = 10,
-               where: str | None = None, unsafe_where: bool = False, hybrid: str | None = None,
-               keyword_weight: float | None = None) -> pd.DataFrame:
+               where: str | None = None, **options: Any) -> pd.DataFrame:
         """The k best items for a photo (path, URL, bytes or PIL image), a text, or both.
 
         ``mode``: "auto" (image+text -> fused, image -> image, text -> item texts, and the images of items
         without text through the zero-shot space), "image", "text", "fused", or "zero-shot" (text against
-        item images, image against item texts). ``where``: a condition over catalog columns (grammar:
-        filters.py), applied before ranking, stopped after ``search.filter_timeout_s``; ``unsafe_where=True``:
-        any DuckDB expression, for trusted callers. ``hybrid`` ("rrf", "weighted", "off") and
-        ``keyword_weight`` (0..1): how text queries combine BM25 keywords with vectors (search.py). Returns a
-        DataFrame: rank, id, score, the catalog columns; text queries add ``matched`` ("text" | "image") and,
-        when hybrid, ``vector_score`` and ``keyword_score``; fused queries under late fusion add image_score +
-        text_score = score.
+        item images, image against item texts). ``where``: a condition over catalog columns (filters.py), applied
+        before ranking. Options (search.py): offset, min_score, sort_by ("-price"), filters, like=ITEM_ID, vector,
+        hybrid, keyword_weight, unsafe_where. Returns a DataFrame: rank, id, score, the catalog columns (and
+        matched, vector_score, keyword_score, image_score, text_score where they apply); attrs["has_more"].
         """
-        query = make_query(image, text, mode, k, where, self.config, self.embedder.count_tokens, unsafe_where, hybrid, keyword_weight)
-        with self._lock.reading():
-            return run_query(query, self.embedder, self.collection)
+        query = make_query(image, text, mode, k, where, self.config, self.embedder.count_tokens, **options)
+        return self._reading(run_query, query, self.embedder, self.collection)
+
+    def search_batch(self, queries: list[dict[str, Any]]) -> list[pd.DataFrame]:
+        """Several searches, each a dict of ``search`` arguments; queries of one kind share an encoder pass."""
+        check_batch(len(queries), self.config)
+        return self._reading(run_batch, [batch_query(q, self.config, self.embedder.count_tokens) for q in queries],
+                             self.embedder, self.collection)
+
+    def facets(self, columns: list[str] | None = None, where: str | None = None, filters: dict | None = None) -> dict[str, dict]:
+        """Value counts (text) or min/max/histogram (numbers) over the items matching ``where`` and ``filters``
+        (each column ignoring its own filter), for ``columns`` (default: ``facet_columns()``)."""
+        return self._reading(self.store.facets, columns or self.facet_columns(), where, filters, self.config.search.filter_timeout_s)
+
+    def facet_columns(self) -> list[str]:
+        """The columns offered as filters: ``display.facets``, else chosen from the columns' types and values."""
+        return list(self.config.display.facets) or self._reading(self.store.facet_columns)
 
     def encode(self, images: list[ImageInput] | None = None, texts: list[str] | None = None, space: str = "joint",
                batch_size: int | None = None) -> np.ndarray:
         """Images, texts, or (image, text) pairs -> float32 (n, d), L2-normalised, in the fused space
         ("joint": pairs when both are given) or the zero-shot space ("clip": images or texts, not pairs)."""
         pils, texts = encode_inputs(images, texts, space, self.config)
-        with self._lock.reading():
-            return self.embedder.embed(pils, texts, space, batch_size)
+        return self._reading(self.embedder.embed, pils, texts, space, batch_size)
 
     # ---------------------------------------------------------------- files
 

@@ -1,32 +1,28 @@
-"""The query stage: validate a query, embed it, filter, search the index of its space, lay out results.
+"""The query stage: validate a query, embed it, filter, rank it, lay out a page of results.
 
-    make_query(image, text, mode, k, where, config, count_tokens, unsafe_where, hybrid, keyword_weight) -> Query
-                                                           (checks and decoding; no model runs)
-    run_query(query, embedder, items)                   -> DataFrame (filter, embed, top-k, result rows)
-
-Every bound of ``config.search`` is checked here (LimitError, a QueryError): text characters and
-tokens, k (+ offset), the filter's length, a batch's size (``check_batch``); the filter's grammar
-is checked by the item store (filters.py) before DuckDB or a model runs, and its time limit there.
+    make_query(image, text, mode, k, where, config, count_tokens, **options) -> Query   (checks, decoding; no model runs)
+    run_query(query, embedder, items)    -> DataFrame    (rank, id, score, catalog columns)
+    run_batch(queries, embedder, items)  -> [DataFrame]  (queries of one kind share an encoder pass)
 
 Modes: "auto" (image+text -> fused, image -> image, text -> text against item texts *and*,
 through the zero-shot space, against the images of items that have no text), "image",
 "text", "fused" (all in the joint space) and "zero-shot" (a text against item images, or an
-image against item texts, in the zero-shot space).
+image against item texts, in the zero-shot space). How rankings combine (hybrid keywords,
+the zero-shot merge) is in ranking.py.
 
-Text queries in modes auto and text are hybrid by default: the vector ranking is combined
-with BM25 over the item texts (keywords.py) by reciprocal-rank fusion (``hybrid="rrf"``), or
-by a weighted sum of the vector score and the BM25 score scaled to the best one
-(``hybrid="weighted"``); ``keyword_weight`` is the keywords' share, ``hybrid="off"`` turns it off.
-Either way, items whose text carries every model code of the query (keywords.identifiers:
-"KX-2210", "500ml", 4+ digits) score 1 more, so they come first: rank fusion alone would let
-an item that is second in both rankings beat the one that carries the exact code.
+Options: paging (offset), a score floor (min_score), sorting the most relevant items by a
+column (sort_by), structured filters (column -> values or range), "more like this" from an
+item's stored features (like; with a text: its photo plus the words), a given vector, the
+hybrid settings, and unsafe_where for trusted callers. A result frame's ``attrs["has_more"]``
+says whether another page follows.
 
-Where scores of different spaces meet, one function (``merge_spaces``) puts them on one scale.
+Every bound of ``config.search`` is checked here (LimitError, a QueryError): text characters and
+tokens, k + offset, the filter's length, a batch's size (``check_batch``); the filter's grammar
+is checked by the item store (filters.py) before DuckDB or a model runs, and its time limit there.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,53 +33,115 @@ import pandas as pd
 from .catalog import ImageInput, load_image, text_problem
 from .config import RetrieverConfig
 from .errors import LimitError, QueryError
-from .keywords import identifiers
+from .items import filters_where
+from .ranking import rank_text, search_index
 
 if TYPE_CHECKING:
     from .collection import Collection
 
 MODES = ("auto", "image", "text", "fused", "zero-shot")
 HYBRID = ("rrf", "weighted", "off")
-RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009): a rank r counts 1 / (60 + r)
-CALIBRATION_SAMPLE = 1000  # items (with both an image and a text) the zero-shot scale is measured on
-CALIBRATION_MIN = 20  # fewer such items: zero-shot scores are taken as they are
+OPTIONS = ("offset", "min_score", "sort_by", "filters", "like", "vector", "hybrid", "keyword_weight", "unsafe_where")
 
 
 @dataclass(frozen=True)
 class Query:
     image: Any  # a decoded RGB PIL image, or None
     text: str | None
-    mode: str  # resolved: never "auto"
+    mode: str  # resolved: "image", "text", "fused", "zero-shot", or "vector" (a given joint-space vector)
     k: int
     where: str | None = None
     unsafe_where: bool = False  # any DuckDB expression (trusted callers), not only the filter grammar
     auto: bool = False  # a text query in auto mode: items without text are searched by their image too
     hybrid: str = "rrf"  # how keyword (BM25) and vector rankings combine for text queries: rrf | weighted | off
     keyword_weight: float = 0.5  # the keywords' share (0: vectors only; 1: keywords only)
+    offset: int = 0  # results start after this many (paging)
+    min_score: float | None = None  # results scoring lower are dropped
+    sort_by: tuple[str, bool] | None = None  # (column, descending): reorders the most relevant items
+    filters: dict[str, Any] | None = None  # column -> values or {"min", "max"}: ANDed with ``where`` (items.filters_where)
+    like: Any = None  # an item id: its stored features are the query ("more like this"), the item itself left out
+    vector: np.ndarray | None = None  # (1, d) a query vector in the joint space
 
 
 def make_query(image: ImageInput | None, text: str | None, mode: str, k: int, where: str | None,
-               config: RetrieverConfig, count_tokens: Callable[[str], int] | None = None, unsafe_where: bool = False,
-               hybrid: str | None = None, keyword_weight: float | None = None) -> Query:
+               config: RetrieverConfig, count_tokens: Callable[[str], int] | None = None, **options: Any) -> Query:
     """A checked query with its image decoded. Raises QueryError (LimitError for a bound) or ImageError.
 
-    ``count_tokens``: the text encoder's word-piece count, for ``search.max_text_tokens``."""
-    resolved = resolve_mode(image, text, mode)
-    k = check_k(k, config)
+    ``count_tokens``: the text encoder's word-piece count, for ``search.max_text_tokens``. Options:
+    ``offset`` (int >= 0), ``min_score`` (float), ``sort_by`` ("price", "-price", "price desc"),
+    ``filters`` (column -> list of values, or {"min": a, "max": b}), ``like`` (an item id: its stored
+    photo and text, or with mode "image"/"text" one of them; with ``text``: the item's photo plus
+    these words), ``vector`` (a joint-space vector, as ``encode`` gives), ``hybrid`` ("rrf",
+    "weighted", "off") and ``keyword_weight`` (0..1) for text queries, ``unsafe_where`` (any DuckDB
+    expression: trusted callers only).
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise QueryError(f"unknown search option(s) {unknown}; known: {list(OPTIONS)}")
+    like, vector = options.get("like"), options.get("vector")
+    resolved = resolve_mode(image, text, mode, like, vector)
+    offset = options.get("offset", 0)
+    k = check_k(k, config, offset)
     where = None if isinstance(where, str) and not where.strip() else where  # an empty filter keeps every item
     if where is not None:
         check_where(where, config)
-    hybrid = config.search.hybrid if hybrid is None else hybrid
+    filters = options.get("filters")
+    if filters is not None and not isinstance(filters, dict):
+        raise QueryError(f"filters must map columns to values or ranges, got {type(filters).__name__}")
+    hybrid = options.get("hybrid") or config.search.hybrid
     if hybrid not in HYBRID:
         raise QueryError(f"unknown hybrid method {hybrid!r}; choose one of {list(HYBRID)}")
-    weight = config.search.keyword_weight if keyword_weight is None else keyword_weight
+    weight = options.get("keyword_weight")
+    weight = config.search.keyword_weight if weight is None else weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)) or not 0 <= weight <= 1:
         raise QueryError(f"keyword_weight must be a number from 0 to 1, got {weight!r}")
     text = check_text(text, config, count_tokens) if text is not None else None
     cat = config.catalog
     pil = load_image(image, cat.max_image_pixels, cat.max_image_bytes, cat.download_timeout_s) if image is not None else None
-    return Query(pil, text, resolved, k, where, bool(unsafe_where), auto=mode == "auto" and resolved == "text",
-                 hybrid=hybrid, keyword_weight=float(weight))
+    return Query(pil, text, resolved, k, where, bool(options.get("unsafe_where", False)),
+                 auto=mode == "auto" and resolved == "text" and like is None, hybrid=hybrid, keyword_weight=float(weight),
+                 offset=int(offset), min_score=_min_score(options.get("min_score")), sort_by=_sort_key(options.get("sort_by")),
+                 filters=filters or None, like=like, vector=None if vector is None else _vector(vector))
+
+
+def batch_query(spec: dict[str, Any], config: RetrieverConfig, count_tokens: Callable[[str], int] | None = None) -> Query:
+    """A query of ``search_batch``: a dict of ``search`` arguments."""
+    if not isinstance(spec, dict):
+        raise QueryError(f"each query of a batch is a dict of search arguments, got {type(spec).__name__}")
+    spec = dict(spec)
+    basic = [spec.pop(name, default) for name, default in (("image", None), ("text", None), ("mode", "auto"), ("k", 10), ("where", None))]
+    return make_query(*basic, config, count_tokens, **spec)
+
+
+def _min_score(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+        raise QueryError(f"min_score must be a number, got {value!r}")
+    return float(value)
+
+
+def _sort_key(value: Any) -> tuple[str, bool] | None:
+    """"price" or "price asc" -> ("price", False); "-price" or "price desc" -> ("price", True)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise QueryError(f"sort_by must be a column name, got {value!r}")
+    words = value.strip().split()
+    if len(words) == 2 and words[1].lower() in ("asc", "desc"):
+        return words[0], words[1].lower() == "desc"
+    if len(words) == 1:
+        return (words[0][1:], True) if words[0].startswith("-") else (words[0], False)
+    raise QueryError(f"sort_by: expected 'COLUMN', '-COLUMN' or 'COLUMN asc|desc', got {value!r}")
+
+
+def _vector(value: Any) -> np.ndarray:
+    v = np.asarray(value, dtype=np.float32)
+    if v.ndim == 2 and v.shape[0] == 1:
+        v = v[0]
+    if v.ndim != 1 or not len(v) or not np.isfinite(v).all():
+        raise QueryError(f"vector must be one finite 1-d vector, got shape {v.shape}")
+    return v[None]
 
 
 def check_k(k: Any, config: RetrieverConfig, offset: Any = 0) -> int:
@@ -146,10 +204,24 @@ def check_text(text: Any, config: RetrieverConfig, count_tokens: Callable[[str],
     return text
 
 
-def resolve_mode(image: Any, text: Any, mode: str) -> str:
+def resolve_mode(image: Any, text: Any, mode: str, like: Any = None, vector: Any = None) -> str:
     if mode not in MODES:
         raise QueryError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     has_image, has_text = image is not None, text is not None
+    if like is not None or vector is not None:
+        if has_image or (vector is not None and (has_text or like is not None)):
+            raise QueryError("give one of: an image and/or a text, like=ITEM_ID (and a text), or vector=V")
+        if vector is not None:
+            if mode != "auto":
+                raise QueryError("a vector query searches the joint space: leave mode at 'auto'")
+            return "vector"
+        if has_text:  # the item's photo plus these words: "this, but ..."
+            if mode not in ("auto", "fused"):
+                raise QueryError("like=ITEM_ID with a text is a fused query (the item's photo + the words): mode 'auto' or 'fused'")
+            return "fused"
+        if mode == "zero-shot":
+            raise QueryError("like=ITEM_ID takes mode 'auto' (the item's photo and text), 'image' or 'text'")
+        return "fused" if mode == "auto" else mode
     if not has_image and not has_text:
         raise QueryError("give a query image, a query text, or both")
     if mode == "auto":
@@ -165,173 +237,101 @@ def resolve_mode(image: Any, text: Any, mode: str) -> str:
 
 def run_query(query: Query, embedder, items: Collection) -> pd.DataFrame:
     """Answer a query over a collection (the caller holds it steady)."""
-    store, indexes = items.store, items.indexes
-    if not indexes:
+    return run_batch([query], embedder, items)[0]
+
+
+def run_batch(queries: list[Query], embedder, items: Collection) -> list[pd.DataFrame]:
+    """Answer several queries; queries of one kind are embedded together (one encoder pass per kind)."""
+    store = items.store
+    if not items.indexes:
         raise QueryError("nothing is indexed yet: call index(catalog) first")
-    # The filter first: a refused or interrupted one costs no encoding.
     limit = embedder.config.search.filter_timeout_s
-    allowed = store.filter(query.where, limit, query.unsafe_where) if query.where is not None else None
-    if query.mode == "text":
-        return _text_query(query, embedder, items, allowed)
-    images = [query.image] if query.image is not None else None
-    texts = [query.text] if query.text is not None else None
-    if query.mode == "zero-shot":
-        space = "clip_image" if query.text is not None else "clip_text"
-        vector = embedder.embed(images, texts, space="clip")
+    allowed = []  # the filters first: a refused or interrupted one costs no encoding
+    for q in queries:
+        where = filters_where(q.filters, q.where)
+        allowed.append(store.filter(where, limit, q.unsafe_where) if where is not None else None)
+    return [answer(q, space, vector, keys, embedder, items)
+            for q, (space, vector), keys in zip(queries, query_vectors(queries, embedder, store), allowed)]
+
+
+def query_vectors(queries: list[Query], embedder, store) -> list[tuple[str, np.ndarray]]:
+    """(index space, (1, d) vector) per query."""
+    out: list = [None] * len(queries)
+    groups: dict[tuple, list[int]] = {}
+    for i, q in enumerate(queries):
+        if q.vector is not None:
+            out[i] = ("joint", q.vector)
+        elif q.like is not None:
+            out[i] = ("joint", like_vector(q, embedder, store))
+        else:
+            groups.setdefault(("clip" if q.mode == "zero-shot" else "joint", q.image is not None, q.text is not None), []).append(i)
+    for (space, has_image, has_text), idx in groups.items():
+        vectors = embedder.embed([queries[i].image for i in idx] if has_image else None,
+                                 [queries[i].text for i in idx] if has_text else None, space=space)
+        name = "joint" if space == "joint" else "clip_image" if has_text else "clip_text"
+        for j, i in enumerate(idx):
+            out[i] = (name, vectors[j:j + 1])
+    return out
+
+
+def like_vector(query: Query, embedder, store) -> np.ndarray:
+    """The joint vector of an item's stored features: both parts, only its image or its text,
+    or its image with the query's words in place of its text."""
+    row = store.rows_of(store.keys_for([query.like]))
+    features = {name: array[row].copy() for name, array in store.features.items()}
+    if query.text is not None:
+        if not features["image_mask"].any():
+            raise QueryError(f"item {query.like!r} has no image to combine with the words")
+        features["text_tokens"][:], features["text_mask"][:] = embedder.text_encoder.forward([query.text], embedder.fusion.text_chunks)
+    elif query.mode in ("image", "text"):
+        features["text_mask" if query.mode == "image" else "image_mask"][:] = False
+        if not features[f"{query.mode}_mask"].any():
+            other = "text" if query.mode == "image" else "image"
+            raise QueryError(f"item {query.like!r} has no {query.mode}: ask for items like it by its {other}")
+    return embedder.fuse(features)
+
+
+def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | None, embedder, items: Collection) -> pd.DataFrame:
+    """Rank among the allowed keys (None: all), leave out the ``like`` item and what scores under
+    ``min_score``, sort, cut the page; the result rows."""
+    store, index = items.store, items.indexes[space]
+    if vector.shape[1] != index.dim:
+        raise QueryError(f"the query vector has {vector.shape[1]} dimensions; the {space} space has {index.dim}")
+    skip = store.keys_for([query.like]) if query.like is not None else np.zeros(0, np.int64)
+    depth = query.offset + query.k + 1 + len(skip)  # one more than the page: is there more?
+    if query.sort_by:
+        depth = max(depth, embedder.config.search.sort_candidates)
+    if query.mode == "text" and query.like is None:
+        hits, columns = rank_text(query, vector, embedder, items, allowed, depth)
     else:
-        space, vector = "joint", embedder.embed(images, texts)
-    hits = _search(indexes[space], vector, query.k, allowed)
-    frame = store.results(hits.keys, hits.scores)
-    if query.mode == "zero-shot":
-        frame.insert(3, "matched", "image" if query.text is not None else "text")
+        matched = ("image" if query.text is not None else "text") if query.mode == "zero-shot" else None
+        hits, columns = search_index(index, vector, depth, allowed, matched), {}
+    keep = ~np.isin(hits.keys, skip)
+    if query.min_score is not None:
+        keep &= hits.scores >= query.min_score
+    frame = store.results(hits.keys[keep], hits.scores[keep])
+    for at, (name, values) in enumerate([("matched", hits.matched), *columns.items()], start=3):
+        if query.mode in ("text", "zero-shot") and query.like is None:
+            frame.insert(at, name, values[keep])
+    frame.index = hits.keys[keep]  # each row's key, until the page is cut
+    if query.sort_by:
+        frame = sort_results(frame, *query.sort_by)
+    page = frame.iloc[query.offset:query.offset + query.k]
+    page_keys = page.index.to_numpy()
+    page = page.reset_index(drop=True)
+    page["rank"] = np.arange(query.offset + 1, query.offset + 1 + len(page))
     fusion = embedder.fusion
-    if query.mode == "fused" and hasattr(fusion, "contributions") and len(frame):
+    if query.mode == "fused" and hasattr(fusion, "contributions") and len(page) and (query.like is None or query.text is not None):
         # Joint vectors re-fused from the stored features: compressed indexes cannot give them back.
-        image_part, text_part = fusion.contributions(vector[0], embedder.fuse(store.features, store.rows_of(hits.keys)))
-        frame.insert(3, "image_score", image_part)
-        frame.insert(4, "text_score", text_part)
-    return frame
+        image_part, text_part = fusion.contributions(vector[0], embedder.fuse(store.features, store.rows_of(page_keys)))
+        page.insert(3, "image_score", image_part)
+        page.insert(4, "text_score", text_part)
+    page.attrs["has_more"] = len(frame) > query.offset + query.k
+    return page
 
 
-@dataclass
-class Hits:
-    """Ranked items: keys, scores (best first) and, per item, which part of it matched ("text" | "image")."""
-
-    keys: np.ndarray
-    scores: np.ndarray
-    matched: np.ndarray | None = None
-
-    @classmethod
-    def empty(cls) -> Hits:
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, object))
-
-
-def _search(index, vector: np.ndarray, k: int, allowed: np.ndarray | None, matched: str | None = None) -> Hits:
-    """Top-k of one index, only ``allowed`` keys if given (None: all)."""
-    if len(index) == 0 or (allowed is not None and len(allowed) == 0):
-        return Hits.empty()
-    scores, keys = index.search(vector, int(min(k, len(index))), allowed)
-    found = keys[0] >= 0
-    return Hits(keys[0][found], scores[0][found], np.full(int(found.sum()), matched, dtype=object))
-
-
-def _restrict(subset: np.ndarray, everything: int, allowed: np.ndarray | None) -> np.ndarray | None:
-    """The allowed keys among ``subset`` (None: no restriction at all)."""
-    if len(subset) == everything:
-        return allowed
-    return subset if allowed is None else np.intersect1d(subset, allowed, assume_unique=True)
-
-
-def _text_query(query: Query, embedder, items: Collection, allowed: np.ndarray | None) -> pd.DataFrame:
-    """A text query: item texts in the joint space, images of items without text in the zero-shot
-    space (auto mode), merged on one scale; then combined with the keyword ranking (hybrid)."""
-    store, indexes, config = items.store, items.indexes, embedder.config
-    hybrid = query.hybrid != "off" and query.keyword_weight > 0 and len(items.keywords) > 0
-    depth = max(query.k, config.search.hybrid_depth) if hybrid else query.k
-    with_text = store.with_modality("text")
-    vector = _search(indexes["joint"], embedder.embed(texts=[query.text]), depth, _restrict(with_text, len(store), allowed), "text")
-    image_only = store.with_modality("image only") if query.auto else np.zeros(0, np.int64)
-    if len(image_only):
-        pictures = _search(indexes["clip_image"], embedder.embed(texts=[query.text], space="clip"), depth,
-                           _restrict(image_only, len(store), allowed), "image")
-        scale = zero_shot_scale(embedder, items) if len(vector.keys) and len(pictures.keys) else (1.0, 0.0)
-        vector = merge_spaces(vector, pictures, scale)
-    if not hybrid:
-        ranked = Hits(vector.keys[:query.k], vector.scores[:query.k], vector.matched[:query.k])
-        frame = store.results(ranked.keys, ranked.scores)
-        frame.insert(3, "matched", ranked.matched)
-        return frame
-    keys, scores = items.keywords.search(query.text, depth, allowed)
-    ranked, vector_scores, keyword_scores = fuse_rankings(vector, Hits(keys, scores), query.hybrid, query.keyword_weight,
-                                                          lambda found: items.keywords.having(identifiers(query.text), found),
-                                                          items.keywords.holds)
-    top = slice(0, query.k)
-    frame = store.results(ranked.keys[top], ranked.scores[top])
-    frame.insert(3, "matched", ranked.matched[top])
-    frame.insert(4, "vector_score", vector_scores[top])
-    frame.insert(5, "keyword_score", keyword_scores[top])
-    return frame
-
-
-def merge_spaces(text: Hits, image: Hits, scale: tuple[float, float]) -> Hits:
-    """One ranking of items matched by their text (joint space) and items matched by their image
-    (zero-shot space), on the joint space's scale: a zero-shot score s counts as a * s + b.
-
-    The one place where scores of the two spaces meet (``zero_shot_scale`` measures a and b).
-    """
-    a, b = scale
-    keys = np.concatenate([text.keys, image.keys])
-    scores = np.concatenate([text.scores, a * image.scores + b]).astype(np.float32)
-    matched = np.concatenate([text.matched, image.matched])
-    order = np.argsort(-scores, kind="stable")
-    return Hits(keys[order], scores[order], matched[order])
-
-
-def zero_shot_scale(embedder, items: Collection) -> tuple[float, float]:
-    """The affine map (a, b) that puts zero-shot text->image scores on the joint space's text->text scale.
-
-    Measured on the catalog's own items that have both an image and a text (up to 1,000, picked
-    by a hash of their id, so the same items give the same map however they were added): each
-    item's text is a query in both spaces, against the *other* items' texts (joint space, as a
-    text query is answered) and against their images (zero-shot space). The map makes the mean
-    and the standard deviation of the two score distributions equal (z-score matching): an image
-    that stands out from the others as much as a text does gets the same score. With fewer than
-    20 such items the zero-shot scores stay as they are, (1, 0). Cached until the items change.
-    """
-    key = (items.store.version, id(embedder.fusion))
-    return items.memo("zero_shot_scale", key, lambda: _measure_scale(embedder, items))
-
-
-def _measure_scale(embedder, items: Collection) -> tuple[float, float]:
-    store, indexes = items.store, items.indexes
-    both = np.intersect1d(store.with_modality("text"), store.with_modality("image"))
-    if len(both) < CALIBRATION_MIN:
-        return 1.0, 0.0
-    ids = store.table["id"].to_numpy()[store.rows_of(both)]
-    order = np.argsort([hashlib.sha256(str(i).encode()).hexdigest() for i in ids], kind="stable")
-    keys = np.sort(both[order[:CALIBRATION_SAMPLE]])
-    rows = store.rows_of(keys)
-    features = {name: value[rows] for name, value in store.features.items()}
-    items_joint = embedder.fuse(features)
-    features["image_mask"] = np.zeros_like(features["image_mask"])  # the texts alone, as text queries
-    joint = embedder.fuse(features) @ items_joint.T
-    zero_shot = indexes.vectors("clip_text", keys) @ indexes.vectors("clip_image", keys).T
-    others = ~np.eye(len(keys), dtype=bool)
-    j, z = joint[others], zero_shot[others]
-    a = float(j.std() / max(z.std(), 1e-6))
-    return a, float(j.mean() - a * z.mean())
-
-
-def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact=None, has_keywords=None
-                  ) -> tuple[Hits, np.ndarray, np.ndarray]:
-    """Combine the vector ranking with the keyword (BM25) ranking; returns the ranking and, per item,
-    its vector score and keyword score (NaN where that ranking did not reach it).
-
-    ``rrf``: (RRF_K + 1) * ((1 - w) / (RRF_K + vector rank) + w / (RRF_K + keyword rank)): 1 for an
-    item first in both, a ranking that misses an item adds nothing. ``weighted``: (1 - w) * vector
-    score + w * keyword score / best keyword score; an item the vector ranking did not reach counts
-    its lowest score. ``has_keywords(keys)``: which items have a keyword text at all; one that has
-    none (a photo without words) cannot be judged by keywords, so its vector part counts whole
-    (w = 0 for it) instead of losing to every item that shares a word with the query.
-    ``exact(keys)``: which items carry every model code of the query; they get 1 more.
-    """
-    keys = np.array(list(dict.fromkeys([*vector.keys.tolist(), *keyword.keys.tolist()])), np.int64)
-    v_at = {k: i for i, k in enumerate(vector.keys.tolist())}
-    k_at = {k: i for i, k in enumerate(keyword.keys.tolist())}
-    v_rank = np.array([v_at.get(k, -1) for k in keys.tolist()])
-    k_rank = np.array([k_at.get(k, -1) for k in keys.tolist()])
-    v_score = np.where(v_rank >= 0, vector.scores[np.maximum(v_rank, 0)] if len(vector.keys) else 0, np.nan).astype(np.float32)
-    k_score = np.where(k_rank >= 0, keyword.scores[np.maximum(k_rank, 0)] if len(keyword.keys) else 0, np.nan).astype(np.float32)
-    w = np.full(len(keys), weight) if has_keywords is None or not len(keys) else np.where(has_keywords(keys), weight, 0.0)
-    if method == "rrf":
-        fused = (RRF_K + 1) * (np.where(v_rank >= 0, (1 - w) / (RRF_K + 1 + v_rank), 0.0)
-                               + np.where(k_rank >= 0, w / (RRF_K + 1 + k_rank), 0.0))
-    else:
-        floor = float(vector.scores.min()) if len(vector.keys) else 0.0
-        best = float(keyword.scores.max()) if len(keyword.keys) else 1.0
-        fused = (1 - w) * np.where(v_rank >= 0, v_score, floor) + w * np.where(k_rank >= 0, k_score / max(best, 1e-12), 0.0)
-    if exact is not None and len(keys):
-        fused = fused + exact(keys)
-    matched = np.array([vector.matched[v] if v >= 0 else "text" for v in v_rank.tolist()], dtype=object)
-    order = np.argsort(-fused, kind="stable")  # ties keep the vector ranking's order
-    return Hits(keys[order], fused[order].astype(np.float32), matched[order]), v_score[order], k_score[order]
+def sort_results(frame: pd.DataFrame, column: str, descending: bool) -> pd.DataFrame:
+    """Results reordered by a catalog column (stable: equal values keep their relevance order; empty ones last)."""
+    if column not in frame.columns or column == "rank":
+        raise QueryError(f"sort_by: no column {column!r}; sortable columns: {[c for c in frame.columns if c != 'rank']}")
+    return frame.sort_values(column, ascending=not descending, kind="stable", na_position="last")

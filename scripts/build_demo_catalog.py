@@ -16,6 +16,15 @@ from pathlib import Path
 from multiretrieval.datasets import SWEETHOME3D_FURNITURE_DIR, SWEETHOME3D_LICENSES, read_sweethome3d_furniture
 
 
+def demo_price(df):
+    """A made-up price in euros, so the demo looks like a shop (sorting, price filters): it grows with
+    the piece's volume (litres ** 0.75) and ends in .99. It is NOT data from the package."""
+    import numpy as np
+
+    litres = (df["width_cm"] * df["depth_cm"] * df["height_cm"] / 1000).fillna(10)
+    return np.floor(19 + 1.2 * litres ** 0.75) + 0.99
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package_root", help="folder that dpkg -x unpacked sweethome3d-furniture into")
@@ -31,6 +40,7 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     df.insert(0, "id", range(1, len(df) + 1))
+    df["price"] = demo_price(df)
     df["image"] = "images/" + df["image"]
     df.to_csv(out / "catalog.csv", index=False)
 

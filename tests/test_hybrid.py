@@ -11,7 +11,7 @@ import pytest
 
 import multiretrieval as mr
 from multiretrieval.keywords import KeywordIndex, tokenize
-from multiretrieval.search import RRF_K, zero_shot_scale
+from multiretrieval.ranking import RRF_K, zero_shot_scale
 
 DEMO = "data/demo/catalog.csv"
 
@@ -172,7 +172,7 @@ def test_the_zero_shot_scale_does_not_depend_on_the_order_items_came_in(mixed):
 def test_an_item_without_words_is_judged_by_its_vector_rank_alone():
     """A photo with no text cannot match keywords: its vector rank counts whole, so it is not pushed
     below every item that shares a word with the query."""
-    from multiretrieval.search import Hits, fuse_rankings
+    from multiretrieval.ranking import Hits, fuse_rankings
 
     vector = Hits(np.array([1, 2, 3]), np.array([0.6, 0.5, 0.4], np.float32), np.array(["image", "text", "text"], dtype=object))
     keyword = Hits(np.array([2, 3]), np.array([3.0, 2.0], np.float32))

@@ -82,8 +82,11 @@ class TextEncoder:
             raise unavailable("text", name, "text_weights")
 
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         source = local or spec.hub_name
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar on every start says nothing to a user
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local is not None)
             model = AutoModel.from_pretrained(source, local_files_only=local is not None)
@@ -91,6 +94,9 @@ class TextEncoder:
             if local is not None:
                 raise ModelUnavailableError(f"text encoder {name!r}: cannot load model folder {local}: {exc}") from exc
             raise unavailable("text", name, "text_weights", exc) from exc
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         logger.info("loaded text encoder %s (%s, %d-d)", name, source, model.config.hidden_size)
         return cls(name, tokenizer, model, max_tokens, runtime)
 

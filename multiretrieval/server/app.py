@@ -13,24 +13,26 @@ import io
 import json
 import logging
 import secrets
+import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..catalog import is_url, load_image
 from ..errors import CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
+from ..search import MODES, check_where
 from .journal import write_durably
-from .schemas import (ADD_BODY, AddResponse, HealthResponse, ItemId, RemoveResponse, SearchResponse, UpsertResponse,
+from .schemas import (ADD_BODY, AddResponse, BatchResponse, HealthResponse, ItemId, RemoveResponse, SearchResponse, UpsertResponse,
                       responses, search_body, search_request_model)
 from .service import Service, refuse_skipped
 
@@ -41,7 +43,7 @@ THUMBNAIL_PX = 256
 
 def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20,
                allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None,
-               checkpoint_every: int = 1000) -> FastAPI:
+               checkpoint_every: int = 1000, image_urls: Literal["public", "any", "off"] = "public") -> FastAPI:
     """Build the app for a saved index folder.
 
     Args:
@@ -53,6 +55,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         allowed_origins: web origins (e.g. "https://shop.example") besides the app's own that
             may send POST/PUT/DELETE requests; other origins get 403 (cross-site request forgery).
         checkpoint_every: save the index folder (and empty the write log) after this many writes.
+        image_urls: which photo addresses (``image_url``) the service fetches: "public" (only
+            addresses that resolve to public IPs), "any", or "off".
     """
     import contextlib
 
@@ -64,6 +68,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     service = Service(index_dir, checkpoint_every)
     bounds = service.retriever.config.search
     request_model = search_request_model(bounds)
+    batch_model = create_model("BatchRequest", queries=(list[request_model], Field(
+        json_schema_extra={"maxItems": bounds.max_batch},
+        description=f"at most {bounds.max_batch} searches (search.max_batch); photos by image_url only")))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,6 +93,19 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/info")
+    def info() -> dict:
+        """What the page needs to know: the display settings, the facet columns, the columns and their types."""
+        retriever = service.retriever
+        items = retriever.items
+        display = retriever.config.display
+        return {"items": len(retriever), "modes": list(MODES),
+                "display": {"title": display.title, "price": display.price if display.price in items else None,
+                            "brand": display.brand if display.brand in items else None,
+                            "columns": [c for c in display.columns if c in items]},
+                "facets": retriever.facet_columns(),
+                "columns": {c: ("number" if items[c].dtype.kind in "iuf" else "text") for c in items.columns}}
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _mount_docs(app)
 
@@ -105,33 +125,67 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         200: (SearchResponse, "the results"),
         400: "malformed JSON or form; an empty query; a text that is not valid Unicode; a file that is not an image; "
              "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses",
-        403: "a cross-origin request", 413: f"{upload}; {pixels}", 415: "a body that is neither JSON nor a form",
+        403: "a cross-origin request", 404: "`like` names an item that is not in the index",
+        413: f"{upload}; {pixels}", 415: "a body that is neither JSON nor a form",
         422: f"a field over its bound (k over {bounds.max_k:,}, a text over {bounds.max_text_chars:,} characters or "
              f"{bounds.max_text_tokens:,} word pieces, a filter over {bounds.max_where_chars:,} characters), a filter still "
              f"running after {bounds.filter_timeout_s:g} s, an unknown mode, a mode that does not fit the inputs"}))
     async def search(request: Request) -> Response:
-        """Text queries as JSON; an image (field `image`) plus text, mode, k, where as multipart form.
-
-        Each result's thumbnail is at GET /items/{id}/image (the id URL-encoded) or GET /item/image?id=ID."""
+        """A search as JSON, or as multipart form with a photo (field `image`) and the same fields (`filters` and
+        `vector` as JSON text). Each result's thumbnail is at GET /items/{id}/image (the id URL-encoded)."""
         query, image = await _parse_search(request, request_model)
+        if image is None and query.image_url:
+            image = await run_in_threadpool(fetch_image_url, query.image_url, service.retriever.config, image_urls)
+        started = time.perf_counter()
         retriever = service.retriever
-        results = await run_in_threadpool(retriever.search, image=image, text=query.text, mode=query.mode, k=query.k,
-                                          where=query.where, hybrid=query.hybrid, keyword_weight=query.keyword_weight)
-        mode = query.mode if query.mode != "auto" else ("fused" if image and query.text else "image" if image else "text")
-        # Serialised once by pandas (NaN -> null), not converted to dicts and back.
-        body = f'{{"mode": {json.dumps(mode)}, "count": {len(results)}, "results": {results.to_json(orient="records")}}}'
-        return Response(body, media_type="application/json")
+        results = await run_in_threadpool(retriever.search, image=image, **_search_arguments(query))
+        facets = await run_in_threadpool(retriever.facets, None, query.where, query.filters) if query.facets else None
+        return _search_response(query, image, results, facets, started)
+
+    @app.post("/search/batch", response_model=None, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": batch_model.model_json_schema()}}}}, responses=responses({
+        200: (BatchResponse, "one answer per search, in order"), 403: "a cross-origin request",
+        404: "a `like` names an item that is not in the index", 413: upload,
+        422: f"more than {bounds.max_batch} searches, or a search over a bound (as for POST /search)"}))
+    async def search_batch(request: Request) -> Response:
+        """Several searches in one request; queries of one kind share an encoder pass. Photos by `image_url` only."""
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise _HTTPError(400, f"request body is not valid JSON: {exc}") from exc
+        batch = _validate(batch_model, body, strict=True)
+        retriever, started, specs = service.retriever, time.perf_counter(), []
+        for query in batch.queries:
+            image = await run_in_threadpool(fetch_image_url, query.image_url, retriever.config, image_urls) if query.image_url else None
+            specs.append({"image": image, **_search_arguments(query)})
+        frames = await run_in_threadpool(retriever.search_batch, specs)
+        answers = [_search_response(q, s["image"], f, None, started).body.decode() for q, s, f in zip(batch.queries, specs, frames)]
+        return Response('{"results": [' + ", ".join(answers) + "]}", media_type="application/json")
+
+    @app.get("/facets", response_model=None, responses=responses({
+        200: (dict[str, Any], "per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram}"),
+        400: "an unknown column; filters that are not a JSON object; a filter outside the grammar",
+        422: "a filter over its bounds"}))
+    def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
+               where: str | None = Query(None, description="a filter, as for POST /search"),
+               filters: str | None = Query(None, description="JSON: column -> values or {min, max}, as for POST /search")) -> dict:
+        """The filter columns' value counts or numeric ranges over the items matching `where` and `filters`,
+        each column counted without its own filter (so its other values can still be chosen)."""
+        if where is not None:
+            check_where(where, service.retriever.config)
+        names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+        return service.retriever.facets(names, where, _json_field("filters", filters))
 
     def item_row(item_id: str) -> dict:
         import pandas as pd
 
         return json.loads(pd.DataFrame([service.retriever.get(item_id)]).to_json(orient="records"))[0]  # NaN -> null
 
-    def item_thumbnail(item_id: str) -> Response:
+    def item_thumbnail(item_id: str, size: int = THUMBNAIL_PX) -> Response:
         source = service.retriever.image_source(item_id)
         if source is None:
             raise _HTTPError(404, f"item {item_id!r} has no image")
-        data = _thumbnail(source, 0.0 if is_url(source) else _mtime(source))  # an image URL is fetched here, not by the browser
+        data = _thumbnail(source, 0.0 if is_url(source) else _mtime(source), size)  # an image URL is fetched here
         return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
     async def write(record: dict, check=None) -> Any:
@@ -160,8 +214,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         return {"removed": removed, "items": len(service.retriever)}
 
     row_answers = responses({200: (dict[str, Any], "the item's catalog row"), 404: "unknown id"})
-    image_answers = responses({200: ("image/png", "a PNG thumbnail, at most 256 px"),
+    image_answers = responses({200: ("image/png", "a PNG of at most `size` pixels a side"), 422: "a size outside 32-1024",
                                400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image"})
+    size_query = Query(THUMBNAIL_PX, ge=32, le=1024, description="the photo's longest side in pixels")
     remove_answers = responses({200: (RemoveResponse, "removed"), **key, 404: "unknown id"})
     upsert_answers = responses({200: (UpsertResponse, "added or replaced"), **key, 400: bad_row, 413: f"{upload}; {pixels}",
                                 404: "an id with a line break, which no path carries: use PUT /item?id="})
@@ -172,9 +227,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         return item_row(id)
 
     @app.get("/item/image", response_class=Response, responses=image_answers)
-    def item_image_by_query(id: str) -> Response:  # noqa: A002
-        """An item's thumbnail (PNG, at most 256 px); the id as a query parameter."""
-        return item_thumbnail(id)
+    def item_image_by_query(id: str, size: int = size_query) -> Response:  # noqa: A002
+        """An item's photo as a PNG of at most `size` px (256 by default); the id as a query parameter."""
+        return item_thumbnail(id, size)
 
     @app.delete("/item", dependencies=[Depends(require_key)], response_model=None, responses=remove_answers)
     async def delete_item_by_query(id: str) -> dict:  # noqa: A002
@@ -187,14 +242,22 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         return await add_or_upsert(request, "upsert", id)
 
     @app.get("/items/{item_id:path}", response_model=None, responses=responses({
-        200: (dict[str, Any], "/items/ID: the item's catalog row; /items/ID/image: its PNG thumbnail (at most 256 px)"),
-        400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image"}))
-    def get_item(item_id: ItemId, request: Request) -> Any:
-        """``/items/ID``: an item's catalog row; ``/items/ID/image``: its thumbnail (PNG, at most 256 px).
-        The id URL-encoded (``lamps%2Fdesk.jpg``); unencoded slashes work too, except in an id that
-        itself ends in "/image": for such ids use ``/item?id=``."""
+        200: (dict[str, Any], "/items/ID: the item's catalog row (JSON; its product page when a browser asks for HTML); "
+                              "/items/ID/image: its photo as a PNG of at most `size` px"),
+        400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image",
+        422: "a size outside 32-1024"}))
+    def get_item(item_id: ItemId, request: Request, size: int = size_query) -> Any:
+        """``/items/ID``: an item's catalog row, or its product page for a browser; ``/items/ID/image``: its
+        photo as a PNG (at most `size` px). The id URL-encoded (``lamps%2Fdesk.jpg``); unencoded slashes work
+        too, except in an id that itself ends in "/image": for such ids use ``/item?id=``."""
         item_id, thumbnail = _item_path(request, item_id)
-        return item_thumbnail(item_id) if thumbnail else item_row(item_id)
+        if thumbnail:
+            return item_thumbnail(item_id, size)
+        row = item_row(item_id)  # 404 for an unknown id, whatever the format
+        vary = {"Vary": "Accept"}  # one address, two representations: caches must keep them apart
+        if "text/html" in request.headers.get("accept", ""):
+            return FileResponse(STATIC / "index.html", headers=vary)  # the page shows the product view for /items/ID
+        return JSONResponse(row, headers=vary)
 
     @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=ADD_BODY,
               response_model=None, responses=responses({
@@ -259,6 +322,60 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
     return metadata, path
 
 
+def _search_arguments(query: Any) -> dict[str, Any]:
+    """The Retriever.search arguments of a request (the photo aside)."""
+    options = {name: getattr(query, name) for name in ("offset", "min_score", "sort_by", "like", "vector", "filters",
+                                                        "hybrid", "keyword_weight")}
+    return {"text": query.text, "mode": query.mode, "k": query.k, "where": query.where,
+            **{name: value for name, value in options.items() if value not in (None, 0)}}
+
+
+def _search_response(query: Any, image, results, facets, started: float) -> Response:
+    from ..search import resolve_mode
+
+    mode = resolve_mode(image, query.text, query.mode, query.like, query.vector)
+    took = round((time.perf_counter() - started) * 1e3, 1)
+    # The rows serialised once by pandas (NaN -> null), not converted to dicts and back.
+    head = {"mode": mode, "count": len(results), "offset": query.offset, "has_more": bool(results.attrs.get("has_more")),
+            "took_ms": took, "facets": facets}
+    body = json.dumps(head, default=str)[:-1] + f', "results": {results.to_json(orient="records")}}}'
+    return Response(body, media_type="application/json")
+
+
+def _json_field(name: str, value: str | None) -> Any:
+    if value in (None, ""):
+        return None
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise _HTTPError(400, f"{name}: not valid JSON: {exc}") from exc
+
+
+def fetch_image_url(url: str, config, policy: str) -> bytes:
+    """A photo given by address. ``policy`` "public": only addresses that resolve to public IPs
+    (the service must not become a way into the network it sits in); "any"; "off": refused."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    from ..catalog import download
+
+    if policy == "off":
+        raise _HTTPError(400, "image_url is turned off on this server; upload the photo instead")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _HTTPError(400, f"image_url must be an http(s) address, got {url!r}")
+    if policy == "public":
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 80)}
+        except OSError as exc:
+            raise _HTTPError(400, f"image_url: cannot resolve {parts.hostname!r}: {exc}") from exc
+        if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
+            raise _HTTPError(400, f"image_url: {parts.hostname!r} is not a public address")
+    cat = config.catalog
+    return download(url, cat.max_image_bytes, cat.download_timeout_s)
+
+
 async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
@@ -270,6 +387,9 @@ async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, 
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await _form(request)
         fields = {k: v for k, v in form.items() if k != "image" and v != ""}
+        for name in ("filters", "vector"):  # structured fields travel as JSON text in a form
+            if isinstance(fields.get(name), str):
+                fields[name] = _json_field(name, fields[name])
         upload = form.get("image")
         image = await upload.read() if upload is not None and hasattr(upload, "read") else None
         return _validate(model, fields), (image or None)
@@ -292,9 +412,9 @@ def _validate(model: type[BaseModel], data: Any, strict: bool = False) -> Any:
 
 
 @lru_cache(maxsize=2048)
-def _thumbnail(source: str, mtime: float) -> bytes:  # mtime is part of the cache key
+def _thumbnail(source: str, mtime: float, size: int = THUMBNAIL_PX) -> bytes:  # mtime is part of the cache key
     image = load_image(source)
-    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    image.thumbnail((size, size))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -348,18 +468,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _mount_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs from the swagger-ui-bundle package: no CDN."""
-    try:
-        from swagger_ui_bundle import swagger_ui_path
-    except ImportError:  # the OpenAPI schema at /openapi.json still works
-        return
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    """Swagger UI 5 (it reads the OpenAPI 3.1 FastAPI writes) at /docs, from the fastapi-offline package: no CDN."""
+    import fastapi_offline
+
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="multiretrieval API",
-                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="multiretrieval API", swagger_favicon_url="data:,",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge fetched from swagger.io
 
 
 def _version() -> str:

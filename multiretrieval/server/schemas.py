@@ -41,6 +41,18 @@ def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
         hybrid=(Literal["rrf", "weighted", "off"] | None, Field(None, description=(
             "text queries: how BM25 keywords and vectors combine: reciprocal-rank fusion (default), a weighted sum, or not"))),
         keyword_weight=(float | None, Field(None, ge=0, le=1, description="text queries: the keywords' share, 0 to 1 (default 0.5)")),
+        offset=(int, Field(0, ge=0, description=f"results to skip (paging); k + offset at most {bounds.max_k:,}")),
+        filters=(dict[str, list[str | float | bool] | dict[str, float | None]] | None, Field(
+            None, description="column -> values (any of them) or a range {min, max}; ANDed with `where` (no SQL needed)",
+            examples=[{"category": ["Kitchen"], "price": {"min": 10, "max": 500}}])),
+        sort_by=(str | None, Field(None, description=f"a column, 'price' or '-price' (descending): reorders the "
+                                                     f"{bounds.sort_candidates} most relevant items (search.sort_candidates)")),
+        min_score=(float | None, Field(None, description="leave out results scoring lower")),
+        like=(str | int | None, Field(None, description="an item id: items like it, from its stored vectors "
+                                                         "(with `text`: its photo plus these words)")),
+        vector=(list[float] | None, Field(None, description="a query vector in the joint space (as Retriever.encode gives)")),
+        image_url=(str | None, Field(None, description="a photo to fetch from a public http(s) address")),
+        facets=(bool, Field(False, description="also return the filter columns' counts over the items matching where + filters")),
     )
 
 
@@ -49,9 +61,18 @@ class ErrorResponse(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    mode: str = Field(description="the mode that ran (auto resolved)")
+    mode: str = Field(description="the mode that ran (auto resolved; 'vector' for a vector query)")
     count: int
-    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (fused: image_score, text_score)")
+    offset: int
+    has_more: bool = Field(description="another page follows")
+    took_ms: float
+    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (text queries: matched; "
+                                                      "hybrid: vector_score, keyword_score; fused: image_score, text_score)")
+    facets: dict[str, Any] | None = Field(None, description="when asked for: the filter columns' counts or ranges")
+
+
+class BatchResponse(BaseModel):
+    results: list[SearchResponse]
 
 
 class HealthResponse(BaseModel):
@@ -79,6 +100,8 @@ class RemoveResponse(BaseModel):
 def search_body(model: type[BaseModel]) -> dict:
     schema = model.model_json_schema()
     form = {name: {k: v for k, v in field.items() if k != "default"} for name, field in schema["properties"].items()}
+    for name in ("filters", "vector"):  # structured values travel as JSON text in a form
+        form[name] = {"type": "string", "description": f"JSON, as `{name}` in the JSON body"}
     for name in ("text", "where"):  # a form field is a string, never null
         form[name] = {"type": "string", **{k: v for k, v in form[name].items() if k in ("maxLength", "description", "examples")}}
     form["image"] = {"type": "string", "format": "binary", "description": "a photo (JPEG, PNG, WebP, ...)"}

@@ -1,13 +1,15 @@
-"""The search page in a real browser: headless Chromium from Debian, driven by Playwright.
+"""The shop's search page in a real browser: headless Chromium from Debian, driven by Playwright.
 
 Needs the Debian packages chromium and chromium-driver and `pip install playwright`
 (never `playwright install`). Skipped where Chromium is missing, except in CI.
+The page serves the demo catalog (configs/demo.yaml: category, price and size filters).
 Screenshots go to test-artifacts/.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -16,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "catalog.csv"
+ARTIFACTS = ROOT / "test-artifacts"
+DEMO = ROOT / "data" / "demo" / "catalog.csv"
+PAGE = 24  # results per page (app.js)
 
 if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
     pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
@@ -32,7 +36,7 @@ def server_url(tmp_path_factory):
     from multiretrieval.server import create_app
 
     index_dir = tmp_path_factory.mktemp("demo") / "index"
-    retriever = mr.Retriever()
+    retriever = mr.Retriever.from_config(ROOT / "configs" / "demo.yaml")
     retriever.index(mr.Catalog.from_csv(DEMO), show_progress=False)
     retriever.save(index_dir)
 
@@ -52,39 +56,68 @@ def server_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server_url):
+def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(server_url)
-        yield page
+        yield browser
         browser.close()
 
 
-def rendered_thumbnails(page) -> int:
-    return page.evaluate("[...document.querySelectorAll('#results img')].filter(i => i.complete && i.naturalWidth > 0).length")
+@pytest.fixture()
+def page(browser, server_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server_url)
+    page = context.new_page()
+    errors = []
+    page.expected_statuses = ()  # a test that provokes an error answer names its status here
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    yield page
+    context.close()
+    unexpected = [e for e in errors if not any(f"status of {s} " in e for s in page.expected_statuses)]
+    assert not unexpected, unexpected  # no script error and no failed request (image, script, fetch) on any page
 
 
-def wait_for_results(page, mode: str) -> None:
-    page.wait_for_function(f"document.getElementById('results').dataset.mode === '{mode}'", timeout=30_000)
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)",
-                           timeout=30_000)
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+
+
+def search(page, text: str) -> None:
+    page.goto("/")
+    page.fill("#query-text", text)
+    page.keyboard.press("Enter")
+    wait_for_results(page)
+
+
+def wait_for_results(page, at_least: int = 1) -> None:
+    page.wait_for_function(f"document.getElementById('results').children.length >= {at_least} "
+                           "&& !document.getElementById('status').textContent.startsWith('Searching')", timeout=30_000)
+    page.wait_for_function("[...document.querySelectorAll('#results img')]"  # lazy images below the fold load later
+                           ".every(i => i.complete || i.getBoundingClientRect().top > window.innerHeight)", timeout=30_000)
+
+
+def titles(page, where: str = "#results") -> list[str]:
+    return page.locator(f"{where} .title").all_inner_texts()
+
+
+def prices(page) -> list[float]:
+    return [float(p.replace(",", "")) for p in page.locator("#results .price").all_inner_texts()]
 
 
 def test_text_query_from_the_keyboard(page):
+    page.goto("/")
     page.focus("#query-text")
     page.keyboard.type("a washing machine")
     page.keyboard.press("Enter")
-    wait_for_results(page, "text")
-    titles = page.locator("#results .title").all_inner_texts()
-    assert len(titles) == 12 and titles[0] == "Washing machine"
-    assert rendered_thumbnails(page) == 12
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "browser-text-query.png"), full_page=True)
+    wait_for_results(page)
+    assert len(titles(page)) == PAGE and titles(page)[0] == "Washing machine"
+    assert page.evaluate("[...document.querySelectorAll('#results img')].filter(i => i.naturalWidth > 0).length") >= 12
+    assert "q=a+washing+machine" in page.url
+    shot(page, "text-query")
 
 
 def test_photo_plus_description(page, tmp_path):
@@ -96,23 +129,145 @@ def test_photo_plus_description(page, tmp_path):
     photo_path = tmp_path / "my-couch.png"
     photo_of(couch).save(photo_path)
 
+    page.goto("/")
     page.fill("#query-text", "bed")
-    page.set_input_files("#query-image", str(photo_path))
-    page.locator("#preview").wait_for(state="visible", timeout=10_000)  # the change handler runs after set_input_files returns
-    page.focus("#query-text")
-    page.keyboard.press("Enter")
-    wait_for_results(page, "fused")
-    titles = page.locator("#results .title").all_inner_texts()
-    assert sum("bed" in t.lower() for t in titles[:5]) >= 4  # "this, but a bed"
-    assert page.locator("#results .bars").count() == len(titles)  # photo/text contribution per result
-    assert rendered_thumbnails(page) == len(titles)
-    page.screenshot(path=str(ARTIFACTS / "browser-photo-plus-text.png"), full_page=True)
+    page.set_input_files("#query-image", str(photo_path))  # choosing a photo searches at once
+    page.wait_for_function("document.getElementById('results').dataset.mode === 'fused'", timeout=30_000)
+    wait_for_results(page)
+    assert page.locator("#preview").is_visible() and page.inner_text("#photo-name") == "my-couch.png"
+    assert sum("bed" in t.lower() for t in titles(page)[:5]) >= 4  # "this, but a bed"
+    assert page.locator("#results .contrib").count() == len(titles(page))  # photo/words share per result
+    assert "photo=1" in page.url
+    page.reload()  # the photo is kept for the session: the same fused search comes back
+    page.wait_for_function("document.getElementById('results').dataset.mode === 'fused'", timeout=30_000)
+    assert page.locator("#preview").is_visible()
+    shot(page, "photo-plus-text")
 
 
-def test_errors_are_shown(page):
-    page.fill("#query-text", "sofa")
-    page.fill("#where", "colour = 'red'")
+def test_facets_narrow_the_results_and_the_url_follows_back_restores(page):
+    search(page, "a chair")
+    before = titles(page)
+    kitchen = page.locator(".facet[data-column=category] label.option", has_text="Kitchen")
+    kitchen.locator("input").check()
+    page.wait_for_url(re.compile(r"f=.*Kitchen"), timeout=10_000)
+    wait_for_results(page)
+    cards = page.locator("#results .card").all_inner_texts()
+    assert cards and all("Kitchen" in c for c in cards)
+    assert titles(page) != before
+    assert page.locator(".facet[data-column=category] label.option", has_text="Kitchen").locator("input").is_checked()
+    shot(page, "facet-kitchen")
+
+    page.go_back()
+    page.wait_for_url(re.compile(r"^(?!.*f=)"), timeout=10_000)
+    wait_for_results(page)
+    assert titles(page) == before
+    assert not page.locator(".facet[data-column=category] input:checked").count()
+
+
+def test_a_price_range_filters(page):
+    page.goto("/?q=a+table&f=" + '{"price":{"max":100}}'.replace('"', "%22"))
+    wait_for_results(page)
+    assert prices(page) and max(prices(page)) <= 100
+
+
+def test_show_more_and_reload_keep_the_pages(page):
+    search(page, "a lamp")
+    first = titles(page)
+    assert len(first) == PAGE
+    page.click("#more")
+    wait_for_results(page, 2 * PAGE)
+    assert titles(page)[:PAGE] == first and len(titles(page)) == 2 * PAGE
+    assert "pages=2" in page.url
+    page.reload()
+    wait_for_results(page, 2 * PAGE)
+    assert titles(page)[:PAGE] == first
+
+
+def test_sort_by_price(page):
+    search(page, "a sofa")
+    page.select_option("#sort", "price")
+    page.wait_for_url(re.compile("sort=price"), timeout=10_000)
+    wait_for_results(page)
+    low_high = prices(page)
+    assert low_high == sorted(low_high) and len(low_high) == PAGE
+    page.select_option("#sort", "-price")
+    page.wait_for_url(re.compile("sort=-price"), timeout=10_000)
+    wait_for_results(page)
+    assert prices(page) == sorted(prices(page), reverse=True)
+    shot(page, "sorted-by-price")
+
+
+def test_product_view_with_more_like_this_and_this_but(page):
+    search(page, "a sofa")
+    first = titles(page)[0]
+    page.locator("#results .card a").first.click()
+    page.wait_for_url(re.compile(r"/items/\d+$"), timeout=10_000)
+    page.wait_for_function("document.getElementById('product-title').textContent.length > 0", timeout=30_000)
+    assert page.inner_text("#product-title") == first
+    page.wait_for_function("document.querySelectorAll('#looks-row .card').length >= 4 && "
+                           "document.querySelectorAll('#described-row .card').length >= 4", timeout=30_000)
+    assert page.locator("#product-details").inner_text().count("\n") >= 5  # every public column
+    page.fill("#but-text", "a bed")
     page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelectorAll('#but-row .card').length >= 4", timeout=30_000)
+    assert sum("bed" in t.lower() for t in titles(page, "#but-row")[:4]) >= 3  # this sofa, but a bed
+    shot(page, "product-view")
+
+    page.reload()  # the product page is a real address
+    page.wait_for_function("document.getElementById('product-title').textContent.length > 0", timeout=30_000)
+    assert page.inner_text("#product-title") == first
+    page.click("#back")
+    wait_for_results(page)
+    assert titles(page)[0] == first
+
+
+@pytest.mark.parametrize("width", [390, 360])
+def test_narrow_screens_do_not_scroll_sideways(browser, server_url, width):
+    context = browser.new_context(viewport={"width": width, "height": 844}, base_url=server_url)
+    page = context.new_page()
+    try:
+        page.goto("/?q=a+lamp")
+        wait_for_results(page)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        assert page.locator("#results .card").nth(1).bounding_box()["y"] < 844  # more than one result above the fold
+        shot(page, f"mobile-{width}")
+        page.locator("#results .card a").first.click()
+        page.wait_for_function("document.querySelectorAll('#looks-row .card').length > 0", timeout=30_000)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        shot(page, f"mobile-{width}-product")
+    finally:
+        context.close()
+
+
+def test_a_file_that_is_not_a_picture_gets_a_human_message(page, tmp_path):
+    page.expected_statuses = (400,)
+    page.goto("/")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    page.set_input_files("#query-image", str(notes))
     page.wait_for_function("document.getElementById('status').classList.contains('error')", timeout=10_000)
-    assert "colour" in page.inner_text("#status")
-    page.fill("#where", "")
+    assert "not a picture we can read" in page.inner_text("#status")
+    assert page.locator("#photo-chip").is_hidden()
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"\x89PNG but not really")
+    page.set_input_files("#query-image", str(fake))  # looks like a PNG to the browser; the server refuses it
+    page.wait_for_function("document.getElementById('status').textContent.includes('not a picture')", timeout=30_000)
+
+
+def test_a_bad_filter_names_the_columns(page):
+    page.expected_statuses = (400,)
+    page.goto("/?q=sofa&where=colour+%3D+%27red%27")
+    page.wait_for_function("document.getElementById('status').classList.contains('error')", timeout=30_000)
+    message = page.inner_text("#status")
+    assert "filter could not be used" in message and "colour" in message
+    assert page.locator("#advanced").get_attribute("open") is not None  # the developer's box is shown with the filter
+
+
+def test_api_docs_list_the_operations(page):
+    page.goto("/docs")
+    page.wait_for_selector(".opblock", timeout=30_000)
+    listed = " ".join(page.locator(".opblock-summary-path").all_inner_texts())
+    for path in ("/search", "/search/batch", "/facets", "/items/{item_id}", "/item/image", "/info"):
+        assert path in listed.split() or path in listed
+    assert "Unable to render" not in page.content()
+    shot(page, "api-docs")

@@ -113,7 +113,7 @@ def test_the_openapi_schema_documents_each_bound_and_status(client):
     fields = search_op["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert fields["k"]["maximum"] == 1000 and fields["text"]["maxLength"] == 1000 and fields["where"]["maxLength"] == 2000
     assert "256 word pieces" in fields["text"]["description"] and "after 1 s" in fields["where"]["description"]
-    assert set(search_op["responses"]) == {"200", "400", "403", "413", "415", "422"}
+    assert set(search_op["responses"]) == {"200", "400", "403", "404", "413", "415", "422"}  # 404: an unknown `like` item
     assert "1,048,576 bytes" in search_op["responses"]["413"]["description"]
     assert "40,000,000 pixels" in search_op["responses"]["413"]["description"]
     assert set(spec["paths"]["/items"]["post"]["responses"]) == {"201", "400", "401", "403", "413"}

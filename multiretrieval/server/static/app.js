@@ -1,114 +1,448 @@
-// The search page: sends the form to POST /search (multipart) and draws the results grid.
+// The shop's search page: a search bar (words, a photo, or both), filters, sorting, "show more",
+// and a product view at /items/ID. The whole search lives in the URL, so reload, Back and
+// shared links work; an uploaded photo is kept in sessionStorage for the browser session.
 "use strict";
-const form = document.getElementById("search-form");
-const fileInput = document.getElementById("query-image");
-const dropZone = document.getElementById("drop-zone");
-const preview = document.getElementById("preview");
-const dropText = document.getElementById("drop-text");
-const clearButton = document.getElementById("clear-image");
-const statusLine = document.getElementById("status");
-const results = document.getElementById("results");
-let photo = null;
 
-function setPhoto(file) {
-  photo = file;
-  if (file) {
-    preview.src = URL.createObjectURL(file);
-    preview.hidden = false;
-    preview.alt = "query photo: " + file.name;
-    dropText.textContent = file.name;
-  } else {
-    preview.hidden = true;
-    preview.removeAttribute("src");
-    dropText.textContent = "Drop a photo here, or choose one";
-    fileInput.value = "";
-  }
-  clearButton.hidden = !file;
+const PAGE = 24;
+const $ = (id) => document.getElementById(id);
+let info = { display: { title: "title" }, facets: [], columns: {} };
+let photo = null; // { blob, name, url } of the query photo
+let state = emptyState();
+let lastFacets = null;
+let searchSeq = 0; // answers to superseded searches are dropped
+let lastSearch = null; // the results page a product view goes back to
+
+function emptyState() {
+  return { q: "", mode: "auto", sort: "", filters: {}, where: "", min: "", img: "", pages: 1, photo: false };
 }
 
-fileInput.addEventListener("change", () => setPhoto(fileInput.files[0] || null));
-clearButton.addEventListener("click", () => setPhoto(null));
+// ---------------------------------------------------------------- the URL holds the state
+
+function stateFromUrl() {
+  const p = new URLSearchParams(location.search);
+  const s = emptyState();
+  s.q = p.get("q") || "";
+  s.mode = p.get("mode") || "auto";
+  s.sort = p.get("sort") || "";
+  try { s.filters = JSON.parse(p.get("f") || "{}") || {}; } catch { s.filters = {}; }
+  s.where = p.get("where") || "";
+  s.min = p.get("min") || "";
+  s.img = p.get("img") || "";
+  s.pages = Math.max(1, Math.min(20, parseInt(p.get("pages") || "1", 10) || 1));
+  s.photo = p.get("photo") === "1";
+  return s;
+}
+
+function searchUrl(s) {
+  const p = new URLSearchParams();
+  if (s.q) p.set("q", s.q);
+  if (s.mode !== "auto") p.set("mode", s.mode);
+  if (s.sort) p.set("sort", s.sort);
+  if (Object.keys(s.filters).length) p.set("f", JSON.stringify(s.filters));
+  if (s.where) p.set("where", s.where);
+  if (s.min) p.set("min", s.min);
+  if (s.img) p.set("img", s.img);
+  if (s.pages > 1) p.set("pages", String(s.pages));
+  if (s.photo) p.set("photo", "1");
+  const query = p.toString();
+  return "/" + (query ? "?" + query : "");
+}
+
+function go(url, replace = false) {
+  const entry = { back: lastSearch }; // kept by the browser across reloads: a product page knows its results
+  if (replace) history.replaceState(entry, "", url);
+  else history.pushState(entry, "", url);
+  route();
+}
+
+window.addEventListener("popstate", route);
+
+async function route() {
+  const match = location.pathname.match(/^\/items\/(.+)$/);
+  $("search-view").hidden = !!match;
+  $("product-view").hidden = !match;
+  if (match) return showProduct(decodeURIComponent(match[1]));
+  lastSearch = location.pathname + location.search;
+  document.title = "Product search";
+  state = stateFromUrl();
+  await restorePhoto();
+  fillForm();
+  return runSearch();
+}
+
+// ---------------------------------------------------------------- the photo
+
+function setPhoto(blob, name) {
+  if (photo) URL.revokeObjectURL(photo.url);
+  photo = blob ? { blob, name: name || "photo", url: URL.createObjectURL(blob) } : null;
+  $("photo-chip").hidden = !photo;
+  if (photo) {
+    $("preview").src = photo.url;
+    $("preview").alt = "your photo: " + photo.name;
+    $("photo-name").textContent = photo.name;
+  }
+}
+
+function acceptFile(file) {
+  if (!file) return;
+  if (!file.type.startsWith("image/")) {
+    showError("That file is not a picture we can read (PNG, JPEG, WebP, GIF…).");
+    return;
+  }
+  setPhoto(file, file.name);
+  const reader = new FileReader(); // kept for this browser session: reload and Back keep the photo
+  reader.onload = () => {
+    try { sessionStorage.setItem("photo", JSON.stringify({ name: file.name, data: reader.result })); } catch { /* too large to keep */ }
+  };
+  reader.readAsDataURL(file);
+  submitSearch();
+}
+
+async function restorePhoto() {
+  if (!state.photo) { setPhoto(null); return; }
+  if (photo) return;
+  const kept = JSON.parse(sessionStorage.getItem("photo") || "null");
+  if (!kept) { state.photo = false; return; }
+  setPhoto(await (await fetch(kept.data)).blob(), kept.name);
+}
+
+$("query-image").addEventListener("change", (e) => acceptFile(e.target.files[0]));
+$("clear-image").addEventListener("click", () => { setPhoto(null); sessionStorage.removeItem("photo"); $("query-image").value = ""; submitSearch(); });
+const dropZone = $("drop-zone");
 ["dragenter", "dragover"].forEach((t) => dropZone.addEventListener(t, (e) => { e.preventDefault(); dropZone.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => dropZone.addEventListener(t, () => dropZone.classList.remove("over")));
-dropZone.addEventListener("drop", (e) => {
-  e.preventDefault();
-  const file = e.dataTransfer.files[0];
-  if (file) setPhoto(file);
+dropZone.addEventListener("drop", (e) => { e.preventDefault(); acceptFile(e.dataTransfer.files[0]); });
+document.addEventListener("paste", (e) => {
+  const file = [...(e.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
+  if (file) { e.preventDefault(); acceptFile(file); }
 });
 
-function text(tag, className, content) {
-  const el = document.createElement(tag);
-  if (className) el.className = className;
-  el.textContent = content;
-  return el;
+// ---------------------------------------------------------------- the search
+
+function fillForm() {
+  $("query-text").value = state.q;
+  $("mode").value = state.mode;
+  $("sort").value = state.sort;
+  $("where").value = state.where;
+  $("min-score").value = state.min;
+  $("image-url").value = state.img;
+  if (state.where || state.min || state.img || state.mode !== "auto") $("advanced").open = true;
 }
 
-const HIDDEN = new Set(["rank", "id", "score", "image_score", "text_score", "title", "image", "source_id",
-  "matched", "vector_score", "keyword_score"]);
+function submitSearch() {
+  state.q = $("query-text").value.trim();
+  state.mode = $("mode").value;
+  state.where = $("where").value.trim();
+  state.min = $("min-score").value.trim();
+  state.img = $("image-url").value.trim();
+  state.photo = !!photo;
+  state.pages = 1;
+  go(searchUrl(state));
+}
+
+$("search-form").addEventListener("submit", (e) => { e.preventDefault(); submitSearch(); });
+$("sort").addEventListener("change", () => { state.sort = $("sort").value; state.pages = 1; go(searchUrl(state)); });
+$("more").addEventListener("click", () => { state.pages += 1; history.replaceState(null, "", searchUrl(state)); runSearch(true); });
+
+function hasQuery() {
+  return !!(state.q || photo || state.img);
+}
+
+function requestBody(fields) {
+  if (!photo || fields.like !== undefined) {
+    return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(fields) };
+  }
+  const form = new FormData();
+  for (const [key, value] of Object.entries(fields)) {
+    if (value !== undefined && value !== null && value !== "") form.append(key, typeof value === "object" ? JSON.stringify(value) : value);
+  }
+  form.append("image", photo.blob, photo.name);
+  return { method: "POST", body: form };
+}
+
+async function runSearch(append = false) {
+  const seq = ++searchSeq;
+  clearError();
+  if (!hasQuery()) {
+    $("results").replaceChildren();
+    $("more").hidden = true;
+    $("status").textContent = "Type what you are looking for, or drop a photo in the search bar.";
+    const facets = await fetchJson("/facets?" + new URLSearchParams({ filters: JSON.stringify(state.filters) })).catch(() => null);
+    if (seq === searchSeq && facets) renderFacets(facets);
+    return;
+  }
+  const offset = append ? (state.pages - 1) * PAGE : 0;
+  const fields = {
+    text: state.q || undefined, mode: state.mode, k: append ? PAGE : state.pages * PAGE, offset,
+    where: state.where || undefined, filters: Object.keys(state.filters).length ? state.filters : undefined,
+    sort_by: state.sort || undefined, min_score: state.min === "" ? undefined : Number(state.min),
+    image_url: !photo && state.img ? state.img : undefined, facets: !append,
+  };
+  $("status").textContent = "Searching…";
+  try {
+    const data = await fetchJson("/search", requestBody(fields));
+    if (seq !== searchSeq) return;
+    const cards = data.results.map((item) => card(item, data.mode));
+    if (append) $("results").append(...cards); else $("results").replaceChildren(...cards);
+    $("results").dataset.mode = data.mode;
+    $("more").hidden = !data.has_more;
+    const shown = $("results").children.length;
+    $("status").replaceChildren(`${shown}${data.has_more ? "+" : ""} products`, muted(` · ${Math.round(data.took_ms)} ms`));
+    if (data.facets) renderFacets(data.facets);
+  } catch (err) {
+    if (seq !== searchSeq) return;
+    $("results").replaceChildren();
+    $("more").hidden = true;
+    $("status").textContent = "";
+    showError(err.message);
+  }
+}
+
+async function fetchJson(url, options = {}) {
+  let response;
+  try {
+    response = await fetch(url, { ...options, headers: { Accept: "application/json", ...(options.headers || {}) } });
+  } catch {
+    throw new Error("The search service is not answering. Try again in a moment.");
+  }
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(humanError(response.status, data.detail));
+  return data;
+}
+
+function humanError(status, detail) {
+  const text = Array.isArray(detail) ? detail.map((d) => `${d.loc.slice(-1)[0]}: ${d.msg}`).join("; ") : String(detail || "");
+  if (status === 413) return "That photo is too large. Try a smaller picture.";
+  if (/not an image|cannot identify|corrupt|truncated|empty file|decompression|pixels/i.test(text)) {
+    return "That file is not a picture we can read (PNG, JPEG, WebP, GIF…).";
+  }
+  if (/^where|filter/i.test(text)) return "The filter could not be used. " + text.replace(/^where: /, "");
+  if (/image_url|download/i.test(text)) return "We could not fetch a photo from that address. " + text;
+  if (status === 404) return "That product is no longer in the catalog.";
+  return text || `Something went wrong (error ${status}).`;
+}
+
+function showError(message) {
+  $("status").className = "error";
+  $("status").textContent = message;
+}
+
+function clearError() {
+  $("status").className = "";
+}
+
+// ---------------------------------------------------------------- results
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = text;
+  return node;
+}
+
+function muted(text) {
+  return el("span", "muted", text);
+}
+
+function price(item) {
+  const column = info.display.price;
+  const value = column ? item[column] : null;
+  return typeof value === "number" ? value.toLocaleString(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 }) : "";
+}
+
+function titleOf(item) {
+  return String(item[info.display.title] ?? `Item ${item.id}`);
+}
+
+function productLink(id) {
+  return "/items/" + encodeURIComponent(id);
+}
 
 function card(item, mode) {
-  const li = document.createElement("li");
-  li.className = "card";
-  const link = document.createElement("a");
-  link.href = "/item?id=" + encodeURIComponent(item.id);  // ids may hold slashes: a query parameter takes any
-  const img = document.createElement("img");
-  img.src = "/item/image?id=" + encodeURIComponent(item.id);
-  img.alt = item.title || "item " + item.id;
+  const li = el("li", "card");
+  const link = el("a");
+  link.href = productLink(item.id);
+  link.addEventListener("click", (e) => {
+    if (e.ctrlKey || e.metaKey || e.shiftKey) return; // a new tab gets the product page from the server
+    e.preventDefault();
+    go(link.href);
+  });
+  const img = el("img");
+  img.src = productLink(item.id) + "/image";
+  img.alt = titleOf(item);
   img.loading = "lazy";
-  link.append(img, text("div", "title", item.title || "(untitled) #" + item.id));
-  const by = item.matched ? " · by its " + item.matched : "";
-  link.append(text("div", "score", "#" + item.rank + " · score " + item.score.toFixed(3) + by));
+  link.append(img, el("span", "title", titleOf(item)));
+  if (info.display.brand && item[info.display.brand]) link.append(el("span", "muted small", item[info.display.brand]));
+  const extra = (info.display.columns || []).map((c) => item[c]).filter((v) => v !== null && v !== undefined && v !== "");
+  if (extra.length) link.append(el("span", "muted small", extra.join(" · ")));
+  const line = el("span", "line");
+  line.append(el("span", "price", price(item)), el("span", "score", item.score.toFixed(2)));
+  line.lastChild.title = "how well it matches (1 = the same product)";
+  link.append(line);
   li.append(link);
-  if (mode === "fused" && item.image_score !== undefined) {
-    const total = Math.max(item.image_score, 0) + Math.max(item.text_score, 0) || 1;
-    const bars = document.createElement("div");
-    bars.className = "bars";
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    bar.setAttribute("role", "img");
-    bar.setAttribute("aria-label", `photo ${item.image_score.toFixed(2)}, text ${item.text_score.toFixed(2)}`);
-    const a = text("span", "img", ""); a.style.width = (100 * Math.max(item.image_score, 0) / total) + "%";
-    const b = text("span", "txt", ""); b.style.width = (100 * Math.max(item.text_score, 0) / total) + "%";
-    bar.append(a, b);
-    bars.append(text("div", "", `photo ${item.image_score.toFixed(2)} · text ${item.text_score.toFixed(2)}`), bar);
-    li.append(bars);
-  }
-  const meta = Object.entries(item).filter(([k, v]) => !HIDDEN.has(k) && v !== null && v !== "").slice(0, 4);
-  li.append(text("div", "meta", meta.map(([k, v]) => k + ": " + v).join(" · ")));
+  if (mode === "fused" && item.image_score !== undefined) li.append(contributionBar(item));
   return li;
 }
 
-form.addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const body = new FormData();
-  const query = document.getElementById("query-text").value.trim();
-  if (query) body.append("text", query);
-  if (photo) body.append("image", photo);
-  body.append("mode", document.getElementById("mode").value);
-  body.append("k", document.getElementById("k").value || "12");
-  const where = document.getElementById("where").value.trim();
-  if (where) body.append("where", where);
-  if (!query && !photo) {
-    statusLine.className = "error";
-    statusLine.textContent = "Type a description or choose a photo.";
+function contributionBar(item) {
+  const photoPart = Math.max(item.image_score, 0), wordsPart = Math.max(item.text_score, 0);
+  const total = photoPart + wordsPart || 1;
+  const bar = el("div", "contrib");
+  bar.setAttribute("role", "img");
+  bar.setAttribute("aria-label", `matched by the photo ${item.image_score.toFixed(2)}, by the words ${item.text_score.toFixed(2)}`);
+  bar.title = bar.getAttribute("aria-label");
+  const a = el("span", "by-photo"); a.style.width = (100 * photoPart / total) + "%";
+  const b = el("span", "by-words"); b.style.width = (100 * wordsPart / total) + "%";
+  bar.append(a, b);
+  return bar;
+}
+
+// ---------------------------------------------------------------- filters (facets)
+
+function label(column) {
+  const text = column.replace(/_cm$/, " (cm)").replace(/_/g, " ");
+  return text.charAt(0).toUpperCase() + text.slice(1);
+}
+
+let facetTimer = null;
+function filtersChanged() {
+  clearTimeout(facetTimer);
+  facetTimer = setTimeout(() => { state.pages = 1; go(searchUrl(state)); }, 250);
+}
+
+function renderFacets(facets) {
+  lastFacets = facets;
+  const box = $("facets");
+  box.replaceChildren();
+  for (const [column, facet] of Object.entries(facets)) {
+    const group = el("fieldset", "facet");
+    group.dataset.column = column;
+    group.append(el("legend", "", label(column)));
+    if (facet.kind === "values") valuesFacet(group, column, facet);
+    else if (facet.min !== null && facet.min < facet.max) rangeFacet(group, column, facet);
+    else continue;
+    box.append(group);
+  }
+  if (Object.keys(state.filters).length) {
+    const clear = el("button", "link", "Clear all filters");
+    clear.type = "button";
+    clear.addEventListener("click", () => { state.filters = {}; filtersChanged(); });
+    box.append(clear);
+  }
+}
+
+function valuesFacet(group, column, facet) {
+  const chosen = new Set((state.filters[column] || []).map(String));
+  const values = facet.values.slice();
+  for (const value of state.filters[column] || []) if (!values.some((v) => String(v.value) === String(value))) values.push({ value, count: 0 });
+  const byText = new Map(values.map((v) => [String(v.value), v.value]));
+  for (const { value, count } of values) {
+    const row = el("label", "option");
+    const box = el("input");
+    box.type = "checkbox";
+    box.checked = chosen.has(String(value));
+    box.addEventListener("change", () => {
+      const now = new Set((state.filters[column] || []).map(String));
+      if (box.checked) now.add(String(value)); else now.delete(String(value));
+      const kept = [...now].map((text) => byText.get(text));
+      if (kept.length) state.filters[column] = kept; else delete state.filters[column];
+      filtersChanged();
+    });
+    row.append(box, el("span", "", String(value)), muted(String(count)));
+    group.append(row);
+  }
+}
+
+function rangeFacet(group, column, facet) {
+  const chosen = state.filters[column] || {};
+  const step = facet.max - facet.min > 20 ? 1 : (facet.max - facet.min) / 100;
+  const inputs = {};
+  for (const end of ["min", "max"]) {
+    const row = el("label", "range");
+    const slider = el("input");
+    slider.type = "range";
+    slider.min = Math.floor(facet.min);
+    slider.max = Math.ceil(facet.max);
+    slider.step = step;
+    slider.value = chosen[end] ?? (end === "min" ? slider.min : slider.max);
+    slider.setAttribute("aria-label", `${label(column)}, ${end === "min" ? "from" : "up to"}`);
+    const shown = el("output", "", slider.value);
+    slider.addEventListener("input", () => { shown.textContent = slider.value; });
+    slider.addEventListener("change", () => {
+      const lo = Number(inputs.min.value), hi = Number(inputs.max.value);
+      const range = {};
+      if (lo > facet.min) range.min = Math.min(lo, hi);
+      if (hi < facet.max) range.max = Math.max(lo, hi);
+      if (Object.keys(range).length) state.filters[column] = range; else delete state.filters[column];
+      filtersChanged();
+    });
+    inputs[end] = slider;
+    row.append(el("span", "muted small", end === "min" ? "from" : "to"), slider, shown);
+    group.append(row);
+  }
+}
+
+// ---------------------------------------------------------------- the product view
+
+async function showProduct(id) {
+  window.scrollTo(0, 0);
+  $("but-section").hidden = true;
+  $("back").href = history.state?.back || lastSearch || "/";
+  let item;
+  try {
+    item = await fetchJson(productLink(id));
+  } catch (err) {
+    $("product-title").textContent = err.message;
     return;
   }
-  statusLine.className = "";
-  statusLine.textContent = "Searching…";
-  const started = performance.now();
+  document.title = titleOf(item);
+  $("product-image").src = productLink(id) + "/image?size=512";
+  $("product-image").alt = titleOf(item);
+  $("product-title").textContent = titleOf(item);
+  $("product-brand").textContent = info.display.brand ? (item[info.display.brand] || "") : "";
+  $("product-price").textContent = price(item);
+  const rows = Object.entries(item).filter(([k, v]) => v !== null && v !== "" && k !== "image" && k !== info.display.title)
+    .map(([k, v]) => { const tr = el("tr"); tr.append(el("th", "", label(k)), el("td", "", String(v))); return tr; });
+  $("product-details").replaceChildren(...rows);
+  $("but-form").dataset.id = id;
+  fillRow("looks-row", { like: id, mode: "image", k: 8 });
+  fillRow("described-row", { like: id, mode: "text", k: 8 });
+}
+
+async function fillRow(rowId, fields) {
+  const row = $(rowId);
+  row.replaceChildren(el("li", "muted", "…"));
   try {
-    const response = await fetch("/search", { method: "POST", body });
-    const data = await response.json();
-    if (!response.ok) {
-      const detail = Array.isArray(data.detail) ? data.detail.map((d) => d.loc.slice(-1) + ": " + d.msg).join("; ") : data.detail;
-      throw new Error(detail || response.statusText);
-    }
-    results.replaceChildren(...data.results.map((item) => card(item, data.mode)));
-    results.dataset.mode = data.mode;
-    statusLine.textContent = `${data.count} results (${data.mode}) in ${Math.round(performance.now() - started)} ms`;
+    const data = await fetchJson("/search", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(fields) });
+    row.replaceChildren(...data.results.map((item) => card(item, data.mode)));
+    if (!data.results.length) row.replaceChildren(el("li", "muted", "Nothing like it yet."));
   } catch (err) {
-    statusLine.className = "error";
-    statusLine.textContent = "Error: " + err.message;
-    results.replaceChildren();
+    row.replaceChildren(el("li", "muted", err.message));
   }
+}
+
+$("but-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const words = $("but-text").value.trim();
+  if (!words) return;
+  $("but-heading").textContent = `This, but ${words}`;
+  $("but-section").hidden = false;
+  fillRow("but-row", { like: $("but-form").dataset.id, text: words, k: 8 });
 });
+
+$("back").addEventListener("click", (e) => { e.preventDefault(); go($("back").getAttribute("href")); });
+
+// ---------------------------------------------------------------- start
+
+(async function start() {
+  try { info = await fetchJson("/info"); } catch { /* the page still searches with the defaults */ }
+  if (info.display.price) {
+    for (const [value, text] of [[info.display.price, "Price: low to high"], ["-" + info.display.price, "Price: high to low"]]) {
+      const option = el("option", "", text);
+      option.value = value;
+      $("sort").append(option);
+    }
+  }
+  if (window.matchMedia("(max-width: 700px)").matches) $("filters").open = false;
+  await route();
+})();

@@ -1,0 +1,169 @@
+"""How rankings meet: one index's top-k, a text query's ranking over texts and images, the zero-shot
+merge onto the joint space's scale, and the fusion of vector and keyword (BM25) rankings.
+
+Text queries in modes auto and text are hybrid by default: the vector ranking is combined
+with BM25 over the item texts (keywords.py) by reciprocal-rank fusion (``hybrid="rrf"``), or
+by a weighted sum of the vector score and the BM25 score scaled to the best one
+(``hybrid="weighted"``); ``keyword_weight`` is the keywords' share, ``hybrid="off"`` turns it off.
+Either way, items whose text carries every model code of the query (keywords.identifiers:
+"KX-2210", "500ml", 4+ digits) score 1 more, so they come first: rank fusion alone would let
+an item that is second in both rankings beat the one that carries the exact code.
+
+Where scores of different spaces meet, one function (``merge_spaces``) puts them on one scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .keywords import identifiers
+
+if TYPE_CHECKING:
+    from .collection import Collection
+
+RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009): a rank r counts 1 / (60 + r)
+CALIBRATION_SAMPLE = 1000  # items (with both an image and a text) the zero-shot scale is measured on
+CALIBRATION_MIN = 20  # fewer such items: zero-shot scores are taken as they are
+
+
+@dataclass
+class Hits:
+    """Ranked items: keys, scores (best first) and, per item, which part of it matched ("text" | "image")."""
+
+    keys: np.ndarray
+    scores: np.ndarray
+    matched: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls) -> Hits:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, object))
+
+
+def search_index(index, vector: np.ndarray, k: int, allowed: np.ndarray | None, matched: str | None = None) -> Hits:
+    """Top-k of one index, only ``allowed`` keys if given (None: all)."""
+    if len(index) == 0 or (allowed is not None and len(allowed) == 0):
+        return Hits.empty()
+    scores, keys = index.search(vector, int(min(k, len(index))), allowed)
+    found = keys[0] >= 0
+    return Hits(keys[0][found], scores[0][found], np.full(int(found.sum()), matched, dtype=object))
+
+
+def restrict(subset: np.ndarray, everything: int, allowed: np.ndarray | None) -> np.ndarray | None:
+    """The allowed keys among ``subset`` (None: no restriction at all)."""
+    if len(subset) == everything:
+        return allowed
+    return subset if allowed is None else np.intersect1d(subset, allowed, assume_unique=True)
+
+
+def rank_text(query, vector: np.ndarray, embedder, items: Collection, allowed: np.ndarray | None, depth: int
+              ) -> tuple[Hits, dict[str, np.ndarray]]:
+    """A text query's ranking (``vector``: its joint-space vector): item texts in the joint space, the
+    images of items without text in the zero-shot space (auto mode), merged on one scale, then
+    combined with the keyword ranking (hybrid). Returns the hits and, when hybrid, each hit's
+    ``vector_score`` and ``keyword_score`` columns."""
+    store, indexes, config = items.store, items.indexes, embedder.config
+    hybrid = query.hybrid != "off" and query.keyword_weight > 0 and len(items.keywords) > 0
+    depth = max(depth, config.search.hybrid_depth) if hybrid else depth
+    with_text = store.with_modality("text")
+    ranked = search_index(indexes["joint"], vector, depth, restrict(with_text, len(store), allowed), "text")
+    image_only = store.with_modality("image only") if query.auto else np.zeros(0, np.int64)
+    if len(image_only):
+        pictures = search_index(indexes["clip_image"], embedder.embed(texts=[query.text], space="clip"), depth,
+                                restrict(image_only, len(store), allowed), "image")
+        scale = zero_shot_scale(embedder, items) if len(ranked.keys) and len(pictures.keys) else (1.0, 0.0)
+        ranked = merge_spaces(ranked, pictures, scale)
+    if not hybrid:
+        return ranked, {}
+    keys, scores = items.keywords.search(query.text, depth, allowed)
+    ranked, vector_scores, keyword_scores = fuse_rankings(ranked, Hits(keys, scores), query.hybrid, query.keyword_weight,
+                                                          lambda found: items.keywords.having(identifiers(query.text), found),
+                                                          items.keywords.holds)
+    return ranked, {"vector_score": vector_scores, "keyword_score": keyword_scores}
+
+
+def merge_spaces(text: Hits, image: Hits, scale: tuple[float, float]) -> Hits:
+    """One ranking of items matched by their text (joint space) and items matched by their image
+    (zero-shot space), on the joint space's scale: a zero-shot score s counts as a * s + b.
+
+    The one place where scores of the two spaces meet (``zero_shot_scale`` measures a and b).
+    """
+    a, b = scale
+    keys = np.concatenate([text.keys, image.keys])
+    scores = np.concatenate([text.scores, a * image.scores + b]).astype(np.float32)
+    matched = np.concatenate([text.matched, image.matched])
+    order = np.argsort(-scores, kind="stable")
+    return Hits(keys[order], scores[order], matched[order])
+
+
+def zero_shot_scale(embedder, items: Collection) -> tuple[float, float]:
+    """The affine map (a, b) that puts zero-shot text->image scores on the joint space's text->text scale.
+
+    Measured on the catalog's own items that have both an image and a text (up to 1,000, picked
+    by a hash of their id, so the same items give the same map however they were added): each
+    item's text is a query in both spaces, against the *other* items' texts (joint space, as a
+    text query is answered) and against their images (zero-shot space). The map makes the mean
+    and the standard deviation of the two score distributions equal (z-score matching): an image
+    that stands out from the others as much as a text does gets the same score. With fewer than
+    20 such items the zero-shot scores stay as they are, (1, 0). Cached until the items change.
+    """
+    key = (items.store.version, id(embedder.fusion))
+    return items.memo("zero_shot_scale", key, lambda: _measure_scale(embedder, items))
+
+
+def _measure_scale(embedder, items: Collection) -> tuple[float, float]:
+    store, indexes = items.store, items.indexes
+    both = np.intersect1d(store.with_modality("text"), store.with_modality("image"))
+    if len(both) < CALIBRATION_MIN:
+        return 1.0, 0.0
+    ids = store.table["id"].to_numpy()[store.rows_of(both)]
+    order = np.argsort([hashlib.sha256(str(i).encode()).hexdigest() for i in ids], kind="stable")
+    keys = np.sort(both[order[:CALIBRATION_SAMPLE]])
+    rows = store.rows_of(keys)
+    features = {name: value[rows] for name, value in store.features.items()}
+    items_joint = embedder.fuse(features)
+    features["image_mask"] = np.zeros_like(features["image_mask"])  # the texts alone, as text queries
+    joint = embedder.fuse(features) @ items_joint.T
+    zero_shot = indexes.vectors("clip_text", keys) @ indexes.vectors("clip_image", keys).T
+    others = ~np.eye(len(keys), dtype=bool)
+    j, z = joint[others], zero_shot[others]
+    a = float(j.std() / max(z.std(), 1e-6))
+    return a, float(j.mean() - a * z.mean())
+
+
+def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact=None, has_keywords=None
+                  ) -> tuple[Hits, np.ndarray, np.ndarray]:
+    """Combine the vector ranking with the keyword (BM25) ranking; returns the ranking and, per item,
+    its vector score and keyword score (NaN where that ranking did not reach it).
+
+    ``rrf``: (RRF_K + 1) * ((1 - w) / (RRF_K + vector rank) + w / (RRF_K + keyword rank)): 1 for an
+    item first in both, a ranking that misses an item adds nothing. ``weighted``: (1 - w) * vector
+    score + w * keyword score / best keyword score; an item the vector ranking did not reach counts
+    its lowest score. ``has_keywords(keys)``: which items have a keyword text at all; one that has
+    none (a photo without words) cannot be judged by keywords, so its vector part counts whole
+    (w = 0 for it) instead of losing to every item that shares a word with the query.
+    ``exact(keys)``: which items carry every model code of the query; they get 1 more.
+    """
+    keys = np.array(list(dict.fromkeys([*vector.keys.tolist(), *keyword.keys.tolist()])), np.int64)
+    v_at = {k: i for i, k in enumerate(vector.keys.tolist())}
+    k_at = {k: i for i, k in enumerate(keyword.keys.tolist())}
+    v_rank = np.array([v_at.get(k, -1) for k in keys.tolist()])
+    k_rank = np.array([k_at.get(k, -1) for k in keys.tolist()])
+    v_score = np.where(v_rank >= 0, vector.scores[np.maximum(v_rank, 0)] if len(vector.keys) else 0, np.nan).astype(np.float32)
+    k_score = np.where(k_rank >= 0, keyword.scores[np.maximum(k_rank, 0)] if len(keyword.keys) else 0, np.nan).astype(np.float32)
+    w = np.full(len(keys), weight) if has_keywords is None or not len(keys) else np.where(has_keywords(keys), weight, 0.0)
+    if method == "rrf":
+        fused = (RRF_K + 1) * (np.where(v_rank >= 0, (1 - w) / (RRF_K + 1 + v_rank), 0.0)
+                               + np.where(k_rank >= 0, w / (RRF_K + 1 + k_rank), 0.0))
+    else:
+        floor = float(vector.scores.min()) if len(vector.keys) else 0.0
+        best = float(keyword.scores.max()) if len(keyword.keys) else 1.0
+        fused = (1 - w) * np.where(v_rank >= 0, v_score, floor) + w * np.where(k_rank >= 0, k_score / max(best, 1e-12), 0.0)
+    if exact is not None and len(keys):
+        fused = fused + exact(keys)
+    matched = np.array([vector.matched[v] if v >= 0 else "text" for v in v_rank.tolist()], dtype=object)
+    order = np.argsort(-fused, kind="stable")  # ties keep the vector ranking's order
+    return Hits(keys[order], fused[order].astype(np.float32), matched[order]), v_score[order], k_score[order]

@@ -1,0 +1,120 @@
+"""Search options beyond the basic query: paging, sorting, a score floor, structured filters,
+"more like this", a given vector, batches, and facets (issue 13)."""
+
+import numpy as np
+import pytest
+
+import multiretrieval as mr
+
+
+def ids(frame):
+    return frame["id"].tolist()
+
+
+def test_pages_continue_where_the_last_one_ended(indexed):
+    whole = indexed.search(text="a bed", k=8)
+    first, second = indexed.search(text="a bed", k=3), indexed.search(text="a bed", k=3, offset=3)
+    assert ids(first) + ids(second) == ids(whole)[:6]
+    assert second["rank"].tolist() == [4, 5, 6]
+    assert first.attrs["has_more"] and not indexed.search(text="a bed", k=3, offset=5).attrs["has_more"]
+
+
+@pytest.mark.parametrize("sort_by,descending", [("price", False), ("-price", True), ("price desc", True), ("price asc", False)])
+def test_sort_by_a_column(indexed, sort_by, descending):
+    res = indexed.search(text="furniture", k=8, sort_by=sort_by)
+    assert sorted(ids(res)) == sorted(ids(indexed.search(text="furniture", k=8)))  # the same items, reordered
+    assert res["price"].tolist() == sorted(res["price"], reverse=descending)
+    assert res["rank"].tolist() == list(range(1, 9))
+
+
+def test_min_score_drops_weak_results(indexed):
+    everything = indexed.search(text="a bed", k=8)
+    floor = float(everything["score"].iloc[2])
+    kept = indexed.search(text="a bed", k=8, min_score=floor)
+    assert ids(kept) == ids(everything)[:3] and (kept["score"] >= floor).all()
+
+
+def test_structured_filters(indexed):
+    res = indexed.search(text="a seat", k=8, filters={"category": ["Living room", "Bedroom"], "price": {"max": 700}})
+    assert set(res["category"]) <= {"Living room", "Bedroom"} and (res["price"] <= 700).all() and len(res) == 2
+    both = indexed.search(text="a seat", k=8, where="price > 200", filters={"category": ["Living room", "Bedroom"]})
+    assert set(ids(both)) == {56, 118}
+
+
+def test_more_like_an_item_leaves_the_item_out(indexed):
+    res = indexed.search(like=56, k=3)  # the sofa
+    assert 56 not in ids(res) and ids(res)[0] == 47  # the armchair
+    assert 56 not in ids(indexed.search(like="56", k=7, mode="image"))
+    by_text = indexed.search(like=575, k=1, mode="text")  # "Washing machine. front-loading, 7 kg" reads like the fridge
+    assert ids(by_text) == [773]
+
+
+def test_an_item_photo_plus_words_is_this_but(indexed):
+    res = indexed.search(like=56, text="a bed", k=2)  # the sofa's photo + "a bed"
+    assert ids(res)[0] == 118 and {"image_score", "text_score"} <= set(res.columns)
+
+
+def test_a_given_vector_is_searched_and_its_width_checked(indexed):
+    v = indexed.encode(texts=["a refrigerator"])[0]
+    assert ids(indexed.search(vector=v, k=1)) == ids(indexed.search(text="a refrigerator", k=1))
+    with pytest.raises(mr.QueryError, match="dimensions"):
+        indexed.search(vector=np.ones(7), k=1)
+
+
+def test_batches_answer_as_single_searches_do(indexed, catalog):
+    photo = catalog.image_sources()[2]
+    queries = [{"text": "a car", "k": 2}, {"text": "a lamp"}, {"image": photo, "k": 3}, {"like": 56, "k": 2},
+               {"image": photo, "text": "a sofa", "k": 2}, {"text": "a toilet", "mode": "zero-shot", "k": 1}]
+    answers = indexed.search_batch(queries)
+    for query, answer in zip(queries, answers):
+        single = indexed.search(**query)
+        assert ids(answer) == ids(single)
+        np.testing.assert_allclose(answer["score"], single["score"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"text": "x", "offset": -1}, "offset"), ({"text": "x", "sort_by": "colour"}, "sortable columns"),
+    ({"text": "x", "min_score": "high"}, "min_score"), ({"text": "x", "filters": {"price": "cheap"}}, "filters"),
+    ({"text": "x", "colour": "red"}, "unknown search option"), ({"like": 999}, "not in the index"),
+    ({"like": 56, "vector": [1.0]}, "give one of"), ({"vector": [1.0, 2.0], "mode": "text"}, "joint space"),
+])
+def test_bad_options_are_named(indexed, kwargs, message):
+    with pytest.raises((mr.QueryError, mr.ItemNotFoundError), match=message):
+        indexed.search(**kwargs)
+
+
+def test_a_batch_is_bounded(indexed):
+    with pytest.raises(mr.LimitError, match="max_batch"):
+        indexed.search_batch([{"text": "x"}] * (indexed.config.search.max_batch + 1))
+
+
+def test_facets_count_each_column_without_its_own_filter(indexed):
+    facets = indexed.facets(["category", "price"], filters={"category": ["Kitchen"], "price": {"min": 100}})
+    counts = {v["value"]: v["count"] for v in facets["category"]["values"]}
+    assert counts == {"Kitchen": 2, "Living room": 2, "Bathroom": 1, "Bedroom": 1, "Vehicles": 1}  # price >= 100 only
+    price = facets["price"]
+    assert (price["min"], price["max"]) == (39.0, 12000.0)  # the slider's scale: all items
+    assert sum(price["histogram"]["counts"]) == 2 and len(price["histogram"]["edges"]) == 11  # the two kitchen items
+    assert set(indexed.facets()) == set(indexed.facet_columns())
+
+
+def test_facets_refuse_unknown_columns(indexed):
+    with pytest.raises(mr.QueryError, match="no column"):
+        indexed.facets(["colour"])
+
+
+def test_facet_columns_come_from_the_config(catalog):
+    r = mr.Retriever(mr.RetrieverConfig().with_overrides({"display": {"facets": ["category", "price"]}}))
+    r.index(catalog, show_progress=False)
+    assert r.facet_columns() == ["category", "price"] and list(r.facets()) == ["category", "price"]
+
+
+def test_filters_where_quotes_values_and_names():
+    from multiretrieval.items import filters_where
+
+    where = filters_where({"the 'col'": ["it's", 3], "price": {"min": 1.5}}, "x > 0", leave_out="none")
+    assert where == """(x > 0) AND "the 'col'" IN ('it''s', 3) AND "price" >= 1.5"""
+    assert filters_where({"a": [1]}, leave_out="a") is None
+    with pytest.raises(mr.QueryError):
+        filters_where({"a": [object()]})
+    assert filters_where({"a": [np.int64(4)]}) == '"a" IN (4)'
