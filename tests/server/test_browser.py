@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from .browsing import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, served
+
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = ROOT / "test-artifacts"
 DEMO = ROOT / "data" / "demo" / "catalog.csv"
 PAGE = 24  # results per page (app.js)
 
@@ -30,29 +26,14 @@ if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    import uvicorn
-
     import multiretrieval as mr
-    from multiretrieval.server import create_app
 
     index_dir = tmp_path_factory.mktemp("demo") / "index"
     retriever = mr.Retriever.from_config(ROOT / "configs" / "demo.yaml")
     retriever.index(mr.Catalog.from_csv(DEMO), show_progress=False)
     retriever.save(index_dir)
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(index_dir), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if server.started:
-            break
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with served(index_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +41,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 

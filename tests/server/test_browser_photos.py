@@ -6,29 +6,21 @@ Headless Chromium from Debian, driven by Playwright; skipped where Chromium is m
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from ..photos import LAMPS, make_photo_folder
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+from .browsing import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, served
 
 if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
     pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
 
 
 def test_every_thumbnail_of_a_photo_folder_shows_in_the_page(tmp_path):
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     import multiretrieval as mr
-    from multiretrieval.server import create_app
 
     (tmp_path / "photos").mkdir()
     shown = make_photo_folder(tmp_path / "photos")
@@ -36,37 +28,23 @@ def test_every_thumbnail_of_a_photo_folder_shows_in_the_page(tmp_path):
     retriever.index(mr.Catalog.from_folder(tmp_path / "photos"), show_progress=False)
     retriever.save(tmp_path / "idx")
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(tmp_path / "idx"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if server.started:
-            break
-        time.sleep(0.1)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(f"http://127.0.0.1:{sock.getsockname()[1]}")
-            assert len(shown) <= 24  # one page of results holds them all
-            page.fill("#query-text", "a lamp")
-            page.focus("#query-text")
-            page.keyboard.press("Enter")
-            page.wait_for_function("document.getElementById('results').dataset.mode === 'text'", timeout=30_000)
-            page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # lazy images load once in view
-            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)", timeout=30_000)
-            drawn = page.evaluate("[...document.querySelectorAll('#results img')].filter(i => i.naturalWidth > 0).length")
-            scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
-            links = page.evaluate("[...document.querySelectorAll('#results .card a')]"
-                                  ".map(a => decodeURIComponent(new URL(a.href).pathname.slice('/items/'.length)))")
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "browser-photo-folder.png"), full_page=True)
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(tmp_path / "idx") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url)
+        assert len(shown) <= 24  # one page of results holds them all
+        page.fill("#query-text", "a lamp")
+        page.focus("#query-text")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.getElementById('results').dataset.mode === 'text'", timeout=30_000)
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # lazy images load once in view
+        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)", timeout=30_000)
+        drawn = page.evaluate("[...document.querySelectorAll('#results img')].filter(i => i.naturalWidth > 0).length")
+        scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
+        links = page.evaluate("[...document.querySelectorAll('#results .card a')]"
+                              ".map(a => decodeURIComponent(new URL(a.href).pathname.slice('/items/'.length)))")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-photo-folder.png"), full_page=True)
+        browser.close()
     assert drawn == len(shown) == len(links)  # every photo, ids with slashes and spaces included
     assert {shown[i] for i in links[:4]} == set(LAMPS) and all(s > 0 for s in scores[:4])  # the lamps first, above 0
