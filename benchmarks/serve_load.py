@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py --index indexes/demo --clients 8 32 64 --seconds 300        # the soak
     python benchmarks/serve_load.py --index indexes/demo --clients 1 8 --seconds 15 --kinds text image
+    python benchmarks/serve_load.py --index indexes/demo --clients 8 --seconds 60 --kinds text+facets   # as the shop page asks
 
 Starts `multiretrieval serve` on 127.0.0.1 (a free port) over the index, or uses --url (and --pid
 for its memory) for a server already running on this machine. Each client sends requests back to
@@ -95,6 +96,7 @@ def requests_for(kinds: list[str], photo: bytes, ids: list[str]) -> dict:
     """Endpoint name -> a function (client, i) -> awaitable response."""
     every = {
         "text": lambda http, i: http.post("/search", json={"text": TEXTS[i % len(TEXTS)], "k": 10}),
+        "text+facets": lambda http, i: http.post("/search", json={"text": TEXTS[i % len(TEXTS)], "k": 24, "facets": True}),
         "text+where": lambda http, i: http.post("/search", json={"text": TEXTS[i % len(TEXTS)], "k": 10,
                                                                  "where": FILTERS[i % len(FILTERS)]}),
         "image": lambda http, i: http.post("/search", files={"image": ("q.png", photo, "image/png")}, data={"k": "10"}),
@@ -164,7 +166,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--seconds", type=float, default=300, help="per level (default 300)")
     parser.add_argument("--warmup", type=float, default=10, help="seconds of load before the first memory reading")
-    parser.add_argument("--kinds", nargs="+", default=["mix"], help="mix (default), or some of: text text+where image item "
+    parser.add_argument("--kinds", nargs="+", default=["mix"], help="mix (default), or some of: text text+facets text+where image item "
                                                                       "thumbnail health (each run alone)")
     parser.add_argument("--photo", default="data/demo/images/KatorLegaz/futon-couch.png")
     args = parser.parse_args()

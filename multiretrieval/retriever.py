@@ -49,7 +49,7 @@ class Retriever:
         self._lock = ReadWriteLock()
 
     @classmethod
-    def from_config(cls, path: str | Path) -> Retriever:
+    def from_config(cls, path: str | Path) -> Retriever:  # a YAML config file
         return cls(RetrieverConfig.from_yaml(path))
 
     @property
@@ -81,8 +81,7 @@ class Retriever:
         return dict(self.store.features)
 
     def vectors(self, space: str = "joint", ids: list[Any] | None = None) -> np.ndarray:
-        """Stored vectors (n, d) of the items (all, in ``items`` order, or these ids) in a space:
-        "joint", "clip_image" or "clip_text"; zeros for an item without that modality."""
+        """Stored (n, d) vectors of all items (``items`` order) or these ids in "joint", "clip_image" or "clip_text" (0: none)."""
         return self._reading(self.collection.vectors, space, ids)
 
     def get(self, item_id: Any) -> dict[str, Any]:
@@ -105,9 +104,8 @@ class Retriever:
 
     def index(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
               cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
-        """Index a catalog (a Catalog, DataFrame, or path: CSV, parquet, JSON (Lines), folder of images) from
-        scratch, replacing what this retriever held once every row is encoded. ``cache``: a folder of encoded
-        shards, reused by later runs and resumed after a kill (default: temporary); ``engine``: "local" | "ray"."""
+        """Index a catalog (Catalog, DataFrame, or a CSV, parquet, JSON (Lines) file or image folder) from scratch, replacing
+        what was held once every row is encoded. ``cache``: shards kept for re-runs and resumes; ``engine``: "local" | "ray"."""
         return self._ingest(Catalog.of(catalog, self.config.catalog.text_columns), show_progress, cache, engine, replace=True)
 
     def add(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
@@ -134,18 +132,16 @@ class Retriever:
         return self._reported(report, len(encoded.rows), t0)
 
     def _reported(self, report: IndexReport, indexed: int, t0: float) -> IndexReport:
-        report.indexed = indexed
-        report.seconds["index"] = time.perf_counter() - t0
+        report.indexed, report.seconds["index"] = indexed, time.perf_counter() - t0
         self.last_report = report
         logger.info("%s", report)
         return report
 
     def upsert(self, catalog: Catalog | pd.DataFrame | str | Path, prune: bool = False, show_progress: bool | None = None,
                cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
-        """Bring the index in line with a catalog, changing only what changed: new ids added, ids whose content
-        (image bytes or URL, text) changed encoded again and replaced, metadata-only changes made in place,
-        unchanged ids untouched; with ``prune``, ids missing from the catalog removed. Indexes change in place
-        (rebuilt only when the automatic kind changes with the size). ``report.changes`` counts each kind."""
+        """Change only what changed: new ids added, changed content (image bytes or URL, text) encoded again, metadata
+        changed in place, the rest untouched; ``prune``: ids missing from the catalog removed. Indexes change in place
+        (rebuilt only when the automatic kind changes with the size); ``report.changes`` counts each kind."""
         catalog, t0 = Catalog.of(catalog, self.config.catalog.text_columns), time.perf_counter()
         hashes = hash_catalog(catalog, self.config)  # reads every image file: outside the lock
         with self._lock.reading():
@@ -167,9 +163,8 @@ class Retriever:
         return len(keys)
 
     def train(self, out: str | Path | None = None, show_progress: bool | None = None, resume: bool = True) -> dict[str, Any]:
-        """Fit the attention fusion on the indexed items' own image/text pairs, switch to it, re-embed. ``out``: a
-        folder for the module and its checkpoints (default: temporary; ``save`` keeps the module either way);
-        ``resume``: continue a run found there. Returns the training report (loss, validation recall per epoch)."""
+        """Fit the attention fusion on the indexed items' image/text pairs, switch to it, re-embed; the training report.
+        ``out``: a folder for the module and checkpoints (default: temporary); ``resume``: continue a run found there."""
         from .training import fit_on_catalog
 
         if not len(self):
@@ -228,8 +223,7 @@ class Retriever:
     # ---------------------------------------------------------------- files
 
     def save(self, folder: str | Path, note: dict[str, Any] | None = None) -> Path:
-        """Save to a folder, atomically: a crash leaves the previous save intact (see persistence.py).
-        ``note``: a small JSON record kept in the manifest (the service notes its write log's position)."""
+        """Save to a folder atomically (a crash leaves the previous save intact); ``note``: JSON kept in the manifest."""
         with self._lock.reading():
             if not self.indexes:
                 raise MultiretrievalError("nothing to save: index a catalog first")

@@ -1,4 +1,4 @@
-"""What the browser tests share: Debian's Chromium, and the app served on a free loopback port."""
+"""What the browser tests share: Debian's Chromium, the app served on a free loopback port, screenshots."""
 
 from __future__ import annotations
 
@@ -37,3 +37,10 @@ def served(index_dir: Path) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def shot(page, name: str) -> None:
+    """A full-page screenshot, test-artifacts/browser-NAME.png."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")  # else the sticky header is drawn where the page was scrolled to
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)

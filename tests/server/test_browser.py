@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .browsing import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, served
+from .browsing import CHROMIUM, CHROMIUM_ARGS, served, shot
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data" / "demo" / "catalog.csv"
@@ -58,11 +58,6 @@ def page(browser, server_url):
     context.close()
     unexpected = [e for e in errors if not any(f"status of {s} " in e for s in page.expected_statuses)]
     assert not unexpected, unexpected  # no script error and no failed request (image, script, fetch) on any page
-
-
-def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
 
 
 def search(page, text: str) -> None:

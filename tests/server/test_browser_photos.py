@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ..photos import LAMPS, make_photo_folder
-from .browsing import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, served
+from .browsing import CHROMIUM, CHROMIUM_ARGS, served, shot
 
 if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
     pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
@@ -43,8 +43,7 @@ def test_every_thumbnail_of_a_photo_folder_shows_in_the_page(tmp_path):
         scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
         links = page.evaluate("[...document.querySelectorAll('#results .card a')]"
                               ".map(a => decodeURIComponent(new URL(a.href).pathname.slice('/items/'.length)))")
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "browser-photo-folder.png"), full_page=True)
+        shot(page, "photo-folder")
         browser.close()
     assert drawn == len(shown) == len(links)  # every photo, ids with slashes and spaces included
     assert {shown[i] for i in links[:4]} == set(LAMPS) and all(s > 0 for s in scores[:4])  # the lamps first, above 0
