@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,8 +46,10 @@ def free_port() -> int:
 
 def start_server(index: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="serve-load-", suffix=".log", delete=False)  # a pipe nobody reads would fill
+    print(f"server log: {log.name}", file=sys.stderr)
     proc = subprocess.Popen([sys.executable, "-m", "multiretrieval.cli", "serve", index, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -56,7 +59,7 @@ def start_server(index: str) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.3)
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"server exited: {Path(log.name).read_text()[-2000:]}")
     proc.kill()
     raise SystemExit("server did not start within 180 s")
 

@@ -154,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
         print("note: requests must name this machine as localhost or 127.0.0.1 unless --allowed-host NAME "
               "(the name clients use, or '*') is given")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=args.keep_alive)
     return 0
 
 
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
                    help="save the index folder after this many writes (each write is in the write log before it is "
                         "answered; default 1000)")
+    p.add_argument("--keep-alive", type=float, default=30.0, metavar="S",
+                   help="seconds an idle connection stays open (default 30; uvicorn's 5 s closes connections that "
+                        "busy clients are about to reuse, and they see a dropped request)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cache", help="manage a folder of encoded shards")
