@@ -98,7 +98,7 @@ class Collection:
             if present.any():
                 self.indexes.fill(space, keys[present], vectors if present.all() else vectors[present])
             del vectors
-        self.indexes.fill_joint(keys, lambda r: embedder.fuse(arrays, r))
+        self.indexes.fill_joint(keys, lambda r: embedder.item_vectors(arrays, r))
         self.keywords.add(keys, keyword_texts(rows, self.keywords.columns))
         return keys
 
@@ -112,7 +112,7 @@ class Collection:
     def refit_joint(self, embedder: Embedder) -> None:
         """The joint index made again from the stored features (the embedder's fusion changed)."""
         self.indexes.renew("joint", embedder.fusion.out_dim)
-        self.indexes.fill_joint(self.store.keys, lambda rows: embedder.fuse(self.store.features, rows))
+        self.indexes.fill_joint(self.store.keys, lambda rows: embedder.item_vectors(self.store.features, rows))
 
     def refresh(self, embedder: Embedder, rechoose: bool) -> list[str]:
         """Rebuild the indexes with too many entries marked deleted and, with ``rechoose``, those whose
@@ -122,7 +122,7 @@ class Collection:
         stale = [s for s in self.indexes.stale(n) if rechoose or self.indexes[s].deleted_share > self.indexes.config.compact_deleted_share]
         for space in stale:
             if space == "joint":
-                keys, vectors = self.store.keys, embedder.fuse(self.store.features)
+                keys, vectors = self.store.keys, embedder.item_vectors(self.store.features)
             else:
                 keys = self.store.with_modality("image" if space == "clip_image" else "text")
                 vectors = self.indexes[space].reconstruct(keys) if len(keys) else np.zeros((0, self.indexes[space].dim), np.float32)

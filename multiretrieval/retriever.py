@@ -22,7 +22,7 @@ import pandas as pd
 from .catalog import Catalog, ImageInput
 from .collection import Collection
 from .config import RetrieverConfig
-from .embedder import Embedder
+from .embedder import SCORE_SCALE, Embedder
 from .errors import MultiretrievalError, QueryError
 from .ingest import IndexReport, hash_catalog, ingest, ingest_rows
 from .persistence import MANIFEST, component_folder, component_record, read_folder, write_folder
@@ -251,5 +251,11 @@ class Retriever:
         retriever = cls(embedder=embedder)
         folders = {name: component_folder(folder, manifest, name) for name in ("items", "index", "keywords")}
         retriever.collection = Collection.load(folders, manifest, component_record(manifest, "items"), embedder.config)
+        store = retriever.collection.store
+        if manifest.get("score_scale") != SCORE_SCALE and len(store) and (
+                len(store.with_modality("image")) < len(store) or len(store.with_modality("text")) < len(store)):
+            # Saved before the score scale: items lacking a modality were renormalised. Fuse them again.
+            logger.info("%s: joint vectors fused again from the stored features (score scale %s)", folder, SCORE_SCALE)
+            retriever.collection.refit_joint(embedder)
         retriever.saved_note = manifest.get("note", {})
         return retriever
