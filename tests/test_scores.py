@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import multiretrieval as mr
+from multiretrieval import cli
 
 DEMO = "data/demo/catalog.csv"
 
@@ -182,3 +183,55 @@ def test_an_index_saved_before_the_scale_is_fused_again_when_it_loads(retriever_
     again = mr.Retriever.load(tmp_path / "old")
     assert again.search(image=photo, k=8).pipe(by_id)[9001] == pytest.approx(1.0, abs=1e-4)
     assert again.search(image=photo, k=8).pipe(by_id)[773] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cli_min_score_weights_and_not_text(indexed, fixtures, tmp_path, capsys):
+    indexed.save(tmp_path / "idx")
+    photo = str(fixtures / "images" / "washing_machine.png")
+    assert cli.main(["search", str(tmp_path / "idx"), "--image", photo, "--text", "a bed", "--weights", "image=1,text=0",
+                     "--min-score", "0.5", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["id"] == 575 and rows[0]["score"] == pytest.approx(1.0, abs=1e-4) and all(x["score"] >= 0.5 for x in rows)
+    assert cli.main(["search", str(tmp_path / "idx"), "--text", "a seat", "--not-text", "sofa", "--hybrid", "off",
+                     "--format", "json"]) == 0
+    minus = {x["id"]: x["score"] for x in json.loads(capsys.readouterr().out)}
+    assert minus[56] < by_id(indexed.search(text="a seat", hybrid="off"))[56]
+    assert cli.main(["search", str(tmp_path / "idx"), "--image", photo, "--text", "x", "--weights", "image=-1"]) == 2
+    assert "non-negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["search", str(tmp_path / "idx"), "--text", "x", "--weights", "image:1"])
+    assert "image=A,text=B" in capsys.readouterr().err
+
+
+def test_service_takes_weights_not_text_and_min_score_and_refuses_bad_ones(indexed, fixtures, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from multiretrieval.server import create_app
+
+    indexed.save(tmp_path / "idx")
+    photo = (fixtures / "images" / "washing_machine.png").read_bytes()
+    with TestClient(create_app(tmp_path / "idx"), base_url="http://127.0.0.1:8000") as client:
+        form = client.post("/search", files={"image": ("w.png", photo, "image/png")},
+                           data={"text": "a bed", "k": "8", "weights": json.dumps({"image": 1, "text": 0}), "min_score": "0.5"})
+        assert form.status_code == 200, form.text
+        rows = form.json()["results"]
+        assert rows[0]["id"] == 575 and rows[0]["score"] == pytest.approx(1.0, abs=1e-4) and all(r["score"] >= 0.5 for r in rows)
+        assert len(rows) < 8
+        plain = client.post("/search", json={"text": "a seat", "k": 8, "hybrid": "off"}).json()["results"]
+        minus = client.post("/search", json={"text": "a seat", "k": 8, "hybrid": "off", "not_text": "sofa"}).json()["results"]
+        assert {r["id"]: r["score"] for r in minus}[56] < {r["id"]: r["score"] for r in plain}[56]
+        batch = client.post("/search/batch", json={"queries": [{"like": 575, "text": "a bed", "weights": {"image": 1}, "k": 2},
+                                                               {"text": "a seat", "not_text": "sofa", "min_score": 0.3}]})
+        assert batch.status_code == 200 and all(r["score"] >= 0.3 for r in batch.json()["results"][1]["results"])
+        for body in ({"text": "a bed", "weights": {"image": 1, "text": 1}},  # not a fused query
+                     {"like": 575, "text": "a bed", "weights": {"image": -0.5, "text": 1}},
+                     {"like": 575, "text": "a bed", "weights": {"image": 0, "text": 0}},
+                     {"like": 575, "text": "a bed", "weights": {"colour": 1}},
+                     {"text": "a bed", "not_text": ""}, {"vector": [0.0] * 1664, "not_text": "legs"}):
+            answer = client.post("/search", json=body)
+            assert answer.status_code == 400, (body, answer.text)
+        assert client.post("/search", json={"like": 575, "text": "a bed", "weights": {"image": "lots"}}).status_code == 422
+        assert client.post("/search", json={"text": "a bed", "not_text": "x" * 1001}).status_code == 422
+        schema = client.get("/openapi.json").json()["paths"]["/search"]["post"]["requestBody"]["content"]
+        fields = schema["application/json"]["schema"]["properties"]
+        assert {"weights", "not_text", "min_score"} <= set(fields) and "weights" in schema["multipart/form-data"]["schema"]["properties"]
