@@ -1,7 +1,8 @@
 """Command-line interface, one sub-command per API call, with the API's argument names.
 
     multiretrieval index CATALOG|FOLDER --out DIR [--update [--prune]] [--title-from-filename] [--config FILE] [--cache DIR] ...
-    multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--hybrid H] [--show out.png]
+    multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--hybrid H] [--min-score S]
+                              [--weights image=0.7,text=0.3] [--not-text T] [--show out.png]
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train]
@@ -85,7 +86,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     retriever = Retriever.load(args.index_dir, _load_config(args.config) if args.config else None)
     results = retriever.search(image=args.image, text=args.text, mode=args.mode, k=args.k, where=args.where,
-                               unsafe_where=args.unsafe_where, hybrid=args.hybrid, keyword_weight=args.keyword_weight)
+                               unsafe_where=args.unsafe_where, hybrid=args.hybrid, keyword_weight=args.keyword_weight,
+                               min_score=args.min_score, weights=args.weights, not_text=args.not_text)
     if args.format == "json":
         print(results.to_json(orient="records", indent=2))
     elif args.format == "csv":
@@ -101,6 +103,20 @@ def cmd_search(args: argparse.Namespace) -> int:
         query_image = load_image(args.image) if args.image else None
         print(f"contact sheet: {contact_sheet([SheetRow(label, results, query_image)], retriever.image_source, args.show)}")
     return 0
+
+
+def parse_weights(value: str) -> dict[str, float]:
+    """``image=0.7,text=0.3`` -> {"image": 0.7, "text": 0.3} (the API checks the names and values)."""
+    weights = {}
+    for part in value.split(","):
+        name, sep, number = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError(part)
+            weights[name.strip()] = float(number)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected image=A,text=B with numbers, got {value!r}") from None
+    return weights
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -205,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hybrid", choices=("rrf", "weighted", "off"),
                    help="text queries: combine BM25 keywords and vectors by reciprocal-rank fusion (default), a weighted sum, or not")
     p.add_argument("--keyword-weight", type=float, help="text queries: the keywords' share, 0 to 1 (default 0.5)")
+    p.add_argument("--min-score", type=float, help="leave out results scoring lower (one scale for image, text and fused "
+                                                   "queries: an item's own photo scores 1; README, Scores)")
+    p.add_argument("--weights", type=parse_weights, metavar="image=A,text=B",
+                   help="fused queries: the image and text weights, e.g. image=0.7,text=0.3 (default: the fusion's own)")
+    p.add_argument("--not-text", metavar="TEXT", help="a concept to subtract, e.g. \"metal legs\"")
     p.add_argument("--show", metavar="PNG", help="also draw the query and its results into this PNG")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--config", help="YAML config; must name the encoders the index was built with")

@@ -25,6 +25,7 @@ import pandas as pd
 
 from .catalog import Catalog
 from .config import RetrieverConfig
+from .embedder import SCORE_SCALE
 from .index import IndexSet
 from .items import IMAGE_SOURCE, ItemStore
 from .keywords import KeywordIndex, keyword_texts
@@ -98,7 +99,7 @@ class Collection:
             if present.any():
                 self.indexes.fill(space, keys[present], vectors if present.all() else vectors[present])
             del vectors
-        self.indexes.fill_joint(keys, lambda r: embedder.fuse(arrays, r))
+        self.indexes.fill_joint(keys, lambda r: embedder.item_vectors(arrays, r))
         self.keywords.add(keys, keyword_texts(rows, self.keywords.columns))
         return keys
 
@@ -112,7 +113,16 @@ class Collection:
     def refit_joint(self, embedder: Embedder) -> None:
         """The joint index made again from the stored features (the embedder's fusion changed)."""
         self.indexes.renew("joint", embedder.fusion.out_dim)
-        self.indexes.fill_joint(self.store.keys, lambda rows: embedder.fuse(self.store.features, rows))
+        self.indexes.fill_joint(self.store.keys, lambda rows: embedder.item_vectors(self.store.features, rows))
+
+    def follow_score_scale(self, saved_scale: int | None, embedder: Embedder) -> None:
+        """A save made before the score scale (SCORE_SCALE) renormalised the joint vectors of items
+        lacking a modality: fuse them again from the stored features (until the next save records the scale)."""
+        store = self.store
+        if saved_scale != SCORE_SCALE and len(store) and (
+                len(store.with_modality("image")) < len(store) or len(store.with_modality("text")) < len(store)):
+            logger.info("joint vectors fused again from the stored features (score scale %s)", SCORE_SCALE)
+            self.refit_joint(embedder)
 
     def refresh(self, embedder: Embedder, rechoose: bool) -> list[str]:
         """Rebuild the indexes with too many entries marked deleted and, with ``rechoose``, those whose
@@ -122,7 +132,7 @@ class Collection:
         stale = [s for s in self.indexes.stale(n) if rechoose or self.indexes[s].deleted_share > self.indexes.config.compact_deleted_share]
         for space in stale:
             if space == "joint":
-                keys, vectors = self.store.keys, embedder.fuse(self.store.features)
+                keys, vectors = self.store.keys, embedder.item_vectors(self.store.features)
             else:
                 keys = self.store.with_modality("image" if space == "clip_image" else "text")
                 vectors = self.indexes[space].reconstruct(keys) if len(keys) else np.zeros((0, self.indexes[space].dim), np.float32)

@@ -123,6 +123,7 @@ class SearchConfig:
     keyword_weight: float = 0.5  # the keyword (BM25) ranking's share in a hybrid text query
     hybrid_depth: int = 100  # how deep each ranking is read before they are combined (at least k)
     sort_candidates: int = 200  # sort_by reorders this many of the most relevant items (or offset + k if more)
+    not_text_weight: float = 0.5  # beta: a not_text subtracts beta x the score it would get as a text query
 
 
 @dataclass(frozen=True)

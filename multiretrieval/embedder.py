@@ -21,6 +21,10 @@ from .errors import ConfigError
 
 FEATURES = ("image_tokens", "image_mask", "text_tokens", "text_mask")  # token 0 of each = the pooled vector
 ZERO_SHOT = ("clip_image", "clip_text")  # the zero-shot space's image and text vectors
+# The joint index's item vectors (fusion.item_vectors). 1: each modality weighted alike, not renormalised,
+# so all queries score on one scale. Indexes saved without it renormalised items that lack a modality;
+# their joint vectors are fused again from the stored features when they load (Retriever.load).
+SCORE_SCALE = 1
 
 
 class Embedder:
@@ -123,8 +127,37 @@ class Embedder:
         return self.text_encoder.count_tokens(text)
 
     def fuse(self, features: dict[str, np.ndarray], rows: Any = slice(None)) -> np.ndarray:
-        """Joint vectors of stored token features (all rows, or the given ones)."""
+        """L2-normalised joint vectors of token features (all rows, or the given ones), as ``embed`` gives."""
         return self.fusion.fuse(*(features[name][rows] for name in FEATURES))
+
+    def item_vectors(self, features: dict[str, np.ndarray], rows: Any = slice(None)) -> np.ndarray:
+        """The joint vectors an index stores for items (fusion.py: each modality weighted alike, not renormalised)."""
+        return self.fusion.item_vectors(*(features[name][rows] for name in FEATURES))
+
+    def query_vectors(self, features: dict[str, np.ndarray], weights: np.ndarray | None = None,
+                      calibration: dict | None = None) -> np.ndarray:
+        """Joint query vectors on the score scale: against ``item_vectors``, the weighted mean of the cosines of
+        the parts each query has (fusion.py). ``weights``: (n, 2) image/text weights, NaN rows for the default."""
+        return self.fusion.query_vectors(*(features[name] for name in FEATURES), weights=weights, calibration=calibration)
+
+    def calibration(self, features: dict[str, np.ndarray]) -> dict:
+        """The fusion's score calibration measured on these items' features ({} for late fusion: exact)."""
+        return self.fusion.calibrate(*(features[name] for name in FEATURES))
+
+    def features(self, images: list | None = None, texts: list[str] | None = None, batch_size: int | None = None
+                 ) -> dict[str, np.ndarray]:
+        """Token features of decoded RGB images and/or texts (pairs when both are given)."""
+        bs = batch_size or self.config.encoders.batch_size
+        fusion = self.fusion
+        n = len(images if images is not None else texts)
+        f = self.feature_buffers(n)
+        for s in range(0, n, bs):
+            if images is not None:
+                f["image_tokens"][s:s + bs] = self.image_encoder.forward_images(images[s:s + bs], fusion.image_grid)[0]
+                f["image_mask"][s:s + bs] = True
+            if texts is not None:
+                f["text_tokens"][s:s + bs], f["text_mask"][s:s + bs] = self.text_encoder.forward(texts[s:s + bs], fusion.text_chunks)
+        return f
 
     def embed(self, images: list | None = None, texts: list[str] | None = None, space: str = "joint",
               batch_size: int | None = None) -> np.ndarray:
@@ -138,16 +171,7 @@ class Embedder:
             if texts is not None:
                 return self.zero_shot.text_batch(texts)
             return np.concatenate([self.zero_shot.image_batch(images[s:s + bs]) for s in range(0, len(images), bs)])
-        fusion = self.fusion
-        n = len(images if images is not None else texts)
-        f = self.feature_buffers(n)
-        for s in range(0, n, bs):
-            if images is not None:
-                f["image_tokens"][s:s + bs] = self.image_encoder.forward_images(images[s:s + bs], fusion.image_grid)[0]
-                f["image_mask"][s:s + bs] = True
-            if texts is not None:
-                f["text_tokens"][s:s + bs], f["text_mask"][s:s + bs] = self.text_encoder.forward(texts[s:s + bs], fusion.text_chunks)
-        return self.fuse(f)
+        return self.fuse(self.features(images, texts, bs))
 
     # ---------------------------------------------------------------- identity and files
 
@@ -166,7 +190,7 @@ class Embedder:
         cfg = self.config
         return {"encoders": {"image": {"name": cfg.encoders.image, "dim": self.image_encoder.dim},
                              "text": {"name": cfg.encoders.text, "dim": self.text_encoder.dim}},
-                "fusion": self.fusion.config(),
+                "fusion": self.fusion.config(), "score_scale": SCORE_SCALE,
                 "zero_shot": {"kind": cfg.zero_shot.kind, "dim": self.zero_shot.dim, "fingerprint": self.zero_shot.fingerprint}}
 
     @staticmethod

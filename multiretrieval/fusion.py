@@ -18,6 +18,27 @@ Two kinds behind one interface (``fuse``, ``save``, ``load_fusion``):
 Inputs everywhere: image tokens (n, Ti, di) with mask (n, Ti), text tokens (n, Tt, dt)
 with mask (n, Tt); token 0 of each is the pooled vector; a row whose mask is all False
 has no such modality.
+
+Three forms of a joint vector, so that scores of every kind of query share one scale:
+
+- ``fuse``: L2-normalised (what ``Retriever.encode`` gives, and what training sees).
+- ``item_vectors``: what the joint index stores. Late fusion: [sqrt(w) u_image ; sqrt(1 - w)
+  u_text] with a missing part zero and *no* renormalisation (an item with both parts is
+  exactly its ``fuse`` vector), so every item weighs each modality alike.
+- ``query_vectors``: a query scaled so that its inner product with an item vector is the
+  weighted mean of the cosines of the parts the query has, with shares (a, b) summing to 1:
+  score = a cos(image) + b cos(text). Shares: (1, 0) for an image-only query, (0, 1) for a
+  text-only one, (w, 1 - w) for a fused one unless the query gives its own ``weights``. The
+  image part is scaled by a / sqrt(w), the text part by b / sqrt(1 - w). An item's own photo
+  as an image-only query therefore scores 1 (its own text as a text query too), whatever w;
+  an item lacking a part the query has counts 0 for that part.
+
+The attention fusion's vector is [sqrt(1 - m) late ; sqrt(m) learned] (m the learned mix). Its
+late block gets the treatment above; its learned block is a cosine between learned vectors,
+which for an item's own photo is less than 1 by an amount training decides. ``calibrate``
+measures, on the catalog's items with both parts, the mean learned cosine between an item's
+image-only (text-only) embedding and its fused one, and the query's learned block is divided by
+it, so an own photo scores (1 - m) + m * c / mean(c): 1 on average over the catalog.
 """
 
 from __future__ import annotations
@@ -53,6 +74,26 @@ class LateFusion:
         text = l2_normalize(text_tokens[:, 0]) * has_text * np.sqrt(1.0 - self.image_weight)
         return l2_normalize(np.concatenate([image, text], axis=1))
 
+    def item_vectors(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray
+                     ) -> np.ndarray:
+        """What the joint index stores: [sqrt(w) u_image ; sqrt(1 - w) u_text], a missing part zero, not renormalised."""
+        w = self.image_weight
+        return np.concatenate([_unit_part(image_tokens, image_mask) * np.sqrt(w),
+                               _unit_part(text_tokens, text_mask) * np.sqrt(1.0 - w)], axis=1).astype(np.float32)
+
+    def query_vectors(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray,
+                      weights: np.ndarray | None = None, calibration: dict | None = None) -> np.ndarray:
+        """Queries on the score scale: against ``item_vectors``, a cos(image) + b cos(text) (see the module's doc).
+        ``weights``: (n, 2) image and text weights per query (a NaN row: the default shares)."""
+        shares = modality_shares(image_mask.any(1), text_mask.any(1), self.image_weight, weights)
+        return np.concatenate([_unit_part(image_tokens, image_mask) * _over_root(shares[:, :1], self.image_weight),
+                               _unit_part(text_tokens, text_mask) * _over_root(shares[:, 1:], 1.0 - self.image_weight)],
+                              axis=1).astype(np.float32)
+
+    def calibrate(self, image_tokens, image_mask, text_tokens, text_mask) -> dict:
+        """Nothing to measure: late fusion's scale is exact."""
+        return {}
+
     def contributions(self, query: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Split query-item scores into the image part and the text part (they sum to the score)."""
         d = self.image_dim
@@ -65,6 +106,35 @@ class LateFusion:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / FUSION_FILE).write_text(json.dumps(self.config(), indent=2))
+
+
+def _unit_part(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The pooled token (token 0) L2-normalised, zero where the row has no such modality."""
+    return l2_normalize(tokens[:, 0]) * mask.any(1, keepdims=True)
+
+
+def _over_root(share: np.ndarray, weight: float) -> np.ndarray:
+    """share / sqrt(weight): scales a query part so that it meets the item's sqrt(weight) part at its
+    share of the score; 0 where the fusion gives the modality no weight (no item carries that part)."""
+    return share / np.sqrt(weight) if weight > 0 else np.zeros_like(share)
+
+
+def modality_shares(has_image: np.ndarray, has_text: np.ndarray, image_weight: float, weights: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """(n, 2) image and text shares of each query's score, summing to 1 over the parts it has.
+
+    Default: (1, 0) image only, (0, 1) text only, (w, 1 - w) both. ``weights`` (n, 2): a query's own
+    weights (a, b) -> (a, b) / (a + b) over the parts it has; a NaN row keeps the default."""
+    has = np.stack([np.asarray(has_image, bool), np.asarray(has_text, bool)], 1)
+    base = np.where(has, [image_weight, 1.0 - image_weight], 0.0)
+    if weights is not None:
+        weights = np.asarray(weights, np.float64).reshape(len(has), 2)
+        given = ~np.isnan(weights).any(1)
+        base[given] = np.where(has[given], weights[given], 0.0)
+    total = base.sum(1, keepdims=True)
+    one_part = has.sum(1, keepdims=True) == 1
+    shares = np.divide(base, total, out=np.zeros_like(base), where=total > 0)
+    return np.where(one_part & (total <= 0), has.astype(np.float64), shares)  # one part with a zero weight: still that part
 
 
 def _attention_module():
@@ -144,6 +214,59 @@ class AttentionFusion:
                 sl = slice(s, s + batch_size)
                 out[sl] = self.module(*(torch.from_numpy(np.ascontiguousarray(a[sl])) for a in
                                         (image_tokens, image_mask, text_tokens, text_mask))).numpy()
+        return out
+
+    def mixing(self) -> tuple[float, float]:
+        """(m, w): the learned part's share of a score and the late (skip) part's image weight."""
+        import torch
+
+        with torch.no_grad():
+            return float(torch.sigmoid(self.module.mix_logit)), float(torch.sigmoid(self.module.image_logit))
+
+    def item_vectors(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray
+                     ) -> np.ndarray:
+        """What the joint index stores: ``fuse`` with the late block not renormalised (see the module's doc)."""
+        z = self.fuse(image_tokens, image_mask, text_tokens, text_mask)
+        m, w = self.mixing()
+        late = np.sqrt(1.0 - m) * np.concatenate([_unit_part(image_tokens, image_mask) * np.sqrt(w),
+                                                  _unit_part(text_tokens, text_mask) * np.sqrt(1.0 - w)], axis=1)
+        z[:, :self.image_dim + self.text_dim] = late
+        return z
+
+    def query_vectors(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray,
+                      weights: np.ndarray | None = None, calibration: dict | None = None) -> np.ndarray:
+        """Queries on the score scale: (1 - m) (a cos(image) + b cos(text)) + m cos(learned) / c against
+        ``item_vectors``; ``weights`` set (a, b) of the late part only, ``calibration`` (from ``calibrate``)
+        gives c per single-modality kind (1 for fused queries and when not given)."""
+        z = self.fuse(image_tokens, image_mask, text_tokens, text_mask)
+        m, w = self.mixing()
+        has_image, has_text = image_mask.any(1), text_mask.any(1)
+        shares = modality_shares(has_image, has_text, w, weights)
+        d = self.image_dim + self.text_dim
+        z[:, :d] = np.sqrt(1.0 - m) * np.concatenate([_unit_part(image_tokens, image_mask) * _over_root(shares[:, :1], w),
+                                                      _unit_part(text_tokens, text_mask) * _over_root(shares[:, 1:], 1.0 - w)], axis=1)
+        c = calibration or {}
+        scale = np.where(has_image & has_text, 1.0, np.where(has_image, c.get("image", 1.0), c.get("text", 1.0)))
+        z[:, d:] /= scale[:, None].astype(np.float32)
+        return z
+
+    def calibrate(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray
+                  ) -> dict:
+        """The mean learned cosine between items' image-only (text-only) embeddings and their fused ones,
+        over items that have both parts; a kind whose mean is under 0.1 (an untrained module) keeps 1."""
+        m, _ = self.mixing()
+        d = self.image_dim + self.text_dim
+        both = image_mask.any(1) & text_mask.any(1)
+        if not both.any() or m < 1e-6:
+            return {}
+        args = [a[both] for a in (image_tokens, image_mask, text_tokens, text_mask)]
+        fused = self.fuse(*args)[:, d:]
+        out = {}
+        for kind, masked in (("image", 3), ("text", 1)):
+            alone = list(args)
+            alone[masked] = np.zeros_like(alone[masked])
+            c = float(np.mean(np.sum(self.fuse(*alone)[:, d:] * fused, axis=1)) / m)
+            out[kind] = c if c >= 0.1 else 1.0
         return out
 
     def config(self) -> dict:

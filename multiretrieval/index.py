@@ -1,6 +1,7 @@
 """The vector index: FAISS by index_factory string, inner product, int64 ids.
 
-Vectors are L2-normalised, so inner product is cosine similarity. The index is wrapped
+Vectors are L2-normalised, so inner product is cosine similarity (the joint space's items
+that lack a photo or a text keep their modality weights instead: fusion.py). The index is wrapped
 in IDMap2, so ids are the caller's int64 keys and vectors can be read back for exact
 scoring of small filtered sets. Items are removed from every kind of index: from flat
 storage (Flat, PQ, SQ) at once; from the others (HNSW graphs, Refine, IVF, whose removal

@@ -7,9 +7,13 @@ by a weighted sum of the vector score and the BM25 score scaled to the best one
 (``hybrid="weighted"``); ``keyword_weight`` is the keywords' share, ``hybrid="off"`` turns it off.
 Either way, items whose text carries every model code of the query (keywords.identifiers:
 "KX-2210", "500ml", 4+ digits) score 1 more, so they come first: rank fusion alone would let
-an item that is second in both rankings beat the one that carries the exact code.
+an item that is second in both rankings beat the one that carries the exact code. That value
+orders the results (``hybrid_score``); each result's ``score`` stays the joint space's
+(fusion.py: cos(text) for a text query, also for items only the keywords found), so a score
+means the same whether a query was hybrid or not and ``min_score`` is one threshold everywhere.
 
-Where scores of different spaces meet, one function (``merge_spaces``) puts them on one scale.
+Where scores of different spaces meet, one function (``merge_spaces``) puts them on one scale;
+``fusion_calibration`` measures what a trained fusion needs to put its queries on it.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ def rank_text(query, vector: np.ndarray, embedder, items: Collection, allowed: n
               ) -> tuple[Hits, dict[str, np.ndarray]]:
     """A text query's ranking (``vector``: its joint-space vector): item texts in the joint space, the
     images of items without text in the zero-shot space (auto mode), merged on one scale, then
-    combined with the keyword ranking (hybrid). Returns the hits and, when hybrid, each hit's
-    ``vector_score`` and ``keyword_score`` columns."""
+    combined with the keyword ranking (hybrid). Returns the hits (in hybrid order, each with its
+    joint-space score) and, when hybrid, each hit's ``vector_score``, ``keyword_score`` and
+    ``hybrid_score`` (the value the order comes from) columns."""
     store, indexes, config = items.store, items.indexes, embedder.config
     hybrid = query.hybrid != "off" and query.keyword_weight > 0 and len(items.keywords) > 0
     depth = max(depth, config.search.hybrid_depth) if hybrid else depth
@@ -72,17 +77,24 @@ def rank_text(query, vector: np.ndarray, embedder, items: Collection, allowed: n
     ranked = search_index(indexes["joint"], vector, depth, restrict(with_text, len(store), allowed), "text")
     image_only = store.with_modality("image only") if query.auto else np.zeros(0, np.int64)
     if len(image_only):
-        pictures = search_index(indexes["clip_image"], embedder.embed(texts=[query.text], space="clip"), depth,
-                                restrict(image_only, len(store), allowed), "image")
+        clip = embedder.embed(texts=[query.text], space="clip")
+        if query.not_text is not None:
+            clip = clip - embedder.config.search.not_text_weight * embedder.embed(texts=[query.not_text], space="clip")
+        pictures = search_index(indexes["clip_image"], clip, depth, restrict(image_only, len(store), allowed), "image")
         scale = zero_shot_scale(embedder, items) if len(ranked.keys) and len(pictures.keys) else (1.0, 0.0)
         ranked = merge_spaces(ranked, pictures, scale)
     if not hybrid:
         return ranked, {}
     keys, scores = items.keywords.search(query.text, depth, allowed)
-    ranked, vector_scores, keyword_scores = fuse_rankings(ranked, Hits(keys, scores), query.hybrid, query.keyword_weight,
-                                                          lambda found: items.keywords.having(identifiers(query.text), found),
-                                                          items.keywords.holds)
-    return ranked, {"vector_score": vector_scores, "keyword_score": keyword_scores}
+    fused, vector_scores, keyword_scores = fuse_rankings(ranked, Hits(keys, scores), query.hybrid, query.keyword_weight,
+                                                         lambda found: items.keywords.having(identifiers(query.text), found),
+                                                         items.keywords.holds)
+    scores = vector_scores.copy()
+    missing = np.isnan(scores)  # found by the keywords alone: its joint-space score, from its stored features
+    if missing.any():
+        scores[missing] = embedder.item_vectors(store.features, store.rows_of(fused.keys[missing])) @ vector[0]
+    ranked = Hits(fused.keys, scores.astype(np.float32), fused.matched)
+    return ranked, {"vector_score": vector_scores, "keyword_score": keyword_scores, "hybrid_score": fused.scores}
 
 
 def merge_spaces(text: Hits, image: Hits, scale: tuple[float, float]) -> Hits:
@@ -97,6 +109,38 @@ def merge_spaces(text: Hits, image: Hits, scale: tuple[float, float]) -> Hits:
     matched = np.concatenate([text.matched, image.matched])
     order = np.argsort(-scores, kind="stable")
     return Hits(keys[order], scores[order], matched[order])
+
+
+def fusion_calibration(embedder, items: Collection) -> dict:
+    """What the fusion needs to put single-modality queries on the score scale (fusion.py, ``calibrate``):
+    nothing for late fusion; for a trained one, measured on up to 1,000 of the catalog's items with
+    both an image and a text (picked by a hash of their id, as for ``zero_shot_scale``). Cached
+    until the items change."""
+    if getattr(embedder.fusion, "kind", "late") == "late":
+        return {}
+    key = (items.store.version, id(embedder.fusion))
+
+    def measure() -> dict:
+        store = items.store
+        keys = calibration_sample(items, 1)
+        if not len(keys):
+            return {}
+        rows = store.rows_of(keys)
+        return embedder.calibration({name: value[rows] for name, value in store.features.items()})
+
+    return items.memo("fusion_calibration", key, measure)
+
+
+def calibration_sample(items: Collection, least: int) -> np.ndarray:
+    """Keys of up to CALIBRATION_SAMPLE items with both an image and a text, chosen by a hash of their
+    id (the same items whatever order they came in); none when fewer than ``least`` have both."""
+    store = items.store
+    both = np.intersect1d(store.with_modality("text"), store.with_modality("image"))
+    if len(both) < least:
+        return np.zeros(0, np.int64)
+    ids = store.table["id"].to_numpy()[store.rows_of(both)]
+    order = np.argsort([hashlib.sha256(str(i).encode()).hexdigest() for i in ids], kind="stable")
+    return np.sort(both[order[:CALIBRATION_SAMPLE]])
 
 
 def zero_shot_scale(embedder, items: Collection) -> tuple[float, float]:
@@ -116,17 +160,14 @@ def zero_shot_scale(embedder, items: Collection) -> tuple[float, float]:
 
 def _measure_scale(embedder, items: Collection) -> tuple[float, float]:
     store, indexes = items.store, items.indexes
-    both = np.intersect1d(store.with_modality("text"), store.with_modality("image"))
-    if len(both) < CALIBRATION_MIN:
+    keys = calibration_sample(items, CALIBRATION_MIN)
+    if not len(keys):
         return 1.0, 0.0
-    ids = store.table["id"].to_numpy()[store.rows_of(both)]
-    order = np.argsort([hashlib.sha256(str(i).encode()).hexdigest() for i in ids], kind="stable")
-    keys = np.sort(both[order[:CALIBRATION_SAMPLE]])
     rows = store.rows_of(keys)
     features = {name: value[rows] for name, value in store.features.items()}
-    items_joint = embedder.fuse(features)
+    items_joint = embedder.item_vectors(features)
     features["image_mask"] = np.zeros_like(features["image_mask"])  # the texts alone, as text queries
-    joint = embedder.fuse(features) @ items_joint.T
+    joint = embedder.query_vectors(features, calibration=fusion_calibration(embedder, items)) @ items_joint.T
     zero_shot = indexes.vectors("clip_text", keys) @ indexes.vectors("clip_image", keys).T
     others = ~np.eye(len(keys), dtype=bool)
     j, z = joint[others], zero_shot[others]

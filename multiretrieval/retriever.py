@@ -186,15 +186,14 @@ class Retriever:
 
     def search(self, image: ImageInput | None = None, text: str | None = None, mode: str = "auto", k: int = 10,
                where: str | None = None, **options: Any) -> pd.DataFrame:
-        """The k best items for a photo (path, URL, bytes or PIL image), a text, or both.
+        """The k best items for a photo (path, URL, bytes or PIL image), a text, or both; scores on one scale (README "Scores").
 
         ``mode``: "auto" (image+text -> fused, image -> image, text -> item texts, and the images of items
         without text through the zero-shot space), "image", "text", "fused", or "zero-shot" (text against
         item images, image against item texts). ``where``: a condition over catalog columns (filters.py), applied
-        before ranking. Options (search.py): offset, min_score, sort_by ("-price"), filters, like=ITEM_ID, vector,
-        hybrid, keyword_weight, unsafe_where. Returns a DataFrame: rank, id, score, the catalog columns (and
-        matched, vector_score, keyword_score, image_score, text_score where they apply); attrs["has_more"].
-        """
+        before ranking. Options (search.py): offset, min_score, weights={"image": a, "text": b}, not_text, sort_by
+        ("-price"), filters, like=ITEM_ID, vector, hybrid, keyword_weight, unsafe_where. Returns a DataFrame: rank, id,
+        score, the catalog columns (and matched, hybrid/vector/keyword/image/text scores where they apply); attrs["has_more"]."""
         query = make_query(image, text, mode, k, where, self.config, self.embedder.count_tokens, **options)
         return self._reading(run_query, query, self.embedder, self.collection)
 
@@ -245,5 +244,6 @@ class Retriever:
         retriever = cls(embedder=embedder)
         folders = {name: component_folder(folder, manifest, name) for name in ("items", "index", "keywords")}
         retriever.collection = Collection.load(folders, manifest, component_record(manifest, "items"), embedder.config)
+        retriever.collection.follow_score_scale(manifest.get("score_scale"), embedder)
         retriever.saved_note = manifest.get("note", {})
         return retriever

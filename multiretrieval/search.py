@@ -13,8 +13,20 @@ the zero-shot merge) is in ranking.py.
 Options: paging (offset), a score floor (min_score), sorting the most relevant items by a
 column (sort_by), structured filters (column -> values or range), "more like this" from an
 item's stored features (like; with a text: its photo plus the words), a given vector, the
-hybrid settings, and unsafe_where for trusted callers. A result frame's ``attrs["has_more"]``
+hybrid settings, a fused query's own modality weights (weights), a concept to subtract
+(not_text), and unsafe_where for trusted callers. A result frame's ``attrs["has_more"]``
 says whether another page follows.
+
+Scores share one scale in the joint space (fusion.py): a query's score against an item is the
+weighted mean of the cosines of the parts the query has: cos(image) for an image query (an
+item's own photo scores 1), cos(text) for a text query, w cos(image) + (1 - w) cos(text) for a
+fused one, or (a cos(image) + b cos(text)) / (a + b) with ``weights={"image": a, "text": b}``.
+``not_text`` subtracts beta (``search.not_text_weight``, 0.5) times the score the negative text
+alone would get as a text query: score - beta * cos(not_text, item text) (in zero-shot mode, the
+zero-shot cosine of the negative). Hybrid text queries are ordered by the fusion of the keyword
+and vector rankings, but their ``score`` is this scale's (the order's own value is
+``hybrid_score``), so ``min_score`` means the same in every joint-space mode. Zero-shot scores
+are cosines of the zero-shot space, a scale of their own. A given ``vector`` is searched as it is.
 
 Every bound of ``config.search`` is checked here (LimitError, a QueryError): text characters and
 tokens, k + offset, the filter's length, a batch's size (``check_batch``); the filter's grammar
@@ -34,14 +46,15 @@ from .catalog import ImageInput, load_image, text_problem
 from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .items import filters_where
-from .ranking import rank_text, search_index
+from .ranking import fusion_calibration, rank_text, search_index
 
 if TYPE_CHECKING:
     from .collection import Collection
 
 MODES = ("auto", "image", "text", "fused", "zero-shot")
 HYBRID = ("rrf", "weighted", "off")
-OPTIONS = ("offset", "min_score", "sort_by", "filters", "like", "vector", "hybrid", "keyword_weight", "unsafe_where")
+OPTIONS = ("offset", "min_score", "sort_by", "filters", "like", "vector", "hybrid", "keyword_weight", "weights", "not_text",
+           "unsafe_where")
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class Query:
     filters: dict[str, Any] | None = None  # column -> values or {"min", "max"}: ANDed with ``where`` (items.filters_where)
     like: Any = None  # an item id: its stored features are the query ("more like this"), the item itself left out
     vector: np.ndarray | None = None  # (1, d) a query vector in the joint space
+    weights: tuple[float, float] | None = None  # a fused query's (image, text) weights; None: the fusion's own
+    not_text: str | None = None  # a concept to subtract: its text-query score, times search.not_text_weight
 
 
 def make_query(image: ImageInput | None, text: str | None, mode: str, k: int, where: str | None,
@@ -72,8 +87,10 @@ def make_query(image: ImageInput | None, text: str | None, mode: str, k: int, wh
     ``filters`` (column -> list of values, or {"min": a, "max": b}), ``like`` (an item id: its stored
     photo and text, or with mode "image"/"text" one of them; with ``text``: the item's photo plus
     these words), ``vector`` (a joint-space vector, as ``encode`` gives), ``hybrid`` ("rrf",
-    "weighted", "off") and ``keyword_weight`` (0..1) for text queries, ``unsafe_where`` (any DuckDB
-    expression: trusted callers only).
+    "weighted", "off") and ``keyword_weight`` (0..1) for text queries, ``weights`` ({"image": a,
+    "text": b}, non-negative, not both 0: a fused query's score is (a cos_image + b cos_text) / (a + b)),
+    ``not_text`` (a text whose concept is subtracted), ``unsafe_where`` (any DuckDB expression:
+    trusted callers only).
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -96,12 +113,19 @@ def make_query(image: ImageInput | None, text: str | None, mode: str, k: int, wh
     if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)) or not 0 <= weight <= 1:
         raise QueryError(f"keyword_weight must be a number from 0 to 1, got {weight!r}")
     text = check_text(text, config, count_tokens) if text is not None else None
+    weights = _weights(options.get("weights"), resolved)
+    not_text = options.get("not_text")
+    if not_text is not None:
+        if resolved == "vector":
+            raise QueryError("not_text needs a query text, image or like=ITEM_ID to subtract from, not a vector")
+        not_text = check_text(not_text, config, count_tokens, "not_text")
     cat = config.catalog
     pil = load_image(image, cat.max_image_pixels, cat.max_image_bytes, cat.download_timeout_s) if image is not None else None
     return Query(pil, text, resolved, k, where, bool(options.get("unsafe_where", False)),
                  auto=mode == "auto" and resolved == "text" and like is None, hybrid=hybrid, keyword_weight=float(weight),
                  offset=int(offset), min_score=_min_score(options.get("min_score")), sort_by=_sort_key(options.get("sort_by")),
-                 filters=filters or None, like=like, vector=None if vector is None else _vector(vector))
+                 filters=filters or None, like=like, vector=None if vector is None else _vector(vector),
+                 weights=weights, not_text=not_text)
 
 
 def batch_query(spec: dict[str, Any], config: RetrieverConfig, count_tokens: Callable[[str], int] | None = None) -> Query:
@@ -111,6 +135,28 @@ def batch_query(spec: dict[str, Any], config: RetrieverConfig, count_tokens: Cal
     spec = dict(spec)
     basic = [spec.pop(name, default) for name, default in (("image", None), ("text", None), ("mode", "auto"), ("k", 10), ("where", None))]
     return make_query(*basic, config, count_tokens, **spec)
+
+
+def _weights(value: Any, mode: str) -> tuple[float, float] | None:
+    """{"image": a, "text": b} -> (a, b): non-negative numbers, not both 0, for a fused query."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise QueryError(f'weights must map "image" and/or "text" to numbers, got {value!r}')
+    unknown = sorted(map(str, set(value) - {"image", "text"}))
+    if unknown:
+        raise QueryError(f'weights: unknown key(s) {unknown}; weights take "image" and "text"')
+    pair = []
+    for name in ("image", "text"):
+        w = value.get(name, 0.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not np.isfinite(w) or w < 0:
+            raise QueryError(f"weights: {name} must be a non-negative number, got {w!r}")
+        pair.append(float(w))
+    if sum(pair) <= 0:
+        raise QueryError("weights: image and text are both 0; give at least one a positive weight")
+    if mode != "fused":
+        raise QueryError(f"weights apply to fused queries (an image and a text, or like=ITEM_ID), not to a {mode} query")
+    return pair[0], pair[1]
 
 
 def _min_score(value: Any) -> float | None:
@@ -186,21 +232,22 @@ def encode_inputs(images: list | None, texts: list[str] | None, space: str, conf
     return pils, None if texts is None else [check_text(t, config) for t in texts]
 
 
-def check_text(text: Any, config: RetrieverConfig, count_tokens: Callable[[str], int] | None = None) -> str:
-    """A query text as it may reach the encoders: a non-empty string, within bounds, valid Unicode."""
+def check_text(text: Any, config: RetrieverConfig, count_tokens: Callable[[str], int] | None = None, name: str = "text") -> str:
+    """A query text as it may reach the encoders: a non-empty string, within bounds, valid Unicode.
+    ``name``: what the errors call it ("text", "not_text")."""
     if not isinstance(text, str):
-        raise QueryError(f"text must be a string, got {type(text).__name__}")
+        raise QueryError(f"{name} must be a string, got {type(text).__name__}")
     if not text.strip():
-        raise QueryError("text is empty")
+        raise QueryError(f"{name} is empty")
     limit = config.search.max_text_chars
     if len(text) > limit:
-        raise LimitError(f"text has {len(text):,} characters; a query text may have at most {limit:,} (search.max_text_chars)")
+        raise LimitError(f"{name} has {len(text):,} characters; a query text may have at most {limit:,} (search.max_text_chars)")
     problem = text_problem(text)
     if problem:
-        raise QueryError(problem)
+        raise QueryError(problem if name == "text" else f"{name}: {problem}")
     tokens, limit = (count_tokens(text) if count_tokens else 0), config.search.max_text_tokens
     if tokens > limit:
-        raise LimitError(f"text has {tokens:,} word pieces; a query text may have at most {limit:,} (search.max_text_tokens)")
+        raise LimitError(f"{name} has {tokens:,} word pieces; a query text may have at most {limit:,} (search.max_text_tokens)")
     return text
 
 
@@ -251,32 +298,53 @@ def run_batch(queries: list[Query], embedder, items: Collection) -> list[pd.Data
         where = filters_where(q.filters, q.where)
         allowed.append(store.filter(where, limit, q.unsafe_where) if where is not None else None)
     return [answer(q, space, vector, keys, embedder, items)
-            for q, (space, vector), keys in zip(queries, query_vectors(queries, embedder, store), allowed)]
+            for q, (space, vector), keys in zip(queries, query_vectors(queries, embedder, items), allowed)]
 
 
-def query_vectors(queries: list[Query], embedder, store) -> list[tuple[str, np.ndarray]]:
-    """(index space, (1, d) vector) per query."""
+def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tuple[str, np.ndarray]]:
+    """(index space, (1, d) vector) per query, on the score scale (joint space: ``Embedder.query_vectors``),
+    a ``not_text`` already subtracted."""
     out: list = [None] * len(queries)
     groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
         if q.vector is not None:
             out[i] = ("joint", q.vector)
         elif q.like is not None:
-            out[i] = ("joint", like_vector(q, embedder, store))
+            out[i] = ("joint", like_vector(q, embedder, items))
         else:
             groups.setdefault(("clip" if q.mode == "zero-shot" else "joint", q.image is not None, q.text is not None), []).append(i)
     for (space, has_image, has_text), idx in groups.items():
-        vectors = embedder.embed([queries[i].image for i in idx] if has_image else None,
-                                 [queries[i].text for i in idx] if has_text else None, space=space)
-        name = "joint" if space == "joint" else "clip_image" if has_text else "clip_text"
+        images = [queries[i].image for i in idx] if has_image else None
+        texts = [queries[i].text for i in idx] if has_text else None
+        if space == "clip":
+            vectors, name = embedder.embed(images, texts, space="clip"), "clip_image" if has_text else "clip_text"
+        else:
+            weights = np.array([queries[i].weights or (np.nan, np.nan) for i in idx], np.float64)
+            vectors, name = embedder.query_vectors(embedder.features(images, texts), weights, fusion_calibration(embedder, items)), "joint"
         for j, i in enumerate(idx):
             out[i] = (name, vectors[j:j + 1])
+    negative = [i for i, q in enumerate(queries) if q.not_text is not None]
+    for space in ("joint", "clip"):
+        idx = [i for i in negative if (out[i][0] == "joint") == (space == "joint")]
+        if idx:
+            subtract = negative_vectors([queries[i].not_text for i in idx], space, embedder, items)
+            for j, i in enumerate(idx):
+                out[i] = (out[i][0], (out[i][1] - subtract[j:j + 1]).astype(np.float32))
     return out
 
 
-def like_vector(query: Query, embedder, store) -> np.ndarray:
-    """The joint vector of an item's stored features: both parts, only its image or its text,
+def negative_vectors(texts: list[str], space: str, embedder, items: Collection) -> np.ndarray:
+    """beta (``search.not_text_weight``) times each text's vector as a text query of the space ("joint" or "clip")."""
+    beta = embedder.config.search.not_text_weight
+    if space == "clip":
+        return beta * embedder.embed(texts=texts, space="clip")
+    return beta * embedder.query_vectors(embedder.features(None, texts), calibration=fusion_calibration(embedder, items))
+
+
+def like_vector(query: Query, embedder, items: Collection) -> np.ndarray:
+    """The joint query vector of an item's stored features: both parts, only its image or its text,
     or its image with the query's words in place of its text."""
+    store = items.store
     row = store.rows_of(store.keys_for([query.like]))
     features = {name: array[row].copy() for name, array in store.features.items()}
     if query.text is not None:
@@ -288,7 +356,8 @@ def like_vector(query: Query, embedder, store) -> np.ndarray:
         if not features[f"{query.mode}_mask"].any():
             other = "text" if query.mode == "image" else "image"
             raise QueryError(f"item {query.like!r} has no {query.mode}: ask for items like it by its {other}")
-    return embedder.fuse(features)
+    weights = None if query.weights is None else np.array([query.weights], np.float64)
+    return embedder.query_vectors(features, weights, fusion_calibration(embedder, items))
 
 
 def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | None, embedder, items: Collection) -> pd.DataFrame:
@@ -323,7 +392,7 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
     fusion = embedder.fusion
     if query.mode == "fused" and hasattr(fusion, "contributions") and len(page) and (query.like is None or query.text is not None):
         # Joint vectors re-fused from the stored features: compressed indexes cannot give them back.
-        image_part, text_part = fusion.contributions(vector[0], embedder.fuse(store.features, store.rows_of(page_keys)))
+        image_part, text_part = fusion.contributions(vector[0], embedder.item_vectors(store.features, store.rows_of(page_keys)))
         page.insert(3, "image_score", image_part)
         page.insert(4, "text_score", text_part)
     page.attrs["has_more"] = len(frame) > query.offset + query.k

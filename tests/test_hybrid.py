@@ -65,17 +65,21 @@ def test_an_exact_model_code_finds_its_item_first(lamps, query, hybrid):
     target = 1003 if "3310" in query else 1001
     res = lamps.search(text=query, k=5, hybrid=hybrid)
     assert res["id"].iloc[0] == target
-    assert list(res.columns[:6]) == ["rank", "id", "score", "matched", "vector_score", "keyword_score"]
-    assert res["score"].is_monotonic_decreasing and res["keyword_score"].iloc[0] > 0
+    assert list(res.columns[:7]) == ["rank", "id", "score", "matched", "vector_score", "keyword_score", "hybrid_score"]
+    assert res["hybrid_score"].is_monotonic_decreasing and res["keyword_score"].iloc[0] > 0
+    # The order is the hybrid one; each score is the joint space's cosine, whichever ranking found the item.
+    reached = res["vector_score"].notna()
+    np.testing.assert_allclose(res["score"][reached], res["vector_score"][reached])
+    assert res["score"].between(-1, 1).all()
 
 
 def test_rrf_scores_and_the_keyword_weight(lamps):
     res = lamps.search(text="desk lamp kx-2210", k=8)
     first = res.iloc[0]  # first in both rankings: (60 + 1) * (0.5 / 61 + 0.5 / 61) = 1, plus 1 for the exact model code
-    assert first["id"] == 1001 and first["score"] == pytest.approx(2.0)
-    assert (res["score"].iloc[1:] <= 1).all()  # no other item carries KX-2210
+    assert first["id"] == 1001 and first["hybrid_score"] == pytest.approx(2.0)
+    assert (res["hybrid_score"].iloc[1:] <= 1).all()  # no other item carries KX-2210
     plain = lamps.search(text="adjustable desk lamp", k=3)
-    assert plain["score"].iloc[0] <= 1  # no model code in the query: no bonus
+    assert plain["hybrid_score"].iloc[0] <= 1  # no model code in the query: no bonus
     vector_only = lamps.search(text="desk lamp kx-2210", k=8, hybrid="off")
     assert "keyword_score" not in vector_only and set(vector_only["matched"]) == {"text"}
     no_keywords = lamps.search(text="desk lamp kx-2210", k=8, keyword_weight=0)
@@ -83,11 +87,12 @@ def test_rrf_scores_and_the_keyword_weight(lamps):
     only = lamps.search(text="desk lamp kx-2210", k=3, keyword_weight=1)
     keyword_order = only.dropna(subset=["keyword_score"])
     assert keyword_order["keyword_score"].is_monotonic_decreasing
-    assert only["score"].iloc[0] == pytest.approx(2.0) and only["score"].iloc[1] == pytest.approx((RRF_K + 1) / (RRF_K + 2))
+    assert only["hybrid_score"].iloc[0] == pytest.approx(2.0)
+    assert only["hybrid_score"].iloc[1] == pytest.approx((RRF_K + 1) / (RRF_K + 2))
     weighted = lamps.search(text="desk lamp kx-2210", k=3, hybrid="weighted", keyword_weight=0.5)
     top = weighted.iloc[0]
     best = weighted["keyword_score"].max()
-    assert top["score"] == pytest.approx(0.5 * top["vector_score"] + 0.5 * top["keyword_score"] / best + 1, abs=1e-5)
+    assert top["hybrid_score"] == pytest.approx(0.5 * top["vector_score"] + 0.5 * top["keyword_score"] / best + 1, abs=1e-5)
     filtered = lamps.search(text="kx-2210", k=3, where="price > 40")
     assert 1001 not in filtered["id"].tolist() and filtered["id"].iloc[0] == 1002  # the filter holds for keywords too
     with pytest.raises(mr.QueryError, match="unknown hybrid method"):

@@ -27,8 +27,8 @@ def test_image_query_finds_the_item_itself(indexed, catalog):
     for item_id, source in zip(catalog.ids, catalog.image_sources()):
         res = indexed.search(image=source, k=1)
         assert res["id"].iloc[0] == item_id
-        # late fusion, image weight 0.5: an image-only query scores sqrt(0.5) * cos(image)
-        assert res["score"].iloc[0] == pytest.approx(np.sqrt(0.5), abs=1e-4)
+        # an image-only query scores cos(image), whatever the fusion's image weight: its own photo scores 1
+        assert res["score"].iloc[0] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_image_query_accepts_bytes_and_pil(indexed, catalog):

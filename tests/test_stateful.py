@@ -46,7 +46,8 @@ def reference():
     keys = list(VERSIONS)
     r.index(pd.DataFrame([{**VERSIONS[k], "id": f"{k[0]}-{k[1]}"} for k in keys]), show_progress=False)
     vectors = dict(zip(keys, r.vectors("joint", [f"{i}-{v}" for i, v in keys])))
-    return vectors, r.encode(texts=[QUERY])[0], r.embedder
+    query = r.embedder.query_vectors(r.embedder.features(texts=[QUERY]))[0]  # on the score scale, as search scales it
+    return vectors, query, r.embedder
 
 
 class RetrieverModel(RuleBasedStateMachine):

@@ -124,15 +124,17 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     @app.post("/search", openapi_extra=search_body(request_model), responses=responses({
         200: (SearchResponse, "the results"),
         400: "malformed JSON or form; an empty query; a text that is not valid Unicode; a file that is not an image; "
-             "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses",
+             "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses; "
+             "weights with another key than image and text, a negative weight, both 0, or on a query that is not fused; "
+             "an empty not_text, or one with a vector",
         403: "a cross-origin request", 404: "`like` names an item that is not in the index",
         413: f"{upload}; {pixels}", 415: "a body that is neither JSON nor a form",
         422: f"a field over its bound (k over {bounds.max_k:,}, a text over {bounds.max_text_chars:,} characters or "
              f"{bounds.max_text_tokens:,} word pieces, a filter over {bounds.max_where_chars:,} characters), a filter still "
              f"running after {bounds.filter_timeout_s:g} s, an unknown mode, a mode that does not fit the inputs"}))
     async def search(request: Request) -> Response:
-        """A search as JSON, or as multipart form with a photo (field `image`) and the same fields (`filters` and
-        `vector` as JSON text). Each result's thumbnail is at GET /items/{id}/image (the id URL-encoded)."""
+        """A search as JSON, or as multipart form with a photo (field `image`) and the same fields (`filters`,
+        `vector` and `weights` as JSON text). Each result's thumbnail is at GET /items/{id}/image (the id URL-encoded)."""
         query, image = await _parse_search(request, request_model)
         if image is None and query.image_url:
             image = await run_in_threadpool(fetch_image_url, query.image_url, service.retriever.config, image_urls)
@@ -325,7 +327,7 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
 def _search_arguments(query: Any) -> dict[str, Any]:
     """The Retriever.search arguments of a request (the photo aside)."""
     options = {name: getattr(query, name) for name in ("offset", "min_score", "sort_by", "like", "vector", "filters",
-                                                        "hybrid", "keyword_weight")}
+                                                        "hybrid", "keyword_weight", "weights", "not_text")}
     return {"text": query.text, "mode": query.mode, "k": query.k, "where": query.where,
             **{name: value for name, value in options.items() if value not in (None, 0)}}
 
@@ -387,7 +389,7 @@ async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, 
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await _form(request)
         fields = {k: v for k, v in form.items() if k != "image" and v != ""}
-        for name in ("filters", "vector"):  # structured fields travel as JSON text in a form
+        for name in ("filters", "vector", "weights"):  # structured fields travel as JSON text in a form
             if isinstance(fields.get(name), str):
                 fields[name] = _json_field(name, fields[name])
         upload = form.get("image")

@@ -47,7 +47,19 @@ def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
             examples=[{"category": ["Kitchen"], "price": {"min": 10, "max": 500}}])),
         sort_by=(str | None, Field(None, description=f"a column, 'price' or '-price' (descending): reorders the "
                                                      f"{bounds.sort_candidates} most relevant items (search.sort_candidates)")),
-        min_score=(float | None, Field(None, description="leave out results scoring lower")),
+        min_score=(float | None, Field(None, description=(
+            "leave out results scoring lower. One scale for image, text and fused queries: the weighted mean of the "
+            "cosines of the parts the query has (an item's own photo as a photo query scores 1); zero-shot scores are "
+            "the zero-shot space's cosines (README, \"Scores\")"))),
+        weights=(dict[str, float] | None, Field(None, examples=[{"image": 0.7, "text": 0.3}], json_schema_extra={
+            "propertyNames": {"enum": ["image", "text"]}, "additionalProperties": {"type": "number", "minimum": 0}},
+            description=("fused queries (a photo and words, or `like` an item): the image and text weights, non-negative and "
+                         "not both 0; the score becomes (image * cos_image + text * cos_text) / (image + text). "
+                         "Another key, a negative weight, both 0, or a query that is not fused: 400"))),
+        not_text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars}, examples=["metal legs"],
+                                    description=(f"a concept to subtract: the score loses {bounds.not_text_weight:g} "
+                                                 "(search.not_text_weight) times this text's own score as a text query. "
+                                                 "Bounded as `text`; empty: 400; with `vector`: 400"))),
         like=(str | int | None, Field(None, description="an item id: items like it, from its stored vectors "
                                                          "(with `text`: its photo plus these words)")),
         vector=(list[float] | None, Field(None, description="a query vector in the joint space (as Retriever.encode gives)")),
@@ -100,9 +112,9 @@ class RemoveResponse(BaseModel):
 def search_body(model: type[BaseModel]) -> dict:
     schema = model.model_json_schema()
     form = {name: {k: v for k, v in field.items() if k != "default"} for name, field in schema["properties"].items()}
-    for name in ("filters", "vector"):  # structured values travel as JSON text in a form
+    for name in ("filters", "vector", "weights"):  # structured values travel as JSON text in a form
         form[name] = {"type": "string", "description": f"JSON, as `{name}` in the JSON body"}
-    for name in ("text", "where"):  # a form field is a string, never null
+    for name in ("text", "where", "not_text"):  # a form field is a string, never null
         form[name] = {"type": "string", **{k: v for k, v in form[name].items() if k in ("maxLength", "description", "examples")}}
     form["image"] = {"type": "string", "format": "binary", "description": "a photo (JPEG, PNG, WebP, ...)"}
     return {"requestBody": {"content": {"application/json": {"schema": schema},

@@ -107,7 +107,7 @@ def test_put_adds_replaces_and_updates_one_item(odd, fixtures):
     assert clash.status_code == 400 and "differs" in clash.json()["detail"]
 
 
-@pytest.mark.parametrize("column", ["_key", "score", "matched"])
+@pytest.mark.parametrize("column", ["_key", "score", "matched", "hybrid_score"])
 def test_a_column_named_like_an_internal_one_is_refused(odd, column):
     r = odd.post("/items", data={"metadata": json.dumps({"id": "n1", "title": "x", column: 1})})
     assert r.status_code == 400 and column in r.json()["detail"] and "reserved" in r.json()["detail"]

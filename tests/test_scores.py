@@ -1,0 +1,237 @@
+"""Scores a person can read (issue 11, points 3 and 4): one scale for image, text and fused queries,
+min_score on it, per-query modality weights and a subtracted concept (not_text)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import multiretrieval as mr
+from multiretrieval import cli
+
+DEMO = "data/demo/catalog.csv"
+
+
+def own_text(row) -> str:
+    return f"{row['title']}. {row['description']}"  # the item's text as the catalog joins it (title, description)
+
+
+def by_id(frame: pd.DataFrame, column: str = "score") -> dict:
+    return dict(zip(frame["id"], frame[column]))
+
+
+@pytest.mark.slow
+def test_own_photo_as_an_image_query_scores_at_least_095_for_every_demo_item():
+    catalog = mr.Catalog.from_csv(DEMO)
+    r = mr.Retriever()
+    r.index(catalog, show_progress=False)
+    sources = catalog.image_sources()
+    ids = catalog.ids
+    scores = {}
+    step = r.config.search.max_batch
+    for start in range(0, len(ids), step):
+        frames = r.search_batch([{"image": s, "k": 3} for s in sources[start:start + step]])
+        for item, frame in zip(ids[start:start + step], frames):
+            scores[item] = by_id(frame).get(item, -1.0)  # identical renders may share rank 1 with their twin
+    assert len(scores) == len(catalog) == 820
+    worst = min(scores, key=scores.get)
+    assert scores[worst] >= 0.95, f"item {worst}: its own photo scores {scores[worst]:.3f}"
+
+
+def test_own_photo_own_text_and_both_score_one(indexed, catalog):
+    for item, source in zip(catalog.ids, catalog.image_sources()):
+        text = own_text(indexed.get(item))
+        for query in ({"image": source}, {"text": text, "hybrid": "off"}, {"text": text}, {"image": source, "text": text}):
+            res = indexed.search(k=8, **query)
+            assert by_id(res)[item] == pytest.approx(1.0, abs=1e-4), (item, query)
+
+
+def test_fused_scores_are_the_weighted_mean_of_image_and_text_scores(indexed, catalog):
+    photo = catalog.image_sources()[catalog.ids.index(575)]
+    image = by_id(indexed.search(image=photo, k=8))
+    text = by_id(indexed.search(text="a bed", k=8, hybrid="off"))
+    fused = indexed.search(image=photo, text="a bed", k=8)
+    w = indexed.config.fusion.image_weight
+    for _, row in fused.iterrows():
+        assert row["score"] == pytest.approx(w * image[row["id"]] + (1 - w) * text[row["id"]], abs=1e-5)
+        assert row["image_score"] + row["text_score"] == pytest.approx(row["score"], abs=1e-5)
+    # Image and text scores are cosines: an unrelated item scores well under the item itself.
+    assert max(v for k, v in image.items() if k != 575) < 0.9 and max(text.values()) < 1
+
+
+@pytest.mark.parametrize("query", [{"image": "washing_machine.png"}, {"text": "a seat"}, {"text": "a seat", "hybrid": "off"},
+                                   {"image": "bed1.png", "text": "a sofa"}])
+def test_min_score_is_one_threshold_in_every_mode(indexed, fixtures, query):
+    query = {**query, **({"image": fixtures / "images" / query["image"]} if "image" in query else {})}
+    everything = indexed.search(k=8, **query)
+    assert len(everything) == 8
+    kept = indexed.search(k=8, min_score=0.5, **query)
+    assert kept["id"].tolist() == everything[everything["score"] >= 0.5]["id"].tolist()
+    assert (kept["score"] >= 0.5).all() and 0 < len(kept) < 8  # 0.5 keeps close matches, drops unrelated items
+
+
+def test_weights_move_a_fused_query_between_its_image_and_its_text(indexed, fixtures):
+    photo, words = fixtures / "images" / "washing_machine.png", "a bed"
+    image_only = indexed.search(image=photo, k=8)
+    text_only = indexed.search(text=words, k=8, hybrid="off")
+    all_image = indexed.search(image=photo, text=words, k=8, weights={"image": 1.0, "text": 0.0})
+    all_text = indexed.search(image=photo, text=words, k=8, weights={"text": 2})
+    assert all_image["id"].tolist() == image_only["id"].tolist()
+    np.testing.assert_allclose(all_image["score"], image_only["score"], atol=1e-5)
+    assert all_text["id"].tolist() == text_only["id"].tolist()
+    np.testing.assert_allclose(all_text["score"], text_only["score"], atol=1e-5)
+    ranks = {}
+    for a in (0.1, 0.5, 0.9):
+        res = indexed.search(image=photo, text=words, k=8, weights={"image": a, "text": 1 - a})
+        ranks[a] = (res["id"].tolist().index(575), res["id"].tolist().index(118))
+        image, text = by_id(image_only), by_id(text_only)
+        for _, row in res.iterrows():
+            assert row["score"] == pytest.approx(a * image[row["id"]] + (1 - a) * text[row["id"]], abs=1e-5)
+    assert ranks[0.1][1] == 0 and ranks[0.1][0] > 0  # mostly the words: the bed first
+    assert ranks[0.9][0] == 0 and ranks[0.9][1] > 0  # mostly the photo: the washing machine first
+    like = indexed.search(like=575, text="a bed", k=3, weights={"image": 1, "text": 0})
+    assert like["id"].tolist() == image_only["id"].tolist()[1:4]  # its photo alone (the item itself left out)
+
+
+def test_not_text_subtracts_a_concept(indexed, fixtures):
+    beta = indexed.config.search.not_text_weight
+    plain = by_id(indexed.search(text="a seat", k=8, hybrid="off"))
+    sofa = by_id(indexed.search(text="sofa", k=8, hybrid="off"))
+    minus = indexed.search(text="a seat", k=8, hybrid="off", not_text="sofa")
+    for _, row in minus.iterrows():  # score - beta * the negative's own score as a text query
+        assert row["score"] == pytest.approx(plain[row["id"]] - beta * sofa[row["id"]], abs=1e-5)
+    drop = {k: plain[k] - v for k, v in by_id(minus).items()}
+    assert max(drop, key=drop.get) == 56  # the sofa loses most
+    assert minus["id"].tolist().index(56) > sorted(plain, key=plain.get, reverse=True).index(56)
+    assert by_id(indexed.search(text="a seat", k=8, not_text="sofa"))[56] < plain[56]  # hybrid: its score drops too
+
+    photo = fixtures / "images" / "mid-century-bench-sofa.png"
+    image = by_id(indexed.search(image=photo, k=8))
+    with_negative = by_id(indexed.search(image=photo, k=8, not_text="sofa"))
+    assert all(with_negative[k] == pytest.approx(image[k] - beta * sofa[k], abs=1e-5) for k in image)
+    fused = by_id(indexed.search(image=photo, text="a seat", k=8))
+    assert by_id(indexed.search(image=photo, text="a seat", k=8, not_text="sofa"))[56] < fused[56]
+    cars = by_id(indexed.search(text="a vehicle", mode="zero-shot", k=8))
+    assert by_id(indexed.search(text="a vehicle", mode="zero-shot", k=8, not_text="a car"))[367] < cars[367]
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"text": "sofa", "weights": {"image": -1, "text": 1}}, "image must be a non-negative number"),
+    ({"text": "sofa", "weights": {"image": 0, "text": 0}}, "both 0"),
+    ({"text": "sofa", "weights": {"colour": 1}}, "unknown key"),
+    ({"text": "sofa", "weights": {"image": True}}, "non-negative number"),
+    ({"text": "sofa", "weights": {"image": float("nan")}}, "non-negative number"),
+    ({"text": "sofa", "weights": "image=1"}, "weights must map"),
+    ({"weights": {"image": 1, "text": 1}}, "not to a image query"),
+    ({"image": None, "text": "sofa", "weights": {"image": 1}}, "not to a text query"),
+    ({"text": "sofa", "not_text": "  "}, "not_text is empty"),
+    ({"text": "sofa", "not_text": 3}, "not_text must be a string"),
+    ({"vector": np.ones(1664, np.float32), "not_text": "legs"}, "not a vector"),
+])
+def test_bad_weights_and_not_text_are_query_errors(indexed, fixtures, options, match):
+    options = {"image": fixtures / "images" / "bed1.png", **options}
+    if "vector" in options or options.get("image") is None:
+        options.pop("image")
+    with pytest.raises(mr.QueryError, match=match):
+        indexed.search(**options)
+    with pytest.raises(mr.LimitError, match="not_text has"):
+        indexed.search(text="sofa", not_text="x" * (indexed.config.search.max_text_chars + 1))
+
+
+def test_attention_fusion_scores_on_the_same_scale(retriever_copy, catalog):
+    """The real attention module (untrained, seeded): its late block scaled as late fusion's, its learned
+    block calibrated on the catalog, so an own photo scores 1 on average and an own photo + text exactly 1."""
+    import torch
+
+    from multiretrieval.fusion import AttentionFusion
+    from multiretrieval.ranking import fusion_calibration
+
+    r = retriever_copy
+    torch.manual_seed(0)
+    fusion = AttentionFusion(r.image_encoder.dim, r.text_encoder.dim, dim=64, heads=2, out_dim=32)
+    with torch.no_grad():
+        fusion.module.mix_logit.fill_(0.0)  # half the score from the learned part, to make the calibration matter
+    r.embedder.use_fusion(fusion, None)
+    r.collection.refit_joint(r.embedder)
+    calibration = fusion_calibration(r.embedder, r.collection)
+    assert set(calibration) == {"image", "text"} and all(0.1 <= c <= 1 for c in calibration.values())
+    own = []
+    for item, source in zip(catalog.ids, catalog.image_sources()):
+        own.append(by_id(r.search(image=source, k=8))[item])
+        text = own_text(r.get(item))
+        assert by_id(r.search(image=source, text=text, k=8))[item] == pytest.approx(1.0, abs=1e-4)
+    assert np.mean(own) == pytest.approx(1.0, abs=1e-3) and min(own) > 0.8
+    uncalibrated = 0.5 + 0.5 * calibration["image"]  # what an own photo would score without the calibration
+    assert uncalibrated < 0.99 or calibration["image"] > 0.98
+
+
+def test_an_index_saved_before_the_scale_is_fused_again_when_it_loads(retriever_copy, fixtures, tmp_path):
+    r = retriever_copy
+    photo = fixtures / "images" / "refrigerator.png"
+    r.add(pd.DataFrame({"id": [9001], "image": [str(photo)]}), show_progress=False)  # an item with a photo only
+    assert r.search(image=photo, k=8).pipe(by_id)[9001] == pytest.approx(1.0, abs=1e-4)
+    store = r.store  # the old layout: every item's joint vector renormalised
+    r.collection.indexes.rebuild("joint", store.keys, r.embedder.fuse(store.features), len(store))
+    assert r.search(image=photo, k=8).pipe(by_id)[9001] > 1.2
+    r.save(tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del manifest["score_scale"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    again = mr.Retriever.load(tmp_path / "old")
+    assert again.search(image=photo, k=8).pipe(by_id)[9001] == pytest.approx(1.0, abs=1e-4)
+    assert again.search(image=photo, k=8).pipe(by_id)[773] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cli_min_score_weights_and_not_text(indexed, fixtures, tmp_path, capsys):
+    indexed.save(tmp_path / "idx")
+    photo = str(fixtures / "images" / "washing_machine.png")
+    assert cli.main(["search", str(tmp_path / "idx"), "--image", photo, "--text", "a bed", "--weights", "image=1,text=0",
+                     "--min-score", "0.5", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["id"] == 575 and rows[0]["score"] == pytest.approx(1.0, abs=1e-4) and all(x["score"] >= 0.5 for x in rows)
+    assert cli.main(["search", str(tmp_path / "idx"), "--text", "a seat", "--not-text", "sofa", "--hybrid", "off",
+                     "--format", "json"]) == 0
+    minus = {x["id"]: x["score"] for x in json.loads(capsys.readouterr().out)}
+    assert minus[56] < by_id(indexed.search(text="a seat", hybrid="off"))[56]
+    assert cli.main(["search", str(tmp_path / "idx"), "--image", photo, "--text", "x", "--weights", "image=-1"]) == 2
+    assert "non-negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["search", str(tmp_path / "idx"), "--text", "x", "--weights", "image:1"])
+    assert "image=A,text=B" in capsys.readouterr().err
+
+
+def test_service_takes_weights_not_text_and_min_score_and_refuses_bad_ones(indexed, fixtures, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from multiretrieval.server import create_app
+
+    indexed.save(tmp_path / "idx")
+    photo = (fixtures / "images" / "washing_machine.png").read_bytes()
+    with TestClient(create_app(tmp_path / "idx"), base_url="http://127.0.0.1:8000") as client:
+        form = client.post("/search", files={"image": ("w.png", photo, "image/png")},
+                           data={"text": "a bed", "k": "8", "weights": json.dumps({"image": 1, "text": 0}), "min_score": "0.5"})
+        assert form.status_code == 200, form.text
+        rows = form.json()["results"]
+        assert rows[0]["id"] == 575 and rows[0]["score"] == pytest.approx(1.0, abs=1e-4) and all(r["score"] >= 0.5 for r in rows)
+        assert len(rows) < 8
+        plain = client.post("/search", json={"text": "a seat", "k": 8, "hybrid": "off"}).json()["results"]
+        minus = client.post("/search", json={"text": "a seat", "k": 8, "hybrid": "off", "not_text": "sofa"}).json()["results"]
+        assert {r["id"]: r["score"] for r in minus}[56] < {r["id"]: r["score"] for r in plain}[56]
+        batch = client.post("/search/batch", json={"queries": [{"like": 575, "text": "a bed", "weights": {"image": 1}, "k": 2},
+                                                               {"text": "a seat", "not_text": "sofa", "min_score": 0.3}]})
+        assert batch.status_code == 200 and all(r["score"] >= 0.3 for r in batch.json()["results"][1]["results"])
+        for body in ({"text": "a bed", "weights": {"image": 1, "text": 1}},  # not a fused query
+                     {"like": 575, "text": "a bed", "weights": {"image": -0.5, "text": 1}},
+                     {"like": 575, "text": "a bed", "weights": {"image": 0, "text": 0}},
+                     {"like": 575, "text": "a bed", "weights": {"colour": 1}},
+                     {"text": "a bed", "not_text": ""}, {"vector": [0.0] * 1664, "not_text": "legs"}):
+            answer = client.post("/search", json=body)
+            assert answer.status_code == 400, (body, answer.text)
+        assert client.post("/search", json={"like": 575, "text": "a bed", "weights": {"image": "lots"}}).status_code == 422
+        assert client.post("/search", json={"text": "a bed", "not_text": "x" * 1001}).status_code == 422
+        schema = client.get("/openapi.json").json()["paths"]["/search"]["post"]["requestBody"]["content"]
+        fields = schema["application/json"]["schema"]["properties"]
+        assert {"weights", "not_text", "min_score"} <= set(fields) and "weights" in schema["multipart/form-data"]["schema"]["properties"]
