@@ -13,6 +13,8 @@ empty where the item must be encoded again, e.g. its image URL failed).
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import threading
 from pathlib import Path
@@ -31,6 +33,7 @@ KEY = "_key"  # internal int64 FAISS id of an item; never reused
 IMAGE_SOURCE = "_image_source"  # the item's image path or URL, resolved at index time
 HASH_DTYPE = "S64"  # a sha256 in hex; b"" where unknown
 HASHES_FILE = "hashes.npy"
+FACET_CACHE = 256  # distinct (columns, where, filters) combinations kept; cleared when the rows change
 
 
 class ItemStore:
@@ -52,6 +55,7 @@ class ItemStore:
         self._columns: tuple[np.ndarray, pd.DataFrame] | None = None
         self._ids: dict[str, int] | None = None
         self._modality: dict[str, np.ndarray] = {}
+        self._facets: dict[tuple, dict] = {}  # facets per (columns, where, filters): text queries repeat them
         self.version += 1
 
     def __len__(self) -> int:
@@ -219,6 +223,15 @@ class ItemStore:
         ``columns`` default: ``facet_columns()``; ``timeout_s``: each filter's time limit (see ``filter``).
         """
         columns = list(columns) if columns else self.facet_columns()
+        key = (tuple(columns), where, json.dumps(filters, sort_keys=True, default=str), top, bins)
+        if key not in self._facets:
+            if len(self._facets) >= FACET_CACHE:
+                self._facets.clear()
+            self._facets[key] = self._count_facets(columns, where, filters, timeout_s, top, bins)
+        return copy.deepcopy(self._facets[key])
+
+    def _count_facets(self, columns: list[str], where: str | None, filters: dict[str, Any] | None, timeout_s: float | None,
+                      top: int, bins: int) -> dict[str, dict[str, Any]]:
         public = list(_public(self.table).columns)
         unknown = [c for c in columns if c not in public]
         if unknown:

@@ -100,6 +100,20 @@ def test_facets_count_each_column_without_its_own_filter(indexed):
     assert set(indexed.facets()) == set(indexed.facet_columns())
 
 
+def test_facets_are_counted_once_per_filter_and_again_after_a_write(retriever_copy):
+    r = retriever_copy
+    first = r.facets(["category"])
+    first["category"]["values"].clear()  # a caller's change stays in its copy
+    counts = {v["value"]: v["count"] for v in r.facets(["category"])["category"]["values"]}
+    assert sum(counts.values()) == len(r)
+    kitchen = counts["Kitchen"]
+    narrowed = r.facets(["category"], where="price >= 100")["category"]["values"]  # another filter: counted anew
+    assert sum(v["count"] for v in narrowed) < len(r)
+    r.remove([r.items.loc[r.items["category"] == "Kitchen", "id"].iloc[0]])
+    after = {v["value"]: v["count"] for v in r.facets(["category"])["category"]["values"]}
+    assert after.get("Kitchen", 0) == kitchen - 1 and sum(after.values()) == len(r)
+
+
 def test_facets_refuse_unknown_columns(indexed):
     with pytest.raises(mr.QueryError, match="no column"):
         indexed.facets(["colour"])
