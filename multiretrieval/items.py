@@ -55,7 +55,7 @@ class ItemStore:
         self._columns: tuple[np.ndarray, pd.DataFrame] | None = None
         self._ids: dict[str, int] | None = None
         self._modality: dict[str, np.ndarray] = {}
-        self._facets: dict[tuple, dict] = {}  # facets per (columns, where, filters): text queries repeat them
+        self._facets: dict[tuple, Any] = {}  # facets per (columns, where, filters), and the facet columns: asked per query
         self.version += 1
 
     def __len__(self) -> int:
@@ -272,6 +272,12 @@ class ItemStore:
     def facet_columns(self, limit: int = 6, max_values: int = 50) -> list[str]:
         """Columns worth offering as filters when the config names none: numbers, and text with
         2..``max_values`` distinct values (not the id, not long texts), fewest values first."""
+        key = ("columns", limit, max_values)  # kept with the facets until the rows change
+        if key not in self._facets:
+            self._facets[key] = self._choose_facet_columns(limit, max_values)
+        return list(self._facets[key])
+
+    def _choose_facet_columns(self, limit: int, max_values: int) -> list[str]:
         table = _public(self.table).drop(columns=["id", "image", "title", "description"], errors="ignore")
         chosen = []
         for column in table.columns:
