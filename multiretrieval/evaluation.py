@@ -31,125 +31,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .benchmarks import BENCH_SEED, build_benchmarks, build_exact_names, shopper_photo  # noqa: F401 (re-exported)
 from .catalog import Catalog
 from .config import RetrieverConfig
 
 logger = logging.getLogger(__name__)
-BENCH_SEED = 20261122  # query photos and fragments; training views use other seeds
 ZERO_SHOT_KINDS = ("conse", "lit", "lit+conse")
 # exact names: how each method is asked through Retriever.search
 EXACT_NAME_METHODS = {"vector only": {"hybrid": "off"}, "BM25 only": {"keyword_weight": 1.0},
                       "hybrid: reciprocal-rank fusion (default)": {}, "hybrid: weighted sum": {"hybrid": "weighted"}}
-
-
-# ---------------------------------------------------------------- building the benchmarks
-
-def shopper_photo(image, rng: np.random.Generator):
-    """A catalog render as a shopper's phone photo of the product: not on white, off-centre and
-    partly cropped, slightly turned, mirrored or not, other colour and light, blurred, small, JPEG."""
-    import io
-
-    from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-
-    image = image.convert("RGBA")
-    w, h = image.size
-    background = tuple(int(v) for v in rng.integers(60, 230, 3)) + (255,)  # a wall, a table, a floor
-    photo = Image.new("RGBA", (w, h), background)
-    photo.alpha_composite(image)
-    photo = photo.convert("RGB").rotate(float(rng.uniform(-12, 12)), resample=Image.BICUBIC, fillcolor=background[:3])
-    s = rng.uniform(0.5, 0.85)
-    cw, ch = int(w * s), int(h * s)
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    photo = photo.crop((x, y, x + cw, y + ch))
-    if rng.random() < 0.5:
-        photo = ImageOps.mirror(photo)
-    photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(0.7, 1.3))
-    photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(0.75, 1.25))
-    hsv = np.array(photo.convert("HSV"), dtype=np.int16)
-    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-15, 16))) % 256  # hue shift
-    photo = Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB").filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    side = int(rng.integers(64, 97))
-    photo = photo.resize((side, side), Image.BILINEAR)
-    buffer = io.BytesIO()
-    photo.save(buffer, format="JPEG", quality=int(rng.integers(40, 71)))
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
-def build_benchmarks(root: str | Path, out: str | Path) -> dict[str, int]:
-    """Write the benchmark catalogs and queries under ``out`` from the unpacked Debian packages."""
-    from .datasets import read_sweethome3d_furniture, read_tuxpaint_stamps
-
-    out = Path(out)
-    tux = read_tuxpaint_stamps(root)
-    tux = tux[tux["split"] == "eval"]
-    (out / "tuxpaint").mkdir(parents=True, exist_ok=True)
-    tux[["id", "image", "title", "category"]].to_csv(out / "tuxpaint" / "catalog.csv", index=False)
-
-    df, images = read_sweethome3d_furniture(root)
-    sh = out / "sweethome3d"
-    for rel, data in images.items():
-        (sh / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (sh / "images" / rel).write_bytes(data)
-    df = df.assign(id=range(1, len(df) + 1), image="images/" + df["image"],
-                   description=df["category"] + ". " + df["tags"].fillna(""))
-    df.to_csv(sh / "catalog.csv", index=False)
-    (sh / "queries").mkdir(exist_ok=True)
-    queries = []
-    for row in df.itertuples(index=False):
-        rng = np.random.default_rng([BENCH_SEED, row.id])
-        path = sh / "queries" / f"{row.id}.png"
-        from PIL import Image
-
-        shopper_photo(Image.open(sh / row.image), rng).save(path)
-        tags = row.tags if isinstance(row.tags, str) else ""  # NaN where an item has none
-        fragments = [row.category] + [t.strip() for t in tags.split(",") if t.strip()]
-        queries.append({"target": row.id, "image": f"queries/{row.id}.png", "text": fragments[int(rng.integers(0, len(fragments)))]})
-    pd.DataFrame(queries).to_csv(sh / "queries.csv", index=False)
-    names = build_exact_names(df.assign(image=[str((sh / p).resolve()) for p in df["image"]]), out / "exact_names")
-    return {"tuxpaint_items": len(tux), "sweethome3d_items": len(df), "sweethome3d_queries": len(queries),
-            "exact_name_queries": names}
-
-
-_SYLLABLES = ("ka", "lo", "ven", "dor", "mi", "sa", "tur", "bel", "quo", "rin", "zan", "fel", "mar", "tis", "vok", "lum",
-              "ber", "cor", "nes", "pia", "gal", "hov", "ird", "jun")
-
-
-def build_exact_names(items: pd.DataFrame, out: str | Path) -> int:
-    """Write the exact-name benchmark (see the module docstring) from sweethome3d rows (id, image, title,
-    category, tags); returns the number of queries. Seeded: the same rows give the same files."""
-    rng = np.random.default_rng([BENCH_SEED, 12])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    items = items.sort_values(["category", "id"]).reset_index(drop=True)  # brands dealt round-robin: ~10 categories each
-    n_brands = max(1, len(items) // 10)
-    brands: list[str] = []
-    while len(brands) < n_brands:
-        name = "".join(rng.choice(_SYLLABLES, int(rng.integers(2, 4)))).capitalize()
-        if name not in brands:
-            brands.append(name)
-    codes: set[str] = set()
-    while len(codes) < len(items):
-        letters = "".join(rng.choice(list("ABCDEFGHJKLMNPRSTUVWXZ"), 2))
-        codes.add(f"{letters}-{int(rng.integers(1000, 10000))}")
-    codes_list = sorted(codes)
-    rng.shuffle(codes_list)
-    catalog, queries = [], []
-    for i, row in enumerate(items.itertuples(index=False)):
-        brand, code = brands[i % n_brands], codes_list[i]
-        catalog.append({"id": row.id, "image": row.image, "title": f"{brand} {row.title} {code}", "category": row.category,
-                        "tags": row.tags if isinstance(row.tags, str) else ""})
-        title_words = {w.lower() for w in str(row.title).replace("-", " ").split()}
-        words = [w.strip() for w in ([row.category] + str(row.tags if isinstance(row.tags, str) else "").split(","))]
-        words = [w.lower() for w in words if w and not {x.lower() for x in w.split()} & title_words]
-        descriptive = words[int(rng.integers(0, len(words)))] if words else str(row.category).lower()
-        if i % 2 == 0:
-            spelt = [code, code.replace("-", "").lower(), code.replace("-", " ")][int(rng.integers(0, 3))]
-            queries.append({"target": row.id, "kind": "model code", "text": f"{spelt} {descriptive}"})
-        else:
-            queries.append({"target": row.id, "kind": "brand", "text": f"{brand} {descriptive}"})
-    pd.DataFrame(catalog).to_csv(out / "catalog.csv", index=False)
-    pd.DataFrame(queries).to_csv(out / "queries.csv", index=False)
-    return len(queries)
 
 
 # ---------------------------------------------------------------- measures
