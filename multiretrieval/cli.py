@@ -5,7 +5,7 @@
                               [--weights image=0.7,text=0.3] [--not-text T] [--show out.png]
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
-    multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train]
+    multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train] [--only NAME ...]
     multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     multiretrieval demo [--catalog CSV] [--out DIR]
 
@@ -139,7 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
-    evaluate(args.bench_dir, args.out, _load_config(args.config), train=not args.no_train, show_progress=not args.no_progress)
+    evaluate(args.bench_dir, args.out, _load_config(args.config), train=not args.no_train, show_progress=not args.no_progress,
+             only=args.only)
     print((Path(args.out) / "report.md").read_text())
     print(f"written to {args.out}: report.md, results.json, recall_at_k.png")
     return 0
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.md, results.json and recall_at_k.png")
     p.add_argument("--config", help="YAML config (encoders, zero-shot weights, training settings)")
     p.add_argument("--no-train", action="store_true", help="skip training the attention fusion")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these benchmarks: tuxpaint, sweethome3d, exact_names, composed, fused, "
+                        "composed/<data set>, fused/<data set> (default: all found)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

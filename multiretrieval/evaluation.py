@@ -17,6 +17,13 @@ Benchmarks (none of their queries is ever trained on):
   indexed; one query per item holding an exact name plus words of its category or tags that
   its title lacks: "<model code, spelt one of three ways> <descriptive words>" or "<brand>
   <descriptive words>". Recall@1/@10 of vector-only, BM25-only and hybrid text search.
+- composed/<data set> and fused/<data set> (issue 11; built by benchmarks.build_composed / build_fused
+  from sweethome3d, openclipart and tuxpaint, queries only from held-out categories, see split.json in
+  each folder): image-only, text-only and fused recall@1/5/10 per query group under late fusion, the
+  pretrained attention fusion ``fusion.weights`` names ("not shipped" when none) and the attention fusion
+  trained on the benchmark catalog's own items with ``Retriever.train()``. Composed: fused R@1, its ratio
+  to late fusion's and the target (>= 2x late and >= 0.35) as pass/fail; fused: fused R@1 against the
+  better of image-only and text-only, per kind of text. ``evaluate(..., only=["composed"])`` runs a subset.
 """
 
 from __future__ import annotations
@@ -31,125 +38,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .benchmarks import BENCH_SEED, build_benchmarks, build_exact_names, shopper_photo  # noqa: F401 (re-exported)
 from .catalog import Catalog
 from .config import RetrieverConfig
 
 logger = logging.getLogger(__name__)
-BENCH_SEED = 20261122  # query photos and fragments; training views use other seeds
 ZERO_SHOT_KINDS = ("conse", "lit", "lit+conse")
 # exact names: how each method is asked through Retriever.search
 EXACT_NAME_METHODS = {"vector only": {"hybrid": "off"}, "BM25 only": {"keyword_weight": 1.0},
                       "hybrid: reciprocal-rank fusion (default)": {}, "hybrid: weighted sum": {"hybrid": "weighted"}}
-
-
-# ---------------------------------------------------------------- building the benchmarks
-
-def shopper_photo(image, rng: np.random.Generator):
-    """A catalog render as a shopper's phone photo of the product: not on white, off-centre and
-    partly cropped, slightly turned, mirrored or not, other colour and light, blurred, small, JPEG."""
-    import io
-
-    from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-
-    image = image.convert("RGBA")
-    w, h = image.size
-    background = tuple(int(v) for v in rng.integers(60, 230, 3)) + (255,)  # a wall, a table, a floor
-    photo = Image.new("RGBA", (w, h), background)
-    photo.alpha_composite(image)
-    photo = photo.convert("RGB").rotate(float(rng.uniform(-12, 12)), resample=Image.BICUBIC, fillcolor=background[:3])
-    s = rng.uniform(0.5, 0.85)
-    cw, ch = int(w * s), int(h * s)
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    photo = photo.crop((x, y, x + cw, y + ch))
-    if rng.random() < 0.5:
-        photo = ImageOps.mirror(photo)
-    photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(0.7, 1.3))
-    photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(0.75, 1.25))
-    hsv = np.array(photo.convert("HSV"), dtype=np.int16)
-    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-15, 16))) % 256  # hue shift
-    photo = Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB").filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    side = int(rng.integers(64, 97))
-    photo = photo.resize((side, side), Image.BILINEAR)
-    buffer = io.BytesIO()
-    photo.save(buffer, format="JPEG", quality=int(rng.integers(40, 71)))
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
-def build_benchmarks(root: str | Path, out: str | Path) -> dict[str, int]:
-    """Write the benchmark catalogs and queries under ``out`` from the unpacked Debian packages."""
-    from .datasets import read_sweethome3d_furniture, read_tuxpaint_stamps
-
-    out = Path(out)
-    tux = read_tuxpaint_stamps(root)
-    tux = tux[tux["split"] == "eval"]
-    (out / "tuxpaint").mkdir(parents=True, exist_ok=True)
-    tux[["id", "image", "title", "category"]].to_csv(out / "tuxpaint" / "catalog.csv", index=False)
-
-    df, images = read_sweethome3d_furniture(root)
-    sh = out / "sweethome3d"
-    for rel, data in images.items():
-        (sh / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (sh / "images" / rel).write_bytes(data)
-    df = df.assign(id=range(1, len(df) + 1), image="images/" + df["image"],
-                   description=df["category"] + ". " + df["tags"].fillna(""))
-    df.to_csv(sh / "catalog.csv", index=False)
-    (sh / "queries").mkdir(exist_ok=True)
-    queries = []
-    for row in df.itertuples(index=False):
-        rng = np.random.default_rng([BENCH_SEED, row.id])
-        path = sh / "queries" / f"{row.id}.png"
-        from PIL import Image
-
-        shopper_photo(Image.open(sh / row.image), rng).save(path)
-        tags = row.tags if isinstance(row.tags, str) else ""  # NaN where an item has none
-        fragments = [row.category] + [t.strip() for t in tags.split(",") if t.strip()]
-        queries.append({"target": row.id, "image": f"queries/{row.id}.png", "text": fragments[int(rng.integers(0, len(fragments)))]})
-    pd.DataFrame(queries).to_csv(sh / "queries.csv", index=False)
-    names = build_exact_names(df.assign(image=[str((sh / p).resolve()) for p in df["image"]]), out / "exact_names")
-    return {"tuxpaint_items": len(tux), "sweethome3d_items": len(df), "sweethome3d_queries": len(queries),
-            "exact_name_queries": names}
-
-
-_SYLLABLES = ("ka", "lo", "ven", "dor", "mi", "sa", "tur", "bel", "quo", "rin", "zan", "fel", "mar", "tis", "vok", "lum",
-              "ber", "cor", "nes", "pia", "gal", "hov", "ird", "jun")
-
-
-def build_exact_names(items: pd.DataFrame, out: str | Path) -> int:
-    """Write the exact-name benchmark (see the module docstring) from sweethome3d rows (id, image, title,
-    category, tags); returns the number of queries. Seeded: the same rows give the same files."""
-    rng = np.random.default_rng([BENCH_SEED, 12])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    items = items.sort_values(["category", "id"]).reset_index(drop=True)  # brands dealt round-robin: ~10 categories each
-    n_brands = max(1, len(items) // 10)
-    brands: list[str] = []
-    while len(brands) < n_brands:
-        name = "".join(rng.choice(_SYLLABLES, int(rng.integers(2, 4)))).capitalize()
-        if name not in brands:
-            brands.append(name)
-    codes: set[str] = set()
-    while len(codes) < len(items):
-        letters = "".join(rng.choice(list("ABCDEFGHJKLMNPRSTUVWXZ"), 2))
-        codes.add(f"{letters}-{int(rng.integers(1000, 10000))}")
-    codes_list = sorted(codes)
-    rng.shuffle(codes_list)
-    catalog, queries = [], []
-    for i, row in enumerate(items.itertuples(index=False)):
-        brand, code = brands[i % n_brands], codes_list[i]
-        catalog.append({"id": row.id, "image": row.image, "title": f"{brand} {row.title} {code}", "category": row.category,
-                        "tags": row.tags if isinstance(row.tags, str) else ""})
-        title_words = {w.lower() for w in str(row.title).replace("-", " ").split()}
-        words = [w.strip() for w in ([row.category] + str(row.tags if isinstance(row.tags, str) else "").split(","))]
-        words = [w.lower() for w in words if w and not {x.lower() for x in w.split()} & title_words]
-        descriptive = words[int(rng.integers(0, len(words)))] if words else str(row.category).lower()
-        if i % 2 == 0:
-            spelt = [code, code.replace("-", "").lower(), code.replace("-", " ")][int(rng.integers(0, 3))]
-            queries.append({"target": row.id, "kind": "model code", "text": f"{spelt} {descriptive}"})
-        else:
-            queries.append({"target": row.id, "kind": "brand", "text": f"{brand} {descriptive}"})
-    pd.DataFrame(catalog).to_csv(out / "catalog.csv", index=False)
-    pd.DataFrame(queries).to_csv(out / "queries.csv", index=False)
-    return len(queries)
 
 
 # ---------------------------------------------------------------- measures
@@ -164,20 +61,33 @@ def recall(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
     return {f"R@{k}": float((ranks < k).mean()) for k in ks}
 
 
+def selected(name: str, only: list[str] | tuple[str, ...] | None) -> bool:
+    """Whether benchmark ``name`` ("tuxpaint", "composed/sweethome3d", ...) is among ``only`` (None: all); a
+    selector names a benchmark or a group of them ("composed", "fused")."""
+    return only is None or any(name == s or name.startswith(s.rstrip("/") + "/") for s in only)
+
+
 def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None = None, train: bool = True,
-             show_progress: bool | None = None) -> dict[str, Any]:
-    """Run every benchmark under ``bench``; write report.md, results.json and recall_at_k.png to ``out``."""
+             show_progress: bool | None = None, only: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run every benchmark under ``bench`` (or those ``only`` names: tuxpaint, sweethome3d, exact_names, composed,
+    fused, composed/<data set>, fused/<data set>); write report.md, results.json and recall_at_k.png to ``out``."""
     bench, out = Path(bench), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = config or RetrieverConfig()
     started = time.time()
     results: dict[str, Any] = {"config": config.to_dict()}
-    if (bench / "tuxpaint" / "catalog.csv").is_file():
+    if (bench / "tuxpaint" / "catalog.csv").is_file() and selected("tuxpaint", only):
         results["tuxpaint_zero_shot"] = _tuxpaint(bench / "tuxpaint", config, show_progress)
-    if (bench / "sweethome3d" / "catalog.csv").is_file():
+    if (bench / "sweethome3d" / "catalog.csv").is_file() and selected("sweethome3d", only):
         results.update(_sweethome3d(bench / "sweethome3d", config, out, train, show_progress))
-    if (bench / "exact_names" / "catalog.csv").is_file():
+    if (bench / "exact_names" / "catalog.csv").is_file() and selected("exact_names", only):
         results["exact_names"] = exact_names(bench / "exact_names", config, show_progress)
+    for kind in ("composed", "fused"):
+        for folder in sorted(p.parent for p in (bench / kind).glob("*/catalog.csv")):
+            name = f"{kind}/{folder.name}"
+            if selected(name, only):
+                logger.info("benchmark %s", name)
+                results.setdefault(kind, {})[folder.name] = score_benchmark(folder, config, train, show_progress)
     results["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "report.md").write_text(report_markdown(results))
@@ -276,6 +186,157 @@ def _same_name_precision(r, ids: np.ndarray, catalog: Catalog) -> dict[str, floa
     return {"P@10": float(np.mean(precision)) if precision else None, "queries": int(shared.sum())}
 
 
+# ---------------------------------------------------------------- composed and fused benchmarks (benchmarks.py builds them)
+
+FUSIONS = ("late", "pretrained", "fine-tuned")
+QUERY_MODES = ("image-only", "text-only", "fused")
+COMPOSED_TARGET = {"ratio_to_late": 2.0, "min_R@1": 0.35}  # issue 11: fused R@1 >= 2x late fusion's and >= 0.35
+NOT_SHIPPED = "not shipped"
+
+
+def ranks_of_any(sims: np.ndarray, valid: list[list[int]]) -> np.ndarray:
+    """0-based rank of each query's best-scoring valid target: the items that are not valid and score at
+    least as high (ties count against the target)."""
+    out = np.zeros(len(sims), np.int64)
+    for i, v in enumerate(valid):
+        wrong = np.ones(sims.shape[1], bool)
+        wrong[v] = False
+        out[i] = int((sims[i, wrong] >= sims[i, v].max()).sum())
+    return out
+
+
+def query_groups(queries: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Row masks of the queries' groups: each kind; edits the composed-training recipe may see or never sees; all."""
+    kinds = queries["kind"].astype(str)
+    groups = {k: (kinds == k).to_numpy() for k in dict.fromkeys(kinds)}
+    if "seen_edit" in queries and (kinds == "edit").any():
+        seen = queries["seen_edit"].astype(str).str.lower().eq("true").to_numpy()
+        groups["edit, seen edit"] = groups["edit"] & seen
+        groups["edit, unseen edit"] = groups["edit"] & ~seen
+    groups["all"] = np.ones(len(queries), bool)
+    return {g: m for g, m in groups.items() if m.any()}
+
+
+class _QueryFeatures:
+    """A benchmark's query photos and texts encoded once (the encoders are frozen), fused by each fusion."""
+
+    def __init__(self, embedder, photos: list, texts: list[str], photo_of: np.ndarray, text_of: np.ndarray) -> None:
+        self.photos, self.texts, self.photo_of, self.text_of = photos, texts, photo_of, text_of
+        self._tokens: dict[tuple[int, int], tuple] = {}
+        self._tokens_for(embedder)
+
+    def _tokens_for(self, embedder) -> tuple:
+        fusion = embedder.fusion
+        layout = (fusion.image_grid, fusion.text_chunks)
+        if layout not in self._tokens:
+            bs = embedder.config.encoders.batch_size
+            image = np.concatenate([embedder.image_encoder.forward_images(self.photos[s:s + bs], layout[0])[0]
+                                    for s in range(0, len(self.photos), bs)])
+            parts = [embedder.text_encoder.forward(self.texts[s:s + bs], layout[1]) for s in range(0, len(self.texts), bs)]
+            self._tokens[layout] = (image, np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts]))
+        return self._tokens[layout]
+
+    def embed(self, embedder) -> dict[str, np.ndarray]:
+        """Image-only, text-only and fused query vectors under ``embedder``'s fusion (what ``Retriever.encode`` gives)."""
+        image, text, text_mask = self._tokens_for(embedder)
+        out = {}
+        for mode in QUERY_MODES:
+            f = embedder.feature_buffers(len(self.photo_of))
+            if mode != "text-only":
+                f["image_tokens"][:], f["image_mask"][:] = image[self.photo_of], True
+            if mode != "image-only":
+                f["text_tokens"][:], f["text_mask"][:] = text[self.text_of], text_mask[self.text_of]
+            out[mode] = embedder.fuse(f)
+        return out
+
+
+def _measure(embedder, items: np.ndarray, features: _QueryFeatures, valid: list[list[int]],
+             groups: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    ranks = {mode: ranks_of_any(q @ items.T, valid) for mode, q in features.embed(embedder).items()}
+    return {g: {"n": int(mask.sum()), **{mode: recall(r[mask]) for mode, r in ranks.items()}} for g, mask in groups.items()}
+
+
+def score_benchmark(folder: str | Path, config: RetrieverConfig | None = None, train: bool = True,
+                    show_progress: bool | None = None) -> dict[str, Any]:
+    """Score one composed or fused benchmark folder (benchmarks.build_composed / build_fused).
+
+    Image-only, text-only and fused recall@1/5/10 per query group under (i) late fusion (the config's fusion
+    section with kind late), (ii) the pretrained attention fusion the config's ``fusion.weights`` names, not
+    trained on this catalog ("not shipped" when it names none), (iii) the attention fusion trained on this
+    catalog with ``Retriever.train()`` (its own items' images and texts; never a query photo or text).
+    """
+    import tempfile
+
+    from .catalog import load_image
+    from .retriever import Retriever
+
+    folder = Path(folder)
+    started = time.time()
+    config = config or RetrieverConfig()
+    text_columns = ("title", "description")
+    late_config = dataclasses.replace(config, catalog=dataclasses.replace(config.catalog, text_columns=text_columns),
+                                      fusion=dataclasses.replace(config.fusion, kind="late", weights=None))
+    catalog = Catalog.from_csv(folder / "catalog.csv", text_columns=text_columns)
+    queries = pd.read_csv(folder / "queries.csv", dtype=str, keep_default_na=False)
+    split = json.loads((folder / "split.json").read_text()) if (folder / "split.json").is_file() else {}
+    out: dict[str, Any] = {"kind": folder.parent.name, "dataset": folder.name, "catalog": len(catalog), "queries": len(queries),
+                           "split": split.get("split", ""), "heldout_categories": split.get("heldout_categories", [])}
+    with tempfile.TemporaryDirectory(prefix="multiretrieval-eval-") as tmp:
+        r = Retriever(late_config)
+        r.index(catalog, show_progress=show_progress, cache=Path(tmp) / "shards")
+        position = {str(i): p for p, i in enumerate(r.items["id"].astype(str))}
+        missing = sorted({t for ts in queries["targets"] for t in ts.split(";")} - set(position))
+        if missing:
+            raise ValueError(f"{folder}: query targets not indexed: {missing[:5]}")
+        valid = [[position[t] for t in ts.split(";")] for ts in queries["targets"]]
+        photo_files, photo_of = np.unique(queries["image"].to_numpy(), return_inverse=True)
+        texts, text_of = np.unique(queries["text"].to_numpy(), return_inverse=True)
+        features = _QueryFeatures(r.embedder, [load_image(folder / p) for p in photo_files], texts.tolist(), photo_of, text_of)
+        groups = query_groups(queries)
+        out["late"] = _measure(r.embedder, r.vectors("joint"), features, valid, groups)
+        if config.fusion.weights:
+            pre = Retriever(dataclasses.replace(late_config, fusion=config.fusion))
+            pre.index(catalog, show_progress=show_progress, cache=Path(tmp) / "shards")  # the encoded shards are reused
+            out["pretrained"] = _measure(pre.embedder, pre.vectors("joint"), features, valid, groups)
+            out["pretrained_weights"] = str(config.fusion.weights)
+        else:
+            out["pretrained"] = NOT_SHIPPED
+        if train:
+            t0 = time.time()
+            report = r.train(out=Path(tmp) / "trained", show_progress=show_progress)
+            out["fine-tuned"] = _measure(r.embedder, r.vectors("joint"), features, valid, groups)
+            out["training"] = {"epochs": len(report["history"]), "best_val_fused_R@1": report["best_val_fused_R@1"],
+                               "items": report["items"], "seconds": round(time.time() - t0, 1),
+                               "from": "random initialisation (Retriever.train)"}
+    out["summary"] = _summary(out)
+    out["seconds"] = round(time.time() - started, 1)
+    return out
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Composed: fused R@1 per fusion, its ratio to late fusion's, and the target as pass/fail. Fused: per
+    query kind, fused R@1 against the better of image-only and text-only."""
+    measured = {f: result[f] for f in FUSIONS if isinstance(result.get(f), dict)}
+    late = measured["late"]["all"]["fused"]["R@1"]
+    if result["kind"] == "composed":
+        out = {}
+        for fusion, m in measured.items():
+            r1 = m["all"]["fused"]["R@1"]
+            ratio = r1 / late if late else None
+            out[fusion] = {"fused R@1": r1, "ratio to late": ratio,
+                           "target met": bool(ratio is not None and ratio >= COMPOSED_TARGET["ratio_to_late"]
+                                              and r1 >= COMPOSED_TARGET["min_R@1"])}
+        return out
+    out = {}
+    for fusion, m in measured.items():
+        for group, g in m.items():
+            best = max(g["image-only"]["R@1"], g["text-only"]["R@1"])
+            out.setdefault(fusion, {})[group] = {"fused R@1": g["fused"]["R@1"], "best single R@1": best,
+                                                 "fused - best single": g["fused"]["R@1"] - best,
+                                                 "fused >= best single": g["fused"]["R@1"] >= best}
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 def report_markdown(results: dict[str, Any]) -> str:
@@ -313,8 +374,72 @@ def report_markdown(results: dict[str, Any]) -> str:
             m = names[method]
             lines.append(f"| {method} | {m['R@1']:.3f} | {m['R@10']:.3f} | " + " | ".join(f"{m[f'R@1 {k}']:.3f}" for k in kinds) + " |")
         lines.append("")
+    lines += _composed_and_fused_markdown(results)
     lines.append(f"Run time: {results.get('seconds', 0):.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _r(m: dict[str, float]) -> str:
+    return f"{m['R@1']:.3f} / {m['R@5']:.3f} / {m['R@10']:.3f}"
+
+
+def _composed_and_fused_markdown(results: dict[str, Any]) -> list[str]:
+    """The composed and fused sections of the report: how each split was made, a summary, then every group."""
+    lines: list[str] = []
+    target = COMPOSED_TARGET
+    titles = {"composed": 'Composed queries ("this, but X"): a shopper photo of one variant + the words of another -> that variant',
+              "fused": "Fused queries: a shopper photo of an item + a short text about it (category, tag, vague) -> that item"}
+    for kind in ("composed", "fused"):
+        block = results.get(kind)
+        if not block:
+            continue
+        lines += [f"## {titles[kind]}", "",
+                  ("Fusions: **late** (the default, no parameters), **pretrained** (the attention fusion that `fusion.weights` "
+                   "names, not trained on the benchmark catalog; \"not shipped\" while the package ships none), **fine-tuned** "
+                   "(the attention fusion trained with `Retriever.train()` on the benchmark catalog's own images and texts)."), ""]
+        for ds, res in block.items():
+            lines += [f"- **{kind}/{ds}** ({res['catalog']} catalog items, {res['queries']} queries): {res['split']}"]
+        lines.append("")
+        if kind == "composed":
+            lines += [f"Target: fused R@1 >= {target['ratio_to_late']:g}x late fusion's and >= {target['min_R@1']:g}.", "",
+                      "| benchmark | fusion | image-only R@1 | text-only R@1 | fused R@1 | fused / late | target |",
+                      "|---|---|---|---|---|---|---|"]
+            for ds, res in block.items():
+                for fusion in FUSIONS:
+                    m = res.get(fusion)
+                    if isinstance(m, str):
+                        lines.append(f"| {kind}/{ds} | {fusion} | {m} | | | | |")
+                    elif m:
+                        s = res["summary"][fusion]
+                        ratio = "-" if s["ratio to late"] is None else f"{s['ratio to late']:.2f}x"
+                        lines.append(f"| {kind}/{ds} | {fusion} | {m['all']['image-only']['R@1']:.3f} | {m['all']['text-only']['R@1']:.3f} | "
+                                     f"**{s['fused R@1']:.3f}** | {ratio} | {'pass' if s['target met'] else 'FAIL'} |")
+        else:
+            lines += ["| benchmark | query text | fusion | image-only R@1 | text-only R@1 | fused R@1 | fused - best single | fused >= best single |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for ds, res in block.items():
+                for fusion in FUSIONS:
+                    m = res.get(fusion)
+                    if isinstance(m, str):
+                        lines.append(f"| {kind}/{ds} | all | {fusion} | {m} | | | | |")
+                        continue
+                    for group, s in (res["summary"].get(fusion) or {}).items():
+                        lines.append(f"| {kind}/{ds} | {group} | {fusion} | {m[group]['image-only']['R@1']:.3f} | "
+                                     f"{m[group]['text-only']['R@1']:.3f} | **{s['fused R@1']:.3f}** | {s['fused - best single']:+.3f} | "
+                                     f"{'yes' if s['fused >= best single'] else 'NO'} |")
+        lines += ["", f"Every query group, R@1 / R@5 / R@10 ({kind}):", "",
+                  "| benchmark | group | n | fusion | image-only | text-only | fused |", "|---|---|---|---|---|---|---|"]
+        for ds, res in block.items():
+            for group in res["late"]:
+                for fusion in FUSIONS:
+                    m = res.get(fusion)
+                    if isinstance(m, dict):
+                        g = m[group]
+                        lines.append(f"| {kind}/{ds} | {group} | {g['n']} | {fusion} | {_r(g['image-only'])} | {_r(g['text-only'])} | "
+                                     f"{_r(g['fused'])} |")
+        lines += ["", "Seconds per benchmark (index, encode, train, score): "
+                  + ", ".join(f"{kind}/{ds} {res['seconds']:.0f}" for ds, res in block.items()), ""]
+    return lines
 
 
 def plot_recall(results: dict[str, Any], path: Path) -> None:
@@ -323,7 +448,8 @@ def plot_recall(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    bars = [(f"{kind}/{ds}", res) for kind in ("composed", "fused") for ds, res in results.get(kind, {}).items()]
+    fig, axes = plt.subplots(1, 3 if bars else 2, figsize=(16 if bars else 11, 4))
     tux = results.get("tuxpaint_zero_shot")
     if tux:
         for kind in ZERO_SHOT_KINDS:
@@ -335,9 +461,18 @@ def plot_recall(results: dict[str, Any], path: Path) -> None:
             for query, m in fused.get(fusion, {}).items():
                 axes[1].plot([1, 10], [m["R@1"], m["R@10"]], marker="o", label=f"{fusion}: {query}")
         axes[1].set_title("photo + fragment -> item (sweethome3d)")
-    for ax in axes:
+    if bars:
+        ax = axes[2]
+        x = np.arange(len(bars))
+        for j, fusion in enumerate(f for f in FUSIONS if any(isinstance(res.get(f), dict) for _, res in bars)):
+            ax.bar(x + 0.27 * (j - 1), [res[fusion]["all"]["fused"]["R@1"] if isinstance(res.get(fusion), dict) else 0 for _, res in bars],
+                   0.27, label=fusion)
+        ax.set_xticks(x, [name for name, _ in bars], rotation=30, ha="right", fontsize=7)
+        ax.set_title("fused R@1, composed and fused benchmarks")
+    for ax in axes[:2]:
         ax.set_xlabel("K")
-        ax.set_ylabel("recall@K")
+    for ax in axes:
+        ax.set_ylabel("recall@K" if ax is not axes[-1] or not bars else "R@1")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

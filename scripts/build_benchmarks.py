@@ -1,6 +1,6 @@
 """Build the evaluation benchmarks from the Debian packages (nothing is downloaded at run time).
 
-    apt-get download sweethome3d-furniture tuxpaint-stamps-default
+    apt-get download sweethome3d-furniture tuxpaint-stamps-default openclipart-png
     for f in *.deb; do dpkg -x "$f" /tmp/mrdata; done
     python scripts/build_benchmarks.py /tmp/mrdata --out bench
     multiretrieval evaluate bench --out reports/eval
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from multiretrieval.evaluation import build_benchmarks
 
@@ -17,8 +18,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="folder the Debian packages were unpacked into with dpkg -x")
     parser.add_argument("--out", default="bench")
+    parser.add_argument("--no-composed", action="store_true",
+                        help="skip the composed and fused benchmarks (they need openclipart-png unpacked too)")
     args = parser.parse_args()
-    print(build_benchmarks(args.root, args.out))
+    print(json.dumps(build_benchmarks(args.root, args.out, composed=not args.no_composed), indent=1))
 
 
 if __name__ == "__main__":
