@@ -188,6 +188,7 @@ async function runSearch(append = false) {
     $("more").hidden = !data.has_more;
     const shown = $("results").children.length;
     $("status").replaceChildren(`${shown}${data.has_more ? "+" : ""} products`, muted(` · ${Math.round(data.took_ms)} ms`));
+    if (data.mode === "fused") $("status").append(contributionLegend());
     if (data.facets) renderFacets(data.facets);
   } catch (err) {
     if (seq !== searchSeq) return;
@@ -282,6 +283,13 @@ function card(item, mode) {
   li.append(link);
   if (mode === "fused" && item.image_score !== undefined) li.append(contributionBar(item));
   return li;
+}
+
+function contributionLegend() {
+  // What the bar under each fused result means: how much of its match came from the photo and from the words.
+  const legend = el("span", "legend muted small");
+  legend.append(" · matched by ", el("span", "swatch by-photo"), " the photo and ", el("span", "swatch by-words"), " the words");
+  return legend;
 }
 
 function contributionBar(item) {
