@@ -68,27 +68,22 @@ class LateFusion:
         self.out_dim = image_dim + text_dim
 
     def fuse(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray) -> np.ndarray:
-        has_image = image_mask.any(1, keepdims=True)
-        has_text = text_mask.any(1, keepdims=True)
-        image = l2_normalize(image_tokens[:, 0]) * has_image * np.sqrt(self.image_weight)
-        text = l2_normalize(text_tokens[:, 0]) * has_text * np.sqrt(1.0 - self.image_weight)
-        return l2_normalize(np.concatenate([image, text], axis=1))
+        return l2_normalize(self.item_vectors(image_tokens, image_mask, text_tokens, text_mask))
 
     def item_vectors(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray
                      ) -> np.ndarray:
         """What the joint index stores: [sqrt(w) u_image ; sqrt(1 - w) u_text], a missing part zero, not renormalised."""
         w = self.image_weight
-        return np.concatenate([_unit_part(image_tokens, image_mask) * np.sqrt(w),
-                               _unit_part(text_tokens, text_mask) * np.sqrt(1.0 - w)], axis=1).astype(np.float32)
+        return _late_block(image_tokens, image_mask, text_tokens, text_mask, np.sqrt(w), np.sqrt(1.0 - w))
 
     def query_vectors(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray,
                       weights: np.ndarray | None = None, calibration: dict | None = None) -> np.ndarray:
         """Queries on the score scale: against ``item_vectors``, a cos(image) + b cos(text) (see the module's doc).
         ``weights``: (n, 2) image and text weights per query (a NaN row: the default shares)."""
-        shares = modality_shares(image_mask.any(1), text_mask.any(1), self.image_weight, weights)
-        return np.concatenate([_unit_part(image_tokens, image_mask) * _over_root(shares[:, :1], self.image_weight),
-                               _unit_part(text_tokens, text_mask) * _over_root(shares[:, 1:], 1.0 - self.image_weight)],
-                              axis=1).astype(np.float32)
+        w = self.image_weight
+        shares = modality_shares(image_mask.any(1), text_mask.any(1), w, weights)
+        return _late_block(image_tokens, image_mask, text_tokens, text_mask,
+                           _over_root(shares[:, :1], w), _over_root(shares[:, 1:], 1.0 - w))
 
     def calibrate(self, image_tokens, image_mask, text_tokens, text_mask) -> dict:
         """Nothing to measure: late fusion's scale is exact."""
@@ -111,6 +106,13 @@ class LateFusion:
 def _unit_part(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The pooled token (token 0) L2-normalised, zero where the row has no such modality."""
     return l2_normalize(tokens[:, 0]) * mask.any(1, keepdims=True)
+
+
+def _late_block(image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray,
+                image_scale, text_scale) -> np.ndarray:
+    """[image_scale u_image ; text_scale u_text] (scales: numbers or (n, 1) columns), float32: late fusion's vector."""
+    return np.concatenate([_unit_part(image_tokens, image_mask) * image_scale,
+                           _unit_part(text_tokens, text_mask) * text_scale], axis=1).astype(np.float32)
 
 
 def _over_root(share: np.ndarray, weight: float) -> np.ndarray:
@@ -228,9 +230,8 @@ class AttentionFusion:
         """What the joint index stores: ``fuse`` with the late block not renormalised (see the module's doc)."""
         z = self.fuse(image_tokens, image_mask, text_tokens, text_mask)
         m, w = self.mixing()
-        late = np.sqrt(1.0 - m) * np.concatenate([_unit_part(image_tokens, image_mask) * np.sqrt(w),
-                                                  _unit_part(text_tokens, text_mask) * np.sqrt(1.0 - w)], axis=1)
-        z[:, :self.image_dim + self.text_dim] = late
+        z[:, :self.image_dim + self.text_dim] = np.sqrt(1.0 - m) * _late_block(image_tokens, image_mask, text_tokens, text_mask,
+                                                                               np.sqrt(w), np.sqrt(1.0 - w))
         return z
 
     def query_vectors(self, image_tokens: np.ndarray, image_mask: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray,
@@ -243,8 +244,8 @@ class AttentionFusion:
         has_image, has_text = image_mask.any(1), text_mask.any(1)
         shares = modality_shares(has_image, has_text, w, weights)
         d = self.image_dim + self.text_dim
-        z[:, :d] = np.sqrt(1.0 - m) * np.concatenate([_unit_part(image_tokens, image_mask) * _over_root(shares[:, :1], w),
-                                                      _unit_part(text_tokens, text_mask) * _over_root(shares[:, 1:], 1.0 - w)], axis=1)
+        z[:, :d] = np.sqrt(1.0 - m) * _late_block(image_tokens, image_mask, text_tokens, text_mask,
+                                                  _over_root(shares[:, :1], w), _over_root(shares[:, 1:], 1.0 - w))
         c = calibration or {}
         scale = np.where(has_image & has_text, 1.0, np.where(has_image, c.get("image", 1.0), c.get("text", 1.0)))
         z[:, d:] /= scale[:, None].astype(np.float32)
