@@ -79,7 +79,7 @@ def rank_text(query, vector: np.ndarray, embedder, items: Collection, allowed: n
     if len(image_only):
         clip = embedder.embed(texts=[query.text], space="clip")
         if query.not_text is not None:
-            clip = clip - embedder.config.search.not_text_weight * embedder.embed(texts=[query.not_text], space="clip")
+            clip = clip - negative_vectors([query.not_text], "clip", embedder, items)
         pictures = search_index(indexes["clip_image"], clip, depth, restrict(image_only, len(store), allowed), "image")
         scale = zero_shot_scale(embedder, items) if len(ranked.keys) and len(pictures.keys) else (1.0, 0.0)
         ranked = merge_spaces(ranked, pictures, scale)
@@ -95,6 +95,15 @@ def rank_text(query, vector: np.ndarray, embedder, items: Collection, allowed: n
         scores[missing] = embedder.item_vectors(store.features, store.rows_of(fused.keys[missing])) @ vector[0]
     ranked = Hits(fused.keys, scores.astype(np.float32), fused.matched)
     return ranked, {"vector_score": vector_scores, "keyword_score": keyword_scores, "hybrid_score": fused.scores}
+
+
+def negative_vectors(texts: list[str], space: str, embedder, items: Collection) -> np.ndarray:
+    """beta (``search.not_text_weight``) times each text's vector as a text query of the space ("joint" or "clip"):
+    what a query's ``not_text`` subtracts."""
+    beta = embedder.config.search.not_text_weight
+    if space == "clip":
+        return beta * embedder.embed(texts=texts, space="clip")
+    return beta * embedder.query_vectors(embedder.features(None, texts), calibration=fusion_calibration(embedder, items))
 
 
 def merge_spaces(text: Hits, image: Hits, scale: tuple[float, float]) -> Hits:

@@ -46,7 +46,7 @@ from .catalog import ImageInput, load_image, text_problem
 from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .items import filters_where
-from .ranking import fusion_calibration, rank_text, search_index
+from .ranking import fusion_calibration, negative_vectors, rank_text, search_index
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -331,14 +331,6 @@ def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tup
             for j, i in enumerate(idx):
                 out[i] = (out[i][0], (out[i][1] - subtract[j:j + 1]).astype(np.float32))
     return out
-
-
-def negative_vectors(texts: list[str], space: str, embedder, items: Collection) -> np.ndarray:
-    """beta (``search.not_text_weight``) times each text's vector as a text query of the space ("joint" or "clip")."""
-    beta = embedder.config.search.not_text_weight
-    if space == "clip":
-        return beta * embedder.embed(texts=texts, space="clip")
-    return beta * embedder.query_vectors(embedder.features(None, texts), calibration=fusion_calibration(embedder, items))
 
 
 def like_vector(query: Query, embedder, items: Collection) -> np.ndarray:
