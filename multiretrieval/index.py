@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 EXACT_UP_TO = 100_000  # items: a Flat scan of this many is still a few ms
 TRAIN_SAMPLE = 200_000  # vectors used to train PCA/IVF/PQ; more adds time, not quality
 HNSW_LINK_BYTES = 32 * 2 * 4 * 1.2  # HNSW32: 2M int32 links on level 0, plus upper levels
+# Tuning's recall counts a found item whose exact score is within this of the k-th best exact score
+# (ann-benchmarks' convention): among near-identical items (variants, repeated rows) which of several
+# equally good ones comes back is arbitrary, and set recall would call an exact answer wrong.
+RECALL_EPSILON = 1e-3
 
 
 def choose_factory(n_vectors: int, dim: int = 256, memory_budget_bytes: float = 8e9) -> str:
@@ -181,10 +185,11 @@ class VectorIndex:
         for a, b in zip(np.r_[0, held + 1], np.r_[held, n]):  # the runs between held-out rows, as views
             if b > a:
                 self.add(ids[a:b], vectors[a:b])
-        held_ids = set(ids[held].tolist())
-        candidates = ids[faiss.knn(vectors[held], vectors, k + 8, faiss.METRIC_INNER_PRODUCT)[1]]
-        truth = [[c for c in row if c not in held_ids][:k] for row in candidates]  # exact, over what the index holds
-        best = self._grid_search(vectors[held], lambda found: [set(f[:k]) for f in found], truth, target_recall, k, k)
+        kept = np.ones(n, bool)
+        kept[held] = False
+        scores, positions = faiss.knn(vectors[held], vectors, k + len(held), faiss.METRIC_INNER_PRODUCT)
+        kth = np.array([s[kept[p]][k - 1] for s, p in zip(scores, positions)])  # exact, over what the index holds
+        best = self._grid_search(vectors[held], lambda found: [f[:k] for f in found], kth, ids, vectors, target_recall, k, k)
         self.add(ids[held], vectors[held])
         return best
 
@@ -198,15 +203,20 @@ class VectorIndex:
         ids = self._id_positions()[0]
         selves = ids[rows][:, None]
 
-        def others(found: np.ndarray) -> list[set]:  # the query's own vector does not count
-            return [set(f[f != s][:k]) for f, s in zip(found, selves)]
+        def others(found: np.ndarray) -> list[np.ndarray]:  # the query's own vector does not count
+            return [f[f != s][:k] for f, s in zip(found, selves)]
 
-        truth = others(ids[faiss.knn(vectors[rows], vectors, k + 1, faiss.METRIC_INNER_PRODUCT)[1]])
-        return self._grid_search(vectors[rows], others, truth, target_recall, k, k + 1)
+        scores, positions = faiss.knn(vectors[rows], vectors, k + 1, faiss.METRIC_INNER_PRODUCT)
+        kth = np.array([s[p != r][k - 1] for s, p, r in zip(scores, positions, rows)])
+        return self._grid_search(vectors[rows], others, kth, ids, vectors, target_recall, k, k + 1)
 
-    def _grid_search(self, q: np.ndarray, results, truth: list, target_recall: float, k: int, fetch: int) -> dict:
+    def _grid_search(self, q: np.ndarray, results, kth: np.ndarray, ids: np.ndarray, vectors: np.ndarray,
+                     target_recall: float, k: int, fetch: int) -> dict:
+        """Try every parameter combination: recall@k = the share of the k results whose exact score reaches
+        the query's k-th best exact score ``kth`` (less RECALL_EPSILON); ``ids``/``vectors``: the items, aligned."""
         import itertools
 
+        order = np.argsort(ids)
         grid = self.tunable()
         trials = []
         for values in itertools.product(*grid.values()):
@@ -214,7 +224,12 @@ class VectorIndex:
             t0 = time.perf_counter()
             found = results(self.faiss_index.search(q, fetch)[1])
             ms = (time.perf_counter() - t0) / len(q) * 1e3
-            recall = float(np.mean([len(set(t) & f) / k for t, f in zip(truth, found)]))
+            hits = []
+            for i, f in enumerate(found):
+                f = f[f >= 0]
+                exact = vectors[order[np.searchsorted(ids, f, sorter=order)]] @ q[i]
+                hits.append(int((exact >= kth[i] - RECALL_EPSILON).sum()) / k)
+            recall = float(np.mean(hits))
             trials.append({"params": dict(zip(grid, values)), "recall": recall, "ms_per_query": ms})
         good = [t for t in trials if t["recall"] >= target_recall]
         best = min(good, key=lambda t: t["ms_per_query"]) if good else max(trials, key=lambda t: t["recall"])
