@@ -99,7 +99,7 @@ class Collection:
             if present.any():
                 self.indexes.fill(space, keys[present], vectors if present.all() else vectors[present])
             del vectors
-        self.indexes.fill_joint(keys, lambda r: embedder.item_vectors(arrays, r))
+        self.indexes.fill_joint(keys, lambda r: embedder.item_vectors(arrays, r), embedder.fusion.query_parts())
         self.keywords.add(keys, keyword_texts(rows, self.keywords.columns))
         return keys
 
@@ -113,7 +113,8 @@ class Collection:
     def refit_joint(self, embedder: Embedder) -> None:
         """The joint index made again from the stored features (the embedder's fusion changed)."""
         self.indexes.renew("joint", embedder.fusion.out_dim)
-        self.indexes.fill_joint(self.store.keys, lambda rows: embedder.item_vectors(self.store.features, rows))
+        self.indexes.fill_joint(self.store.keys, lambda rows: embedder.item_vectors(self.store.features, rows),
+                                embedder.fusion.query_parts())
 
     def follow_score_scale(self, saved_scale: int | None, embedder: Embedder) -> None:
         """A save made before the score scale (SCORE_SCALE) renormalised the joint vectors of items
@@ -136,7 +137,7 @@ class Collection:
             else:
                 keys = self.store.with_modality("image" if space == "clip_image" else "text")
                 vectors = self.indexes[space].reconstruct(keys) if len(keys) else np.zeros((0, self.indexes[space].dim), np.float32)
-            self.indexes.rebuild(space, keys, vectors, n)
+            self.indexes.rebuild(space, keys, vectors, n, embedder.fusion.query_parts() if space == "joint" else None)
         return stale
 
     # ---------------------------------------------------------------- upserts

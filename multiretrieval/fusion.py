@@ -89,6 +89,11 @@ class LateFusion:
         """Nothing to measure: late fusion's scale is exact."""
         return {}
 
+    def query_parts(self) -> list[tuple[int, int]]:
+        """Column ranges of the image and the text block, which photo-only and words-only queries meet alone
+        (what the index tunes its search for: index.VectorIndex.build)."""
+        return [(0, self.image_dim), (self.image_dim, self.image_dim + self.text_dim)]
+
     def contributions(self, query: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Split query-item scores into the image part and the text part (they sum to the score)."""
         d = self.image_dim
@@ -217,6 +222,10 @@ class AttentionFusion:
                 out[sl] = self.module(*(torch.from_numpy(np.ascontiguousarray(a[sl])) for a in
                                         (image_tokens, image_mask, text_tokens, text_mask))).numpy()
         return out
+
+    def query_parts(self) -> list[tuple[int, int]]:
+        """The late block's image and text columns (the learned block is left out of this approximation)."""
+        return [(0, self.image_dim), (self.image_dim, self.image_dim + self.text_dim)]
 
     def mixing(self) -> tuple[float, float]:
         """(m, w): the learned part's share of a score and the late (skip) part's image weight."""

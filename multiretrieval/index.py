@@ -60,6 +60,17 @@ def choose_factory(n_vectors: int, dim: int = 256, memory_budget_bytes: float = 
     raise QueryError(f"{n_vectors:,} vectors do not fit a memory budget of {memory_budget_bytes / 1e9:.1f} GB even as 8-byte codes")
 
 
+def _query_kinds(queries: np.ndarray, parts: list[tuple[int, int]] | None) -> list[np.ndarray]:
+    """The tuning queries, then each part alone (other columns zero, renormalised; rows empty there dropped)."""
+    kinds = [queries]
+    for a, b in parts or []:
+        part = np.zeros_like(queries)
+        part[:, a:b] = queries[:, a:b]
+        norms = np.linalg.norm(part, axis=1)
+        kinds.append(np.ascontiguousarray(part[norms > 0] / norms[norms > 0, None]))
+    return [q for q in kinds if len(q)]
+
+
 class VectorIndex:
     """A FAISS index over ``dim``-d vectors with int64 ids.
 
@@ -158,14 +169,17 @@ class VectorIndex:
         return grid
 
     def build(self, ids: np.ndarray, vectors: np.ndarray, target_recall: float = 0.95, k: int = 10,
-              queries: int = 200, seed: int = 0) -> dict:
+              queries: int = 200, seed: int = 0, query_parts: list[tuple[int, int]] | None = None) -> dict:
         """Fill an empty index and tune it: the fastest search parameters whose recall@k
         against exact search reaches ``target_recall``.
 
         The queries are ``queries`` rows held out of the index while it is tuned (added
         afterwards): queries it holds would find themselves and their graph neighbours too
         easily. Indexes under 20 x ``queries`` vectors are tuned on a sample of their own
-        vectors, each query's own vector left out of the results instead.
+        vectors, each query's own vector left out of the results instead. ``query_parts``:
+        column ranges that queries may have alone (the joint space's image and text blocks: a
+        photo or words meet items through one block); each is tuned for too, and the worst
+        kind of query must reach the target.
 
         Returns the chosen trial (params, recall, ms_per_query), also kept in ``params``
         and ``recall``; ``{}`` for an exact index. If nothing reaches the target, the best
@@ -179,7 +193,7 @@ class VectorIndex:
         n, rng = len(vectors), np.random.default_rng(seed)
         if not self.tunable() or n < 20 * queries:
             self.add(ids, vectors)
-            return self._tune_on_own_vectors(vectors, target_recall, k, queries, rng)
+            return self._tune_on_own_vectors(vectors, target_recall, k, queries, rng, query_parts)
         self._train(vectors)
         held = np.sort(rng.choice(n, queries, replace=False))
         for a, b in zip(np.r_[0, held + 1], np.r_[held, n]):  # the runs between held-out rows, as views
@@ -187,13 +201,16 @@ class VectorIndex:
                 self.add(ids[a:b], vectors[a:b])
         kept = np.ones(n, bool)
         kept[held] = False
-        scores, positions = faiss.knn(vectors[held], vectors, k + len(held), faiss.METRIC_INNER_PRODUCT)
-        kth = np.array([s[kept[p]][k - 1] for s, p in zip(scores, positions)])  # exact, over what the index holds
-        best = self._grid_search(vectors[held], lambda found: [f[:k] for f in found], kth, ids, vectors, target_recall, k, k)
+        trials = []
+        for q in _query_kinds(vectors[held], query_parts):
+            scores, positions = faiss.knn(q, vectors, k + len(held), faiss.METRIC_INNER_PRODUCT)
+            kth = np.array([s[kept[p]][k - 1] for s, p in zip(scores, positions)])  # exact, over what the index holds
+            trials.append((q, lambda found: [f[:k] for f in found], kth))
+        best = self._grid_search(trials, ids, vectors, target_recall, k, k)
         self.add(ids[held], vectors[held])
         return best
 
-    def _tune_on_own_vectors(self, vectors, target_recall, k, queries, rng) -> dict:
+    def _tune_on_own_vectors(self, vectors, target_recall, k, queries, rng, query_parts=None) -> dict:
         import faiss
 
         k = min(k, len(vectors) - 1)  # a tiny index has fewer other items than k
@@ -206,14 +223,18 @@ class VectorIndex:
         def others(found: np.ndarray) -> list[np.ndarray]:  # the query's own vector does not count
             return [f[f != s][:k] for f, s in zip(found, selves)]
 
-        scores, positions = faiss.knn(vectors[rows], vectors, k + 1, faiss.METRIC_INNER_PRODUCT)
-        kth = np.array([s[p != r][k - 1] for s, p, r in zip(scores, positions, rows)])
-        return self._grid_search(vectors[rows], others, kth, ids, vectors, target_recall, k, k + 1)
+        trials = []
+        for q in _query_kinds(vectors[rows], query_parts):
+            scores, positions = faiss.knn(q, vectors, k + 1, faiss.METRIC_INNER_PRODUCT)
+            trials.append((q, others, np.array([s[p != r][k - 1] for s, p, r in zip(scores, positions, rows)])))
+        return self._grid_search(trials, ids, vectors, target_recall, k, k + 1)
 
-    def _grid_search(self, q: np.ndarray, results, kth: np.ndarray, ids: np.ndarray, vectors: np.ndarray,
-                     target_recall: float, k: int, fetch: int) -> dict:
-        """Try every parameter combination: recall@k = the share of the k results whose exact score reaches
-        the query's k-th best exact score ``kth`` (less RECALL_EPSILON); ``ids``/``vectors``: the items, aligned."""
+    def _grid_search(self, kinds: list[tuple], ids: np.ndarray, vectors: np.ndarray, target_recall: float, k: int,
+                     fetch: int) -> dict:
+        """Try every parameter combination on each kind of query (queries, results(found ids), their k-th best
+        exact scores): recall@k = the share of the k results whose exact score reaches the k-th best exact
+        score (less RECALL_EPSILON); a combination's recall is its worst kind's. ``ids``/``vectors``: the
+        items, aligned."""
         import itertools
 
         order = np.argsort(ids)
@@ -221,16 +242,18 @@ class VectorIndex:
         trials = []
         for values in itertools.product(*grid.values()):
             self.set_params(**dict(zip(grid, values)))
-            t0 = time.perf_counter()
-            found = results(self.faiss_index.search(q, fetch)[1])
-            ms = (time.perf_counter() - t0) / len(q) * 1e3
-            hits = []
-            for i, f in enumerate(found):
-                f = f[f >= 0]
-                exact = vectors[order[np.searchsorted(ids, f, sorter=order)]] @ q[i]
-                hits.append(int((exact >= kth[i] - RECALL_EPSILON).sum()) / k)
-            recall = float(np.mean(hits))
-            trials.append({"params": dict(zip(grid, values)), "recall": recall, "ms_per_query": ms})
+            recalls, seconds, count = [], 0.0, 0
+            for q, results, kth in kinds:
+                t0 = time.perf_counter()
+                found = results(self.faiss_index.search(q, fetch)[1])
+                seconds, count = seconds + time.perf_counter() - t0, count + len(q)
+                hits = []
+                for i, f in enumerate(found):
+                    f = f[f >= 0]
+                    exact = vectors[order[np.searchsorted(ids, f, sorter=order)]] @ q[i]
+                    hits.append(int((exact >= kth[i] - RECALL_EPSILON).sum()) / k)
+                recalls.append(float(np.mean(hits)))
+            trials.append({"params": dict(zip(grid, values)), "recall": min(recalls), "ms_per_query": seconds / count * 1e3})
         good = [t for t in trials if t["recall"] >= target_recall]
         best = min(good, key=lambda t: t["ms_per_query"]) if good else max(trials, key=lambda t: t["recall"])
         self.set_params(**best["params"])
@@ -503,7 +526,7 @@ class IndexSet:
 
         return [space for space, index in self.by_space.items() if moved(index) or index.deleted_share > self.config.compact_deleted_share]
 
-    def rebuild(self, space: str, keys: np.ndarray, vectors: np.ndarray, n_items: int) -> None:
+    def rebuild(self, space: str, keys: np.ndarray, vectors: np.ndarray, n_items: int, query_parts=None) -> None:
         """A new index for ``space`` of the kind chosen for ``n_items``, built (and tuned) from these vectors."""
         old = self.by_space[space]
         factory = self.factory_for(n_items, old.dim)
@@ -511,25 +534,27 @@ class IndexSet:
                     len(keys), len(old.deleted))
         index = VectorIndex(old.dim, factory, self.config.exact_filter_below)
         if len(keys):
-            index.build(keys, vectors, self.config.target_recall)
+            index.build(keys, vectors, self.config.target_recall, query_parts=query_parts)
         self.by_space[space] = index
 
-    def fill(self, space: str, keys: np.ndarray, vectors: np.ndarray) -> None:
-        """Add to an index; a new approximate index is then tuned to the target recall on its own vectors."""
+    def fill(self, space: str, keys: np.ndarray, vectors: np.ndarray, query_parts=None) -> None:
+        """Add to an index; a new approximate index is then tuned to the target recall on its own vectors
+        (and on their ``query_parts`` alone: see ``VectorIndex.build``)."""
         index = self.by_space[space]
         if len(index) == 0:
-            index.build(keys, vectors, self.config.target_recall)
+            index.build(keys, vectors, self.config.target_recall, query_parts=query_parts)
         else:
             index.add(keys, vectors)
 
-    def fill_joint(self, keys: np.ndarray, fuse, chunk: int = 16_384) -> None:
-        """Fuse and add to the joint index; ``fuse(rows)`` gives the joint vectors of those rows of ``keys``.
+    def fill_joint(self, keys: np.ndarray, fuse, query_parts=None, chunk: int = 16_384) -> None:
+        """Fuse and add to the joint index; ``fuse(rows)`` gives the joint vectors of those rows of ``keys``;
+        ``query_parts``: the fusion's image and text blocks, which photo and word queries meet alone.
 
         Chunk by chunk, so a large catalog never holds all its joint vectors twice, except
         where a new approximate index must be tuned on all of them."""
         index = self.by_space["joint"]
         if len(index) == 0 and index.tunable():
-            self.fill("joint", keys, fuse(slice(None)))
+            self.fill("joint", keys, fuse(slice(None)), query_parts)
             return
         for start in range(0, len(keys), chunk):
             rows = slice(start, start + chunk)

@@ -75,6 +75,24 @@ def test_tuning_counts_equally_good_neighbours_among_repeated_items(n):
     assert (scores >= tenth - 1e-3).mean() >= 0.9  # unseen queries: within noise of the tuned recall
 
 
+def test_tuning_covers_queries_that_meet_one_block_alone():
+    """The joint space's photo-only and words-only queries meet items through one block of their vectors:
+    with ``query_parts`` each kind is tuned for, so words-only queries reach the target recall too."""
+    n = 6000
+    image, text = clustered(n, 16, seed=4), clustered(n, 16, clusters=200, seed=5)
+    x = l2_normalize(np.concatenate([image, text], 1))
+    plain, parts = VectorIndex(32, "HNSW32"), VectorIndex(32, "HNSW32")
+    plain.build(np.arange(n), x, target_recall=0.95)
+    chosen = parts.build(np.arange(n), x, target_recall=0.95, query_parts=[(0, 16), (16, 32)])
+    assert chosen["recall"] >= 0.95 and parts.params["efSearch"] >= plain.params["efSearch"]
+    words = np.zeros((200, 32), np.float32)
+    words[:, 16:] = clustered(200, 16, clusters=200, seed=5, draw=1)  # unseen words-only queries
+    truth, found = x @ words.T, parts.search(words, 10)[1]
+    tenth = np.sort(truth, axis=0)[-10]
+    good = [(truth[f, i] >= tenth[i] - 1e-3).mean() for i, f in enumerate(found)]
+    assert np.mean(good) >= 0.93
+
+
 def test_choose_factory_by_size_and_memory_budget():
     from multiretrieval.index import choose_factory
 
