@@ -339,7 +339,7 @@ COLOURS = {"red": (200, 30, 30), "green": (40, 160, 50), "blue": (40, 70, 200), 
            "teal": (20, 140, 140)}
 
 
-def _recolour(rgba, colour: str):
+def recolour(rgba, colour: str):
     """Tint by luminance: dark parts dark <colour>, light parts light <colour>; alpha kept."""
     from PIL import Image
 
@@ -410,7 +410,7 @@ def _upside_down(rgba):
 
 
 EDITS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
-    **{f"colour:{c}": (functools.partial(_recolour, colour=c), c, (c, f"in {c}", f"{c} colour", f"a {c} one")) for c in COLOURS},
+    **{f"colour:{c}": (functools.partial(recolour, colour=c), c, (c, f"in {c}", f"{c} colour", f"a {c} one")) for c in COLOURS},
     "grey": (_grey, "black and white", ("black and white", "greyscale", "grey", "without colour", "in grey")),
     "upside_down": (_upside_down, "upside down", ("upside down", "turned upside down", "flipped vertically")),
     "outline": (_outline, "outline drawing", ("outline", "line drawing", "just the outline", "outline drawing")),

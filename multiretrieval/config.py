@@ -56,6 +56,12 @@ class FusionConfig:
     image_grid: int = 0  # image tokens: pooled vector + a grid x grid map of pooled regions
     text_chunks: int = 0  # text tokens: pooled sentence vector + this many pooled token chunks
     weights: str | None = None  # folder of a trained fusion module (fusion.json + safetensors)
+    # "This, but X" (fusion.compose_text): a fused query's words are read together with the text of the
+    # item nearest its photo, so they move the query from that item to the variant they name. Both numbers
+    # were chosen by cross-validation on the training data sets (README, "Fused queries").
+    compose: bool = True
+    compose_words: float = 2.0  # the words' weight against the nearest item's text (unit vectors)
+    compose_image_share: float = 0.25  # a composed query's image share of the score (weights= overrides it)
 
 
 @dataclass(frozen=True)

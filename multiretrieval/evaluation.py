@@ -41,6 +41,7 @@ import pandas as pd
 from .benchmarks import BENCH_SEED, build_benchmarks, build_exact_names, shopper_photo  # noqa: F401 (re-exported)
 from .catalog import Catalog
 from .config import RetrieverConfig
+from .search import joint_query_vectors
 
 logger = logging.getLogger(__name__)
 ZERO_SHOT_KINDS = ("conse", "lit", "lit+conse")
@@ -135,9 +136,9 @@ def _sweethome3d(folder: Path, config: RetrieverConfig, out: Path, train: bool, 
 
     def measure(retriever) -> dict[str, dict[str, float]]:
         items = retriever.vectors("joint")
-        encoded = {"image-only": retriever.encode(images=photos), "text-only": retriever.encode(texts=texts),
-                   "fused": retriever.encode(images=photos, texts=texts)}
-        return {name: recall(ranks_of_targets(q, items, targets), ks=(1, 10)) for name, q in encoded.items()}
+        encoded = {"image-only": retriever.query_vectors(images=photos), "text-only": retriever.query_vectors(texts=texts),
+                   "fused": retriever.query_vectors(images=photos, texts=texts)}
+        return {name: recall(ranks_of_any(best_scores(q, items), [[t] for t in targets]), ks=(1, 10)) for name, q in encoded.items()}
 
     fused = {"queries": len(queries), "late": measure(r)}
     same_name = {"late": _same_name_precision(r, ids, catalog)}
@@ -188,10 +189,15 @@ def _same_name_precision(r, ids: np.ndarray, catalog: Catalog) -> dict[str, floa
 
 # ---------------------------------------------------------------- composed and fused benchmarks (benchmarks.py builds them)
 
-FUSIONS = ("late", "pretrained", "fine-tuned")
+FUSIONS = ("late", "composed", "pretrained", "fine-tuned")
 QUERY_MODES = ("image-only", "text-only", "fused")
 COMPOSED_TARGET = {"ratio_to_late": 2.0, "min_R@1": 0.35}  # issue 11: fused R@1 >= 2x late fusion's and >= 0.35
 NOT_SHIPPED = "not shipped"
+
+
+def best_scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """(n queries, n items) scores of (n, readings, d) query vectors: each item's best reading (search.joint_query_vectors)."""
+    return np.einsum("nrd,md->nrm", queries, items).max(1)
 
 
 def ranks_of_any(sims: np.ndarray, valid: list[list[int]]) -> np.ndarray:
@@ -236,8 +242,9 @@ class _QueryFeatures:
             self._tokens[layout] = (image, np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts]))
         return self._tokens[layout]
 
-    def embed(self, embedder) -> dict[str, np.ndarray]:
-        """Image-only, text-only and fused query vectors under ``embedder``'s fusion (what ``Retriever.encode`` gives)."""
+    def embed(self, retriever) -> dict[str, np.ndarray]:
+        """Image-only, text-only and fused query vectors under ``retriever``'s fusion, as its search ranks by them."""
+        embedder = retriever.embedder
         image, text, text_mask = self._tokens_for(embedder)
         out = {}
         for mode in QUERY_MODES:
@@ -246,13 +253,13 @@ class _QueryFeatures:
                 f["image_tokens"][:], f["image_mask"][:] = image[self.photo_of], True
             if mode != "image-only":
                 f["text_tokens"][:], f["text_mask"][:] = text[self.text_of], text_mask[self.text_of]
-            out[mode] = embedder.fuse(f)
+            out[mode] = joint_query_vectors(f, None, embedder, retriever.collection)
         return out
 
 
-def _measure(embedder, items: np.ndarray, features: _QueryFeatures, valid: list[list[int]],
-             groups: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    ranks = {mode: ranks_of_any(q @ items.T, valid) for mode, q in features.embed(embedder).items()}
+def _measure(retriever, features: _QueryFeatures, valid: list[list[int]], groups: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    items = retriever.vectors("joint")
+    ranks = {mode: ranks_of_any(best_scores(q, items), valid) for mode, q in features.embed(retriever).items()}
     return {g: {"n": int(mask.sum()), **{mode: recall(r[mask]) for mode, r in ranks.items()}} for g, mask in groups.items()}
 
 
@@ -260,10 +267,12 @@ def score_benchmark(folder: str | Path, config: RetrieverConfig | None = None, t
                     show_progress: bool | None = None) -> dict[str, Any]:
     """Score one composed or fused benchmark folder (benchmarks.build_composed / build_fused).
 
-    Image-only, text-only and fused recall@1/5/10 per query group under (i) late fusion (the config's fusion
-    section with kind late), (ii) the pretrained attention fusion the config's ``fusion.weights`` names, not
-    trained on this catalog ("not shipped" when it names none), (iii) the attention fusion trained on this
-    catalog with ``Retriever.train()`` (its own items' images and texts; never a query photo or text).
+    Image-only, text-only and fused recall@1/5/10 per query group under (i) late fusion without composition
+    (``fusion.compose`` off: the baseline), (ii) "composed": late fusion with the config's composition (the
+    shipped default, no catalog training; skipped when the config turns composition off), (iii) the pretrained
+    attention fusion the config's ``fusion.weights`` names, not trained on this catalog ("not shipped" when
+    it names none), (iv) the attention fusion trained on this catalog with ``Retriever.train()`` (its own
+    items' images and texts; never a query photo or text), composed as the config says.
     """
     import tempfile
 
@@ -275,7 +284,8 @@ def score_benchmark(folder: str | Path, config: RetrieverConfig | None = None, t
     config = config or RetrieverConfig()
     text_columns = ("title", "description")
     late_config = dataclasses.replace(config, catalog=dataclasses.replace(config.catalog, text_columns=text_columns),
-                                      fusion=dataclasses.replace(config.fusion, kind="late", weights=None))
+                                      fusion=dataclasses.replace(config.fusion, kind="late", weights=None, compose=False))
+    composing = dataclasses.replace(late_config, fusion=dataclasses.replace(late_config.fusion, compose=config.fusion.compose))
     catalog = Catalog.from_csv(folder / "catalog.csv", text_columns=text_columns)
     queries = pd.read_csv(folder / "queries.csv", dtype=str, keep_default_na=False)
     split = json.loads((folder / "split.json").read_text()) if (folder / "split.json").is_file() else {}
@@ -293,18 +303,21 @@ def score_benchmark(folder: str | Path, config: RetrieverConfig | None = None, t
         texts, text_of = np.unique(queries["text"].to_numpy(), return_inverse=True)
         features = _QueryFeatures(r.embedder, [load_image(folder / p) for p in photo_files], texts.tolist(), photo_of, text_of)
         groups = query_groups(queries)
-        out["late"] = _measure(r.embedder, r.vectors("joint"), features, valid, groups)
+        out["late"] = _measure(r, features, valid, groups)
+        r.config = composing
+        if config.fusion.compose:
+            out["composed"] = _measure(r, features, valid, groups)
         if config.fusion.weights:
             pre = Retriever(dataclasses.replace(late_config, fusion=config.fusion))
             pre.index(catalog, show_progress=show_progress, cache=Path(tmp) / "shards")  # the encoded shards are reused
-            out["pretrained"] = _measure(pre.embedder, pre.vectors("joint"), features, valid, groups)
+            out["pretrained"] = _measure(pre, features, valid, groups)
             out["pretrained_weights"] = str(config.fusion.weights)
         else:
             out["pretrained"] = NOT_SHIPPED
         if train:
             t0 = time.time()
             report = r.train(out=Path(tmp) / "trained", show_progress=show_progress)
-            out["fine-tuned"] = _measure(r.embedder, r.vectors("joint"), features, valid, groups)
+            out["fine-tuned"] = _measure(r, features, valid, groups)
             out["training"] = {"epochs": len(report["history"]), "best_val_fused_R@1": report["best_val_fused_R@1"],
                                "items": report["items"], "seconds": round(time.time() - t0, 1),
                                "from": "random initialisation (Retriever.train)"}
@@ -394,7 +407,9 @@ def _composed_and_fused_markdown(results: dict[str, Any]) -> list[str]:
         if not block:
             continue
         lines += [f"## {titles[kind]}", "",
-                  ("Fusions: **late** (the default, no parameters), **pretrained** (the attention fusion that `fusion.weights` "
+                  ("Fusions: **late** (plain late fusion, image weight 0.5, no composition: the baseline), **composed** (the "
+                   "default: late fusion with the words read together with the text of the item nearest the photo, "
+                   "`fusion.compose`), **pretrained** (the attention fusion that `fusion.weights` "
                    "names, not trained on the benchmark catalog; \"not shipped\" while the package ships none), **fine-tuned** "
                    "(the attention fusion trained with `Retriever.train()` on the benchmark catalog's own images and texts)."), ""]
         for ds, res in block.items():

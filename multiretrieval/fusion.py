@@ -144,6 +144,20 @@ def modality_shares(has_image: np.ndarray, has_text: np.ndarray, image_weight: f
     return np.where(one_part & (total <= 0), has.astype(np.float64), shares)  # one part with a zero weight: still that part
 
 
+def compose_text(text_tokens: np.ndarray, text_mask: np.ndarray, anchor_tokens: np.ndarray, anchor_mask: np.ndarray,
+                 words_weight: float) -> np.ndarray:
+    """"This, but X": the query's pooled text token becomes unit(u_anchor + beta u_words), the words read
+    together with the text of the item its photo shows (its nearest item, or ``like``'s), so the query
+    points at the item that differs from the anchor by what the words say. Category-level words ("lamp")
+    change little of an anchor that already says it; variant words ("blue") move the query to the
+    variant whose text carries them. Rows whose anchor has no text keep the words alone. A copy."""
+    tokens = text_tokens.copy()
+    has = text_mask.any(1) & anchor_mask.any(1)
+    composed = l2_normalize(anchor_tokens[has, 0]) + words_weight * l2_normalize(text_tokens[has, 0])
+    tokens[has, 0] = l2_normalize(composed)
+    return tokens
+
+
 def _attention_module():
     """The torch module, defined on first use so importing this file does not import torch."""
     import torch

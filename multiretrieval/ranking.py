@@ -56,6 +56,25 @@ def search_index(index, vector: np.ndarray, k: int, allowed: np.ndarray | None, 
     return Hits(keys[0][found], scores[0][found], np.full(int(found.sum()), matched, dtype=object))
 
 
+def best_reading(index, vectors: np.ndarray, k: int, allowed: np.ndarray | None, item_vectors,
+                 not_first: np.ndarray | None = None) -> Hits:
+    """Top-k by the best of several query vectors (a composed fused query's readings): each searched, their
+    union scored exactly by ``item_vectors(keys)`` (the items' stored joint vectors). The union holds the
+    true top k: an item in it by no reading's top k would trail k items that beat it. Keys in ``not_first``
+    score by the other readings only (the first is searched deeper by their number, so they cannot crowd
+    others out of it)."""
+    not_first = np.zeros(0, np.int64) if not_first is None else not_first
+    found = [search_index(index, v[None], k + (len(not_first) if i == 0 else 0), allowed) for i, v in enumerate(vectors)]
+    keys = np.unique(np.concatenate([h.keys for h in found]))
+    if not len(keys):
+        return Hits.empty()
+    scores = item_vectors(keys) @ vectors.T
+    scores[np.isin(keys, not_first), 0] = -np.inf
+    scores = scores.max(1)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return Hits(keys[order], scores[order].astype(np.float32), np.full(len(order), None, dtype=object))
+
+
 def restrict(subset: np.ndarray, everything: int, allowed: np.ndarray | None) -> np.ndarray | None:
     """The allowed keys among ``subset`` (None: no restriction at all)."""
     if len(subset) == everything:

@@ -26,7 +26,7 @@ from .embedder import Embedder
 from .errors import MultiretrievalError, QueryError
 from .ingest import IndexReport, hash_catalog, ingest, ingest_rows
 from .persistence import MANIFEST, component_folder, component_record, read_folder, write_folder
-from .search import MODES, batch_query, check_batch, encode_inputs, make_query, run_batch, run_query
+from .search import MODES, batch_query, check_batch, encode_inputs, joint_query_vectors, make_query, run_batch, run_query
 from .utils import ReadWriteLock
 
 __all__ = ["MODES", "IndexReport", "Retriever"]
@@ -218,6 +218,15 @@ class Retriever:
         ("joint": pairs when both are given) or the zero-shot space ("clip": images or texts, not pairs)."""
         pils, texts = encode_inputs(images, texts, space, self.config)
         return self._reading(self.embedder.embed, pils, texts, space, batch_size)
+
+    def query_vectors(self, images: list[ImageInput] | None = None, texts: list[str] | None = None,
+                      weights: np.ndarray | None = None) -> np.ndarray:
+        """Joint-space query vectors as ``search`` ranks by them, (n, readings, d): on the score scale against
+        ``vectors("joint")`` (an item's own photo scores 1), an item scoring its best reading; (image, text)
+        pairs have two under ``fusion.compose`` (composed on the item nearest the photo, and the words alone),
+        other queries one. ``weights``: (n, 2) image/text weights of fused queries, NaN rows for the default."""
+        pils, texts = encode_inputs(images, texts, "joint", self.config)
+        return self._reading(lambda: joint_query_vectors(self.embedder.features(pils, texts), weights, self.embedder, self.collection))
 
     # ---------------------------------------------------------------- files
 

@@ -19,8 +19,13 @@ says whether another page follows.
 
 Scores share one scale in the joint space (fusion.py): a query's score against an item is the
 weighted mean of the cosines of the parts the query has: cos(image) for an image query (an
-item's own photo scores 1), cos(text) for a text query, w cos(image) + (1 - w) cos(text) for a
+item's own photo scores 1), cos(text) for a text query, a cos(image) + (1 - a) cos(text) for a
 fused one, or (a cos(image) + b cos(text)) / (a + b) with ``weights={"image": a, "text": b}``.
+A fused query's text is composed ("this, but X", ``fusion.compose``, on by default): its words are
+read together with the text of the item nearest its photo (``like``: that item): cos(text) is the
+better of the item text's cosine with unit(u_nearest + 2 u_words) ("this, but blue") and with the
+words alone ("this, but a bed"), and a = ``fusion.compose_image_share`` (0.25) unless ``weights``
+says otherwise; without composition a = ``fusion.image_weight`` and cos(text) is the words'.
 ``not_text`` subtracts beta (``search.not_text_weight``, 0.5) times the score the negative text
 alone would get as a text query: score - beta * cos(not_text, item text) (in zero-shot mode, the
 zero-shot cosine of the negative). Hybrid text queries are ordered by the fusion of the keyword
@@ -45,8 +50,10 @@ import pandas as pd
 from .catalog import ImageInput, load_image, text_problem
 from .config import RetrieverConfig
 from .errors import LimitError, QueryError
+from .fusion import compose_text
 from .items import filters_where
-from .ranking import fusion_calibration, negative_vectors, rank_text, search_index
+from .ranking import best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index
+from .utils import l2_normalize
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -302,8 +309,8 @@ def run_batch(queries: list[Query], embedder, items: Collection) -> list[pd.Data
 
 
 def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tuple[str, np.ndarray]]:
-    """(index space, (1, d) vector) per query, on the score scale (joint space: ``Embedder.query_vectors``),
-    a ``not_text`` already subtracted."""
+    """(index space, (readings, d) vectors) per query, on the score scale (joint space: ``joint_query_vectors``;
+    one reading but for composed fused queries), a ``not_text`` already subtracted."""
     out: list = [None] * len(queries)
     groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
@@ -320,9 +327,9 @@ def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tup
             vectors, name = embedder.embed(images, texts, space="clip"), "clip_image" if has_text else "clip_text"
         else:
             weights = np.array([queries[i].weights or (np.nan, np.nan) for i in idx], np.float64)
-            vectors, name = embedder.query_vectors(embedder.features(images, texts), weights, fusion_calibration(embedder, items)), "joint"
+            vectors, name = joint_query_vectors(embedder.features(images, texts), weights, embedder, items), "joint"
         for j, i in enumerate(idx):
-            out[i] = (name, vectors[j:j + 1])
+            out[i] = (name, vectors[j] if vectors.ndim == 3 else vectors[j:j + 1])
     negative = [i for i, q in enumerate(queries) if q.not_text is not None]
     for space in ("joint", "clip"):
         idx = [i for i in negative if (out[i][0] == "joint") == (space == "joint")]
@@ -339,17 +346,61 @@ def like_vector(query: Query, embedder, items: Collection) -> np.ndarray:
     store = items.store
     row = store.rows_of(store.keys_for([query.like]))
     features = {name: array[row].copy() for name, array in store.features.items()}
+    weights = None if query.weights is None else np.array([query.weights], np.float64)
     if query.text is not None:
         if not features["image_mask"].any():
             raise QueryError(f"item {query.like!r} has no image to combine with the words")
+        anchor = {name: features[name].copy() for name in ("text_tokens", "text_mask")}
         features["text_tokens"][:], features["text_mask"][:] = embedder.text_encoder.forward([query.text], embedder.fusion.text_chunks)
+        return joint_query_vectors(features, weights, embedder, items, anchor)[0]
     elif query.mode in ("image", "text"):
         features["text_mask" if query.mode == "image" else "image_mask"][:] = False
         if not features[f"{query.mode}_mask"].any():
             other = "text" if query.mode == "image" else "image"
             raise QueryError(f"item {query.like!r} has no {query.mode}: ask for items like it by its {other}")
-    weights = None if query.weights is None else np.array([query.weights], np.float64)
     return embedder.query_vectors(features, weights, fusion_calibration(embedder, items))
+
+
+def joint_query_vectors(features: dict[str, np.ndarray], weights: np.ndarray | None, embedder, items: Collection,
+                        anchor: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Joint-space query vectors on the score scale, (n, readings, d): what search ranks by (an item scores
+    its best reading) and what ``evaluate`` measures. ``weights``: (n, 2), NaN rows for the default.
+
+    Under ``fusion.compose`` a fused query has two readings: its words composed with the text of the item
+    nearest its photo (``anchor``: given text tokens and mask instead), for "this, but blue", and its words
+    alone, for "this, but a bed", both at ``fusion.compose_image_share``; other queries have one (repeated)."""
+    cfg = embedder.config.fusion
+    calibration = fusion_calibration(embedder, items)
+    fused = features["image_mask"].any(1) & features["text_mask"].any(1)
+    if not (cfg.compose and fused.any()):
+        return embedder.query_vectors(features, weights, calibration)[:, None]
+    anchor = anchor if anchor is not None else nearest_texts(features, embedder, items)
+    weights = np.full((len(fused), 2), np.nan) if weights is None else np.array(weights, np.float64)
+    weights[fused & np.isnan(weights).any(1)] = (cfg.compose_image_share, 1.0 - cfg.compose_image_share)
+    words = embedder.query_vectors(features, weights, calibration)
+    composed = embedder.query_vectors({**features, "text_tokens": compose_text(features["text_tokens"], features["text_mask"],
+                                                                               anchor["text_tokens"], anchor["text_mask"],
+                                                                               cfg.compose_words)}, weights, calibration)
+    return np.stack([composed, words], 1)
+
+
+def nearest_texts(features: dict[str, np.ndarray], embedder, items: Collection) -> dict[str, np.ndarray]:
+    """Text tokens and mask of the item with a text nearest each query's photo (a mask of False where a
+    query has no photo or no item has a text): what a photo shows, in the catalog's words."""
+    store = items.store
+    tokens = np.zeros_like(features["text_tokens"])
+    mask = np.zeros_like(features["text_mask"])
+    photos = np.flatnonzero(features["image_mask"].any(1))
+    with_text = store.with_modality("text")
+    if len(photos) and len(with_text):
+        image_only = {**{name: a[photos] for name, a in features.items()}, "text_mask": np.zeros_like(features["text_mask"][photos])}
+        vectors = embedder.query_vectors(image_only, calibration=fusion_calibration(embedder, items))
+        for j, i in enumerate(photos):
+            hits = search_index(items.indexes["joint"], vectors[j:j + 1], 1, restrict(with_text, len(store), None))
+            if len(hits.keys):
+                row = store.rows_of(hits.keys[:1])[0]
+                tokens[i], mask[i] = store.features["text_tokens"][row], store.features["text_mask"][row]
+    return {"text_tokens": tokens, "text_mask": mask}
 
 
 def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | None, embedder, items: Collection) -> pd.DataFrame:
@@ -366,7 +417,12 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
         hits, columns = rank_text(query, vector, embedder, items, allowed, depth)
     else:
         matched = ("image" if query.text is not None else "text") if query.mode == "zero-shot" else None
-        hits, columns = search_index(index, vector, depth, allowed, matched), {}
+        if len(vector) == 1:
+            hits = search_index(index, vector, depth, allowed, matched)
+        else:
+            hits = best_reading(index, vector, depth, allowed, lambda keys: embedder.item_vectors(store.features, store.rows_of(keys)),
+                                same_text_as(skip, store))
+        columns = {}
     keep = ~np.isin(hits.keys, skip)
     if query.min_score is not None:
         keep &= hits.scores >= query.min_score
@@ -384,11 +440,26 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
     fusion = embedder.fusion
     if query.mode == "fused" and hasattr(fusion, "contributions") and len(page) and (query.like is None or query.text is not None):
         # Joint vectors re-fused from the stored features: compressed indexes cannot give them back.
-        image_part, text_part = fusion.contributions(vector[0], embedder.item_vectors(store.features, store.rows_of(page_keys)))
+        stored = embedder.item_vectors(store.features, store.rows_of(page_keys))
+        best = (stored @ vector.T).argmax(1)  # the reading each item scored by
+        parts = np.array([fusion.contributions(v, stored) for v in vector])  # (readings, 2, items)
+        image_part, text_part = parts[best, 0, np.arange(len(best))], parts[best, 1, np.arange(len(best))]
         page.insert(3, "image_score", image_part)
         page.insert(4, "text_score", text_part)
     page.attrs["has_more"] = len(frame) > query.offset + query.k
     return page
+
+
+def same_text_as(keys: np.ndarray, store) -> np.ndarray:
+    """Keys of the items whose text is that of one of ``keys`` (their text vectors equal): for "this, but X"
+    on an item (``like`` + words), duplicates of the item itself, which differ from it by nothing the
+    words could name; they score by the words alone, not by the item's text plus the words."""
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    text = store.features["text_tokens"][:, 0]
+    own = l2_normalize(text[store.rows_of(keys)])
+    same = (text @ own.T).max(1) >= 0.999 * np.linalg.norm(text, axis=1)  # cosine >= 0.999, without a normalised copy
+    return store.keys[same & store.features["text_mask"][:, 0]]
 
 
 def sort_results(frame: pd.DataFrame, column: str, descending: bool) -> pd.DataFrame:

@@ -7,6 +7,9 @@ def test_demo_runs_the_four_kinds_of_query(fixtures, tmp_path):
     text = "\n".join(lines)
     for kind in ('text: "a washing machine"', "image: a photo", "fused: that photo", 'zero-shot: "a car"'):
         assert kind in text
+    # "This, but X": a photo of the red armchair (a recoloured variant) + "blue" finds the blue one first.
+    after = lines[next(i for i, line in enumerate(lines) if '+ "blue" (this, but in blue)' in line) + 1]
+    assert after.splitlines()[1].split()[0] == "1" and after.splitlines()[1].rstrip().endswith("Armchair, blue Living room")
     assert "Washing machine" in text and "Smart car" in text
     from PIL import Image
 

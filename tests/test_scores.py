@@ -3,7 +3,9 @@ min_score on it, per-query modality weights and a subtracted concept (not_text).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -21,6 +23,17 @@ def own_text(row) -> str:
 
 def by_id(frame: pd.DataFrame, column: str = "score") -> dict:
     return dict(zip(frame["id"], frame[column]))
+
+
+@contextmanager
+def composing(retriever, on: bool):
+    """The shared retriever with fusion.compose on or off for a while."""
+    config = retriever.config
+    retriever.config = dataclasses.replace(config, fusion=dataclasses.replace(config.fusion, compose=on))
+    try:
+        yield retriever
+    finally:
+        retriever.config = config
 
 
 @pytest.mark.slow
@@ -53,13 +66,59 @@ def test_fused_scores_are_the_weighted_mean_of_image_and_text_scores(indexed, ca
     photo = catalog.image_sources()[catalog.ids.index(575)]
     image = by_id(indexed.search(image=photo, k=8))
     text = by_id(indexed.search(text="a bed", k=8, hybrid="off"))
-    fused = indexed.search(image=photo, text="a bed", k=8)
+    with composing(indexed, False):
+        fused = indexed.search(image=photo, text="a bed", k=8)
     w = indexed.config.fusion.image_weight
     for _, row in fused.iterrows():
         assert row["score"] == pytest.approx(w * image[row["id"]] + (1 - w) * text[row["id"]], abs=1e-5)
         assert row["image_score"] + row["text_score"] == pytest.approx(row["score"], abs=1e-5)
     # Image and text scores are cosines: an unrelated item scores well under the item itself.
     assert max(v for k, v in image.items() if k != 575) < 0.9 and max(text.values()) < 1
+
+
+def test_composed_fused_scores_read_the_words_with_the_text_of_the_item_nearest_the_photo(indexed, catalog):
+    """score = a cos(image) + (1 - a) max(cos(unit(u_nearest + beta u_words), item text), cos(u_words, item text)),
+    a = compose_image_share: the better of the words read with the nearest item's text and the words alone."""
+    cfg = indexed.config.fusion
+    photo = catalog.image_sources()[catalog.ids.index(575)]  # the washing machine's own render: it is its nearest item
+    image = by_id(indexed.search(image=photo, k=8))
+    d = indexed.vectors("joint").shape[1] - indexed.text_encoder.dim
+
+    def text_part(texts):  # unit text vectors (late fusion's joint vector of a text is [0 ; u_text])
+        return indexed.encode(texts=texts)[:, d:]
+
+    words, nearest = text_part(["a bed"])[0], text_part([own_text(indexed.get(575))])[0]
+    composed = nearest + cfg.compose_words * words
+    composed /= np.linalg.norm(composed)
+    item_text = dict(zip(indexed.items["id"], indexed.vectors("joint")[:, d:] / np.sqrt(1 - cfg.image_weight)))
+    a = cfg.compose_image_share
+
+    def text_score(item):
+        return max(float(item_text[item] @ composed), float(item_text[item] @ words))
+
+    fused = indexed.search(image=photo, text="a bed", k=8)
+    readings = {item: float(item_text[item] @ composed) > float(item_text[item] @ words) for item in fused["id"]}
+    assert any(readings.values()) and not all(readings.values())  # the washing machine by its composed text, the bed by the words
+    for _, row in fused.iterrows():
+        assert row["score"] == pytest.approx(a * image[row["id"]] + (1 - a) * text_score(row["id"]), abs=1e-4)
+        assert row["image_score"] + row["text_score"] == pytest.approx(row["score"], abs=1e-5)
+    shared = indexed.search(image=photo, text="a bed", k=8, weights={"image": 0.6, "text": 0.4})
+    for _, row in shared.iterrows():  # weights set the shares of the same two parts
+        assert row["score"] == pytest.approx(0.6 * image[row["id"]] + 0.4 * text_score(row["id"]), abs=1e-4)
+
+
+def test_this_but_on_an_item_gives_its_duplicates_no_credit_for_its_own_text(catalog):
+    """like=ID + words: a second listing of the same sofa (same text, same photo) differs from it by nothing
+    the words name, so it scores by the words alone (else the item's text plus the words would put it first)."""
+    sofa = catalog.df[catalog.df["id"] == 56]
+    twin = sofa.assign(id=9056)
+    r = mr.Retriever()
+    r.index(mr.Catalog(pd.concat([catalog.df, twin], ignore_index=True), image_root=catalog.image_root), show_progress=False)
+    found = r.search(like=56, text="a bed", k=8)
+    assert found["id"].iloc[0] == 118  # the bed
+    vectors = dict(zip(r.items["id"], r.vectors("joint")))
+    words = r.query_vectors(images=[catalog.image_sources()[catalog.ids.index(56)]], texts=["a bed"])[0, 1]
+    assert by_id(found)[9056] == pytest.approx(float(vectors[9056] @ words), abs=1e-4)  # the words' reading only
 
 
 @pytest.mark.parametrize("query", [{"image": "washing_machine.png"}, {"text": "a seat"}, {"text": "a seat", "hybrid": "off"},
@@ -74,6 +133,11 @@ def test_min_score_is_one_threshold_in_every_mode(indexed, fixtures, query):
 
 
 def test_weights_move_a_fused_query_between_its_image_and_its_text(indexed, fixtures):
+    with composing(indexed, False):  # the words alone (composition: the test above)
+        weights_move_a_fused_query(indexed, fixtures)
+
+
+def weights_move_a_fused_query(indexed, fixtures):
     photo, words = fixtures / "images" / "washing_machine.png", "a bed"
     image_only = indexed.search(image=photo, k=8)
     text_only = indexed.search(text=words, k=8, hybrid="off")
