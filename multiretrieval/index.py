@@ -160,12 +160,12 @@ class VectorIndex:
 
         grid: dict[str, list[float]] = {}
         if self._find(faiss.IndexHNSW) is not None:
-            grid["efSearch"] = [16, 32, 64, 128, 256, 512]
+            grid["efSearch"] = [16, 32, 64, 128, 256, 512, 1024, 2048]
         ivf = self._find(faiss.IndexIVF)
         if ivf is not None:
             grid["nprobe"] = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= ivf.nlist]
         if self._find(faiss.IndexRefine) is not None:
-            grid["k_factor"] = [1, 2, 4, 8, 16, 32]
+            grid["k_factor"] = [1, 2, 4, 8, 16, 32, 64, 128]
         return grid
 
     def build(self, ids: np.ndarray, vectors: np.ndarray, target_recall: float = 0.95, k: int = 10,
