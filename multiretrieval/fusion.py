@@ -237,9 +237,7 @@ class AttentionFusion:
                                         (image_tokens, image_mask, text_tokens, text_mask))).numpy()
         return out
 
-    def query_parts(self) -> list[tuple[int, int]]:
-        """The late block's image and text columns (the learned block is left out of this approximation)."""
-        return [(0, self.image_dim), (self.image_dim, self.image_dim + self.text_dim)]
+    query_parts = LateFusion.query_parts  # the late block's columns (the learned block is left out of this approximation)
 
     def mixing(self) -> tuple[float, float]:
         """(m, w): the learned part's share of a score and the late (skip) part's image weight."""
