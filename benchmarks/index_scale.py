@@ -67,6 +67,19 @@ def single_queries(search, queries: np.ndarray) -> tuple[np.ndarray, float, floa
     return np.array(found), float(np.median(ms)), float(np.percentile(ms, 99))
 
 
+# The searches are made here rather than as lambdas in main(): main() deletes the matrix and the
+# automatic index (``del x``, ``del index``) to free their memory before the IVF-PQ part, and a
+# lambda there would close over the very names it deletes.
+def exact_search(x: np.ndarray, k: int):
+    """Single-query exact search over the raw matrix (faiss.knn): the ids of the top k."""
+    return lambda q: faiss.knn(q, x, k, faiss.METRIC_INNER_PRODUCT)[1]
+
+
+def index_search(index: VectorIndex, k: int):
+    """Single-query search of a VectorIndex: the ids of the top k."""
+    return lambda q: index.search(q, k)[1]
+
+
 def file_bytes(index: VectorIndex, folder: str) -> int:
     path = os.path.join(folder, "index.faiss")
     index.save(path)
@@ -99,7 +112,7 @@ def main() -> None:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     truth = faiss.knn(queries, x, k, faiss.METRIC_INNER_PRODUCT)[1]  # exact ground truth (batched)
     faiss.omp_set_num_threads(1)
-    _, flat_p50, flat_p99 = single_queries(lambda q: faiss.knn(q, x, k, faiss.METRIC_INNER_PRODUCT)[1], queries[:20])
+    _, flat_p50, flat_p99 = single_queries(exact_search(x, k), queries[:20])
     rows.append(("Flat (exact)", 0.0, 4 * d + 8, flat_p50, flat_p99, 1.0, ""))
     print(f"exact: p50 {flat_p50:.1f} ms", flush=True)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
@@ -115,7 +128,7 @@ def main() -> None:
         print(f"auto = {factory}: built and tuned in {build:.0f} s: {tuned.get('params')} (recall {tuned.get('recall', 1):.3f} "
               "on 200 rows held out while tuning)", flush=True)
         faiss.omp_set_num_threads(1)
-        found, p50, p99 = single_queries(lambda q: index.search(q, k)[1], queries)
+        found, p50, p99 = single_queries(index_search(index, k), queries)
         rows.append((f"auto: {factory}", build, file_bytes(index, work) / args.n, p50, p99, recall(found, truth), str(index.params)))
         filtered = filter_checks(index, x, queries, work, k)
         faiss.omp_set_num_threads(os.cpu_count() or 1)
