@@ -6,7 +6,7 @@
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train] [--only NAME ...]
-    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--config FILE]
     multiretrieval demo [--catalog CSV] [--out DIR]
 
 Heavy libraries are imported inside the commands, so --help answers at once.
@@ -165,7 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind names no host
         hosts.append(args.host)
     app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     allowed_hosts=hosts, allowed_origins=args.allowed_origin, checkpoint_every=args.checkpoint_every)
+                     allowed_hosts=hosts, allowed_origins=args.allowed_origin, checkpoint_every=args.checkpoint_every,
+                     config=_load_config(args.config) if args.config else None)
     print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
           + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", type=float, default=30.0, metavar="S",
                    help="seconds an idle connection stays open (default 30; uvicorn's 5 s closes connections that "
                         "busy clients are about to reuse, and they see a dropped request)")
+    p.add_argument("--config", help="YAML config (search bounds, display, ...); must name the encoders the index was built with "
+                                    "(default: the config saved with the index)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cache", help="manage a folder of encoded shards")

@@ -40,3 +40,29 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 def test_unknown_mode_is_refused_by_the_parser():
     with pytest.raises(SystemExit):
         cli.main(["search", "idx", "--text", "x", "--mode", "sideways"])
+
+
+def test_serve_help_lists_config(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--help"])
+    assert exit_.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def test_serve_loads_the_index_with_the_given_config(indexed, tmp_path, monkeypatch, capsys):
+    """serve --config: the app serves the index with that config (search bounds, display), not the saved one."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    indexed.save(tmp_path / "idx")
+    config = tmp_path / "serve.yaml"
+    config.write_text("search:\n  max_k: 3\ndisplay:\n  brand: creator\n")
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))  # no real server
+    assert cli.main(["serve", str(tmp_path / "idx"), "--port", "8123", "--config", str(config)]) == 0
+    assert served["port"] == 8123 and "serving" in capsys.readouterr().out
+    with TestClient(served["app"], base_url="http://127.0.0.1:8123") as client:
+        assert client.app.state.service.retriever.config.search.max_k == 3
+        assert client.get("/info").json()["display"]["brand"] == "creator"
+        assert client.post("/search", json={"text": "a bed", "k": 3}).status_code == 200
+        assert client.post("/search", json={"text": "a bed", "k": 4}).status_code == 422

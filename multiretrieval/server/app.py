@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..catalog import is_url, load_image
+from ..config import RetrieverConfig
 from ..errors import CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
 from ..search import MODES, check_where
@@ -43,7 +44,8 @@ THUMBNAIL_PX = 256
 
 def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20,
                allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None,
-               checkpoint_every: int = 1000, image_urls: Literal["public", "any", "off"] = "public") -> FastAPI:
+               checkpoint_every: int = 1000, image_urls: Literal["public", "any", "off"] = "public",
+               config: RetrieverConfig | None = None) -> FastAPI:
     """Build the app for a saved index folder.
 
     Args:
@@ -57,6 +59,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         checkpoint_every: save the index folder (and empty the write log) after this many writes.
         image_urls: which photo addresses (``image_url``) the service fetches: "public" (only
             addresses that resolve to public IPs), "any", or "off".
+        config: the config to serve the index with (``Retriever.load``'s: it must name the encoders
+            the index was built with); default: the config saved with the index.
     """
     import contextlib
 
@@ -65,7 +69,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     # One query searches one vector: FAISS's OpenMP threads would only spin against each other
     # across concurrent requests. Concurrency comes from the request threads instead.
     faiss.omp_set_num_threads(1)
-    service = Service(index_dir, checkpoint_every)
+    service = Service(index_dir, checkpoint_every, config)
     bounds = service.retriever.config.search
     request_model = search_request_model(bounds)
     batch_model = create_model("BatchRequest", queries=(list[request_model], Field(
@@ -187,7 +191,15 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         source = service.retriever.image_source(item_id)
         if source is None:
             raise _HTTPError(404, f"item {item_id!r} has no image")
-        data = _thumbnail(source, 0.0 if is_url(source) else _mtime(source), size)  # an image URL is fetched here
+        if is_url(source):
+            data = _thumbnail(source, 0.0, size)  # an image URL is fetched here
+        else:
+            try:
+                data = _thumbnail(source, _mtime(source), size)
+            except ImageError:
+                if _missing(source):  # gone since it was indexed (or between the stat and the read)
+                    raise _HTTPError(404, f"the image file of item {item_id!r} is missing: {source}") from None
+                raise  # there but unreadable: 400
         return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
     async def write(record: dict, check=None) -> Any:
@@ -217,7 +229,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     row_answers = responses({200: (dict[str, Any], "the item's catalog row"), 404: "unknown id"})
     image_answers = responses({200: ("image/png", "a PNG of at most `size` pixels a side"), 422: "a size outside 32-1024",
-                               400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image"})
+                               400: "the item's image file is unreadable",
+                               404: "unknown id, an item without an image, or one whose image file is missing"})
     size_query = Query(THUMBNAIL_PX, ge=32, le=1024, description="the photo's longest side in pixels")
     remove_answers = responses({200: (RemoveResponse, "removed"), **key, 404: "unknown id"})
     upsert_answers = responses({200: (UpsertResponse, "added or replaced"), **key, 400: bad_row, 413: f"{upload}; {pixels}",
@@ -246,7 +259,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     @app.get("/items/{item_id:path}", response_model=None, responses=responses({
         200: (dict[str, Any], "/items/ID: the item's catalog row (JSON; its product page when a browser asks for HTML); "
                               "/items/ID/image: its photo as a PNG of at most `size` px"),
-        400: "the item's image file is missing or unreadable", 404: "unknown id, or an item without an image",
+        400: "the item's image file is unreadable",
+        404: "unknown id, an item without an image, or one whose image file is missing",
         422: "a size outside 32-1024"}))
     def get_item(item_id: ItemId, request: Request, size: int = size_query) -> Any:
         """``/items/ID``: an item's catalog row, or its product page for a browser; ``/items/ID/image``: its
@@ -427,6 +441,17 @@ def _mtime(path: str) -> float:
         return Path(path).stat().st_mtime
     except OSError as exc:
         raise ImageError(f"image file of this item is missing: {exc}") from exc
+
+
+def _missing(path: str) -> bool:
+    """Whether a local image file is not there (as opposed to there but unreadable)."""
+    try:
+        Path(path).stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _short(value: Any) -> Any:

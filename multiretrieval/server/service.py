@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..config import RetrieverConfig
 from ..errors import CatalogError
 from ..filters import compile_filter
 from ..retriever import Retriever
@@ -29,13 +30,14 @@ logger = logging.getLogger(__name__)
 class Service:
     """The retriever, the write lock and log, and where uploads go."""
 
-    def __init__(self, index_dir: str | Path, checkpoint_every: int = 1000) -> None:
+    def __init__(self, index_dir: str | Path, checkpoint_every: int = 1000, config: RetrieverConfig | None = None) -> None:
         self.index_dir = Path(index_dir).resolve()
+        self.config = config  # None: the config saved with the index (Retriever.load)
         # Uploaded images and the write log live beside the index folder: a save replaces the folder itself.
         self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
         self.checkpoint_every = max(1, checkpoint_every)
         self._write_lock = threading.Lock()
-        retriever = Retriever.load(self.index_dir)
+        retriever = Retriever.load(self.index_dir, self.config)
         self.text_batcher = MicroBatcher(retriever.text_encoder.forward)
         self.image_batcher = MicroBatcher(retriever.image_encoder.forward, max_batch=16)
         self.retriever = self._prepare(retriever)
@@ -74,7 +76,7 @@ class Service:
                 self.journal.append(record)
             except BaseException:
                 logger.exception("cannot log a write; going back to the state on disk")
-                self.retriever = self._prepare(Retriever.load(self.index_dir))
+                self.retriever = self._prepare(Retriever.load(self.index_dir, self.config))
                 self._replay(self.journal.records(after=int(self.retriever.saved_note.get("journal_seq", 0))))
                 raise
             if len(self.journal) >= self.checkpoint_every:

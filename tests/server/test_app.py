@@ -146,3 +146,35 @@ def test_an_item_added_without_a_photo_has_no_image_and_can_be_deleted(client):
     r = client.get("/items/950/image")
     assert r.status_code == 404 and "has no image" in r.json()["detail"]
     assert client.delete("/items/950", headers=h).json() == {"removed": 1, "items": 9}
+
+
+def test_a_missing_image_file_is_404_naming_the_item_and_the_path(retriever_copy, fixtures, tmp_path):
+    """An item whose image file was deleted after indexing: 404 (it answered 400), the detail naming the
+    item and the path; a file that is there but unreadable stays 400, an unknown id stays 404."""
+    import shutil
+
+    import pandas as pd
+
+    photo = tmp_path / "photos" / "spare-bed.png"
+    photo.parent.mkdir()
+    shutil.copyfile(fixtures / "images" / "bed1.png", photo)  # never the committed fixture itself
+    report = retriever_copy.add(pd.DataFrame([{"id": 9001, "title": "Spare bed", "image": str(photo), "price": 300.0}]),
+                                show_progress=False)
+    assert report.indexed == 1
+    retriever_copy.save(tmp_path / "idx")
+    with TestClient(create_app(tmp_path / "idx"), base_url="http://127.0.0.1:8000") as client:
+        source = client.app.state.service.retriever.image_source(9001)
+        assert source is not None and source.endswith("spare-bed.png")
+        assert client.get("/items/9001/image").status_code == 200  # thumbnail made (and cached) while the file is there
+        photo.write_bytes(b"not an image any more")
+        r = client.get("/items/9001/image")
+        assert r.status_code == 400 and "not an image" in r.json()["detail"]
+        photo.unlink()
+        for url in ("/items/9001/image", "/item/image?id=9001"):
+            r = client.get(url)
+            assert r.status_code == 404, (url, r.text)
+            detail = r.json()["detail"]
+            assert "9001" in detail and source in detail and "missing" in detail
+        assert client.get("/items/9001").json()["title"] == "Spare bed"  # the row is still served
+        r = client.get("/items/999999/image")
+        assert r.status_code == 404 and "not in the index" in r.json()["detail"]
