@@ -75,6 +75,13 @@ def best_reading(index, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
     return Hits(keys[order], scores[order].astype(np.float32), np.full(len(order), None, dtype=object))
 
 
+def tied_ranks(scores: np.ndarray) -> np.ndarray:
+    """0-based ranks of a best-first ranking where equal scores (to 1e-6) share the best of their ranks: items
+    that score alike (listings that share a title) rank alike, whatever order the index returned them in."""
+    rounded = -np.round(scores.astype(np.float64), 6)
+    return np.searchsorted(rounded, rounded, side="left")
+
+
 def restrict(subset: np.ndarray, everything: int, allowed: np.ndarray | None) -> np.ndarray | None:
     """The allowed keys among ``subset`` (None: no restriction at all)."""
     if len(subset) == everything:
@@ -219,10 +226,12 @@ def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact
     keys = np.array(list(dict.fromkeys([*vector.keys.tolist(), *keyword.keys.tolist()])), np.int64)
     v_at = {k: i for i, k in enumerate(vector.keys.tolist())}
     k_at = {k: i for i, k in enumerate(keyword.keys.tolist())}
-    v_rank = np.array([v_at.get(k, -1) for k in keys.tolist()])
-    k_rank = np.array([k_at.get(k, -1) for k in keys.tolist()])
-    v_score = np.where(v_rank >= 0, vector.scores[np.maximum(v_rank, 0)] if len(vector.keys) else 0, np.nan).astype(np.float32)
-    k_score = np.where(k_rank >= 0, keyword.scores[np.maximum(k_rank, 0)] if len(keyword.keys) else 0, np.nan).astype(np.float32)
+    v_pos = np.array([v_at.get(k, -1) for k in keys.tolist()])
+    k_pos = np.array([k_at.get(k, -1) for k in keys.tolist()])
+    v_score = np.where(v_pos >= 0, vector.scores[np.maximum(v_pos, 0)] if len(vector.keys) else 0, np.nan).astype(np.float32)
+    k_score = np.where(k_pos >= 0, keyword.scores[np.maximum(k_pos, 0)] if len(keyword.keys) else 0, np.nan).astype(np.float32)
+    v_rank = np.where(v_pos >= 0, tied_ranks(vector.scores)[np.maximum(v_pos, 0)] if len(vector.keys) else 0, -1)
+    k_rank = np.where(k_pos >= 0, tied_ranks(keyword.scores)[np.maximum(k_pos, 0)] if len(keyword.keys) else 0, -1)
     w = np.full(len(keys), weight) if has_keywords is None or not len(keys) else np.where(has_keywords(keys), weight, 0.0)
     if method == "rrf":
         fused = (RRF_K + 1) * (np.where(v_rank >= 0, (1 - w) / (RRF_K + 1 + v_rank), 0.0)
@@ -233,6 +242,6 @@ def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact
         fused = (1 - w) * np.where(v_rank >= 0, v_score, floor) + w * np.where(k_rank >= 0, k_score / max(best, 1e-12), 0.0)
     if exact is not None and len(keys):
         fused = fused + exact(keys)
-    matched = np.array([vector.matched[v] if v >= 0 else "text" for v in v_rank.tolist()], dtype=object)
-    order = np.argsort(-fused, kind="stable")  # ties keep the vector ranking's order
+    matched = np.array([vector.matched[v] if v >= 0 else "text" for v in v_pos.tolist()], dtype=object)
+    order = np.argsort(-fused, kind="stable")  # ties keep the vector ranking's order (answers put them in id order)
     return Hits(keys[order], fused[order].astype(np.float32), matched[order]), v_score[order], k_score[order]

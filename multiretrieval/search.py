@@ -431,6 +431,7 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
         if query.mode in ("text", "zero-shot") and query.like is None:
             frame.insert(at, name, values[keep])
     frame.index = hits.keys[keep]  # each row's key, until the page is cut
+    frame = ties_in_id_order(frame, "hybrid_score" if "hybrid_score" in frame.columns else "score")
     if query.sort_by:
         frame = sort_results(frame, *query.sort_by)
     page = frame.iloc[query.offset:query.offset + query.k]
@@ -448,6 +449,19 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
         page.insert(4, "text_score", text_part)
     page.attrs["has_more"] = len(frame) > query.offset + query.k
     return page
+
+
+def ties_in_id_order(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Results that score alike (to 1e-6; ``column`` orders the frame, best first) put in id order: the same
+    catalog answers the same page whatever order its rows were indexed in (an index returns equal scores in
+    its own insertion order)."""
+    if len(frame) < 2:
+        return frame
+    values = np.round(frame[column].to_numpy(np.float64), 6)
+    run = np.r_[0, np.cumsum(values[1:] != values[:-1])]  # runs of equal neighbours; the order between runs stays
+    if run[-1:].sum() == len(values) - 1:
+        return frame
+    return frame.iloc[np.lexsort((frame["id"].astype(str).to_numpy(), run))]
 
 
 def same_text_as(keys: np.ndarray, store) -> np.ndarray:

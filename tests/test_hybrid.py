@@ -188,3 +188,27 @@ def test_an_item_without_words_is_judged_by_its_vector_rank_alone():
     assert unfair.keys.tolist() == [2, 3, 1]
     weighted, _, _ = fuse_rankings(vector, keyword, "weighted", 0.5, has_keywords=lambda keys: keys != 1)
     assert weighted.scores[weighted.keys.tolist().index(1)] == pytest.approx(0.6)
+
+
+def test_listings_that_score_alike_come_back_in_one_order_whatever_order_they_were_indexed_in(catalog):
+    """Three listings of the same sofa (same photo, same words) score alike under every ranking. Two indexes of
+    the same catalog, its rows in other orders, answer the same pages (ties in id order; the reciprocal-rank
+    fusion gives equally scored items one rank, so a tie in one ranking cannot tip the fused order)."""
+    frame = catalog.df.assign(image=catalog.image_sources())
+    sofa = frame[frame["id"] == 56]
+    twins = pd.concat([sofa.assign(id=i) for i in (9003, 9001, 9002)], ignore_index=True)
+    rows = pd.concat([frame, twins], ignore_index=True)
+    answers = []
+    for seed in (0, 1, 2):
+        r = mr.Retriever()
+        r.index(rows.sample(frac=1.0, random_state=seed), show_progress=False)
+        answers.append([r.search(text="sofa", k=6)[["id", "hybrid_score"]],
+                        r.search(text="sofa", k=6, hybrid="off")[["id", "score"]],
+                        r.search(image=sofa["image"].iloc[0], k=6)[["id", "score"]]])
+    for hybrid, vector, image in answers:
+        assert hybrid["id"].tolist()[:4] == [56, 9001, 9002, 9003]  # the sofa's listings first, in id order
+        assert hybrid["hybrid_score"].iloc[:4].nunique() == 1  # one rank in each ranking: one fused score
+        assert vector["id"].tolist()[:4] == image["id"].tolist()[:4] == [56, 9001, 9002, 9003]
+    for other in answers[1:]:
+        for a, b in zip(answers[0], other):
+            assert a["id"].tolist() == b["id"].tolist()
