@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 MODES = ("auto", "image", "text", "fused", "zero-shot")
 HYBRID = ("rrf", "weighted", "off")
+TIE_DEPTH = 10  # results read past a page, so that a few listings tied with its last one are all seen
 OPTIONS = ("offset", "min_score", "sort_by", "filters", "like", "vector", "hybrid", "keyword_weight", "weights", "not_text",
            "unsafe_where")
 
@@ -410,7 +411,8 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
     if vector.shape[1] != index.dim:
         raise QueryError(f"the query vector has {vector.shape[1]} dimensions; the {space} space has {index.dim}")
     skip = store.keys_for([query.like]) if query.like is not None else np.zeros(0, np.int64)
-    depth = query.offset + query.k + 1 + len(skip)  # one more than the page: is there more?
+    # Past the page: is there more, and which of the items tied with its last one come first (ties_in_id_order).
+    depth = query.offset + query.k + TIE_DEPTH + len(skip)
     if query.sort_by:
         depth = max(depth, embedder.config.search.sort_candidates)
     if query.mode == "text" and query.like is None:

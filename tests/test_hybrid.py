@@ -204,8 +204,10 @@ def test_listings_that_score_alike_come_back_in_one_order_whatever_order_they_we
         r.index(rows.sample(frac=1.0, random_state=seed), show_progress=False)
         answers.append([r.search(text="sofa", k=6)[["id", "hybrid_score"]],
                         r.search(text="sofa", k=6, hybrid="off")[["id", "score"]],
-                        r.search(image=sofa["image"].iloc[0], k=6)[["id", "score"]]])
-    for hybrid, vector, image in answers:
+                        r.search(image=sofa["image"].iloc[0], k=6)[["id", "score"]],
+                        r.search(image=sofa["image"].iloc[0], k=2)[["id", "score"]]])  # the page ends inside the tie
+    for hybrid, vector, image, cut in answers:
+        assert cut["id"].tolist() == [56, 9001]
         assert hybrid["id"].tolist()[:4] == [56, 9001, 9002, 9003]  # the sofa's listings first, in id order
         assert hybrid["hybrid_score"].iloc[:4].nunique() == 1  # one rank in each ranking: one fused score
         assert vector["id"].tolist()[:4] == image["id"].tolist()[:4] == [56, 9001, 9002, 9003]
