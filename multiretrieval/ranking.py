@@ -75,10 +75,15 @@ def best_reading(index, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
     return Hits(keys[order], scores[order].astype(np.float32), np.full(len(order), None, dtype=object))
 
 
+def tie_values(scores: np.ndarray) -> np.ndarray:
+    """Scores as ties are judged: to 1e-6 (listings that share a photo and a title score alike, up to float noise)."""
+    return np.round(np.asarray(scores, np.float64), 6)
+
+
 def tied_ranks(scores: np.ndarray) -> np.ndarray:
-    """0-based ranks of a best-first ranking where equal scores (to 1e-6) share the best of their ranks: items
-    that score alike (listings that share a title) rank alike, whatever order the index returned them in."""
-    rounded = -np.round(scores.astype(np.float64), 6)
+    """0-based ranks of a best-first ranking where equal scores share the best of their ranks: items that
+    score alike rank alike, whatever order the index returned them in."""
+    rounded = -tie_values(scores)
     return np.searchsorted(rounded, rounded, side="left")
 
 

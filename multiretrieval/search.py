@@ -52,7 +52,7 @@ from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .fusion import compose_text
 from .items import filters_where
-from .ranking import best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index
+from .ranking import best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values
 from .utils import l2_normalize
 
 if TYPE_CHECKING:
@@ -454,12 +454,12 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
 
 
 def ties_in_id_order(frame: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Results that score alike (to 1e-6; ``column`` orders the frame, best first) put in id order: the same
-    catalog answers the same page whatever order its rows were indexed in (an index returns equal scores in
-    its own insertion order)."""
+    """Results that score alike (``tie_values``; ``column`` orders the frame, best first) put in id order: the
+    same catalog answers the same page whatever order its rows were indexed in (an index returns equal scores
+    in its own insertion order)."""
     if len(frame) < 2:
         return frame
-    values = np.round(frame[column].to_numpy(np.float64), 6)
+    values = tie_values(frame[column].to_numpy())
     run = np.r_[0, np.cumsum(values[1:] != values[:-1])]  # runs of equal neighbours; the order between runs stays
     if run[-1:].sum() == len(values) - 1:
         return frame
