@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import multiretrieval as mr  # noqa: E402
+from multiretrieval.ranking import tie_values  # noqa: E402
 from search_latency import repeated_catalog  # noqa: E402
 
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "grey", "orange", "purple", "pink", "teal", "brown")
@@ -112,12 +113,13 @@ def tomorrow(today: pd.DataFrame, changed: float, new: float, removed: float, se
 
 
 def exact_top(r: mr.Retriever, texts: list[str], k: int = 10) -> list[pd.DataFrame]:
-    """Exact top-k (id, score) of the joint space (text queries against items with text), from the stored vectors."""
+    """Exact top-k (id, score) of the joint space (text queries against items with text), from the stored
+    vectors; equal scores in id order, as search answers them."""
     ids = r.items["id"].to_numpy()
     has_text = r.features()["text_mask"][:, 0]
     sims = r.query_vectors(texts=texts)[:, 0] @ r.vectors("joint").T  # one reading per text query
     sims[:, ~has_text] = -np.inf
-    tops = [np.argsort(-s, kind="stable")[:k] for s in sims]
+    tops = [np.lexsort((ids.astype(str), -tie_values(s)))[:k] for s in sims]
     return [pd.DataFrame({"id": ids[t], "score": s[t]}) for t, s in zip(tops, sims)]
 
 

@@ -29,6 +29,7 @@ from .keywords import identifiers
 if TYPE_CHECKING:
     from .collection import Collection
 
+TIE_DEPTH = 10  # results read past a page or a ranking's depth, so that a few listings tied with its last one are all seen
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009): a rank r counts 1 / (60 + r)
 CALIBRATION_SAMPLE = 1000  # items (with both an image and a text) the zero-shot scale is measured on
 CALIBRATION_MIN = 20  # fewer such items: zero-shot scores are taken as they are
@@ -80,6 +81,15 @@ def tie_values(scores: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(scores, np.float64), 6)
 
 
+def through_ties(hits: Hits, n: int) -> Hits:
+    """The first ``n`` of a best-first ranking and the items after them tied with the n-th."""
+    if len(hits.keys) <= n:
+        return hits
+    t = -tie_values(hits.scores)
+    keep = int(np.searchsorted(t, t[n - 1], side="right"))
+    return Hits(hits.keys[:keep], hits.scores[:keep], None if hits.matched is None else hits.matched[:keep])
+
+
 def tied_ranks(scores: np.ndarray) -> np.ndarray:
     """0-based ranks of a best-first ranking where equal scores share the best of their ranks: items that
     score alike rank alike, whatever order the index returned them in."""
@@ -105,19 +115,23 @@ def rank_text(query, vector: np.ndarray, embedder, items: Collection, allowed: n
     hybrid = query.hybrid != "off" and query.keyword_weight > 0 and len(items.keywords) > 0
     depth = max(depth, config.search.hybrid_depth) if hybrid else depth
     with_text = store.with_modality("text")
-    ranked = search_index(indexes["joint"], vector, depth, restrict(with_text, len(store), allowed), "text")
+    fetch = depth + TIE_DEPTH if hybrid else depth
+    ranked = search_index(indexes["joint"], vector, fetch, restrict(with_text, len(store), allowed), "text")
     image_only = store.with_modality("image only") if query.auto else np.zeros(0, np.int64)
     if len(image_only):
         clip = embedder.embed(texts=[query.text], space="clip")
         if query.not_text is not None:
             clip = clip - negative_vectors([query.not_text], "clip", embedder, items)
-        pictures = search_index(indexes["clip_image"], clip, depth, restrict(image_only, len(store), allowed), "image")
+        pictures = search_index(indexes["clip_image"], clip, fetch, restrict(image_only, len(store), allowed), "image")
         scale = zero_shot_scale(embedder, items) if len(ranked.keys) and len(pictures.keys) else (1.0, 0.0)
         ranked = merge_spaces(ranked, pictures, scale)
     if not hybrid:
         return ranked, {}
-    keys, scores = items.keywords.search(query.text, depth, allowed)
-    fused, vector_scores, keyword_scores = fuse_rankings(ranked, Hits(keys, scores), query.hybrid, query.keyword_weight,
+    # Each ranking is read to its depth-th item and the items tied with it (listings sharing a title), so
+    # which of them enter the fusion does not depend on the order they were indexed in.
+    ranked = through_ties(ranked, depth)
+    words = through_ties(Hits(*items.keywords.search(query.text, depth + TIE_DEPTH, allowed)), depth)
+    fused, vector_scores, keyword_scores = fuse_rankings(ranked, words, query.hybrid, query.keyword_weight,
                                                          lambda found: items.keywords.having(identifiers(query.text), found),
                                                          items.keywords.holds)
     scores = vector_scores.copy()

@@ -52,7 +52,7 @@ from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .fusion import compose_text
 from .items import filters_where
-from .ranking import best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values
+from .ranking import TIE_DEPTH, best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values
 from .utils import l2_normalize
 
 if TYPE_CHECKING:
@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 
 MODES = ("auto", "image", "text", "fused", "zero-shot")
 HYBRID = ("rrf", "weighted", "off")
-TIE_DEPTH = 10  # results read past a page, so that a few listings tied with its last one are all seen
 OPTIONS = ("offset", "min_score", "sort_by", "filters", "like", "vector", "hybrid", "keyword_weight", "weights", "not_text",
            "unsafe_where")
 

@@ -214,3 +214,14 @@ def test_listings_that_score_alike_come_back_in_one_order_whatever_order_they_we
     for other in answers[1:]:
         for a, b in zip(answers[0], other):
             assert a["id"].tolist() == b["id"].tolist()
+
+
+def test_a_ranking_is_read_through_the_ties_at_its_depth():
+    """The items tied with a ranking's last one (to 1e-6) come too: which of several equally scored listings
+    enter the fusion must not depend on the order the index holds them in."""
+    from multiretrieval.ranking import Hits, through_ties
+
+    hits = Hits(np.array([5, 3, 9, 4, 7]), np.array([0.9, 0.8, 0.8 + 1e-8, 0.8, 0.7], np.float32))
+    assert through_ties(hits, 2).keys.tolist() == [5, 3, 9, 4]
+    assert through_ties(hits, 1).keys.tolist() == [5] and through_ties(hits, 5).keys.tolist() == [5, 3, 9, 4, 7]
+    assert through_ties(hits, 4).keys.tolist() == [5, 3, 9, 4]
