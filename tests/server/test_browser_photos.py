@@ -43,7 +43,9 @@ def test_every_thumbnail_of_a_photo_folder_shows_in_the_page(tmp_path):
         scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
         links = page.evaluate("[...document.querySelectorAll('#results .card a')]"
                               ".map(a => decodeURIComponent(new URL(a.href).pathname.slice('/items/'.length)))")
+        titles = page.locator("#results .card .title").all_inner_texts()
         shot(page, "photo-folder")
         browser.close()
     assert drawn == len(shown) == len(links)  # every photo, ids with slashes and spaces included
+    assert titles == [Path(i).stem for i in links]  # untitled photos are shown by their file's name, not their path
     assert {shown[i] for i in links[:4]} == set(LAMPS) and all(s > 0 for s in scores[:4])  # the lamps first, above 0

@@ -252,7 +252,12 @@ function price(item) {
 }
 
 function titleOf(item) {
-  return String(item[info.display.title] ?? `Item ${item.id}`);
+  const title = item[info.display.title];
+  if (title !== null && title !== undefined && title !== "") return String(title);
+  // An untitled photo from a folder: its file name reads better than its whole path.
+  const id = String(item.id);
+  const name = id.split("/").pop().replace(/\.(jpe?g|png|webp|gif|tiff?|bmp|avif|heic|heif)$/i, "");
+  return name && name !== id ? name : `Item ${id}`;
 }
 
 function productLink(id) {
@@ -272,6 +277,7 @@ function card(item, mode) {
   img.src = productLink(item.id) + "/image";
   img.alt = titleOf(item);
   img.loading = "lazy";
+  img.addEventListener("load", () => img.classList.add("loaded"));
   link.append(img, el("span", "title", titleOf(item)));
   if (info.display.brand && item[info.display.brand]) link.append(el("span", "muted small", item[info.display.brand]));
   const extra = (info.display.columns || []).map((c) => item[c]).filter((v) => v !== null && v !== undefined && v !== "");
