@@ -460,7 +460,7 @@ def ties_in_id_order(frame: pd.DataFrame, column: str) -> pd.DataFrame:
         return frame
     values = tie_values(frame[column].to_numpy())
     run = np.r_[0, np.cumsum(values[1:] != values[:-1])]  # runs of equal neighbours; the order between runs stays
-    if run[-1:].sum() == len(values) - 1:
+    if run[-1] == len(values) - 1:  # no two alike
         return frame
     return frame.iloc[np.lexsort((frame["id"].astype(str).to_numpy(), run))]
 
