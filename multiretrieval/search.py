@@ -395,11 +395,10 @@ def nearest_texts(features: dict[str, np.ndarray], embedder, items: Collection) 
     if len(photos) and len(with_text):
         image_only = {**{name: a[photos] for name, a in features.items()}, "text_mask": np.zeros_like(features["text_mask"][photos])}
         vectors = embedder.query_vectors(image_only, calibration=fusion_calibration(embedder, items))
-        for j, i in enumerate(photos):
-            hits = search_index(items.indexes["joint"], vectors[j:j + 1], 1, restrict(with_text, len(store), None))
-            if len(hits.keys):
-                row = store.rows_of(hits.keys[:1])[0]
-                tokens[i], mask[i] = store.features["text_tokens"][row], store.features["text_mask"][row]
+        nearest = items.indexes["joint"].search(vectors, 1, restrict(with_text, len(store), None))[1][:, 0]  # one batch
+        found = nearest >= 0
+        rows = store.rows_of(nearest[found])
+        tokens[photos[found]], mask[photos[found]] = store.features["text_tokens"][rows], store.features["text_mask"][rows]
     return {"text_tokens": tokens, "text_mask": mask}
 
 
