@@ -55,12 +55,22 @@ def contact_sheet(rows: Sequence[SheetRow], image_of: Callable[[object], str | N
                     logger.warning("contact sheet: no thumbnail for id %r: %s", result.id, exc)
                     draw.text((x + 4, y + 4), "(no image)", fill="gray", font=font)
             title = str(getattr(result, "title", "") or "")
-            draw.text((x, y + THUMB + 2), f"#{result.rank} id {result.id}  {result.score:.3f}", fill="black", font=font)
-            draw.text((x, y + THUMB + 16), title[:22], fill="dimgray", font=font)
+            caption = fit_text(draw, f"#{result.rank} {result.score:.3f} id {result.id}", font, THUMB)  # long ids cut, not overlapping
+            draw.text((x, y + THUMB + 2), caption, fill="black", font=font)
+            draw.text((x, y + THUMB + 16), fit_text(draw, title, font, THUMB), fill="dimgray", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
+    """``text``, cut and ended with "..." where it would be wider than ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def _paste(sheet: Image.Image, image: Image.Image, x: int, y: int) -> None:

@@ -14,3 +14,17 @@ def test_demo_runs_the_four_kinds_of_query(fixtures, tmp_path):
     from PIL import Image
 
     assert Image.open(sheet).size[0] > 4 * 128
+
+
+def test_contact_sheet_captions_fit_their_cell():
+    """A long id (a photo's path in its folder) is cut with "..." to a thumbnail's width instead of running
+    into the next result's caption."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from multiretrieval.visualize import THUMB, fit_text
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), ImageFont.load_default()
+    long = "#1 0.738 id shop/living room/chairs/RC-100 blue.jpg"
+    cut = fit_text(draw, long, font, THUMB)
+    assert cut.endswith("...") and long.startswith(cut[:-3]) and draw.textlength(cut, font=font) <= THUMB
+    assert fit_text(draw, "#2 0.714 id 56", font, THUMB) == "#2 0.714 id 56"
