@@ -53,7 +53,7 @@ class Collection:
 
     def __init__(self, config: RetrieverConfig) -> None:
         self.store = ItemStore()
-        self.indexes = IndexSet(config.index)
+        self.indexes = IndexSet(config.index, config.search.hybrid_depth)
         self.keywords = KeywordIndex(tuple(dict.fromkeys(config.catalog.text_columns + config.catalog.keyword_columns)))
         self._memo: dict[str, tuple[Any, Any]] = {}
         self._memo_lock = threading.Lock()
@@ -214,7 +214,7 @@ class Collection:
         the keyword index: it is built from the stored rows)."""
         collection = cls(config)
         collection.store = ItemStore.load(folders["items"], items_record)
-        collection.indexes = IndexSet.load(folders["index"], manifest["index"], config.index)
+        collection.indexes = IndexSet.load(folders["index"], manifest["index"], config.index, config.search.hybrid_depth)
         if folders.get("keywords") is not None:
             collection.keywords = KeywordIndex.load(folders["keywords"], manifest["keywords"])
         else:

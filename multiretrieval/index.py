@@ -12,6 +12,10 @@ and the index is rebuilt from the live vectors once the deleted share passes
 ``choose_factory`` picks the family from the catalog size and a memory budget, and
 ``build`` sets the search parameters (efSearch, nprobe, k_factor) to the cheapest values
 that reach a target recall@10 against exact search; both are recorded in the manifest.
+Searches that read much deeper than a page (hybrid text queries read each ranking to
+``search.hybrid_depth``) get their own breadth (efSearch, nprobe), tuned to the same target
+at that depth: at 100k items, the efSearch that finds 99% of the top 10 found 95% of the
+top 110 (one query in ten lost a third of it).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ logger = logging.getLogger(__name__)
 EXACT_UP_TO = 100_000  # items: a Flat scan of this many is still a few ms
 TRAIN_SAMPLE = 200_000  # vectors used to train PCA/IVF/PQ; more adds time, not quality
 HNSW_LINK_BYTES = 32 * 2 * 4 * 1.2  # HNSW32: 2M int32 links on level 0, plus upper levels
-# Tuning's recall counts a found item whose exact score is within this of the k-th best exact score
-# (ann-benchmarks' convention): among near-identical items (variants, repeated rows) which of several
-# equally good ones comes back is arbitrary, and set recall would call an exact answer wrong.
+# Tuning's recall treats items whose exact score is within this of the k-th best exact score as one: among
+# near-identical items (variants, repeated rows) which of several equally good ones comes back is arbitrary,
+# and set recall would call an exact answer wrong. Items above that tie must be found (ann-benchmarks' plain
+# count of results reaching the k-th score let a search that lost the 6th best to an 11th tied item score 1.0).
 RECALL_EPSILON = 1e-3
 # HNSW graph building: candidates kept per insertion (FAISS's default is 40, hnswlib's 200). At 40 a catalog
 # with many near-identical listings grows islands a search rarely reaches: in benchmarks/upsert.py's 100k
@@ -38,6 +43,18 @@ RECALL_EPSILON = 1e-3
 # upserted index's even at 1024. At 200 every one was found at 64, for a graph built in 24-26 s instead of
 # 10-18 s (the encoding takes 20 minutes).
 HNSW_EF_CONSTRUCTION = 200
+TUNED_K = 10  # build tunes recall@10; those parameters serve reads up to twice as deep (a page read through its ties)
+BREADTH = ("efSearch", "nprobe")  # the parameters a deeper read raises (k_factor already scales with k)
+
+
+def recall_at_k(found: np.ndarray, best: np.ndarray, k: int) -> float:
+    """The share of the exact top k that a search found, from exact scores: ``found``, its results';
+    ``best``, the exact top scores, best first. The items tied with the k-th best (to RECALL_EPSILON)
+    are interchangeable; those above it must each be found."""
+    kth = best[k - 1]
+    above = int((best[:k] > kth + RECALL_EPSILON).sum())
+    return (min(int((found > kth + RECALL_EPSILON).sum()), above)
+            + min(int((np.abs(found - kth) <= RECALL_EPSILON).sum()), k - above)) / k
 
 
 def choose_factory(n_vectors: int, dim: int = 256, memory_budget_bytes: float = 8e9) -> str:
@@ -94,6 +111,7 @@ class VectorIndex:
         self.dim, self.factory, self.exact_filter_below = int(dim), factory, exact_filter_below
         self.params: dict[str, float] = {}  # search parameters set by tune()/set_params()
         self.recall: float | None = None  # recall@10 against exact search measured by tune()
+        self.deep: dict | None = None  # {"k", "params", "recall"}: the breadth tuned for reads to depth k (build)
         try:
             self.faiss_index = faiss.index_factory(self.dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
@@ -183,8 +201,9 @@ class VectorIndex:
             grid["k_factor"] = [1, 2, 4, 8, 16, 32, 64, 128]
         return grid
 
-    def build(self, ids: np.ndarray, vectors: np.ndarray, target_recall: float = 0.95, k: int = 10,
-              queries: int = 200, seed: int = 0, query_parts: list[tuple[int, int]] | None = None) -> dict:
+    def build(self, ids: np.ndarray, vectors: np.ndarray, target_recall: float = 0.99, k: int = TUNED_K,
+              queries: int = 200, seed: int = 0, query_parts: list[tuple[int, int]] | None = None,
+              deep_k: int | None = None) -> dict:
         """Fill an empty index and tune it: the fastest search parameters whose recall@k
         against exact search reaches ``target_recall``.
 
@@ -194,7 +213,8 @@ class VectorIndex:
         vectors, each query's own vector left out of the results instead. ``query_parts``:
         column ranges that queries may have alone (the joint space's image and text blocks: a
         photo or words meet items through one block); each is tuned for too, and the worst
-        kind of query must reach the target.
+        kind of query must reach the target. ``deep_k``: also tune the breadth (efSearch, nprobe)
+        for searches that read this deep (``deep``), the other parameters kept.
 
         Returns the chosen trial (params, recall, ms_per_query), also kept in ``params``
         and ``recall``; ``{}`` for an exact index. If nothing reaches the target, the best
@@ -208,7 +228,7 @@ class VectorIndex:
         n, rng = len(vectors), np.random.default_rng(seed)
         if not self.tunable() or n < 20 * queries:
             self.add(ids, vectors)
-            return self._tune_on_own_vectors(vectors, target_recall, k, queries, rng, query_parts)
+            return self._tune_on_own_vectors(vectors, target_recall, k, queries, rng, query_parts, deep_k)
         self._train(vectors)
         held = np.sort(rng.choice(n, queries, replace=False))
         for a, b in zip(np.r_[0, held + 1], np.r_[held, n]):  # the runs between held-out rows, as views
@@ -216,57 +236,78 @@ class VectorIndex:
                 self.add(ids[a:b], vectors[a:b])
         kept = np.ones(n, bool)
         kept[held] = False
+        deepest = max(k, deep_k or 0)
         trials = []
         for q in _query_kinds(vectors[held], query_parts):
-            scores, positions = faiss.knn(q, vectors, k + len(held), faiss.METRIC_INNER_PRODUCT)
-            kth = np.array([s[kept[p]][k - 1] for s, p in zip(scores, positions)])  # exact, over what the index holds
-            trials.append((q, lambda found: [f[:k] for f in found], kth))
-        best = self._grid_search(trials, ids, vectors, target_recall, k, k)
+            scores, positions = faiss.knn(q, vectors, deepest + len(held), faiss.METRIC_INNER_PRODUCT)
+            exact = np.array([s[kept[p]][:deepest] for s, p in zip(scores, positions)])  # over what the index holds
+            trials.append((q, lambda found, depth: [f[:depth] for f in found], exact))
+        best = self._grid_search(trials, ids, vectors, target_recall, k, 0)
+        self._tune_deep(trials, ids, vectors, target_recall, deep_k, 0)
         self.add(ids[held], vectors[held])
         return best
 
-    def _tune_on_own_vectors(self, vectors, target_recall, k, queries, rng, query_parts=None) -> dict:
+    def _tune_on_own_vectors(self, vectors, target_recall, k, queries, rng, query_parts=None, deep_k=None) -> dict:
         import faiss
 
         k = min(k, len(vectors) - 1)  # a tiny index has fewer other items than k
         if not self.tunable() or k < 1:
             return {}
+        deep_k = min(deep_k, len(vectors) - 1) if deep_k else None
+        deepest = max(k, deep_k or 0)
         rows = rng.choice(len(vectors), min(queries, len(vectors)), replace=False)
         ids = self._id_positions()[0]
         selves = ids[rows][:, None]
 
-        def others(found: np.ndarray) -> list[np.ndarray]:  # the query's own vector does not count
-            return [f[f != s][:k] for f, s in zip(found, selves)]
+        def others(found: np.ndarray, depth: int) -> list[np.ndarray]:  # the query's own vector does not count
+            return [f[f != s][:depth] for f, s in zip(found, selves)]
 
         trials = []
         for q in _query_kinds(vectors[rows], query_parts):
-            scores, positions = faiss.knn(q, vectors, k + 1, faiss.METRIC_INNER_PRODUCT)
-            trials.append((q, others, np.array([s[p != r][k - 1] for s, p, r in zip(scores, positions, rows)])))
-        return self._grid_search(trials, ids, vectors, target_recall, k, k + 1)
+            scores, positions = faiss.knn(q, vectors, deepest + 1, faiss.METRIC_INNER_PRODUCT)
+            trials.append((q, others, np.array([s[p != r][:deepest] for s, p, r in zip(scores, positions, rows)])))
+        best = self._grid_search(trials, ids, vectors, target_recall, k, 1)
+        self._tune_deep(trials, ids, vectors, target_recall, deep_k, 1)
+        return best
+
+    def _tune_deep(self, kinds, ids, vectors, target_recall, deep_k, extra) -> None:
+        """The breadth (efSearch, nprobe; at least the tuned values) that reaches the target at depth ``deep_k``,
+        the other parameters as tuned: ``deep``. Nothing when the index has no breadth or deep_k is not deeper."""
+        breadth = {name: [v for v in values if v >= self.params[name]]
+                   for name, values in self.tunable().items() if name in BREADTH}
+        if not breadth or not deep_k or deep_k <= 2 * TUNED_K:
+            return
+        tuned, recall = dict(self.params), self.recall
+        fixed = {name: value for name, value in tuned.items() if name not in breadth}
+        best = self._grid_search(kinds, ids, vectors, target_recall, deep_k, extra, {**{n: [v] for n, v in fixed.items()}, **breadth})
+        self.deep = {"k": int(deep_k), "params": {name: best["params"][name] for name in breadth}, "recall": best["recall"]}
+        self.set_params(**tuned)
+        self.recall = recall
 
     def _grid_search(self, kinds: list[tuple], ids: np.ndarray, vectors: np.ndarray, target_recall: float, k: int,
-                     fetch: int) -> dict:
-        """Try every parameter combination on each kind of query (queries, results(found ids), their k-th best
-        exact scores): recall@k = the share of the k results whose exact score reaches the k-th best exact
-        score (less RECALL_EPSILON); a combination's recall is its worst kind's. ``ids``/``vectors``: the
-        items, aligned."""
+                     extra: int, grid: dict[str, list[float]] | None = None) -> dict:
+        """Try every parameter combination (``grid``, default ``tunable()``) on each kind of query (queries,
+        results(found ids, depth), their exact top scores, best first): recall@k = the share of the exact top k
+        found, where the items tied with the k-th best (to RECALL_EPSILON) are interchangeable: a search that
+        misses the 6th best and returns an 11th item tied with the 10th scores 0.9; a combination's recall is
+        its worst kind's. Each search fetches k + ``extra``. ``ids``/``vectors``: the items, aligned."""
         import itertools
 
         order = np.argsort(ids)
-        grid = self.tunable()
+        grid = grid or self.tunable()
         trials = []
         for values in itertools.product(*grid.values()):
             self.set_params(**dict(zip(grid, values)))
             recalls, seconds, count = [], 0.0, 0
-            for q, results, kth in kinds:
+            for q, results, exact_top in kinds:
                 t0 = time.perf_counter()
-                found = results(self.faiss_index.search(q, fetch)[1])
+                found = results(self.faiss_index.search(q, k + extra)[1], k)
                 seconds, count = seconds + time.perf_counter() - t0, count + len(q)
                 hits = []
                 for i, f in enumerate(found):
                     f = f[f >= 0]
                     exact = vectors[order[np.searchsorted(ids, f, sorter=order)]] @ q[i]
-                    hits.append(int((exact >= kth[i] - RECALL_EPSILON).sum()) / k)
+                    hits.append(recall_at_k(exact, exact_top[i], k))
                 recalls.append(float(np.mean(hits)))
             trials.append({"params": dict(zip(grid, values)), "recall": min(recalls), "ms_per_query": seconds / count * 1e3})
         good = [t for t in trials if t["recall"] >= target_recall]
@@ -321,27 +362,38 @@ class VectorIndex:
         exactly from the stored vectors; larger ones go through a FAISS IDSelector, and if
         the approximate search finds fewer than k allowed items, exactly again: a filtered
         query returns k results whenever k items match. Entries marked deleted never come back.
+        A read deeper than the tuned page uses the breadth tuned for depth (``deep``).
         """
         queries = self._check(queries)
+        breadth = self._breadth(k)
         if len(self.deleted):
             if allowed is None:
-                return self._search_live(queries, k)
+                return self._search_live(queries, k, breadth)
             allowed = np.setdiff1d(np.asarray(allowed, np.int64), self.deleted)
         if allowed is None:
-            return self.faiss_index.search(queries, k)
+            return self._search_positions(queries, k, None, breadth=breadth) if breadth else self.faiss_index.search(queries, k)
         import faiss
 
         allowed = np.ascontiguousarray(allowed, dtype=np.int64)
         ivf = self._find(faiss.IndexIVF)  # IVF cannot read vectors back by id; it scans all its lists instead
         if len(allowed) <= self.exact_filter_below and ivf is None:
             return self._exact(queries, k, allowed)
-        scores, found = self._selected(queries, k, allowed, exhaustive=len(allowed) <= self.exact_filter_below)
+        scores, found = self._selected(queries, k, allowed, len(allowed) <= self.exact_filter_below, breadth)
         short = (found < 0).any(axis=1) & (len(allowed) >= k)
         if short.any():
             scores[short], found[short] = self._selected(queries[short], k, allowed, True) if ivf else self._exact(queries[short], k, allowed)
         return scores, found
 
-    def _selected(self, queries: np.ndarray, k: int, allowed: np.ndarray, exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _breadth(self, k: int) -> dict | None:
+        """The breadth for a read of depth k: None (as tuned) up to twice the tuned depth, else the breadth tuned
+        for ``deep["k"]``, raised in proportion for reads deeper still."""
+        if self.deep is None or k <= 2 * TUNED_K:
+            return None
+        scale = max(1.0, k / self.deep["k"])
+        return {name: int(np.ceil(value * scale)) for name, value in self.deep["params"].items()}
+
+    def _selected(self, queries: np.ndarray, k: int, allowed: np.ndarray, exhaustive: bool = False,
+                  breadth: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Search the inner index with an IDSelector over the allowed positions.
 
         IDMap2 would pass the selector on as plain SearchParameters, which IVF, HNSW and
@@ -349,7 +401,7 @@ class VectorIndex:
         and positions are mapped back to ids here. ``exhaustive``: IVF probes every list.
         """
         ids = self._id_positions()[0]
-        return self._search_positions(queries, k, self._selector(self._positions_of(allowed), len(ids)), exhaustive)
+        return self._search_positions(queries, k, self._selector(self._positions_of(allowed), len(ids)), exhaustive, breadth)
 
     def _positions_of(self, wanted: np.ndarray) -> np.ndarray:
         ids, sorted_ids, order = self._id_positions()
@@ -371,17 +423,18 @@ class VectorIndex:
             return selector
         return faiss.IDSelectorBatch(np.ascontiguousarray(positions, dtype=np.int64))
 
-    def _search_positions(self, queries: np.ndarray, k: int, selector, exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _search_positions(self, queries: np.ndarray, k: int, selector, exhaustive: bool = False,
+                          breadth: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         ids = self._id_positions()[0]
         inner = faiss.downcast_index(self.faiss_index.index)
-        params = _typed_params(inner, selector, exhaustive)
+        params = _typed_params(inner, selector, exhaustive, breadth)
         scores, pos = inner.search(queries, k, params=params)
         found = np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
         return scores, found
 
-    def _search_live(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_live(self, queries: np.ndarray, k: int, breadth: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """An unfiltered search of an index with entries marked deleted: every live entry allowed."""
         if self._live is None:
             n = len(self._id_positions()[0])
@@ -390,7 +443,7 @@ class VectorIndex:
             self._live = self._selector(np.flatnonzero(~dead), n)
         import faiss
 
-        scores, found = self._search_positions(queries, k, self._live)
+        scores, found = self._search_positions(queries, k, self._live, breadth=breadth)
         short = (found < 0).any(axis=1) & (len(self) >= k)
         if short.any():  # the search ran out among deleted entries: every IVF list, or the live vectors exactly
             ivf = self._find(faiss.IndexIVF) is not None
@@ -451,7 +504,7 @@ class VectorIndex:
     def describe(self) -> dict:
         """What the manifest records: factory, width, count, deleted entries, tuned parameters and their recall."""
         return {"factory": self.factory, "dim": self.dim, "count": len(self), "deleted": len(self.deleted),
-                "params": dict(self.params), "recall_at_10": self.recall}
+                "params": dict(self.params), "recall_at_10": self.recall, "deep": self.deep}
 
     def save(self, path: str | Path) -> None:
         """Write the FAISS index to ``path`` and, if entries are marked deleted, their ids beside it."""
@@ -462,7 +515,8 @@ class VectorIndex:
             np.save(_deleted_path(path), self.deleted, allow_pickle=False)
 
     @classmethod
-    def load(cls, path: str | Path, factory: str, exact_filter_below: int = 20_000, params: dict | None = None) -> VectorIndex:
+    def load(cls, path: str | Path, factory: str, exact_filter_below: int = 20_000, params: dict | None = None,
+             deep: dict | None = None) -> VectorIndex:
         import faiss
 
         try:
@@ -472,6 +526,7 @@ class VectorIndex:
         index = cls.__new__(cls)
         index.dim, index.factory, index.exact_filter_below = int(loaded.d), factory, exact_filter_below
         index.faiss_index, index.params, index.recall, index._positions, index._live = loaded, {}, None, None, None
+        index.deep = deep  # None in saves from before depth tuning: every read uses the tuned parameters
         deleted = _deleted_path(path)
         index.deleted = np.load(deleted, allow_pickle=False) if deleted.is_file() else np.zeros(0, np.int64)
         index._build_settings()
@@ -485,19 +540,22 @@ def _deleted_path(path: str | Path) -> Path:
     return path.with_name(path.stem + ".deleted.npy")
 
 
-def _typed_params(index, selector, exhaustive: bool = False):
-    """SearchParameters of the type each FAISS level expects, carrying the selector down."""
+def _typed_params(index, selector, exhaustive: bool = False, breadth: dict | None = None):
+    """SearchParameters of the type each FAISS level expects, carrying the selector (or None) and the
+    breadth of this search (``VectorIndex._breadth``; the index's own settings where absent) down."""
     import faiss
 
+    breadth = breadth or {}
     if isinstance(index, faiss.IndexRefine):
         base = faiss.downcast_index(index.base_index)
-        return faiss.IndexRefineSearchParameters(k_factor=index.k_factor, base_index_params=_typed_params(base, selector, exhaustive))
+        return faiss.IndexRefineSearchParameters(k_factor=index.k_factor, base_index_params=_typed_params(base, selector, exhaustive, breadth))
     if isinstance(index, faiss.IndexPreTransform):
-        return faiss.SearchParametersPreTransform(index_params=_typed_params(faiss.downcast_index(index.index), selector, exhaustive))
+        return faiss.SearchParametersPreTransform(index_params=_typed_params(faiss.downcast_index(index.index), selector, exhaustive, breadth))
     if isinstance(index, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(breadth.get("efSearch", index.hnsw.efSearch)))
     if isinstance(index, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=index.nlist if exhaustive else index.nprobe)
+        nprobe = index.nlist if exhaustive else min(int(breadth.get("nprobe", index.nprobe)), index.nlist)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
     return faiss.SearchParameters(sel=selector)
 
 
@@ -511,8 +569,9 @@ class IndexSet:
     zero-shot vectors of the items that have an image, respectively a text.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, deep_k: int | None = None) -> None:
         self.config = config  # an IndexConfig
+        self.deep_k = deep_k  # how deep the deepest common read goes (search.hybrid_depth): tuned for too
         self.by_space: dict[str, VectorIndex] = {}
 
     def __bool__(self) -> bool:
@@ -550,7 +609,7 @@ class IndexSet:
                     len(keys), len(old.deleted))
         index = VectorIndex(old.dim, factory, self.config.exact_filter_below)
         if len(keys):
-            index.build(keys, vectors, self.config.target_recall, query_parts=query_parts)
+            index.build(keys, vectors, self.config.target_recall, query_parts=query_parts, deep_k=self.deep_k)
         self.by_space[space] = index
 
     def fill(self, space: str, keys: np.ndarray, vectors: np.ndarray, query_parts=None) -> None:
@@ -558,7 +617,7 @@ class IndexSet:
         (and on their ``query_parts`` alone: see ``VectorIndex.build``)."""
         index = self.by_space[space]
         if len(index) == 0:
-            index.build(keys, vectors, self.config.target_recall, query_parts=query_parts)
+            index.build(keys, vectors, self.config.target_recall, query_parts=query_parts, deep_k=self.deep_k)
         else:
             index.add(keys, vectors)
 
@@ -605,13 +664,14 @@ class IndexSet:
             index.save(folder / f"{space}.faiss")
 
     @classmethod
-    def load(cls, folder: str | Path, described: dict, config) -> IndexSet:
+    def load(cls, folder: str | Path, described: dict, config, deep_k: int | None = None) -> IndexSet:
         """The indexes saved in ``folder``, checked against their manifest record (``describe()``)."""
         folder = Path(folder)
-        indexes = cls(config)
+        indexes = cls(config, deep_k)
         for space in SPACES:
             saved = described[space]
-            index = VectorIndex.load(folder / f"{space}.faiss", saved["factory"], config.exact_filter_below, saved.get("params"))
+            index = VectorIndex.load(folder / f"{space}.faiss", saved["factory"], config.exact_filter_below, saved.get("params"),
+                                     saved.get("deep"))
             index.recall = saved.get("recall_at_10")
             if index.dim != saved["dim"] or len(index) != saved["count"] or len(index.deleted) != saved.get("deleted", 0):
                 raise IndexLoadError(f"{folder / space}.faiss does not match the manifest (dim or count)")

@@ -62,6 +62,42 @@ def test_build_tunes_to_the_target_recall_on_unseen_queries(factory, param):
     assert recall_at_10(index, flat, queries) >= 0.93 > untuned  # held-out queries: within noise of the tuned figure
 
 
+def test_recall_counts_ties_at_the_cut_as_one_and_misses_above_it():
+    """Tuning's recall: which of the items tied with the 10th comes back is arbitrary, but a search that lost
+    the 6th best and filled its place with an 11th tied item missed something (the ann-benchmarks count, results
+    reaching the 10th score, called it 1.0)."""
+    from multiretrieval.index import recall_at_k
+
+    best = np.array([1.0, 0.9, 0.9, 0.86, 0.85, 0.8497] + [0.8452] * 8)  # exact top 14: 8 items tied at the cut
+    assert recall_at_k(best[:10], best, 10) == 1.0
+    assert recall_at_k(best[[0, 1, 2, 3, 4, 6, 7, 8, 9, 10]], best, 10) == 0.9  # the 6th lost to a tied 11th
+    assert recall_at_k(best[[0, 1, 2, 3, 4, 5, 10, 11, 12, 13]], best, 10) == 1.0  # other tied items
+    assert recall_at_k(np.r_[best[:9], 0.5], best, 10) == 0.9
+
+
+def test_deep_reads_get_a_breadth_tuned_for_their_depth(tmp_path):
+    """Hybrid text queries read each ranking 100 deep. The efSearch that reaches the target for a page of 10
+    found 95% of the top 110 on the 100k upsert benchmark; the breadth tuned for depth (build's deep_k)
+    reaches the target there too, survives a save, and leaves a page's search as tuned."""
+    from multiretrieval.index import RECALL_EPSILON
+
+    x, queries = clustered(5000, seed=1), clustered(200, seed=1, draw=1)
+    flat, index = VectorIndex(32, "Flat"), VectorIndex(32, "PCA24,HNSW32,Refine(Flat)")
+    flat.add(np.arange(5000), x)
+    index.build(np.arange(5000), x, target_recall=0.95, deep_k=100)
+    assert index.deep["k"] == 100 and index.deep["recall"] >= 0.95 and index.deep["params"]["efSearch"] >= index.params["efSearch"]
+    hundredth = flat.search(queries, 100)[0][:, -1:]
+
+    def recall_at_100(idx):
+        return float((idx.search(queries, 100)[0] >= hundredth - RECALL_EPSILON).mean())
+
+    index.save(tmp_path / "i.faiss")
+    loaded = VectorIndex.load(tmp_path / "i.faiss", index.factory, params=index.params, deep=index.deep)
+    as_tuned = VectorIndex.load(tmp_path / "i.faiss", index.factory, params=index.params)  # a save from before deep
+    assert recall_at_100(index) >= 0.93 and recall_at_100(loaded) == recall_at_100(index)  # unseen queries
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], as_tuned.search(queries, 10)[1])
+
+
 @pytest.mark.parametrize("n", [5000, 1000])  # tuned on held-out rows, or on its own vectors
 def test_tuning_counts_equally_good_neighbours_among_repeated_items(n):
     """A catalog of repeated rows (5 copies of each vector, equal to within 1e-4 in score): which copies
