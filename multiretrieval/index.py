@@ -385,12 +385,12 @@ class VectorIndex:
         return scores, found
 
     def _breadth(self, k: int) -> dict | None:
-        """The breadth for a read of depth k: None (as tuned) up to twice the tuned depth, else the breadth tuned
-        for ``deep["k"]``, raised in proportion for reads deeper still."""
+        """The breadth for a read of depth k: None (as set) up to twice the tuned depth, else the breadth tuned
+        for ``deep["k"]``, raised in proportion for reads deeper still, and never below what ``set_params`` set."""
         if self.deep is None or k <= 2 * TUNED_K:
             return None
         scale = max(1.0, k / self.deep["k"])
-        return {name: int(np.ceil(value * scale)) for name, value in self.deep["params"].items()}
+        return {name: max(int(np.ceil(value * scale)), int(self.params.get(name, 0))) for name, value in self.deep["params"].items()}
 
     def _selected(self, queries: np.ndarray, k: int, allowed: np.ndarray, exhaustive: bool = False,
                   breadth: dict | None = None) -> tuple[np.ndarray, np.ndarray]:

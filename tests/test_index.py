@@ -96,6 +96,8 @@ def test_deep_reads_get_a_breadth_tuned_for_their_depth(tmp_path):
     as_tuned = VectorIndex.load(tmp_path / "i.faiss", index.factory, params=index.params)  # a save from before deep
     assert recall_at_100(index) >= 0.93 and recall_at_100(loaded) == recall_at_100(index)  # unseen queries
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], as_tuned.search(queries, 10)[1])
+    loaded.set_params(efSearch=4096, k_factor=64)  # raised by hand (exhaustive): deep reads get it too
+    assert recall_at_100(loaded) == 1.0
 
 
 @pytest.mark.parametrize("n", [5000, 1000])  # tuned on held-out rows, or on its own vectors
