@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,7 +29,7 @@ from .config import RetrieverConfig
 from .embedder import SCORE_SCALE
 from .index import IndexSet
 from .items import IMAGE_SOURCE, ItemStore
-from .keywords import KeywordIndex, keyword_texts
+from .keywords import KeywordIndex, keyword_texts, phrases, tokenize
 
 if TYPE_CHECKING:
     from .embedder import Embedder
@@ -71,6 +72,25 @@ class Collection:
         with self._memo_lock:
             self._memo[name] = (key, value)
         return value
+
+    def phrase_keys(self, text: str, max_tokens: int = 8) -> np.ndarray:
+        """Keys of the items with a phrase (keywords.phrases of one of the keyword columns' values: a category, a
+        tag, the "blue" of "Armchair ottoman, blue") whose tokens all appear in ``text``; sorted."""
+        index = self.memo("phrases", self.store.version, self._phrase_index)
+        tokens = sorted(set(tokenize(text)))[:max_tokens]  # a query's words: its subsets are looked up
+        found = [index[frozenset(c)] for n in range(1, len(tokens) + 1) for c in combinations(tokens, n) if frozenset(c) in index]
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def _phrase_index(self) -> dict[frozenset[str], np.ndarray]:
+        """Each phrase's token set -> the keys of the items that have it, over the keyword columns."""
+        table, keys = self.store.table, self.store.keys
+        holders: dict[frozenset[str], list[int]] = {}
+        for column in (c for c in self.keywords.columns if c in table.columns):
+            for key, value in zip(keys, table[column].to_numpy()):
+                if isinstance(value, str) and value.strip():
+                    for phrase in phrases(value):
+                        holders.setdefault(phrase, []).append(int(key))
+        return {phrase: np.unique(np.array(k, np.int64)) for phrase, k in holders.items()}
 
     def vectors(self, space: str, ids: list[Any] | None = None) -> np.ndarray:
         """Stored vectors of the items (all, in row order, or these ids) in a space; zeros for an item

@@ -41,7 +41,7 @@ import pandas as pd
 from .benchmarks import BENCH_SEED, build_benchmarks, build_exact_names, shopper_photo  # noqa: F401 (re-exported)
 from .catalog import Catalog
 from .config import RetrieverConfig
-from .search import joint_query_vectors
+from .search import joint_query_vectors, photo_neighbours, word_filter
 
 logger = logging.getLogger(__name__)
 ZERO_SHOT_KINDS = ("conse", "lit", "lit+conse")
@@ -242,24 +242,39 @@ class _QueryFeatures:
             self._tokens[layout] = (image, np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts]))
         return self._tokens[layout]
 
-    def embed(self, retriever) -> dict[str, np.ndarray]:
-        """Image-only, text-only and fused query vectors under ``retriever``'s fusion, as its search ranks by them."""
+    def embed(self, retriever) -> tuple[dict[str, np.ndarray], list[np.ndarray | None]]:
+        """Image-only, text-only and fused query vectors under ``retriever``'s fusion, as its search ranks by them,
+        and per query the keys of the items its words name (search.word_filter; None: no filter)."""
         embedder = retriever.embedder
         image, text, text_mask = self._tokens_for(embedder)
-        out = {}
+        out, named = {}, [None] * len(self.photo_of)
         for mode in QUERY_MODES:
             f = embedder.feature_buffers(len(self.photo_of))
             if mode != "text-only":
                 f["image_tokens"][:], f["image_mask"][:] = image[self.photo_of], True
             if mode != "image-only":
                 f["text_tokens"][:], f["text_mask"][:] = text[self.text_of], text_mask[self.text_of]
-            out[mode] = joint_query_vectors(f, None, embedder, retriever.collection)
-        return out
+            near = photo_neighbours(f, embedder, retriever.collection) if mode == "fused" else None
+            out[mode] = joint_query_vectors(f, None, embedder, retriever.collection, near=near)
+            if near is not None and embedder.config.fusion.word_filter:
+                named = [word_filter(self.texts[t], n, retriever.collection) for t, n in zip(self.text_of, near[1])]
+        return out, named
 
 
 def _measure(retriever, features: _QueryFeatures, valid: list[list[int]], groups: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     items = retriever.vectors("joint")
-    ranks = {mode: ranks_of_any(best_scores(q, items), valid) for mode, q in features.embed(retriever).items()}
+    vectors, named = features.embed(retriever)
+    ranks = {}
+    for mode, q in vectors.items():
+        sims = best_scores(q, items)
+        if mode == "fused":  # the items the words name first, in the photo's order (search.answer)
+            position = retriever.collection.store.rows_of
+            photo = vectors["image-only"][:, 0] @ items.T
+            for i, keys in enumerate(named):
+                if keys is not None:
+                    rows = position(keys)
+                    sims[i, rows] = 10.0 + photo[i, rows]
+        ranks[mode] = ranks_of_any(sims, valid)
     return {g: {"n": int(mask.sum()), **{mode: recall(r[mask]) for mode, r in ranks.items()}} for g, mask in groups.items()}
 
 
@@ -268,8 +283,9 @@ def score_benchmark(folder: str | Path, config: RetrieverConfig | None = None, t
     """Score one composed or fused benchmark folder (benchmarks.build_composed / build_fused).
 
     Image-only, text-only and fused recall@1/5/10 per query group under (i) late fusion without composition
-    (``fusion.compose`` off: the baseline), (ii) "composed": late fusion with the config's composition (the
-    shipped default, no catalog training; skipped when the config turns composition off), (iii) the pretrained
+    or word filter (``fusion.compose`` and ``fusion.word_filter`` off: the baseline), (ii) "composed": late
+    fusion with the config's composition and word filter (the shipped default, no catalog training; skipped
+    when the config turns composition off), (iii) the pretrained
     attention fusion the config's ``fusion.weights`` names, not trained on this catalog ("not shipped" when
     it names none), (iv) the attention fusion trained on this catalog with ``Retriever.train()`` (its own
     items' images and texts; never a query photo or text), composed as the config says.
@@ -284,8 +300,9 @@ def score_benchmark(folder: str | Path, config: RetrieverConfig | None = None, t
     config = config or RetrieverConfig()
     text_columns = ("title", "description")
     late_config = dataclasses.replace(config, catalog=dataclasses.replace(config.catalog, text_columns=text_columns),
-                                      fusion=dataclasses.replace(config.fusion, kind="late", weights=None, compose=False))
-    composing = dataclasses.replace(late_config, fusion=dataclasses.replace(late_config.fusion, compose=config.fusion.compose))
+                                      fusion=dataclasses.replace(config.fusion, kind="late", weights=None, compose=False, word_filter=False))
+    composing = dataclasses.replace(late_config, fusion=dataclasses.replace(late_config.fusion, compose=config.fusion.compose,
+                                                                            word_filter=config.fusion.word_filter))
     catalog = Catalog.from_csv(folder / "catalog.csv", text_columns=text_columns)
     queries = pd.read_csv(folder / "queries.csv", dtype=str, keep_default_na=False)
     split = json.loads((folder / "split.json").read_text()) if (folder / "split.json").is_file() else {}

@@ -49,6 +49,17 @@ def tokenize(text: str) -> list[str]:
     return out
 
 
+# A text's phrases: its parts between punctuation ("Armchair ottoman, blue" -> "armchair ottoman" | "blue"; a tag
+# list; a category path "animals / cats"). A fused query's words that hold all the tokens of one of an item's
+# phrases name that item's category, tag or variant (search.word_filter).
+_PHRASE_SPLIT = re.compile(r"(?:[,;:|()\[\]\n\u2013\u2014]|(?<!\d)[./]|[./](?!\d))+|\s-\s")  # not "3.5", "1/2"
+
+
+def phrases(text: str) -> list[frozenset[str]]:
+    """The token sets of a text's phrases (its parts between punctuation), the empty ones left out."""
+    return [tokens for part in _PHRASE_SPLIT.split(text) for tokens in [frozenset(tokenize(part))] if tokens]
+
+
 def identifiers(text: str) -> list[str]:
     """The model codes in a text, as keyword tokens: compounds mixing letters and digits (run together:
     "KX-2210" -> "kx2210", "500ml") and numbers of 4 or more digits ("2210" in "KX 2210")."""

@@ -26,6 +26,9 @@ read together with the text of the item nearest its photo (``like``: that item):
 better of the item text's cosine with unit(u_nearest + 2 u_words) ("this, but blue") and with the
 words alone ("this, but a bed"), and a = ``fusion.compose_image_share`` (0.25) unless ``weights``
 says otherwise; without composition a = ``fusion.image_weight`` and cos(text) is the words'.
+Words that name a phrase of item texts (``word_filter``: a category, a tag, the "blue" of "Armchair ottoman,
+blue") filter a fused query when one of the photo's 10 nearest items has that phrase: the items that have it
+come first, ordered and scored as the photo alone would order them, then the others as above.
 ``not_text`` subtracts beta (``search.not_text_weight``, 0.5) times the score the negative text
 alone would get as a text query: score - beta * cos(not_text, item text) (in zero-shot mode, the
 zero-shot cosine of the negative). Hybrid text queries are ordered by the fusion of the keyword
@@ -52,7 +55,7 @@ from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .fusion import compose_text
 from .items import filters_where
-from .ranking import TIE_DEPTH, best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values
+from .ranking import TIE_DEPTH, Hits, best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values
 from .utils import l2_normalize
 
 if TYPE_CHECKING:
@@ -304,14 +307,20 @@ def run_batch(queries: list[Query], embedder, items: Collection) -> list[pd.Data
     for q in queries:
         where = filters_where(q.filters, q.where)
         allowed.append(store.filter(where, limit, q.unsafe_where) if where is not None else None)
-    return [answer(q, space, vector, keys, embedder, items)
-            for q, (space, vector), keys in zip(queries, query_vectors(queries, embedder, items), allowed)]
+    return [answer(q, space, vector, keys, embedder, items, photo)
+            for q, (space, vector, photo), keys in zip(queries, _query_vectors(queries, embedder, items), allowed)]
 
 
 def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tuple[str, np.ndarray]]:
     """(index space, (readings, d) vectors) per query, on the score scale (joint space: ``joint_query_vectors``;
     one reading but for composed fused queries), a ``not_text`` already subtracted."""
+    return [(space, vector) for space, vector, _ in _query_vectors(queries, embedder, items)]
+
+
+def _query_vectors(queries: list[Query], embedder, items: Collection) -> list[tuple[str, np.ndarray, Photo | None]]:
+    """``query_vectors`` with, for a fused query with a photo and words, its ``Photo`` (word_filter's input)."""
     out: list = [None] * len(queries)
+    photos: dict[int, Photo] = {}
     groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
         if q.vector is not None:
@@ -327,7 +336,11 @@ def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tup
             vectors, name = embedder.embed(images, texts, space="clip"), "clip_image" if has_text else "clip_text"
         else:
             weights = np.array([queries[i].weights or (np.nan, np.nan) for i in idx], np.float64)
-            vectors, name = joint_query_vectors(embedder.features(images, texts), weights, embedder, items), "joint"
+            features = embedder.features(images, texts)
+            near = photo_neighbours(features, embedder, items) if has_image and has_text else None
+            vectors, name = joint_query_vectors(features, weights, embedder, items, near=near), "joint"
+            if near is not None:
+                photos.update((i, Photo(near[0][j:j + 1], near[1][j])) for j, i in enumerate(idx))
         for j, i in enumerate(idx):
             out[i] = (name, vectors[j] if vectors.ndim == 3 else vectors[j:j + 1])
     negative = [i for i, q in enumerate(queries) if q.not_text is not None]
@@ -337,7 +350,7 @@ def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tup
             subtract = negative_vectors([queries[i].not_text for i in idx], space, embedder, items)
             for j, i in enumerate(idx):
                 out[i] = (out[i][0], (out[i][1] - subtract[j:j + 1]).astype(np.float32))
-    return out
+    return [(space, vector, photos.get(i)) for i, (space, vector) in enumerate(out)]
 
 
 def like_vector(query: Query, embedder, items: Collection) -> np.ndarray:
@@ -362,19 +375,20 @@ def like_vector(query: Query, embedder, items: Collection) -> np.ndarray:
 
 
 def joint_query_vectors(features: dict[str, np.ndarray], weights: np.ndarray | None, embedder, items: Collection,
-                        anchor: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                        anchor: dict[str, np.ndarray] | None = None, near: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Joint-space query vectors on the score scale, (n, readings, d): what search ranks by (an item scores
     its best reading) and what ``evaluate`` measures. ``weights``: (n, 2), NaN rows for the default.
 
     Under ``fusion.compose`` a fused query has two readings: its words composed with the text of the item
     nearest its photo (``anchor``: given text tokens and mask instead), for "this, but blue", and its words
-    alone, for "this, but a bed", both at ``fusion.compose_image_share``; other queries have one (repeated)."""
+    alone, for "this, but a bed", both at ``fusion.compose_image_share``; other queries have one (repeated).
+    ``near``: ``photo_neighbours`` of these features, when the caller has them."""
     cfg = embedder.config.fusion
     calibration = fusion_calibration(embedder, items)
     fused = features["image_mask"].any(1) & features["text_mask"].any(1)
     if not (cfg.compose and fused.any()):
         return embedder.query_vectors(features, weights, calibration)[:, None]
-    anchor = anchor if anchor is not None else nearest_texts(features, embedder, items)
+    anchor = anchor if anchor is not None else nearest_texts(features, embedder, items, near)
     weights = np.full((len(fused), 2), np.nan) if weights is None else np.array(weights, np.float64)
     weights[fused & np.isnan(weights).any(1)] = (cfg.compose_image_share, 1.0 - cfg.compose_image_share)
     words = embedder.query_vectors(features, weights, calibration)
@@ -384,27 +398,64 @@ def joint_query_vectors(features: dict[str, np.ndarray], weights: np.ndarray | N
     return np.stack([composed, words], 1)
 
 
-def nearest_texts(features: dict[str, np.ndarray], embedder, items: Collection) -> dict[str, np.ndarray]:
+PHOTO_NEIGHBOURS = 10  # a photo's nearest items, among which words must name one for word_filter to apply
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A fused query's photo alone: its image-only joint vector (1, d) and the keys of its PHOTO_NEIGHBOURS
+    nearest items with a text (-1 padded)."""
+
+    vector: np.ndarray
+    near: np.ndarray
+
+
+def photo_neighbours(features: dict[str, np.ndarray], embedder, items: Collection) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's photo alone: its image-only joint vector (n, d; zeros without a photo) and the keys of its
+    PHOTO_NEIGHBOURS nearest items with a text (n, PHOTO_NEIGHBOURS; -1 where fewer or no photo). One batch."""
+    store = items.store
+    n = len(features["image_mask"])
+    vectors = np.zeros((n, items.indexes["joint"].dim), np.float32)
+    near = np.full((n, PHOTO_NEIGHBOURS), -1, np.int64)
+    photos = np.flatnonzero(features["image_mask"].any(1))
+    with_text = store.with_modality("text")
+    if len(photos):
+        image_only = {**{name: a[photos] for name, a in features.items()}, "text_mask": np.zeros_like(features["text_mask"][photos])}
+        vectors[photos] = embedder.query_vectors(image_only, calibration=fusion_calibration(embedder, items))
+        if len(with_text):
+            near[photos] = items.indexes["joint"].search(vectors[photos], PHOTO_NEIGHBOURS, restrict(with_text, len(store), None))[1]
+    return vectors, near
+
+
+def nearest_texts(features: dict[str, np.ndarray], embedder, items: Collection,
+                  near: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Text tokens and mask of the item with a text nearest each query's photo (a mask of False where a
     query has no photo or no item has a text): what a photo shows, in the catalog's words."""
     store = items.store
     tokens = np.zeros_like(features["text_tokens"])
     mask = np.zeros_like(features["text_mask"])
-    photos = np.flatnonzero(features["image_mask"].any(1))
-    with_text = store.with_modality("text")
-    if len(photos) and len(with_text):
-        image_only = {**{name: a[photos] for name, a in features.items()}, "text_mask": np.zeros_like(features["text_mask"][photos])}
-        vectors = embedder.query_vectors(image_only, calibration=fusion_calibration(embedder, items))
-        nearest = items.indexes["joint"].search(vectors, 1, restrict(with_text, len(store), None))[1][:, 0]  # one batch
-        found = nearest >= 0
-        rows = store.rows_of(nearest[found])
-        tokens[photos[found]], mask[photos[found]] = store.features["text_tokens"][rows], store.features["text_mask"][rows]
+    nearest = (near if near is not None else photo_neighbours(features, embedder, items))[1][:, 0]
+    found = np.flatnonzero(nearest >= 0)
+    rows = store.rows_of(nearest[found])
+    tokens[found], mask[found] = store.features["text_tokens"][rows], store.features["text_mask"][rows]
     return {"text_tokens": tokens, "text_mask": mask}
 
 
-def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | None, embedder, items: Collection) -> pd.DataFrame:
+def word_filter(text: str, near: np.ndarray, items: Collection) -> np.ndarray | None:
+    """The keys of the items the words name, when they filter a fused query: items with a phrase (a category, a
+    tag, a variant's colour: ``Collection.phrase_keys``) whose tokens all appear in the words, if one of them is
+    among the photo's nearest items (``near``). None when no item, every item, or none near the photo has one:
+    a vague word that happens to be some title's phrase names nothing the photo resembles."""
+    named = items.phrase_keys(text)
+    if not len(named) or len(named) == len(items.store) or not np.isin(near, named).any():
+        return None
+    return named
+
+
+def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | None, embedder, items: Collection,
+           photo: Photo | None = None) -> pd.DataFrame:
     """Rank among the allowed keys (None: all), leave out the ``like`` item and what scores under
-    ``min_score``, sort, cut the page; the result rows."""
+    ``min_score``, sort, cut the page; the result rows. ``photo``: a fused query's photo alone (word_filter)."""
     store, index = items.store, items.indexes[space]
     if vector.shape[1] != index.dim:
         raise QueryError(f"the query vector has {vector.shape[1]} dimensions; the {space} space has {index.dim}")
@@ -413,15 +464,24 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
     depth = query.offset + query.k + TIE_DEPTH + len(skip)
     if query.sort_by:
         depth = max(depth, embedder.config.search.sort_candidates)
+    named = None  # the items a fused query's words name (word_filter), ranked first by its photo
     if query.mode == "text" and query.like is None:
         hits, columns = rank_text(query, vector, embedder, items, allowed, depth)
     else:
         matched = ("image" if query.text is not None else "text") if query.mode == "zero-shot" else None
+        if photo is not None and query.weights is None and embedder.config.fusion.word_filter:
+            named = word_filter(query.text, photo.near, items)
+        if named is not None:
+            first = search_index(index, photo.vector, depth, named if allowed is None else np.intersect1d(named, allowed))
         if len(vector) == 1:
             hits = search_index(index, vector, depth, allowed, matched)
         else:
             hits = best_reading(index, vector, depth, allowed, lambda keys: embedder.item_vectors(store.features, store.rows_of(keys)),
                                 same_text_as(skip, store))
+        if named is not None:  # the named items first, as the photo orders them; then the rest as before
+            rest = ~np.isin(hits.keys, first.keys)
+            hits = Hits(np.r_[first.keys, hits.keys[rest]], np.r_[first.scores, hits.scores[rest]].astype(np.float32),
+                        np.r_[first.matched, hits.matched[rest]])
         columns = {}
     keep = ~np.isin(hits.keys, skip)
     if query.min_score is not None:
@@ -445,6 +505,9 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
         best = (stored @ vector.T).argmax(1)  # the reading each item scored by
         parts = np.array([fusion.contributions(v, stored) for v in vector])  # (readings, 2, items)
         image_part, text_part = parts[best, 0, np.arange(len(best))], parts[best, 1, np.arange(len(best))]
+        if named is not None:  # ordered by the photo alone, the words having chosen them
+            by_photo = np.isin(page_keys, first.keys)
+            image_part, text_part = np.where(by_photo, page["score"], image_part), np.where(by_photo, 0.0, text_part)
         page.insert(3, "image_score", image_part)
         page.insert(4, "text_score", text_part)
     page.attrs["has_more"] = len(frame) > query.offset + query.k

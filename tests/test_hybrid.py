@@ -225,3 +225,12 @@ def test_a_ranking_is_read_through_the_ties_at_its_depth():
     assert through_ties(hits, 2).keys.tolist() == [5, 3, 9, 4]
     assert through_ties(hits, 1).keys.tolist() == [5] and through_ties(hits, 5).keys.tolist() == [5, 3, 9, 4, 7]
     assert through_ties(hits, 4).keys.tolist() == [5, 3, 9, 4]
+
+
+def test_a_texts_phrases_are_its_parts_between_punctuation():
+    from multiretrieval.keywords import phrases
+
+    assert phrases("Armchair ottoman, blue") == [frozenset({"armchair", "ottoman"}), frozenset({"blue"})]
+    assert phrases("Doors and windows. door; screen") == [frozenset({"doors", "windows"}), frozenset({"door"}), frozenset({"screen"})]
+    assert phrases("animals / cats (LED) - white") == [frozenset({"animals"}), frozenset({"cats"}), frozenset({"led"}), frozenset({"white"})]
+    assert phrases("Screw 3.5 mm, 1/2 inch") == [frozenset({"screw", "3", "5", "35", "mm"}), frozenset({"1", "2", "12", "inch"})]

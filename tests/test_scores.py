@@ -26,10 +26,11 @@ def by_id(frame: pd.DataFrame, column: str = "score") -> dict:
 
 
 @contextmanager
-def composing(retriever, on: bool):
-    """The shared retriever with fusion.compose on or off for a while."""
+def composing(retriever, on: bool, word_filter: bool = False):
+    """The shared retriever with fusion.compose on or off, and the word filter off unless asked, for a while
+    (on 8 items every item is among a photo's 10 nearest, so any word that names an item would filter)."""
     config = retriever.config
-    retriever.config = dataclasses.replace(config, fusion=dataclasses.replace(config.fusion, compose=on))
+    retriever.config = dataclasses.replace(config, fusion=dataclasses.replace(config.fusion, compose=on, word_filter=word_filter))
     try:
         yield retriever
     finally:
@@ -96,13 +97,14 @@ def test_composed_fused_scores_read_the_words_with_the_text_of_the_item_nearest_
     def text_score(item):
         return max(float(item_text[item] @ composed), float(item_text[item] @ words))
 
-    fused = indexed.search(image=photo, text="a bed", k=8)
+    with composing(indexed, True):
+        fused = indexed.search(image=photo, text="a bed", k=8)
+        shared = indexed.search(image=photo, text="a bed", k=8, weights={"image": 0.6, "text": 0.4})
     readings = {item: float(item_text[item] @ composed) > float(item_text[item] @ words) for item in fused["id"]}
     assert any(readings.values()) and not all(readings.values())  # the washing machine by its composed text, the bed by the words
     for _, row in fused.iterrows():
         assert row["score"] == pytest.approx(a * image[row["id"]] + (1 - a) * text_score(row["id"]), abs=1e-4)
         assert row["image_score"] + row["text_score"] == pytest.approx(row["score"], abs=1e-5)
-    shared = indexed.search(image=photo, text="a bed", k=8, weights={"image": 0.6, "text": 0.4})
     for _, row in shared.iterrows():  # weights set the shares of the same two parts
         assert row["score"] == pytest.approx(0.6 * image[row["id"]] + 0.4 * text_score(row["id"]), abs=1e-4)
 
@@ -214,6 +216,8 @@ def test_attention_fusion_scores_on_the_same_scale(retriever_copy, catalog):
     from multiretrieval.ranking import fusion_calibration
 
     r = retriever_copy
+    # The fused score itself: the word filter would order an item its own words name by its photo alone.
+    r.config = dataclasses.replace(r.config, fusion=dataclasses.replace(r.config.fusion, word_filter=False))
     torch.manual_seed(0)
     fusion = AttentionFusion(r.image_encoder.dim, r.text_encoder.dim, dim=64, heads=2, out_dim=32)
     with torch.no_grad():
@@ -299,3 +303,43 @@ def test_service_takes_weights_not_text_and_min_score_and_refuses_bad_ones(index
         schema = client.get("/openapi.json").json()["paths"]["/search"]["post"]["requestBody"]["content"]
         fields = schema["application/json"]["schema"]["properties"]
         assert {"weights", "not_text", "min_score"} <= set(fields) and "weights" in schema["multipart/form-data"]["schema"]["properties"]
+
+
+@pytest.fixture(scope="module")
+def rooms(catalog):
+    """The fixture items described by their room (as a shop's category), and eleven more listings of the
+    refrigerator's photo: a photo of it has twelve nearest items that are all refrigerators."""
+    df = catalog.df.assign(description=catalog.df["category"])
+    fridge = df[df["id"] == 773]
+    copies = pd.concat([fridge.assign(id=9000 + n, title=f"Fridge model {n}") for n in range(11)], ignore_index=True)
+    r = mr.Retriever()
+    r.index(mr.Catalog(pd.concat([df, copies], ignore_index=True), image_root=catalog.image_root), show_progress=False)
+    return r
+
+
+def test_words_that_name_a_phrase_put_its_items_first_in_the_photos_order(rooms, catalog):
+    """Photo + "living room": the items whose text has that phrase (armchair, sofa) come first, ordered and
+    scored as the photo alone would (text_score 0); the rest follow as the composed query ranks them."""
+    bed = catalog.image_sources()[catalog.ids.index(118)]
+    found = rooms.search(image=bed, text="living room", k=6)
+    photo = by_id(rooms.search(image=bed, k=len(rooms.items)))
+    assert set(found["id"][:2]) == {47, 56}
+    assert found["score"][:2].tolist() == pytest.approx(sorted((photo[47], photo[56]), reverse=True), abs=1e-5)
+    assert found["score"][:2].tolist() == pytest.approx(found["image_score"][:2].tolist()) and (found["text_score"][:2] == 0).all()
+    with composing(rooms, True):
+        composed = rooms.search(image=bed, text="living room", k=8)
+    assert found["id"][2:].tolist() == [i for i in composed["id"] if i not in (47, 56)][:4]
+
+
+@pytest.mark.parametrize("options", [{"text": "bedroom"}, {"text": "living room", "weights": {"image": 0.5, "text": 0.5}}],
+                         ids=["named item not near the photo", "weights given"])
+def test_words_do_not_filter_when_the_photo_resembles_none_of_their_items_or_weights_are_given(rooms, catalog, options):
+    """The refrigerator photo's ten nearest items are refrigerators: "bedroom" names the bed, which the photo
+    does not resemble, so the words compose as before; with weights the caller has said how to mix the two."""
+    fridge = catalog.image_sources()[catalog.ids.index(773)]
+    found = rooms.search(image=fridge, k=8, **options)
+    with composing(rooms, True):
+        composed = rooms.search(image=fridge, k=8, **options)
+    assert found["id"].tolist() == composed["id"].tolist() and found["score"].tolist() == composed["score"].tolist()
+    if "weights" not in options:
+        assert rooms.search(image=fridge, text="kitchen", k=3)["text_score"].eq(0).all()  # "kitchen" names the fridges: it filters
