@@ -38,7 +38,8 @@ ImageInput = Union[str, Path, bytes, Image.Image]
 
 logger = logging.getLogger(__name__)
 # Names search results add to the catalog columns; names starting with "_" are the index's own.
-RESERVED_COLUMNS = ("rank", "score", "matched", "vector_score", "keyword_score", "hybrid_score", "image_score", "text_score")
+RESERVED_COLUMNS = ("rank", "score", "matched", "vector_score", "keyword_score", "hybrid_score", "image_score", "text_score",
+                    "word_match")
 _URL_PREFIXES = ("http://", "https://")
 # Image files a folder catalog picks up (HEIC/HEIF decode when pillow-heif is installed).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".avif", ".heic", ".heif")

@@ -505,11 +505,12 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
         best = (stored @ vector.T).argmax(1)  # the reading each item scored by
         parts = np.array([fusion.contributions(v, stored) for v in vector])  # (readings, 2, items)
         image_part, text_part = parts[best, 0, np.arange(len(best))], parts[best, 1, np.arange(len(best))]
-        if named is not None:  # ordered by the photo alone, the words having chosen them
-            by_photo = np.isin(page_keys, first.keys)
-            image_part, text_part = np.where(by_photo, page["score"], image_part), np.where(by_photo, 0.0, text_part)
+        by_photo = np.isin(page_keys, first.keys) if named is not None else np.zeros(len(page), bool)
+        # The items the words name are ordered by the photo alone, the words having chosen them.
+        image_part, text_part = np.where(by_photo, page["score"], image_part), np.where(by_photo, 0.0, text_part)
         page.insert(3, "image_score", image_part)
         page.insert(4, "text_score", text_part)
+        page.insert(5, "word_match", by_photo)
     page.attrs["has_more"] = len(frame) > query.offset + query.k
     return page
 

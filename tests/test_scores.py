@@ -326,6 +326,7 @@ def test_words_that_name_a_phrase_put_its_items_first_in_the_photos_order(rooms,
     assert set(found["id"][:2]) == {47, 56}
     assert found["score"][:2].tolist() == pytest.approx(sorted((photo[47], photo[56]), reverse=True), abs=1e-5)
     assert found["score"][:2].tolist() == pytest.approx(found["image_score"][:2].tolist()) and (found["text_score"][:2] == 0).all()
+    assert found["word_match"].tolist() == [True, True, False, False, False, False]
     with composing(rooms, True):
         composed = rooms.search(image=bed, text="living room", k=8)
     assert found["id"][2:].tolist() == [i for i in composed["id"] if i not in (47, 56)][:4]

@@ -79,7 +79,8 @@ class SearchResponse(BaseModel):
     has_more: bool = Field(description="another page follows")
     took_ms: float
     results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (text queries: matched; "
-                                                      "hybrid: vector_score, keyword_score; fused: image_score, text_score)")
+                                                      "hybrid: vector_score, keyword_score; fused: image_score, text_score, "
+                                                      "word_match: the words name the item's category, tag or colour)")
     facets: dict[str, Any] | None = Field(None, description="when asked for: the filter columns' counts or ranges")
 
 
