@@ -75,14 +75,18 @@ class Collection:
 
     def phrase_keys(self, text: str, max_tokens: int = 8) -> np.ndarray:
         """Keys of the items with a phrase (keywords.phrases of one of the keyword columns' values: a category, a
-        tag, the "blue" of "Armchair ottoman, blue") whose tokens all appear in ``text``; sorted."""
-        index = self.memo("phrases", self.store.version, self._phrase_index)
-        tokens = sorted(set(tokenize(text)))[:max_tokens]  # a query's words: its subsets are looked up
-        found = [index[frozenset(c)] for n in range(1, len(tokens) + 1) for c in combinations(tokens, n) if frozenset(c) in index]
+        tag, the "blue" of "Armchair ottoman, blue") that the words of ``text`` hold ("this, but blue" holds
+        "blue") or that holds them ("bed" is in "Day bed"); sorted."""
+        by_phrase, by_token = self.memo("phrases", self.store.version, self._phrase_index)
+        tokens = sorted(set(tokenize(text)))
+        found = [by_phrase[phrase] for phrase in set.intersection(*(by_token.get(t, set()) for t in tokens))] if tokens else []
+        short = tokens[:max_tokens]  # the phrases the words hold: their subsets are looked up (2^8 at most)
+        found += [by_phrase[frozenset(c)] for n in range(1, len(short) + 1) for c in combinations(short, n) if frozenset(c) in by_phrase]
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
-    def _phrase_index(self) -> dict[frozenset[str], np.ndarray]:
-        """Each phrase's token set -> the keys of the items that have it, over the keyword columns."""
+    def _phrase_index(self) -> tuple[dict[frozenset[str], np.ndarray], dict[str, set[frozenset[str]]]]:
+        """Each phrase's token set -> the keys of the items that have it, over the keyword columns; and each
+        token -> the phrases that hold it."""
         table, keys = self.store.table, self.store.keys
         holders: dict[frozenset[str], list[int]] = {}
         for column in (c for c in self.keywords.columns if c in table.columns):
@@ -90,7 +94,11 @@ class Collection:
                 if isinstance(value, str) and value.strip():
                     for phrase in phrases(value):
                         holders.setdefault(phrase, []).append(int(key))
-        return {phrase: np.unique(np.array(k, np.int64)) for phrase, k in holders.items()}
+        by_token: dict[str, set[frozenset[str]]] = {}
+        for phrase in holders:
+            for token in phrase:
+                by_token.setdefault(token, set()).add(phrase)
+        return {phrase: np.unique(np.array(k, np.int64)) for phrase, k in holders.items()}, by_token
 
     def vectors(self, space: str, ids: list[Any] | None = None) -> np.ndarray:
         """Stored vectors of the items (all, in row order, or these ids) in a space; zeros for an item

@@ -27,7 +27,7 @@ better of the item text's cosine with unit(u_nearest + 2 u_words) ("this, but bl
 words alone ("this, but a bed"), and a = ``fusion.compose_image_share`` (0.25) unless ``weights``
 says otherwise; without composition a = ``fusion.image_weight`` and cos(text) is the words'.
 Words that name a phrase of item texts (``word_filter``: a category, a tag, the "blue" of "Armchair ottoman,
-blue") filter a fused query when one of the photo's 10 nearest items has that phrase: the items that have it
+blue"; or that a phrase holds, "bed" in "Day bed") filter a fused query when one of the photo's 10 nearest items has that phrase: the items that have it
 come first, ordered and scored as the photo alone would order them, then the others as above.
 ``not_text`` subtracts beta (``search.not_text_weight``, 0.5) times the score the negative text
 alone would get as a text query: score - beta * cos(not_text, item text) (in zero-shot mode, the
@@ -350,6 +350,8 @@ def _query_vectors(queries: list[Query], embedder, items: Collection) -> list[tu
             subtract = negative_vectors([queries[i].not_text for i in idx], space, embedder, items)
             for j, i in enumerate(idx):
                 out[i] = (out[i][0], (out[i][1] - subtract[j:j + 1]).astype(np.float32))
+                if i in photos:  # the photo alone ranks the items its words name: the concept goes from it too
+                    photos[i] = Photo((photos[i].vector - subtract[j:j + 1]).astype(np.float32), photos[i].near)
     return [(space, vector, photos.get(i)) for i, (space, vector) in enumerate(out)]
 
 
@@ -443,8 +445,8 @@ def nearest_texts(features: dict[str, np.ndarray], embedder, items: Collection,
 
 def word_filter(text: str, near: np.ndarray, items: Collection) -> np.ndarray | None:
     """The keys of the items the words name, when they filter a fused query: items with a phrase (a category, a
-    tag, a variant's colour: ``Collection.phrase_keys``) whose tokens all appear in the words, if one of them is
-    among the photo's nearest items (``near``). None when no item, every item, or none near the photo has one:
+    tag, a variant's colour: ``Collection.phrase_keys``) whose tokens all appear in the words or that holds all the
+    words, if one of them is among the photo's nearest items (``near``). None when no item, every item, or none near the photo has one:
     a vague word that happens to be some title's phrase names nothing the photo resembles."""
     named = items.phrase_keys(text)
     if not len(named) or len(named) == len(items.store) or not np.isin(near, named).any():
