@@ -130,15 +130,14 @@ def _sweethome3d(folder: Path, config: RetrieverConfig, out: Path, train: bool, 
     r.index(catalog, show_progress=show_progress)
     ids = r.items["id"].to_numpy()
     position = {i: p for p, i in enumerate(ids)}
-    targets = np.array([position[t] for t in queries["target"]])
-    photos = [load_image(folder / p) for p in queries["image"]]
-    texts = queries["text"].tolist()
+    valid = [[position[t]] for t in queries["target"]]
+    photo_files, photo_of = np.unique(queries["image"].to_numpy(), return_inverse=True)
+    texts, text_of = np.unique(queries["text"].to_numpy(), return_inverse=True)
+    features = _QueryFeatures(r.embedder, [load_image(folder / p) for p in photo_files], texts.tolist(), photo_of, text_of)
 
-    def measure(retriever) -> dict[str, dict[str, float]]:
-        items = retriever.vectors("joint")
-        encoded = {"image-only": retriever.query_vectors(images=photos), "text-only": retriever.query_vectors(texts=texts),
-                   "fused": retriever.query_vectors(images=photos, texts=texts)}
-        return {name: recall(ranks_of_any(best_scores(q, items), [[t] for t in targets]), ks=(1, 10)) for name, q in encoded.items()}
+    def measure(retriever) -> dict[str, dict[str, float]]:  # as search ranks (composition, word filter)
+        every = _measure(retriever, features, valid, {"all": np.ones(len(queries), bool)})["all"]
+        return {mode: {k: v for k, v in every[mode].items() if k in ("R@1", "R@10")} for mode in QUERY_MODES}
 
     fused = {"queries": len(queries), "late": measure(r)}
     same_name = {"late": _same_name_precision(r, ids, catalog)}
