@@ -62,9 +62,9 @@ class FusionConfig:
     compose: bool = True
     compose_words: float = 2.0  # the words' weight against the nearest item's text (unit vectors)
     compose_image_share: float = 0.25  # a composed query's image share of the score (weights= overrides it)
-    # Words that name a phrase of item texts (a category, a tag, a colour after a comma) filter a fused query
-    # when the photo's nearest items include one with that phrase: those items first, in the photo's order
-    # (search.word_filter; chosen by cross-validation on the training data sets).
+    # Words that name a phrase of item texts (a category, a tag, a colour after a comma) pick items among the
+    # photo's 10 nearest: those first, in the photo's order (search.word_filter; chosen by cross-validation on
+    # the training data sets).
     word_filter: bool = True
 
 

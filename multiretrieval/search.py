@@ -27,8 +27,8 @@ better of the item text's cosine with unit(u_nearest + 2 u_words) ("this, but bl
 words alone ("this, but a bed"), and a = ``fusion.compose_image_share`` (0.25) unless ``weights``
 says otherwise; without composition a = ``fusion.image_weight`` and cos(text) is the words'.
 Words that name a phrase of item texts (``word_filter``: a category, a tag, the "blue" of "Armchair ottoman,
-blue"; or that a phrase holds, "bed" in "Day bed") filter a fused query when one of the photo's 10 nearest items has that phrase: the items that have it
-come first, ordered and scored as the photo alone would order them, then the others as above.
+blue"; or that a phrase holds, "bed" in "Day bed") pick items among the photo's 10 nearest: those come first,
+ordered and scored as the photo alone would order them, then the others as above.
 ``not_text`` subtracts beta (``search.not_text_weight``, 0.5) times the score the negative text
 alone would get as a text query: score - beta * cos(not_text, item text) (in zero-shot mode, the
 zero-shot cosine of the negative). Hybrid text queries are ordered by the fusion of the keyword
@@ -444,14 +444,16 @@ def nearest_texts(features: dict[str, np.ndarray], embedder, items: Collection,
 
 
 def word_filter(text: str, near: np.ndarray, items: Collection) -> np.ndarray | None:
-    """The keys of the items the words name, when they filter a fused query: items with a phrase (a category, a
-    tag, a variant's colour: ``Collection.phrase_keys``) whose tokens all appear in the words or that holds all the
-    words, if one of them is among the photo's nearest items (``near``). None when no item, every item, or none near the photo has one:
-    a vague word that happens to be some title's phrase names nothing the photo resembles."""
+    """Among the photo's nearest items (``near``), the keys of those the words name: items with a phrase (a
+    category, a tag, a variant's colour: ``Collection.phrase_keys``) whose tokens all appear in the words or that
+    holds all the words. None when none of them, or every item of the catalog, has one. Only the photo's nearest:
+    a word that is also some far item's phrase ("blue" in "Blue pine under snow", "cool" in a clip-art title)
+    names nothing the photo resembles."""
     named = items.phrase_keys(text)
-    if not len(named) or len(named) == len(items.store) or not np.isin(near, named).any():
+    if len(named) == len(items.store):
         return None
-    return named
+    chosen = np.intersect1d(near[near >= 0], named)
+    return chosen if len(chosen) else None
 
 
 def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | None, embedder, items: Collection,
