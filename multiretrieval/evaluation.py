@@ -384,9 +384,10 @@ def report_markdown(results: dict[str, Any]) -> str:
     if fused:
         lines += [f"## Photo + text fragment -> item (sweethome3d, {fused['queries']} queries)", "",
                   "| fusion | query | R@1 | R@10 |", "|---|---|---|---|"]
-        for fusion in ("late", "trained"):
+        # "late": the config's fusion untrained (by default late fusion with composition and the word filter)
+        for fusion, label in (("late", "untrained (the config's)"), ("trained", "trained (Retriever.train)")):
             for query, m in fused.get(fusion, {}).items():
-                lines.append(f"| {fusion} | {query} | {m['R@1']:.3f} | {m['R@10']:.3f} |")
+                lines.append(f"| {label} | {query} | {m['R@1']:.3f} | {m['R@10']:.3f} |")
         lines.append("")
     same = results.get("sweethome3d_same_name")
     if same:

@@ -49,7 +49,7 @@ def test_evaluate_end_to_end_on_a_tiny_bench(catalog, tmp_path):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["sweethome3d_fused"]["late"] == fused["late"]
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "| lit |" in report and "| trained | fused |" in report
+    assert "| lit |" in report and "| trained (Retriever.train) | fused |" in report
     assert (tmp_path / "out" / "recall_at_k.png").stat().st_size > 10_000
     exact = results["exact_names"]
     assert exact["queries"] == 8 and set(EXACT_NAME_METHODS) <= set(exact)
