@@ -327,6 +327,10 @@ def _query_vectors(queries: list[Query], embedder, items: Collection) -> list[tu
             out[i] = ("joint", q.vector)
         elif q.like is not None:
             out[i] = ("joint", like_vector(q, embedder, items))
+            if q.text is not None:  # the item's photo + words: its photo alone, for the word filter
+                row = items.store.rows_of(items.store.keys_for([q.like]))
+                vectors, near = photo_neighbours({name: a[row] for name, a in items.store.features.items()}, embedder, items)
+                photos[i] = Photo(vectors, near[0])
         else:
             groups.setdefault(("clip" if q.mode == "zero-shot" else "joint", q.image is not None, q.text is not None), []).append(i)
     for (space, has_image, has_text), idx in groups.items():

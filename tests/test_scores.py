@@ -330,6 +330,10 @@ def test_words_that_name_a_phrase_put_its_items_first_in_the_photos_order(rooms,
     with composing(rooms, True):
         composed = rooms.search(image=bed, text="living room", k=8)
     assert found["id"][2:].tolist() == [i for i in composed["id"] if i not in (47, 56)][:4]
+    # The shop page's "this, but" box (like=the bed + words) filters the same way, the bed itself left out.
+    this_but = rooms.search(like=118, text="living room", k=6)
+    assert set(this_but["id"][:2]) == {47, 56} and this_but["word_match"].tolist()[:3] == [True, True, False]
+    assert 118 not in this_but["id"].tolist()
 
 
 @pytest.mark.parametrize("options", [{"text": "bedroom"}, {"text": "living room", "weights": {"image": 0.5, "text": 0.5}}],
