@@ -144,6 +144,26 @@ def exhaustive(r: mr.Retriever) -> None:
         index.set_params(**{name: max(values) * 4 for name, values in grid.items()})
 
 
+def search_latency(r: mr.Retriever, texts: list[str]) -> dict[str, float]:
+    """Median milliseconds, at the tuned parameters: the joint index's search for a text query's vector (a page,
+    and a hybrid read search.hybrid_depth deep), and a whole text query, hybrid and vector only."""
+    vectors = r.query_vectors(texts=texts)[:, 0]
+    index, depth = r.indexes["joint"], r.config.search.hybrid_depth + 10
+
+    def median_ms(run, items) -> float:
+        times = []
+        for item in items:
+            t0 = time.perf_counter()
+            run(item)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(times))
+
+    return {"index search, 10 results": median_ms(lambda v: index.search(v[None], 10), vectors),
+            f"index search, {depth} results (a hybrid read)": median_ms(lambda v: index.search(v[None], depth), vectors),
+            "text query, hybrid (default)": median_ms(lambda t: r.search(text=t, k=10), texts),
+            "text query, vector only": median_ms(lambda t: r.search(text=t, k=10, hybrid="off"), texts)}
+
+
 def overlap(a: list[pd.DataFrame], b: list[pd.DataFrame]) -> tuple[int, float, int]:
     """Queries whose top-10 ids are the same; the mean share of ids in common; queries whose top 10 are
     the same up to ties (the same scores, and the same ids above the 10th score: items that share a title
@@ -206,10 +226,13 @@ def main() -> None:
         other = mr.Retriever(config)  # the noise floor: the same catalog, its rows in another order
         other.index(mr.Catalog(new_frame.sample(frac=1.0, random_state=3)), show_progress=True, cache=cache)
 
+        tuned = {space: [(dict(x.params), round(x.recall or 0, 4), x.deep) for x in (r.indexes[space], fresh.indexes[space])]
+                 for space in ("joint", "clip_image", "clip_text")}  # before the exhaustive comparison overrides them
         changed = new_frame[new_frame["title"].str.endswith("(new model)")]
         n_changed_queries = min(len(changed), args.queries // 4)
         picks = pd.concat([changed.sample(n_changed_queries, random_state=1), new_frame.sample(args.queries, random_state=2)])
         texts = picks["title"].head(args.queries).tolist()  # e.g. "Desk lamp, teal walnut (new model)"
+        latency = search_latency(r, texts)
         worst = same_vectors(r, fresh)
         rows = []
         truth = exact_top(fresh, texts)
@@ -242,6 +265,13 @@ def main() -> None:
           f"changes {up.changes}, seconds {dict((k, round(v, 1)) for k, v in up.seconds.items())}")
     print(f"\nthe upserted and the fresh index hold the same {len(new_frame):,} ids; largest difference of their stored "
           f"vectors, id by id over the three spaces: {worst:.2e}")
+    print("\nsearch parameters tuned at build (index.target_recall "
+          f"{config.index.target_recall}), upserted index / fresh index:")
+    for space, pair in tuned.items():
+        print(f"  {space}: {pair[0]} / {pair[1]}")
+    print(f"\nmedian ms per query on the upserted index at those parameters ({len(texts)} queries, one at a time):")
+    for label, ms in latency.items():
+        print(f"  {label}: {ms:.2f}")
     print(f"\n{len(texts)} text queries (titles of random rows of tomorrow's catalog, {n_changed_queries} of them changed rows):\n")
     print("| comparison | same top-10 ids | mean top-10 overlap | same top 10 up to ties |")
     print("|---|---|---|---|")

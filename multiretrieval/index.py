@@ -201,7 +201,7 @@ class VectorIndex:
             grid["k_factor"] = [1, 2, 4, 8, 16, 32, 64, 128]
         return grid
 
-    def build(self, ids: np.ndarray, vectors: np.ndarray, target_recall: float = 0.99, k: int = TUNED_K,
+    def build(self, ids: np.ndarray, vectors: np.ndarray, target_recall: float = 0.999, k: int = TUNED_K,
               queries: int = 200, seed: int = 0, query_parts: list[tuple[int, int]] | None = None,
               deep_k: int | None = None) -> dict:
         """Fill an empty index and tune it: the fastest search parameters whose recall@k
@@ -301,7 +301,7 @@ class VectorIndex:
             recalls, seconds, count = [], 0.0, 0
             for q, results, exact_top in kinds:
                 t0 = time.perf_counter()
-                found = results(self.faiss_index.search(q, k + extra)[1], k)
+                found = results(self.search(q, k + extra)[1], k)  # as reads search: efSearch >= what is asked
                 seconds, count = seconds + time.perf_counter() - t0, count + len(q)
                 hits = []
                 for i, f in enumerate(found):
@@ -386,11 +386,23 @@ class VectorIndex:
 
     def _breadth(self, k: int) -> dict | None:
         """The breadth for a read of depth k: None (as set) up to twice the tuned depth, else the breadth tuned
-        for ``deep["k"]``, raised in proportion for reads deeper still, and never below what ``set_params`` set."""
-        if self.deep is None or k <= 2 * TUNED_K:
-            return None
-        scale = max(1.0, k / self.deep["k"])
-        return {name: max(int(np.ceil(value * scale)), int(self.params.get(name, 0))) for name, value in self.deep["params"].items()}
+        for ``deep["k"]``, raised in proportion for reads deeper still, and never below what ``set_params`` set.
+        An HNSW graph's efSearch is at least the number of results asked of it (k, times a Refine's k_factor):
+        below that FAISS stops short (efSearch 128 asked for 1,010 of 1,020 items returned 784), and an item
+        inserted late by an upsert was missed where a fresh build found it."""
+        import faiss
+
+        breadth = {}
+        if self.deep is not None and k > 2 * TUNED_K:
+            scale = max(1.0, k / self.deep["k"])
+            breadth = {name: max(int(np.ceil(value * scale)), int(self.params.get(name, 0))) for name, value in self.deep["params"].items()}
+        hnsw = self._find(faiss.IndexHNSW)
+        if hnsw is not None:
+            refine = self._find(faiss.IndexRefine)
+            asked = int(np.ceil(k * (refine.k_factor if refine is not None else 1)))
+            if asked > breadth.get("efSearch", hnsw.hnsw.efSearch):
+                breadth["efSearch"] = asked
+        return breadth or None
 
     def _selected(self, queries: np.ndarray, k: int, allowed: np.ndarray, exhaustive: bool = False,
                   breadth: dict | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -45,21 +45,24 @@ def recall_at_10(index, flat, queries):
     return float((index.search(queries, 10)[0] >= tenth - RECALL_EPSILON).mean())
 
 
-@pytest.mark.parametrize("factory, param", [("HNSW32", "efSearch"), ("IVF64,Flat", "nprobe"),
-                                            ("PCA24,HNSW32,Refine(Flat)", "k_factor")])
-def test_build_tunes_to_the_target_recall_on_unseen_queries(factory, param):
+# HNSW32 at 0.99: a search's efSearch is never below the results it asks for (10 here), which already finds
+# 0.977 of this data's top 10, so a lower target has nothing to tune.
+@pytest.mark.parametrize("factory, param, target", [("HNSW32", "efSearch", 0.99), ("IVF64,Flat", "nprobe", 0.95),
+                                                    ("PCA24,HNSW32,Refine(Flat)", "k_factor", 0.95)])
+def test_build_tunes_to_the_target_recall_on_unseen_queries(factory, param, target):
     x = clustered(5000, seed=1)
     queries = clustered(200, seed=1, draw=1)
     flat, index = VectorIndex(32, "Flat"), VectorIndex(32, factory)
     flat.add(np.arange(5000) * 3, x)
-    chosen = index.build(np.arange(5000) * 3, x, target_recall=0.95)
+    chosen = index.build(np.arange(5000) * 3, x, target_recall=target)
     assert len(index) == 5000
     tuned = dict(index.params)
     index.set_params(**{param: 1})
     untuned = recall_at_10(index, flat, queries)
     index.set_params(**tuned)
-    assert chosen["recall"] >= 0.95 and index.recall == chosen["recall"] and param in index.params
-    assert recall_at_10(index, flat, queries) >= 0.93 > untuned  # held-out queries: within noise of the tuned figure
+    assert chosen["recall"] >= target and index.recall == chosen["recall"] and param in index.params
+    held_out = recall_at_10(index, flat, queries)
+    assert held_out >= target - 0.02 and held_out > untuned + 0.01  # held-out queries: within noise of the tuned figure
 
 
 def test_recall_counts_ties_at_the_cut_as_one_and_misses_above_it():
