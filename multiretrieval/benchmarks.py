@@ -54,6 +54,31 @@ def shopper_photo(image, rng: np.random.Generator):
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+def photo_like(image, rng: np.random.Generator):
+    """A clip-art or render as a small product photo (issue 14's style shift, unlike every training view): on a
+    plain light or dark background, off-centre and smaller in the frame, greyscale, low contrast, 48-80 px,
+    JPEG quality 25-50."""
+    import io
+
+    from PIL import Image, ImageEnhance
+
+    image = image.convert("RGBA")
+    side = max(image.size)
+    shade = int(rng.choice([int(rng.integers(170, 236)), int(rng.integers(20, 70))]))  # a light or a dark backdrop
+    photo = Image.new("RGBA", (side, side), (shade, shade, shade, 255))
+    fit = rng.uniform(0.55, 0.8)
+    small = image.resize((max(1, int(image.width * fit)), max(1, int(image.height * fit))), Image.BICUBIC)
+    x = int(rng.integers(0, side - small.width + 1))
+    y = int(rng.integers(0, side - small.height + 1))
+    photo.alpha_composite(small, (x, y))
+    photo = ImageEnhance.Contrast(photo.convert("L")).enhance(rng.uniform(0.45, 0.7))
+    n = int(rng.integers(48, 81))
+    photo = photo.resize((n, n), Image.BILINEAR)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=int(rng.integers(25, 51)))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
 def build_benchmarks(root: str | Path, out: str | Path, composed: bool = True, show_progress: bool | None = None) -> dict[str, Any]:
     """Write the benchmark catalogs and queries under ``out`` from the unpacked Debian packages (all three:
     sweethome3d-furniture, tuxpaint-stamps-default, and with ``composed`` openclipart-png too): tuxpaint/,
@@ -66,6 +91,7 @@ def build_benchmarks(root: str | Path, out: str | Path, composed: bool = True, s
     tux = tux[tux["split"] == "eval"]
     (out / "tuxpaint").mkdir(parents=True, exist_ok=True)
     tux[["id", "image", "title", "category"]].to_csv(out / "tuxpaint" / "catalog.csv", index=False)
+    write_photo_like(tux[["id", "image", "title", "category"]], out / "tuxpaint")
 
     df, images = read_sweethome3d_furniture(root)
     sh = out / "sweethome3d"
@@ -93,6 +119,7 @@ def build_benchmarks(root: str | Path, out: str | Path, composed: bool = True, s
     if composed:
         items = load_items(root, (sh / "images").resolve())
         excluded = near_duplicates(items, show_progress=show_progress)
+        counts["unseen"] = build_unseen(root, items, out, excluded)
         for name, c in {**build_fused(items, out, excluded, show_progress=show_progress),
                         **build_composed(items, out, excluded, show_progress=show_progress)}.items():
             counts[name] = {k: c[k] for k in ("catalog", "queries", "heldout_categories", "excluded_near_duplicates")}
@@ -101,6 +128,55 @@ def build_benchmarks(root: str | Path, out: str | Path, composed: bool = True, s
 
 _SYLLABLES = ("ka", "lo", "ven", "dor", "mi", "sa", "tur", "bel", "quo", "rin", "zan", "fel", "mar", "tis", "vok", "lum",
               "ber", "cor", "nes", "pia", "gal", "hov", "ird", "jun")
+
+
+def write_photo_like(catalog: pd.DataFrame, folder: Path) -> int:
+    """The catalog's images as ``photo_like`` photos (seeded per id) under folder/photo_like/, and its rows
+    pointing at them as folder/photo_like.csv: the same zero-shot benchmark in another style."""
+    from PIL import Image
+
+    (folder / "photo_like").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, row in enumerate(catalog.itertuples(index=False)):
+        name = f"photo_like/{i:04d}.jpg"
+        photo_like(Image.open(row.image), _rng("photo-like", row.id)).save(folder / name, quality=95)
+        rows.append(name)
+    catalog.assign(image=rows).to_csv(folder / "photo_like.csv", index=False)
+    return len(rows)
+
+
+UNSEEN_DATASETS = ("openclipart", "tuxpaint")
+
+
+def build_unseen(root: str | Path, items: pd.DataFrame, out: str | Path, excluded: set[str] = frozenset()) -> dict[str, int]:
+    """The unseen-concepts zero-shot benchmark (issue 14) under out/unseen/:
+    - train.csv: the three data sets' items outside the held-out categories (``items["heldout"]``, from
+      ``heldout_category``; tuxpaint's training split only), named as scripts/train_zero_shot.py names its
+      data sets, for the evaluation to train LiT projections on with the shipped recipe;
+    - <data set>/catalog.csv for openclipart and tuxpaint: the items of their held-out categories (both
+      tuxpaint splits), less ``excluded`` near-duplicates of trainable items; category = the top-level one;
+      with a photo-like copy (``write_photo_like``)."""
+    from .datasets import read_tuxpaint_stamps
+
+    folder = Path(out) / "unseen"
+    tux_split = read_tuxpaint_stamps(root).set_index("id")["split"]
+    is_tux = items["dataset"] == "tuxpaint"
+    eval_stamp = is_tux & (items["id"].map(tux_split) == "eval")
+    train = items[~items["heldout"] & ~eval_stamp]
+    description = np.where(train["dataset"] == "sweethome3d", [_join(c, g) for c, g in zip(train["category"], train["tags"])],
+                           np.where(train["dataset"] == "openclipart", train["category"], ""))
+    folder.mkdir(parents=True, exist_ok=True)
+    train.assign(dataset=train["dataset"].replace({"tuxpaint": "tuxpaint-train"}), description=description)[
+        ["dataset", "id", "image", "title", "description"]].to_csv(folder / "train.csv", index=False)
+    counts = {"train": len(train)}
+    for name in UNSEEN_DATASETS:
+        held = items[(items["dataset"] == name) & items["heldout"] & ~items["key"].isin(excluded)]
+        sub = held.assign(category=held["top"])[["id", "image", "title", "category"]].reset_index(drop=True)
+        (folder / name).mkdir(exist_ok=True)
+        sub.to_csv(folder / name / "catalog.csv", index=False)
+        write_photo_like(sub, folder / name)
+        counts[name] = len(sub)
+    return counts
 
 
 def build_exact_names(items: pd.DataFrame, out: str | Path) -> int:

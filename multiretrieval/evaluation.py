@@ -5,8 +5,15 @@
 
 Benchmarks (none of their queries is ever trained on):
 - tuxpaint: the evaluation split of tuxpaint-stamps-default, indexed WITHOUT texts; each
-  description is a zero-shot text query for its stamp (recall@1/5/10), and each stamp is
-  classified zero-shot among the category names (accuracy). Every zero-shot space runs.
+  description is a zero-shot text query for its stamp (recall@1/5/10), each stamp is
+  classified zero-shot among the category names (accuracy), and each stamp's image is a query
+  against the stamps' descriptions (image -> text, recall@1/5/10). Every zero-shot space runs, on
+  the stamps as drawn and on ``photo_like.csv`` when the benchmark has it (the same stamps as small,
+  grey, low-contrast, off-centre JPEG photos on plain backgrounds: benchmarks.photo_like).
+- unseen (issue 14): LiT projections trained by the shipped recipe without any item of the held-out
+  categories (benchmarks.heldout_category), then the tuxpaint measures on the held-out categories of
+  openclipart (titles are file names) and tuxpaint, as drawn and photo-like: concepts the projections
+  never saw. Training and its feature cache take a few minutes on a first run.
 - sweethome3d fused: each item's render made into a shopper's phone photo (other background,
   crop, turn, mirror, colour shift, blur, small, JPEG; seeded, unlike any training view), plus
   one fragment of its metadata (its category or one tag), is a query for that item: recall@1 and @10 for image-only, text-only and fused
@@ -70,7 +77,7 @@ def selected(name: str, only: list[str] | tuple[str, ...] | None) -> bool:
 
 def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None = None, train: bool = True,
              show_progress: bool | None = None, only: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run every benchmark under ``bench`` (or those ``only`` names: tuxpaint, sweethome3d, exact_names, composed,
+    """Run every benchmark under ``bench`` (or those ``only`` names: tuxpaint, unseen, sweethome3d, exact_names, composed,
     fused, composed/<data set>, fused/<data set>); write report.md, results.json and recall_at_k.png to ``out``."""
     bench, out = Path(bench), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +86,8 @@ def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None 
     results: dict[str, Any] = {"config": config.to_dict()}
     if (bench / "tuxpaint" / "catalog.csv").is_file() and selected("tuxpaint", only):
         results["tuxpaint_zero_shot"] = _tuxpaint(bench / "tuxpaint", config, show_progress)
+    if (bench / "unseen" / "train.csv").is_file() and selected("unseen", only):
+        results["unseen_zero_shot"] = _unseen(bench / "unseen", config, out, show_progress)
     if (bench / "sweethome3d" / "catalog.csv").is_file() and selected("sweethome3d", only):
         results.update(_sweethome3d(bench / "sweethome3d", config, out, train, show_progress))
     if (bench / "exact_names" / "catalog.csv").is_file() and selected("exact_names", only):
@@ -96,10 +105,40 @@ def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None 
     return results
 
 
+def _unseen(folder: Path, config: RetrieverConfig, out: Path, show_progress) -> dict[str, Any]:
+    """LiT projections trained with the shipped recipe on train.csv (no item of a held-out category), then the
+    zero-shot benchmark (``_tuxpaint``) on each data set's held-out categories, the ConSE weight of lit+conse
+    the one that training chose on its own held-out pairs. Features are cached in the benchmark folder."""
+    from .training import LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, fit_zero_shot
+
+    train = pd.read_csv(folder / "train.csv", dtype={"id": str}, keep_default_na=False)
+    pairs = {name: encode_catalog(Catalog(part.drop(columns="dataset").reset_index(drop=True)), folder / "features" / f"{name}.npz",
+                                  show_progress=show_progress)
+             for name, part in train.groupby("dataset")}
+    weights = out / "unseen-lit.safetensors"
+    report = fit_zero_shot(pairs, weights, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, show_progress=show_progress)
+    trained = dataclasses.replace(config, zero_shot=dataclasses.replace(config.zero_shot, weights=str(weights),
+                                                                        conse_weight=report["validation"]["best_conse_weight"]))
+    results = {"training": {"pairs": {k: v["train"] for k, v in report["data"].items()}, "epochs": report["epochs_run"],
+                            "conse_weight": report["validation"]["best_conse_weight"]}}
+    for sub in sorted(p.parent for p in folder.glob("*/catalog.csv")):
+        results[sub.name] = _tuxpaint(sub, trained, show_progress)
+    return results
+
+
 def _tuxpaint(folder: Path, config: RetrieverConfig, show_progress) -> dict[str, Any]:
+    """The zero-shot benchmark on the stamps as drawn (``kind`` keys, as before) and, when the benchmark
+    has photo_like.csv, on the same stamps as photos (under "photo_like")."""
+    out = _zero_shot(folder / "catalog.csv", config, show_progress)
+    if (folder / "photo_like.csv").is_file():
+        out["photo_like"] = _zero_shot(folder / "photo_like.csv", config, show_progress)
+    return out
+
+
+def _zero_shot(path: Path, config: RetrieverConfig, show_progress) -> dict[str, Any]:
     from .retriever import Retriever
 
-    full = Catalog.from_csv(folder / "catalog.csv")
+    full = Catalog.from_csv(path)
     images_only = Catalog(full.df[["id", "image", "category"]], image_root=full.image_root, text_columns=())
     categories = sorted(full.df["category"].unique())
     prompts = [f"a picture of {c.replace('naturalforces', 'natural forces')}" for c in categories]
@@ -115,8 +154,10 @@ def _tuxpaint(folder: Path, config: RetrieverConfig, show_progress) -> dict[str,
         ranks = ranks_of_targets(queries, item_vecs, targets)
         class_vecs = r.encode(texts=prompts, space="clip")
         predicted = (item_vecs[targets] @ class_vecs.T).argmax(1)
+        # image -> text: row i's image against every row's description, its own the target
+        image_to_text = ranks_of_targets(item_vecs[targets], queries, np.arange(len(full)))
         out[kind] = {**recall(ranks), "category_accuracy": float((predicted == truth).mean()),
-                     "fingerprint": r.zero_shot.fingerprint}
+                     "image_to_text": recall(image_to_text), "fingerprint": r.zero_shot.fingerprint}
     return out
 
 
@@ -372,14 +413,18 @@ def report_markdown(results: dict[str, Any]) -> str:
     lines = ["# multiretrieval evaluation", ""]
     tux = results.get("tuxpaint_zero_shot")
     if tux:
-        lines += [f"## Zero-shot description -> image (tuxpaint evaluation split, {tux['items']} stamps, indexed without texts)", "",
-                  "| zero-shot space | R@1 | R@5 | R@10 | R@10 / ConSE's | category accuracy |", "|---|---|---|---|---|---|"]
-        baseline = tux["conse"]["R@10"]
-        for kind in ZERO_SHOT_KINDS:
-            m = tux[kind]
-            ratio = f"{m['R@10'] / baseline:.2f}x" if baseline else "-"
-            lines.append(f"| {kind} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {ratio} | {m['category_accuracy']:.3f} |")
-        lines.append("")
+        lines += [f"## Zero-shot (tuxpaint evaluation split, {tux['items']} stamps, indexed without texts)", "",
+                  "Description -> image (R@1 / R@5 / R@10), category accuracy, and image -> description (each stamp's image "
+                  "against the stamps' descriptions). Photo-like: the same stamps as small, grey, low-contrast, off-centre "
+                  "JPEG photos on plain backgrounds.", ""] + _zero_shot_table({"tuxpaint eval": tux}) + [""]
+    unseen = results.get("unseen_zero_shot")
+    if unseen:
+        t = unseen["training"]
+        lines += ["## Zero-shot on unseen concepts (held-out categories: benchmarks.heldout_category)", "",
+                  f"LiT projections trained by the shipped recipe on the training sets without any item of a held-out category "
+                  f"({', '.join(f'{k} {v:,}' for k, v in t['pairs'].items())} pairs; {t['epochs']} epochs; ConSE weight "
+                  f"{t['conse_weight']:g}), then queried on those categories' items: titles -> images, category names, images -> titles.", ""]
+        lines += _zero_shot_table({k: v for k, v in unseen.items() if k != "training"}) + [""]
     fused = results.get("sweethome3d_fused")
     if fused:
         lines += [f"## Photo + text fragment -> item (sweethome3d, {fused['queries']} queries)", "",
@@ -411,6 +456,25 @@ def report_markdown(results: dict[str, Any]) -> str:
 
 def _r(m: dict[str, float]) -> str:
     return f"{m['R@1']:.3f} / {m['R@5']:.3f} / {m['R@10']:.3f}"
+
+
+def _zero_shot_table(parts: dict[str, dict[str, Any]]) -> list[str]:
+    """Rows of every zero-shot space on each benchmark, as drawn and photo-like, with multiples of ConSE."""
+    lines = ["| benchmark | images | zero-shot space | text -> image R@1 / R@5 / R@10 | R@10 / ConSE's | category accuracy "
+             "| image -> text R@1 / R@5 / R@10 | R@10 / ConSE's |", "|---|---|---|---|---|---|---|---|"]
+    for name, result in parts.items():
+        for label, part in (("as drawn", result), ("photo-like", result.get("photo_like"))):
+            for kind in ZERO_SHOT_KINDS if part else ():
+                m = part[kind]
+                i2t = m.get("image_to_text")
+                lines.append(f"| {name} ({part['items']}) | {label} | {kind} | {_r(m)} | {_ratio(m['R@10'], part['conse']['R@10'])} "
+                             f"| {m['category_accuracy']:.3f} | "
+                             + (f"{_r(i2t)} | {_ratio(i2t['R@10'], part['conse']['image_to_text']['R@10'])} |" if i2t else "- | - |"))
+    return lines
+
+
+def _ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.2f}x" if baseline else "-"
 
 
 def _composed_and_fused_markdown(results: dict[str, Any]) -> list[str]:
@@ -484,8 +548,10 @@ def plot_recall(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3 if bars else 2, figsize=(16 if bars else 11, 4))
     tux = results.get("tuxpaint_zero_shot")
     if tux:
-        for kind in ZERO_SHOT_KINDS:
-            axes[0].plot([1, 5, 10], [tux[kind][f"R@{k}"] for k in (1, 5, 10)], marker="o", label=kind)
+        for label, part, style in (("", tux, "-"), ("photo-like: ", tux.get("photo_like"), "--")):
+            for n, kind in enumerate(ZERO_SHOT_KINDS if part else ()):
+                axes[0].plot([1, 5, 10], [part[kind][f"R@{k}"] for k in (1, 5, 10)], style, marker="o", color=f"C{n}",
+                             label=label + kind)
         axes[0].set_title("zero-shot description -> image (tuxpaint eval)")
     fused = results.get("sweethome3d_fused")
     if fused:

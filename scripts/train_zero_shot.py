@@ -31,17 +31,11 @@ import pandas as pd  # noqa: E402
 from multiretrieval.catalog import Catalog  # noqa: E402
 from multiretrieval.datasets import read_openclipart, read_sweethome3d_furniture, read_tuxpaint_stamps  # noqa: E402
 from multiretrieval.encoders.clip import PACKAGED_LIT, load_lit_weights  # noqa: E402
-from multiretrieval.training import encode_catalog, fit_zero_shot  # noqa: E402
+from multiretrieval.training import LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, fit_zero_shot  # noqa: E402
 from multiretrieval.utils import l2_normalize  # noqa: E402
 
-# The recipe, chosen with --cross-validate (never on the evaluation split) by the mean over the
-# three data sets of held-out recall@10, tuxpaint's from its cross-validation folds:
-# - tuxpaint's one-line descriptions read like the queries people type, while openclipart's titles
-#   are file names with author names in them: drawing tuxpaint pairs 5x as often lifts the
-#   tuxpaint folds from 0.70 to 0.79 and the mean from 0.77 to 0.80;
-# - 10x with at most 10 epochs scores 0.79 on the tuxpaint folds too, but openclipart drops 12 points.
-DATA_WEIGHTS = {"tuxpaint-train": 5.0}
-EPOCHS = 40  # at most: training stops when the held-out recall stops improving
+# The recipe: training.LIT_DATA_WEIGHTS and LIT_EPOCHS, chosen with --cross-validate. `multiretrieval evaluate`
+# trains it again without the held-out categories for its unseen-concepts benchmark.
 
 
 def training_catalogs(root: Path, cache: Path) -> dict[str, Catalog]:
@@ -111,7 +105,7 @@ def main() -> None:
     if args.cross_validate:
         cross_validate(pairs, "tuxpaint-train", args.cv_weights, args.cv_epochs, args.seed)
         return
-    report = fit_zero_shot(pairs, args.out, epochs=EPOCHS, data_weights=DATA_WEIGHTS, seed=args.seed, show_progress=True)
+    report = fit_zero_shot(pairs, args.out, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=args.seed, show_progress=True)
     v = report["validation"]
     print(f"wrote {args.out} ({report['trainable_parameters']:,} trained parameters, {report['epochs_run']} epochs)")
 
