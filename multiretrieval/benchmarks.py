@@ -81,8 +81,9 @@ def photo_like(image, rng: np.random.Generator):
 
 def build_benchmarks(root: str | Path, out: str | Path, composed: bool = True, show_progress: bool | None = None) -> dict[str, Any]:
     """Write the benchmark catalogs and queries under ``out`` from the unpacked Debian packages (all three:
-    sweethome3d-furniture, tuxpaint-stamps-default, and with ``composed`` openclipart-png too): tuxpaint/,
-    sweethome3d/, exact_names/ and, with ``composed``, composed/<data set>/ and fused/<data set>/. Seeded:
+    sweethome3d-furniture, tuxpaint-stamps-default, and with ``composed`` openclipart-png too): tuxpaint/ (with
+    its photo-like copy), sweethome3d/, exact_names/ and, with ``composed``, unseen/, composed/<data set>/ and
+    fused/<data set>/. Seeded:
     the same packages give the same files."""
     from .datasets import read_sweethome3d_furniture, read_tuxpaint_stamps
 

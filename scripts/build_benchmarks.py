@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument("root", help="folder the Debian packages were unpacked into with dpkg -x")
     parser.add_argument("--out", default="bench")
     parser.add_argument("--no-composed", action="store_true",
-                        help="skip the composed and fused benchmarks (they need openclipart-png unpacked too)")
+                        help="skip the unseen-concepts, composed and fused benchmarks (they need openclipart-png unpacked too)")
     args = parser.parse_args()
     print(json.dumps(build_benchmarks(args.root, args.out, composed=not args.no_composed), indent=1))
 
