@@ -1,5 +1,5 @@
-"""A folder of product photos as a user brings it: mixed formats, subfolders, phone photos rotated by
-EXIF, one corrupt file, and files that are not images. Built from the demo catalog's renders."""
+"""A folder of product photos as a user brings it: 200 images in mixed formats, subfolders, phone photos rotated
+by EXIF, one corrupt file, and files that are not images. Built from the demo catalog's renders."""
 
 from __future__ import annotations
 
@@ -17,6 +17,19 @@ OTHERS = ("KatorLegaz/bullet-trash-can.png", "Reallusion/girlSittingTable.png", 
           "BlendSwap-CC-0/dustbin.png", "BlendSwap-CC-0/glassDoorCabinet.png", "BlendSwap-CC-0/sinkCabinet.png",
           "KatorLegaz/towel-rack.png", "KatorLegaz/concept-sedan-02.png", "KatorLegaz/stapler.png", "Scopia/armchair1.png")
 ORIENTATION = 0x0112
+FOLDER_SIZE = 200  # images that decode (issue 12: "a folder of 200 mixed-format images"), plus one corrupt file
+
+
+def more_products(n: int) -> list[str]:
+    """n more demo renders, none of them a light of any kind (so the four LAMPS are the lamps), in catalog order."""
+    import csv
+
+    with open(DEMO / "catalog.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    taken = {f"images/{p}" for p in LAMPS + OTHERS}
+    lit = ("lamp", "light", "lantern", "chandelier", "candle")
+    return [r["image"].removeprefix("images/") for r in rows if r["category"] != "Lights" and r["image"] not in taken
+            and not any(w in r["title"].lower() for w in lit)][:n]
 
 
 def heif_available() -> bool:
@@ -54,14 +67,15 @@ def _encode(image: Image.Image, fmt: str, orientation: int | None = None) -> byt
     return buf.getvalue()
 
 
-def make_photo_folder(root: Path) -> dict[str, str]:
-    """Write the folder; returns {id (path in the folder): demo image it shows} for the images that decode."""
+def make_photo_folder(root: Path, size: int = FOLDER_SIZE) -> dict[str, str]:
+    """Write the folder (``size`` images that decode, at least the 24 LAMPS and OTHERS); returns {id (path in
+    the folder): demo image it shows} for the images that decode."""
     # The four lamps come first: a phone photo turned by EXIF, a HEIC (when pillow-heif is installed), a GIF, an AVIF.
     formats = ["JPEG", "HEIF" if heif_available() else "JPEG", "GIF", "AVIF", "PNG", "WEBP", "TIFF", "BMP"]
     suffix = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "TIFF": "tif", "BMP": "bmp", "AVIF": "avif", "HEIF": "heic"}
     folders = ["", "living room/", "shop/lights and more/"]
     shown = {}
-    for n, source in enumerate(LAMPS + OTHERS):
+    for n, source in enumerate(LAMPS + OTHERS + tuple(more_products(size - len(LAMPS) - len(OTHERS)))):
         image = _pad(_on_white(Image.open(DEMO / "images" / source)).resize((128, 128)))
         fmt = formats[n % len(formats)]
         orientation = {0: 6, 8: 8, 16: 3}.get(n) if fmt == "JPEG" else None  # three phone photos, stored turned

@@ -76,6 +76,7 @@ def test_the_photo_folder_index_from_another_directory(photo_index, photos, tmp_
     """Done when: `index ~/photos --out idx` elsewhere; `search idx --text "a lamp"` gives lamps first with
     scores > 0; `--show` draws every thumbnail; the service serves every thumbnail (ids with slashes)."""
     root, shown = photos
+    assert len(shown) == 200  # the issue's folder: 200 images that decode (and one corrupt file)
     monkeypatch.chdir(tmp_path)  # yet another directory
     report = json.loads((photo_index / "index-report.json").read_text())
     assert report["indexed"] == len(shown) and [s["id"] for s in report["skipped"]] == ["IMG_broken.jpg"]

@@ -23,7 +23,7 @@ def test_every_thumbnail_of_a_photo_folder_shows_in_the_page(tmp_path):
     import multiretrieval as mr
 
     (tmp_path / "photos").mkdir()
-    shown = make_photo_folder(tmp_path / "photos")
+    shown = make_photo_folder(tmp_path / "photos", size=24)  # one page of results (the 200-image folder: test_sources.py)
     retriever = mr.Retriever()
     retriever.index(mr.Catalog.from_folder(tmp_path / "photos"), show_progress=False)
     retriever.save(tmp_path / "idx")
