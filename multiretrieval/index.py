@@ -122,12 +122,13 @@ class VectorIndex:
         self._build_settings()
 
     def _build_settings(self) -> None:
-        """How the graph takes new entries (an index loaded from an older save takes its additions this way too)."""
+        """How the graph takes new entries (an index loaded from an older save takes its additions this way too),
+        and its HNSW and Refine levels, found once for every search's breadth (``_breadth``)."""
         import faiss
 
-        hnsw = self._find(faiss.IndexHNSW)
-        if hnsw is not None:
-            hnsw.hnsw.efConstruction = max(hnsw.hnsw.efConstruction, HNSW_EF_CONSTRUCTION)
+        self._hnsw, self._refine = self._find(faiss.IndexHNSW), self._find(faiss.IndexRefine)
+        if self._hnsw is not None:
+            self._hnsw.hnsw.efConstruction = max(self._hnsw.hnsw.efConstruction, HNSW_EF_CONSTRUCTION)
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal) - len(self.deleted)
@@ -177,9 +178,8 @@ class VectorIndex:
 
         space = faiss.ParameterSpace()
         for name, value in params.items():
-            refine = self._find(faiss.IndexRefine)
-            if name == "k_factor" and refine is not None:
-                refine.k_factor = float(value)
+            if name == "k_factor" and self._refine is not None:
+                self._refine.k_factor = float(value)
             else:
                 try:
                     space.set_index_parameter(self.faiss_index, name, value)
@@ -192,12 +192,12 @@ class VectorIndex:
         import faiss
 
         grid: dict[str, list[float]] = {}
-        if self._find(faiss.IndexHNSW) is not None:
+        if self._hnsw is not None:
             grid["efSearch"] = [16, 32, 64, 128, 256, 512, 1024, 2048]
         ivf = self._find(faiss.IndexIVF)
         if ivf is not None:
             grid["nprobe"] = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= ivf.nlist]
-        if self._find(faiss.IndexRefine) is not None:
+        if self._refine is not None:
             grid["k_factor"] = [1, 2, 4, 8, 16, 32, 64, 128]
         return grid
 
@@ -314,7 +314,7 @@ class VectorIndex:
         best = min(good, key=lambda t: t["ms_per_query"]) if good else max(trials, key=lambda t: t["recall"])
         self.set_params(**best["params"])
         self.recall = best["recall"]
-        logger.log(logging.INFO if good else logging.WARNING, "tuned %s: %s -> recall@%d %.3f (target %.2f), %.3f ms/query",
+        logger.log(logging.INFO if good else logging.WARNING, "tuned %s: %s -> recall@%d %.4g (target %g), %.3f ms/query",
                    self.factory, best["params"], k, best["recall"], target_recall, best["ms_per_query"])
         return best
 
@@ -390,17 +390,13 @@ class VectorIndex:
         An HNSW graph's efSearch is at least the number of results asked of it (k, times a Refine's k_factor):
         below that FAISS stops short (efSearch 128 asked for 1,010 of 1,020 items returned 784), and an item
         inserted late by an upsert was missed where a fresh build found it."""
-        import faiss
-
         breadth = {}
         if self.deep is not None and k > 2 * TUNED_K:
             scale = max(1.0, k / self.deep["k"])
             breadth = {name: max(int(np.ceil(value * scale)), int(self.params.get(name, 0))) for name, value in self.deep["params"].items()}
-        hnsw = self._find(faiss.IndexHNSW)
-        if hnsw is not None:
-            refine = self._find(faiss.IndexRefine)
-            asked = int(np.ceil(k * (refine.k_factor if refine is not None else 1)))
-            if asked > breadth.get("efSearch", hnsw.hnsw.efSearch):
+        if self._hnsw is not None:
+            asked = int(np.ceil(k * (self._refine.k_factor if self._refine is not None else 1)))
+            if asked > breadth.get("efSearch", self._hnsw.hnsw.efSearch):
                 breadth["efSearch"] = asked
         return breadth or None
 
