@@ -117,10 +117,10 @@ def _unseen(folder: Path, config: RetrieverConfig, out: Path, show_progress) -> 
              for name, part in train.groupby("dataset")}
     weights = out / "unseen-lit.safetensors"
     report = fit_zero_shot(pairs, weights, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, show_progress=show_progress)
-    trained = dataclasses.replace(config, zero_shot=dataclasses.replace(config.zero_shot, weights=str(weights),
-                                                                        conse_weight=report["validation"]["best_conse_weight"]))
+    mixing = report["validation"]["best_conse_weight"]
+    trained = dataclasses.replace(config, zero_shot=dataclasses.replace(config.zero_shot, weights=str(weights), conse_weight=mixing))
     results = {"training": {"pairs": {k: v["train"] for k, v in report["data"].items()}, "epochs": report["epochs_run"],
-                            "conse_weight": report["validation"]["best_conse_weight"]}}
+                            "conse_weight": mixing}}
     for sub in sorted(p.parent for p in folder.glob("*/catalog.csv")):
         results[sub.name] = _tuxpaint(sub, trained, show_progress)
     return results

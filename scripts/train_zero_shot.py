@@ -79,12 +79,9 @@ def cross_validate(pairs: dict, target: str, weights: list[float], epochs: list[
                     kept = dict(pairs, **{target: {k: v[fold != f] for k, v in data.items()}})
                     out = Path(tmp) / "cv.safetensors"
                     report = fit_zero_shot(kept, out, epochs=cap, data_weights={target: weight}, seed=seed, show_progress=False)
-                    state, w = load_lit_weights(out), report["validation"]["best_conse_weight"]
-                    held = fold == f
-                    image = l2_normalize(data["image"][held] @ state["visual.head.proj.weight"].T)
-                    text = l2_normalize(data["text"][held] @ state["text.proj.weight"].T)
-                    conse = data["conse_text"][held] @ data["conse_image"][held].T
-                    rows.append([_recall10(text @ image.T), _recall10((1 - w) * text @ image.T + w * conse), _recall10(conse)]
+                    lit, conse = _held_out_sims(out, data, fold == f)
+                    w = report["validation"]["best_conse_weight"]
+                    rows.append([_recall10(lit), _recall10((1 - w) * lit + w * conse), _recall10(conse)]
                                 + [report["validation"]["mixed"]["by_data_set"][name]["R@10"] for name in others])
                 r = np.mean(rows, 0)
                 figures = " | ".join(f"{x:.3f}" for x in r)
@@ -124,15 +121,21 @@ def cross_validate_categories(pairs: dict, tops: dict[str, dict[str, str]], weig
                 kept = dict(pairs, **{target: {k: v[fold != f] for k, v in data.items()}})
                 out = Path(tmp) / "cv.safetensors"
                 report = fit_zero_shot(kept, out, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=seed, show_progress=False)
-                state, held = load_lit_weights(out), (fold == f) & data["has_image"] & data["has_text"]
-                image = l2_normalize(data["image"][held] @ state["visual.head.proj.weight"].T)
-                text = l2_normalize(data["text"][held] @ state["text.proj.weight"].T)
-                conse = data["conse_text"][held] @ data["conse_image"][held].T
-                rows.append([_recall10(conse)] + [_recall10((1 - w) * text @ image.T + w * conse) for w in weights]
+                lit, conse = _held_out_sims(out, data, (fold == f) & data["has_image"] & data["has_text"])
+                rows.append([_recall10(conse)] + [_recall10((1 - w) * lit + w * conse) for w in weights]
                             + [report["validation"]["best_conse_weight"]])
             r = np.mean(rows, 0)
             cells = " | ".join(f"{x:.3f} ({x / r[0]:.2f}x)" for x in r[1:-1])
             print(f"| {target} categories | {r[0]:.3f} | {cells} | {r[-1]:.2f} (mean) |", flush=True)
+
+
+def _held_out_sims(weights: Path, data: dict, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Text -> image similarities among the ``held`` pairs of ``data``: LiT's (the projections in ``weights``)
+    and ConSE's."""
+    state = load_lit_weights(weights)
+    image = l2_normalize(data["image"][held] @ state["visual.head.proj.weight"].T)
+    text = l2_normalize(data["text"][held] @ state["text.proj.weight"].T)
+    return text @ image.T, data["conse_text"][held] @ data["conse_image"][held].T
 
 
 def _recall10(sims: np.ndarray) -> float:
