@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IndexLoadError, QueryError
+from .errors import ConfigError, IndexLoadError, QueryError
 
 logger = logging.getLogger(__name__)
 EXACT_UP_TO = 100_000  # items: a Flat scan of this many is still a few ms
@@ -167,7 +167,12 @@ class VectorIndex:
         sample = vectors if len(vectors) <= TRAIN_SAMPLE else vectors[np.sort(np.random.default_rng(0).choice(len(vectors), TRAIN_SAMPLE, replace=False))]
         logger.info("training %s index on %d vectors", self.factory, len(sample))
         t0 = time.perf_counter()
-        self.faiss_index.train(sample)
+        try:
+            self.faiss_index.train(sample)
+        except RuntimeError as exc:  # e.g. a PCA or IVF asked for more dimensions or lists than the vectors allow
+            reason = str(exc).splitlines()[-1].rpartition("failed: ")[2].strip()  # FAISS's words, without its source location
+            raise ConfigError(f"index factory {self.factory!r} cannot be trained on {len(sample):,} vectors of width "
+                              f"{self.dim}: {reason}; use a smaller PCA/IVF/PQ size or index.factory auto") from exc
         logger.info("trained in %.1f s", time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- search parameters

@@ -242,3 +242,13 @@ def test_hnsw_graphs_leave_no_near_duplicate_unreachable(tmp_path):
     faiss_default.save(tmp_path / "old.faiss")
     loaded = VectorIndex.load(tmp_path / "old.faiss", "HNSW32")
     assert faiss.downcast_index(loaded.faiss_index.index).hnsw.efConstruction == HNSW_EF_CONSTRUCTION
+
+
+def test_a_factory_too_large_for_the_catalog_is_refused_by_name_not_with_a_faiss_traceback():
+    from multiretrieval.errors import ConfigError
+
+    index = VectorIndex(32, "PCA16,HNSW32,Refine(Flat)")
+    with pytest.raises(ConfigError, match=r"'PCA16,HNSW32,Refine\(Flat\)' cannot be trained on 10 vectors of width 32: "
+                                          r"PCA matrix cannot output 16 dimensions from 32; use a smaller"):
+        index.build(np.arange(10), clustered(10, seed=2))
+    assert len(index) == 0
