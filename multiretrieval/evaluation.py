@@ -107,8 +107,8 @@ def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None 
 
 def _unseen(folder: Path, config: RetrieverConfig, out: Path, show_progress) -> dict[str, Any]:
     """LiT projections trained with the shipped recipe on train.csv (no item of a held-out category), then the
-    zero-shot benchmark (``_tuxpaint``) on each data set's held-out categories, the ConSE weight of lit+conse
-    the one that training chose on its own held-out pairs. Features are cached in the benchmark folder."""
+    zero-shot benchmark (``_tuxpaint``) on each data set's held-out categories, lit+conse at the config's ConSE
+    weight (the recipe's, cross-validated on these same training sets). Features are cached in the benchmark folder."""
     from .training import LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, fit_zero_shot
 
     train = pd.read_csv(folder / "train.csv", dtype={"id": str}, keep_default_na=False)
@@ -117,10 +117,9 @@ def _unseen(folder: Path, config: RetrieverConfig, out: Path, show_progress) -> 
              for name, part in train.groupby("dataset")}
     weights = out / "unseen-lit.safetensors"
     report = fit_zero_shot(pairs, weights, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, show_progress=show_progress)
-    mixing = report["validation"]["best_conse_weight"]
-    trained = dataclasses.replace(config, zero_shot=dataclasses.replace(config.zero_shot, weights=str(weights), conse_weight=mixing))
+    trained = dataclasses.replace(config, zero_shot=dataclasses.replace(config.zero_shot, weights=str(weights)))
     results = {"training": {"pairs": {k: v["train"] for k, v in report["data"].items()}, "epochs": report["epochs_run"],
-                            "conse_weight": mixing}}
+                            "conse_weight": config.zero_shot.conse_weight}}
     for sub in sorted(p.parent for p in folder.glob("*/catalog.csv")):
         results[sub.name] = _tuxpaint(sub, trained, show_progress)
     return results

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 
 from multiretrieval.encoders import get_image_encoder, get_text_encoder
@@ -121,11 +123,9 @@ def test_conse_linear_map_weights_every_labels_text_by_the_classifiers_logits(ca
     np.testing.assert_allclose(pooled @ conse.linear_map(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_default_conse_weight_is_the_one_chosen_when_the_shipped_weights_were_trained():
-    import json
+def test_default_conse_weight_is_the_recipes_cross_validated_one_in_code_and_in_the_yaml():
+    from multiretrieval.config import RetrieverConfig, ZeroShotConfig
+    from multiretrieval.training import LIT_CONSE_WEIGHT
 
-    from multiretrieval.config import ZeroShotConfig
-    from multiretrieval.encoders.clip import PACKAGED_LIT
-
-    report = json.loads(PACKAGED_LIT.with_suffix(".json").read_text())
-    assert ZeroShotConfig().conse_weight == report["validation"]["best_conse_weight"]
+    assert ZeroShotConfig().conse_weight == LIT_CONSE_WEIGHT
+    assert RetrieverConfig.from_yaml(Path(__file__).parents[2] / "configs" / "default.yaml").zero_shot.conse_weight == LIT_CONSE_WEIGHT
