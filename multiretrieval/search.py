@@ -27,8 +27,8 @@ better of the item text's cosine with unit(u_nearest + 2 u_words) ("this, but bl
 words alone ("this, but a bed"), and a = ``fusion.compose_image_share`` (0.25) unless ``weights``
 says otherwise; without composition a = ``fusion.image_weight`` and cos(text) is the words'.
 Words that name a phrase of item texts (``word_filter``: a category, a tag, the "blue" of "Armchair ottoman,
-blue"; or that a phrase holds, "bed" in "Day bed") pick items among the photo's 10 nearest: those come first,
-ordered and scored as the photo alone would order them, then the others as above.
+blue"; or that a phrase holds, "bed" in "Day bed") pick items among the photo's 10 nearest (of those a filter
+lets through): those come first, ordered and scored as the photo alone would order them, then the others as above.
 ``not_text`` subtracts beta (``search.not_text_weight``, 0.5) times the score the negative text
 alone would get as a text query: score - beta * cos(not_text, item text) (in zero-shot mode, the
 zero-shot cosine of the negative). Hybrid text queries are ordered by the fusion of the keyword
@@ -419,18 +419,24 @@ class Photo:
 def photo_neighbours(features: dict[str, np.ndarray], embedder, items: Collection) -> tuple[np.ndarray, np.ndarray]:
     """Each query's photo alone: its image-only joint vector (n, d; zeros without a photo) and the keys of its
     PHOTO_NEIGHBOURS nearest items with a text (n, PHOTO_NEIGHBOURS; -1 where fewer or no photo). One batch."""
-    store = items.store
     n = len(features["image_mask"])
     vectors = np.zeros((n, items.indexes["joint"].dim), np.float32)
     near = np.full((n, PHOTO_NEIGHBOURS), -1, np.int64)
     photos = np.flatnonzero(features["image_mask"].any(1))
-    with_text = store.with_modality("text")
     if len(photos):
         image_only = {**{name: a[photos] for name, a in features.items()}, "text_mask": np.zeros_like(features["text_mask"][photos])}
         vectors[photos] = embedder.query_vectors(image_only, calibration=fusion_calibration(embedder, items))
-        if len(with_text):
-            near[photos] = items.indexes["joint"].search(vectors[photos], PHOTO_NEIGHBOURS, restrict(with_text, len(store), None))[1]
+        near[photos] = nearest_with_text(vectors[photos], items)
     return vectors, near
+
+
+def nearest_with_text(vectors: np.ndarray, items: Collection, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Keys of the PHOTO_NEIGHBOURS items with a text (and among ``allowed``) nearest each image-only joint vector
+    (n, PHOTO_NEIGHBOURS; -1 where fewer)."""
+    keys = restrict(items.store.with_modality("text"), len(items.store), allowed)
+    if keys is not None and not len(keys):
+        return np.full((len(vectors), PHOTO_NEIGHBOURS), -1, np.int64)
+    return items.indexes["joint"].search(vectors, PHOTO_NEIGHBOURS, keys)[1]
 
 
 def nearest_texts(features: dict[str, np.ndarray], embedder, items: Collection,
@@ -478,7 +484,10 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
     else:
         matched = ("image" if query.text is not None else "text") if query.mode == "zero-shot" else None
         if photo is not None and query.weights is None and embedder.config.fusion.word_filter:
-            named = word_filter(query.text, photo.near, items)
+            # Under a filter, the photo's nearest among the items it lets through: a blue chair the filter keeps
+            # counts even when ten it drops look more like the photo.
+            near = photo.near if allowed is None else nearest_with_text(photo.vector, items, allowed)[0]
+            named = word_filter(query.text, near, items)
         if named is not None:
             first = search_index(index, photo.vector, depth, named if allowed is None else np.intersect1d(named, allowed))
         if len(vector) == 1:
