@@ -321,13 +321,15 @@ def _query_vectors(queries: list[Query], embedder, items: Collection) -> list[tu
     """``query_vectors`` with, for a fused query with a photo and words, its ``Photo`` (word_filter's input)."""
     out: list = [None] * len(queries)
     photos: dict[int, Photo] = {}
+    fusion = embedder.config.fusion
+    read_photo = fusion.compose or fusion.word_filter  # what a fused query's photo alone is needed for
     groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
         if q.vector is not None:
             out[i] = ("joint", q.vector)
         elif q.like is not None:
             out[i] = ("joint", like_vector(q, embedder, items))
-            if q.text is not None:  # the item's photo + words: its photo alone, for the word filter
+            if q.text is not None and fusion.word_filter:  # the item's photo + words: its photo alone, for the word filter
                 row = items.store.rows_of(items.store.keys_for([q.like]))
                 vectors, near = photo_neighbours({name: a[row] for name, a in items.store.features.items()}, embedder, items)
                 photos[i] = Photo(vectors, near[0])
@@ -341,7 +343,7 @@ def _query_vectors(queries: list[Query], embedder, items: Collection) -> list[tu
         else:
             weights = np.array([queries[i].weights or (np.nan, np.nan) for i in idx], np.float64)
             features = embedder.features(images, texts)
-            near = photo_neighbours(features, embedder, items) if has_image and has_text else None
+            near = photo_neighbours(features, embedder, items) if has_image and has_text and read_photo else None
             vectors, name = joint_query_vectors(features, weights, embedder, items, near=near), "joint"
             if near is not None:
                 photos.update((i, Photo(near[0][j:j + 1], near[1][j])) for j, i in enumerate(idx))
