@@ -76,7 +76,7 @@ class ZeroShotConfig:
     top_k: int = 10  # ConSE: how many ImageNet labels make up an image's text-space embedding
     label_template: str = "{}"
     weights: str | None = None  # lit: projection weights (default: the ones that ship with the package)
-    conse_weight: float = 0.1  # lit+conse: share of the ConSE similarity (training.LIT_CONSE_WEIGHT says why 0.1)
+    conse_weight: float = 0.3  # lit+conse: share of the ConSE similarity (training.LIT_CONSE_WEIGHT: cross-validated)
     model: str | None = None  # openclip: model name, e.g. ViT-B-32
     pretrained: str | None = None  # openclip: pretrained tag (needs the hub) or a local checkpoint file
 

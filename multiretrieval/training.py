@@ -30,12 +30,13 @@ logger = logging.getLogger(__name__)
 # - 10x with at most 10 epochs scores 0.79 on the tuxpaint folds too, but openclipart drops 12 points.
 LIT_DATA_WEIGHTS = {"tuxpaint-train": 5.0}
 LIT_EPOCHS = 40  # at most: training stops when the held-out recall stops improving
-# lit+conse's ConSE share (config zero_shot.conse_weight). --cross-validate-conse-weight (recall@10 of titles over
-# held-out items and left-out categories) puts 0.2-0.3 a little ahead of 0.1 (mean 0.612-0.614 against 0.606, mostly
-# on tuxpaint), but at 0.2 and 0.3 a class-name query over product renders goes wrong: "a lamp" over the photo folder
-# of tests/test_sources.py ranks a kitchen stool above two of its four lamps (ConSE reads stools as lamps). The
-# cross-validation has no class-name task, so 0.1 stays until one decides it.
-LIT_CONSE_WEIGHT = 0.1
+# lit+conse's ConSE share (config zero_shot.conse_weight), chosen with --cross-validate-conse-weight: on categories
+# the projections never saw, 0.3 beats 0.1 for titles, class names and, on sweethome3d, kinds of product ("a lamp"
+# over renders of left-out categories: what a shop's own catalog is to the projections), and on tuxpaint's held-out
+# items; it costs 1 point on openclipart's held-out items. The 0.1 it replaced was what one fit's 24 held-out
+# tuxpaint pairs chose. (Over the training renders themselves, which the projections have learned, 0.1 ranks lamps
+# a little better: tests/test_sources.py.)
+LIT_CONSE_WEIGHT = 0.3
 
 
 def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: bool | None = None) -> dict[str, np.ndarray]:

