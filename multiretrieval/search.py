@@ -308,7 +308,7 @@ def run_batch(queries: list[Query], embedder, items: Collection) -> list[pd.Data
         where = filters_where(q.filters, q.where)
         allowed.append(store.filter(where, limit, q.unsafe_where) if where is not None else None)
     return [answer(q, space, vector, keys, embedder, items, photo)
-            for q, (space, vector, photo), keys in zip(queries, _query_vectors(queries, embedder, items), allowed)]
+            for q, (space, vector, photo), keys in zip(queries, _query_vectors(queries, embedder, items, allowed), allowed)]
 
 
 def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tuple[str, np.ndarray]]:
@@ -317,8 +317,15 @@ def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tup
     return [(space, vector) for space, vector, _ in _query_vectors(queries, embedder, items)]
 
 
-def _query_vectors(queries: list[Query], embedder, items: Collection) -> list[tuple[str, np.ndarray, Photo | None]]:
-    """``query_vectors`` with, for a fused query with a photo and words, its ``Photo`` (word_filter's input)."""
+def _query_vectors(queries: list[Query], embedder, items: Collection, allowed: list[np.ndarray | None] | None = None
+                   ) -> list[tuple[str, np.ndarray, Photo | None]]:
+    """``query_vectors`` with, for a fused query with a photo and words, its ``Photo`` (word_filter's input): the
+    photo's nearest items among those its query's filter lets through (``allowed``, per query; None: no filter)."""
+    allowed = allowed or [None] * len(queries)
+
+    def photo(i: int, vector: np.ndarray, near: np.ndarray) -> Photo:
+        return Photo(vector, near if allowed[i] is None else nearest_with_text(vector, items, allowed[i])[0])
+
     out: list = [None] * len(queries)
     photos: dict[int, Photo] = {}
     fusion = embedder.config.fusion
@@ -332,7 +339,7 @@ def _query_vectors(queries: list[Query], embedder, items: Collection) -> list[tu
             if q.text is not None and fusion.word_filter:  # the item's photo + words: its photo alone, for the word filter
                 row = items.store.rows_of(items.store.keys_for([q.like]))
                 vectors, near = photo_neighbours({name: a[row] for name, a in items.store.features.items()}, embedder, items)
-                photos[i] = Photo(vectors, near[0])
+                photos[i] = photo(i, vectors, near[0])
         else:
             groups.setdefault(("clip" if q.mode == "zero-shot" else "joint", q.image is not None, q.text is not None), []).append(i)
     for (space, has_image, has_text), idx in groups.items():
@@ -346,7 +353,7 @@ def _query_vectors(queries: list[Query], embedder, items: Collection) -> list[tu
             near = photo_neighbours(features, embedder, items) if has_image and has_text and read_photo else None
             vectors, name = joint_query_vectors(features, weights, embedder, items, near=near), "joint"
             if near is not None:
-                photos.update((i, Photo(near[0][j:j + 1], near[1][j])) for j, i in enumerate(idx))
+                photos.update((i, photo(i, near[0][j:j + 1], near[1][j])) for j, i in enumerate(idx))
         for j, i in enumerate(idx):
             out[i] = (name, vectors[j] if vectors.ndim == 3 else vectors[j:j + 1])
     negative = [i for i, q in enumerate(queries) if q.not_text is not None]
@@ -412,7 +419,7 @@ PHOTO_NEIGHBOURS = 10  # a photo's nearest items, among which words must name on
 @dataclass(frozen=True)
 class Photo:
     """A fused query's photo alone: its image-only joint vector (1, d) and the keys of its PHOTO_NEIGHBOURS
-    nearest items with a text (-1 padded)."""
+    nearest items with a text (-1 padded), among those the query's filter lets through."""
 
     vector: np.ndarray
     near: np.ndarray
@@ -486,12 +493,9 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
     else:
         matched = ("image" if query.text is not None else "text") if query.mode == "zero-shot" else None
         if photo is not None and query.weights is None and embedder.config.fusion.word_filter:
-            # Under a filter, the photo's nearest among the items it lets through: a blue chair the filter keeps
-            # counts even when ten it drops look more like the photo.
-            near = photo.near if allowed is None else nearest_with_text(photo.vector, items, allowed)[0]
-            named = word_filter(query.text, near, items)
-        if named is not None:
-            first = search_index(index, photo.vector, depth, named if allowed is None else np.intersect1d(named, allowed))
+            named = word_filter(query.text, photo.near, items)
+        if named is not None:  # photo.near, so named, lies within the filter already
+            first = search_index(index, photo.vector, depth, named)
         if len(vector) == 1:
             hits = search_index(index, vector, depth, allowed, matched)
         else:

@@ -351,12 +351,16 @@ def test_words_do_not_filter_when_the_photo_resembles_none_of_their_items_or_wei
 
 
 def test_under_a_filter_words_pick_among_the_photos_nearest_items_that_the_filter_lets_through(rooms, catalog):
-    """The refrigerator photo's ten nearest items are its eleven copies and itself, so "bedroom" names nothing near
-    it. Filtered to the eight original items, the bed is among the photo's nearest that remain, and comes first."""
+    """The refrigerator photo's ten nearest items are all among its eleven copies and itself, so "bedroom" names
+    nothing near it. Filtered to the eight original items, the bed is among the photo's ten nearest that remain and
+    comes first; filtered to 18 items, ten of them copies, it is not, and the words filter nothing."""
     fridge = catalog.image_sources()[catalog.ids.index(773)]
-    unfiltered = rooms.search(image=fridge, text="bedroom", k=8)
-    assert not unfiltered["word_match"].any()
+    assert not rooms.search(image=fridge, text="bedroom", k=8)["word_match"].any()
     found = rooms.search(image=fridge, text="bedroom", k=8, where="id < 9000")
     assert found["id"][0] == 118 and found["word_match"].tolist()[:2] == [True, False]
     assert found["score"][0] == pytest.approx(by_id(rooms.search(image=fridge, k=len(rooms.items)))[118], abs=1e-5)
     assert (found["id"] < 9000).all()
+    wider = rooms.search(image=fridge, text="bedroom", k=8, where="id != 9000")
+    assert not wider["word_match"].any() and 9000 not in wider["id"].tolist()
+    # A negative text changes how the named items are ordered, not which items count as the photo's nearest.
+    assert rooms.search(image=fridge, text="bedroom", k=8, where="id < 9000", not_text="metal")["id"][0] == 118
