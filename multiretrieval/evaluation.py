@@ -108,7 +108,8 @@ def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None 
 def _unseen(folder: Path, config: RetrieverConfig, out: Path, show_progress) -> dict[str, Any]:
     """LiT projections trained with the shipped recipe on train.csv (no item of a held-out category), then the
     zero-shot benchmark (``_tuxpaint``) on each data set's held-out categories, lit+conse at the config's ConSE
-    weight (the recipe's, cross-validated on these same training sets). Features are cached in the benchmark folder."""
+    weight (the default config's is the recipe's, training.LIT_CONSE_WEIGHT, chosen by cross-validation that leaves
+    these categories out). Features are cached in the benchmark folder."""
     from .training import LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, fit_zero_shot
 
     train = pd.read_csv(folder / "train.csv", dtype={"id": str}, keep_default_na=False)

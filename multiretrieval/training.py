@@ -98,9 +98,10 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
       and the text projection as the identity; ``"random"``: open_clip's own initialisation.
     - ``head_dropout``: dropout on the pooled image features (open_clip's ``timm_drop``).
 
-    A share of each data set's items (by id hash) is held out. Early stopping and the ConSE
-    mixing weight use text -> image recall@5 on them, each data set a gallery of its own and
-    every data set counting equally. Writes ``out_file`` (safetensors: the open_clip
+    A share of each data set's items (by id hash) is held out. Early stopping uses text -> image
+    recall@5 on them, each data set a gallery of its own and every data set counting equally; the
+    report also gives it per ConSE mixing weight (0, 0.1, ..., 1) and the best one, for reading only:
+    the recipe's weight is ``LIT_CONSE_WEIGHT``, chosen by cross-validation. Writes ``out_file`` (safetensors: the open_clip
     state_dict entries of the projections and the logit scale) and ``out_file`` with suffix
     .json (data, settings, validation figures).
     """
@@ -200,7 +201,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     model.load_state_dict(best_state, strict=False)
     model.eval()
 
-    # The ConSE mixing weight, chosen on the held-out pairs (never on evaluation data).
+    # Held-out recall per ConSE mixing weight, reported (best_conse_weight sets nothing: LIT_CONSE_WEIGHT does).
     mixing = {float(w): held_out_recall(float(w)) for w in np.round(np.arange(0, 1.01, 0.1), 2)}
     best_w = max(mixing, key=lambda w: (mixing[w]["R@5"], -w))
 

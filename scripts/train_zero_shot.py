@@ -14,10 +14,12 @@ prints how the recipe's choices (tuxpaint sampling weight, epoch limit) fare in 
 cross-validation inside the tuxpaint TRAINING split and on the other data sets' held-out
 pairs, the evidence they were chosen on (about 8 minutes).
 
-    python scripts/train_zero_shot.py /tmp/mrdata --cross-validate-categories
+    python scripts/train_zero_shot.py /tmp/mrdata --cross-validate-conse-weight
 
-prints how the ConSE mixing weight fares on whole categories left out of training (3 folds over the top-level
-categories of openclipart and of tuxpaint's training split, the benchmark's held-out categories never used).
+prints how the ConSE mixing weight of lit+conse fares on whole categories left out of training (3 folds over each
+data set's top-level categories, queried by item texts and by class names) and on held-out items (5 folds inside
+tuxpaint's training split, the other data sets' held-out pairs), the benchmark's held-out categories never used:
+the evidence training.LIT_CONSE_WEIGHT was chosen on, the weight with the best mean (about 10 minutes).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def cross_validate(pairs: dict, target: str, weights: list[float], epochs: list[
                     kept = dict(pairs, **{target: {k: v[fold != f] for k, v in data.items()}})
                     out = Path(tmp) / "cv.safetensors"
                     report = fit_zero_shot(kept, out, epochs=cap, data_weights={target: weight}, seed=seed, show_progress=False)
-                    lit, conse = _held_out_sims(out, data, fold == f)
+                    lit, conse = _zero_shot_sims(out, data, fold == f)
                     w = LIT_CONSE_WEIGHT
                     rows.append([_recall10(lit), _recall10((1 - w) * lit + w * conse), _recall10(conse)]
                                 + [report["validation"]["by_conse_weight"][w]["by_data_set"][name]["R@10"] for name in others])
@@ -101,16 +103,19 @@ def top_categories(root: Path) -> dict[str, dict[str, str]]:
 
 def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], titles: dict[str, dict[str, str]],
                                 weights: list[float], seed: int) -> None:
-    """How lit+conse fares per ConSE weight, in two kinds of fold:
+    """How lit+conse fares per ConSE weight, one table, mean over folds:
 
     - concepts the projections never saw: train without one of 3 folds of a data set's top-level categories at a
-      time and query that fold's items (gallery: the fold) by their titles (recall@10) and by class names (mean
-      average precision): openclipart's and tuxpaint's category names, "a picture of {category}"; sweethome3d's kinds
-      of product, "a {kind}" for the last word of three or more titles ("a lamp", "a chair"), what a shop's own
-      catalog is to the shipped projections. The benchmark's held-out categories (``benchmarks.heldout_category``)
-      are left out of every fold and of training, so this never sees what `evaluate --only unseen` queries;
+      time and query that fold's items (gallery: the fold) by their texts (recall@10; title + description, so
+      openclipart's and sweethome3d's name their category) and by class names (mean average precision):
+      openclipart's and tuxpaint's category names, "a picture of {category}"; sweethome3d's kinds of product,
+      "a {kind}" for the last word of three or more titles ("a lamp", "a chair"), what a shop's own catalog is to
+      the shipped projections;
     - held-out items of seen categories: 5 folds of tuxpaint-train items (the tuxpaint evaluation split's
-      situation), and the other data sets' held-out pairs of each of those fits (recall@10 of titles).
+      situation), and the other data sets' held-out pairs of each of those fits (recall@10 of texts).
+
+    The benchmark's held-out categories (``benchmarks.heldout_category``) are left out of every fold and of
+    training, so this never sees what `evaluate --only unseen` queries.
     """
     from multiretrieval.benchmarks import heldout_category
     from multiretrieval.encoders import get_text_encoder
@@ -121,7 +126,7 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
         return np.array([not heldout_category(name.removesuffix("-train"), tops[name][str(i)]) for i in data["id"]])
 
     def class_names(name: str, ids: np.ndarray) -> tuple[list[str], np.ndarray]:
-        """The class-name queries of a fold and each item's class."""
+        """The class-name queries of a fold and each item's class (-1: none)."""
         if name == "sweethome3d":
             kinds = np.array([(titles[name][str(i)].lower().split() or [""])[-1] for i in ids])
             found, counts = np.unique(kinds, return_counts=True)
@@ -129,73 +134,76 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
             return [f"a {k}" for k in names], np.array([names.index(k) if k in names else -1 for k in kinds])
         cats = np.array([tops[name][str(i)] for i in ids])
         names = sorted(set(cats))
-        return [f"a picture of {c.replace('naturalforces', 'natural forces')}" for c in names], np.array([names.index(c) for c in cats])
+        queries = [f"a picture of {c.replace('naturalforces', 'natural forces')}" for c in names]
+        return queries, np.array([names.index(c) for c in cats])
 
-    header = " | ".join(f"w={w:g}" for w in weights)
+    pairs = {name: {k: v[trainable(name, data)] for k, v in data.items()} for name, data in pairs.items()}
+    table = []  # (left out, queries, [ConSE, lit+conse per weight]), each a mean over folds
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cv.safetensors"
-        kept = {name: {k: v[trainable(name, data)] for k, v in data.items()} for name, data in pairs.items()}
-        print("3-fold cross-validation over top-level categories; LiT+ConSE on the left-out categories' items "
-              "(titles: recall@10, class names: mean average precision), mean over folds")
-        print(f"| left out | queries | ConSE | {header} |\n" + "|---" * (3 + len(weights)) + "|")
+
+        def fit_without(target: str, kept: np.ndarray) -> dict:
+            return fit_zero_shot(dict(pairs, **{target: {k: v[kept] for k, v in pairs[target].items()}}), out,
+                                 epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=seed, show_progress=False)
+
         for target in ("openclipart", "tuxpaint-train", "sweethome3d"):
-            data = kept[target]
+            data = pairs[target]
             fold = np.array([int(hashlib.sha256(tops[target][str(i)].encode()).hexdigest()[:8], 16) % 3 for i in data["id"]])
             rows = []
             for f in range(3):
-                fit_zero_shot(dict(kept, **{target: {k: v[fold != f] for k, v in data.items()}}), out, epochs=LIT_EPOCHS,
-                              data_weights=LIT_DATA_WEIGHTS, seed=seed, show_progress=False)
+                fit_without(target, fold != f)
                 held = (fold == f) & data["has_image"] & data["has_text"]
-                lit, conse = _held_out_sims(out, data, held)
                 queries, truth = class_names(target, data["id"][held])
-                lit_names, conse_names = _class_sims(out, data, held, text_encoder.encode(queries, show_progress=False))
                 relevant = truth[None, :] == np.arange(len(queries))[:, None]
+                lit, conse = _zero_shot_sims(out, data, held)
+                lit_names, conse_names = _zero_shot_sims(out, data, held, text_encoder.encode(queries, show_progress=False))
                 rows.append([[_recall10(conse)] + [_recall10((1 - w) * lit + w * conse) for w in weights],
-                             [_mean_ap(conse_names, relevant)] + [_mean_ap((1 - w) * lit_names + w * conse_names, relevant)
-                                                                  for w in weights]])
-            for task, r in zip(("titles", "product kinds" if target == "sweethome3d" else "category names"), np.mean(rows, 0)):
-                print(f"| {target} categories | {task} | {r[0]:.3f} | "
-                      + " | ".join(f"{x:.3f} ({x / r[0]:.2f}x)" for x in r[1:]) + " |", flush=True)
+                             [_mean_ap(conse_names, relevant)]
+                             + [_mean_ap((1 - w) * lit_names + w * conse_names, relevant) for w in weights]])
+            names = ("category names",) if target != "sweethome3d" else ("product kinds",)
+            table += [(f"{target} categories", task, r) for task, r in zip(("texts", *names), np.mean(rows, 0))]
 
         target, others = "tuxpaint-train", ("openclipart", "sweethome3d")
         data = pairs[target]
         fold = np.array([int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16) % 5 for i in data["id"]])
         rows = []
         for f in range(5):
-            report = fit_zero_shot(dict(pairs, **{target: {k: v[fold != f] for k, v in data.items()}}), out, epochs=LIT_EPOCHS,
-                                   data_weights=LIT_DATA_WEIGHTS, seed=seed, show_progress=False)
-            lit, conse = _held_out_sims(out, data, (fold == f) & data["has_image"] & data["has_text"])
-            by_weight = report["validation"]["by_conse_weight"]
-            rows.append([[_recall10((1 - w) * lit + w * conse) for w in weights]]
-                        + [[by_weight[w]["by_data_set"][name]["R@10"] for w in weights] for name in others])
-        r = np.mean(rows, 0)
-        print(f"\n5-fold cross-validation on {target} items (the other data sets: their held-out pairs); recall@10 of "
-              "LiT+ConSE for titles, mean over folds")
-        print(f"| held out | {header} |\n" + "|---" * (1 + len(weights)) + "|")
-        for name, row in zip((f"{target} folds", *others), r):
-            print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + " |", flush=True)
+            by_weight = fit_without(target, fold != f)["validation"]["by_conse_weight"]
+            lit, conse = _zero_shot_sims(out, data, (fold == f) & data["has_image"] & data["has_text"])
+            rows.append([[_recall10(conse)] + [_recall10((1 - w) * lit + w * conse) for w in weights]]
+                        + [[by_weight[w]["by_data_set"][name]["R@10"] for w in (1.0, *weights)] for name in others])
+        labels = (f"{target} item folds", *(f"{name} held-out items" for name in others))
+        table += [(label, "texts", r) for label, r in zip(labels, np.mean(rows, 0))]
+
+    print("LiT+ConSE per ConSE weight w: recall@10 of item texts, mean average precision of class names; "
+          "3 folds over categories, 5 over tuxpaint-train items; mean over folds")
+    print("| left out | queries | ConSE | " + " | ".join(f"w={w:g}" for w in weights) + " |")
+    print("|---" * (3 + len(weights)) + "|")
+    for left_out, task, r in table:
+        print(f"| {left_out} | {task} | {r[0]:.3f} | " + " | ".join(f"{x:.3f}" for x in r[1:]) + " |")
+    mean = np.mean([r[1:] for _, _, r in table], 0)
+    print(f"| mean of the {len(table)} | | | " + " | ".join(f"{x:.3f}" for x in mean) + " |")
+    print(f"best mean: w={weights[int(np.argmax(mean))]:g} (training.LIT_CONSE_WEIGHT is {LIT_CONSE_WEIGHT:g})", flush=True)
 
 
-def _held_out_sims(weights: Path, data: dict, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Text -> image similarities among the ``held`` pairs of ``data``: LiT's (the projections in ``weights``)
-    and ConSE's."""
+def _zero_shot_sims(weights: Path, data: dict, held: np.ndarray, queries: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Text -> image similarities to the ``held`` items' images, LiT's (the projections in ``weights``) and
+    ConSE's; the texts are the held items' own, or ``queries`` (text features, e.g. of class names)."""
     state = load_lit_weights(weights)
     image = l2_normalize(data["image"][held] @ state["visual.head.proj.weight"].T)
-    text = l2_normalize(data["text"][held] @ state["text.proj.weight"].T)
-    return text @ image.T, data["conse_text"][held] @ data["conse_image"][held].T
-
-
-def _class_sims(weights: Path, data: dict, held: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class-name queries (their text features) -> the ``held`` items' images: LiT's similarities and ConSE's."""
-    state = load_lit_weights(weights)
-    image = l2_normalize(data["image"][held] @ state["visual.head.proj.weight"].T)
-    return l2_normalize(queries @ state["text.proj.weight"].T) @ image.T, l2_normalize(queries) @ data["conse_image"][held].T
+    text = data["text"][held] if queries is None else queries
+    conse_text = data["conse_text"][held] if queries is None else l2_normalize(queries)
+    return l2_normalize(text @ state["text.proj.weight"].T) @ image.T, conse_text @ data["conse_image"][held].T
 
 
 def _mean_ap(sims: np.ndarray, relevant: np.ndarray) -> float:
-    """Mean over queries (rows) of the average precision of ranking the columns by ``sims``."""
-    order = np.argsort(-sims, axis=1, kind="stable")
-    hits = np.take_along_axis(relevant, order, axis=1)
+    """Mean over queries (rows) with a relevant column of the average precision of ranking the columns by ``sims``."""
+    keep = relevant.any(1)
+    if not keep.any():
+        raise ValueError("no query has a relevant item")
+    order = np.argsort(-sims[keep], axis=1, kind="stable")
+    hits = np.take_along_axis(relevant[keep], order, axis=1)
     precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
     return float(np.mean((precision * hits).sum(1) / hits.sum(1)))
 
@@ -234,9 +242,10 @@ def main() -> None:
         return ", ".join(f"{k} {r[k]:.3f}" for k in ("R@1", "R@5", "R@10"))
 
     print("held-out text->image, mean over data sets:")
-    print(f"  LiT {figures(v['lit'])}; ConSE {figures(v['conse'])}; "
-          f"LiT+ConSE at the recipe's weight {LIT_CONSE_WEIGHT:g} (zero_shot.conse_weight) "
-          f"{figures(v['by_conse_weight'][LIT_CONSE_WEIGHT])}")
+    print(f"  LiT {figures(v['lit'])}; ConSE {figures(v['conse'])}")
+    mixed = v["by_conse_weight"].get(LIT_CONSE_WEIGHT)  # measured at weights 0, 0.1, ..., 1
+    if mixed is not None:
+        print(f"  LiT+ConSE at the recipe's weight {LIT_CONSE_WEIGHT:g} (zero_shot.conse_weight) {figures(mixed)}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_every_format_decodes_upright_and_gifs_give_their_first_frame(photos):
 
 
 def test_the_photo_folder_index_from_another_directory(photo_index, photos, tmp_path, monkeypatch, capsys, caplog):
-    """Done when: `index ~/photos --out idx` elsewhere; `search idx --text "a lamp"` gives lamps first with
+    """Done when: `index ~/photos --out idx` elsewhere; `search idx --text "a lamp"` gives lamps first (assert_lamps_first) with
     scores > 0; `--show` draws every thumbnail; the service serves every thumbnail (ids with slashes)."""
     root, shown = photos
     assert len(shown) == 200  # the issue's folder: 200 images that decode (and one corrupt file)
@@ -88,7 +88,7 @@ def test_the_photo_folder_index_from_another_directory(photo_index, photos, tmp_
     lamps = {name for name, source in shown.items() if source in LAMPS}
     assert_lamps_first([r["id"] for r in results], lamps)
     assert all(r["score"] > 0 for r in results) and [r["matched"] for r in results] == ["image"] * 6
-    assert results[0]["score"] > results[4]["score"] + 0.1  # lamps stand out from the rest
+    assert results[0]["score"] > results[4]["score"] + 0.1  # the best lamp stands well above the 5th result
 
     caplog.set_level(logging.WARNING, logger="multiretrieval.visualize")
     sheet = tmp_path / "sheet.png"
