@@ -31,11 +31,11 @@ logger = logging.getLogger(__name__)
 LIT_DATA_WEIGHTS = {"tuxpaint-train": 5.0}
 LIT_EPOCHS = 40  # at most: training stops when the held-out recall stops improving
 # lit+conse's ConSE share (config zero_shot.conse_weight), chosen with --cross-validate-conse-weight: on categories
-# the projections never saw, 0.3 beats 0.1 for titles, class names and, on sweethome3d, kinds of product ("a lamp"
+# the projections never saw, 0.3 beats 0.1 for item texts, class names and, on sweethome3d, kinds of product ("a lamp"
 # over renders of left-out categories: what a shop's own catalog is to the projections), and on tuxpaint's held-out
-# items; it costs 1 point on openclipart's held-out items. The 0.1 it replaced was what one fit's 24 held-out
-# tuxpaint pairs chose. (Over the training renders themselves, which the projections have learned, 0.1 ranks lamps
-# a little better: tests/test_sources.py.)
+# items; it costs under 1 point on openclipart's and sweethome3d's held-out items. The 0.1 it replaced was what one
+# fit's 24 held-out tuxpaint pairs chose. (Over the training renders themselves, which the projections have learned,
+# 0.1 ranks lamps a little better: tests/test_sources.py.)
 LIT_CONSE_WEIGHT = 0.3
 
 
@@ -101,9 +101,9 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     A share of each data set's items (by id hash) is held out. Early stopping uses text -> image
     recall@5 on them, each data set a gallery of its own and every data set counting equally; the
     report also gives it per ConSE mixing weight (0, 0.1, ..., 1) and the best one, for reading only:
-    the recipe's weight is ``LIT_CONSE_WEIGHT``, chosen by cross-validation. Writes ``out_file`` (safetensors: the open_clip
-    state_dict entries of the projections and the logit scale) and ``out_file`` with suffix
-    .json (data, settings, validation figures).
+    the recipe's weight is ``LIT_CONSE_WEIGHT``, chosen by cross-validation. Writes ``out_file``
+    (safetensors: the open_clip state_dict entries of the projections and the logit scale) and
+    ``out_file`` with suffix .json (data, settings, validation figures).
     """
     import open_clip
     import torch
