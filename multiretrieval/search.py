@@ -322,13 +322,14 @@ def _query_vectors(queries: list[Query], embedder, items: Collection, allowed: l
     """``query_vectors`` with, for a fused query with a photo and words, its ``Photo`` (word_filter's input): the
     photo's nearest items among those its query's filter lets through (``allowed``, per query; None: no filter)."""
     allowed = allowed or [None] * len(queries)
+    fusion = embedder.config.fusion
 
     def photo(i: int, vector: np.ndarray, near: np.ndarray) -> Photo:
-        return Photo(vector, near if allowed[i] is None else nearest_with_text(vector, items, allowed[i])[0])
+        filtered = allowed[i] is not None and fusion.word_filter and queries[i].weights is None  # what answer reads
+        return Photo(vector, nearest_with_text(vector, items, allowed[i])[0] if filtered else near)
 
     out: list = [None] * len(queries)
     photos: dict[int, Photo] = {}
-    fusion = embedder.config.fusion
     read_photo = fusion.compose or fusion.word_filter  # what a fused query's photo alone is needed for
     groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
