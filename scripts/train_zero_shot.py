@@ -69,7 +69,7 @@ def cross_validate(pairs: dict, target: str, weights: list[float], epochs: list[
     """Train without one fold of ``target`` at a time and measure text -> image recall@10 on that fold
     (gallery: the fold); the other data sets are measured on their usual held-out pairs."""
     data = pairs[target]
-    fold = np.array([int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16) % folds for i in data["id"]])
+    fold = np.array([_fold(str(i), folds) for i in data["id"]])
     others = sorted(set(pairs) - {target})
     print(f"{folds}-fold cross-validation on {target}; recall@10 of LiT+ConSE at the recipe's ConSE weight "
           f"{LIT_CONSE_WEIGHT:g}, mean over folds")
@@ -148,7 +148,7 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
 
         for target in ("openclipart", "tuxpaint-train", "sweethome3d"):
             data = pairs[target]
-            fold = np.array([int(hashlib.sha256(tops[target][str(i)].encode()).hexdigest()[:8], 16) % 3 for i in data["id"]])
+            fold = np.array([_fold(tops[target][str(i)], 3) for i in data["id"]])
             rows = []
             for f in range(3):
                 fit_without(target, fold != f)
@@ -157,20 +157,19 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
                 relevant = truth[None, :] == np.arange(len(queries))[:, None]
                 lit, conse = _zero_shot_sims(out, data, held)
                 lit_names, conse_names = _zero_shot_sims(out, data, held, text_encoder.encode(queries, show_progress=False))
-                rows.append([[_recall10(conse)] + [_recall10((1 - w) * lit + w * conse) for w in weights],
-                             [_mean_ap(conse_names, relevant)]
-                             + [_mean_ap((1 - w) * lit_names + w * conse_names, relevant) for w in weights]])
+                rows.append([_per_weight(_recall10, lit, conse, weights),
+                             _per_weight(lambda sims: _mean_ap(sims, relevant), lit_names, conse_names, weights)])
             names = ("category names",) if target != "sweethome3d" else ("product kinds",)
             table += [(f"{target} categories", task, r) for task, r in zip(("texts", *names), np.mean(rows, 0))]
 
         target, others = "tuxpaint-train", ("openclipart", "sweethome3d")
         data = pairs[target]
-        fold = np.array([int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16) % 5 for i in data["id"]])
+        fold = np.array([_fold(str(i), 5) for i in data["id"]])
         rows = []
         for f in range(5):
             by_weight = fit_without(target, fold != f)["validation"]["by_conse_weight"]
             lit, conse = _zero_shot_sims(out, data, (fold == f) & data["has_image"] & data["has_text"])
-            rows.append([[_recall10(conse)] + [_recall10((1 - w) * lit + w * conse) for w in weights]]
+            rows.append([_per_weight(_recall10, lit, conse, weights)]
                         + [[by_weight[w]["by_data_set"][name]["R@10"] for w in (1.0, *weights)] for name in others])
         labels = (f"{target} item folds", *(f"{name} held-out items" for name in others))
         table += [(label, "texts", r) for label, r in zip(labels, np.mean(rows, 0))]
@@ -195,6 +194,16 @@ def _zero_shot_sims(weights: Path, data: dict, held: np.ndarray, queries: np.nda
     text = data["text"][held] if queries is None else queries
     conse_text = data["conse_text"][held] if queries is None else l2_normalize(queries)
     return l2_normalize(text @ state["text.proj.weight"].T) @ image.T, conse_text @ data["conse_image"][held].T
+
+
+def _fold(key: str, folds: int) -> int:
+    """A stable fold for an id or a category name: its sha256 modulo ``folds``."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % folds
+
+
+def _per_weight(metric, lit: np.ndarray, conse: np.ndarray, weights: list[float]) -> list[float]:
+    """``metric`` of ConSE's similarities alone, then of lit+conse's at each ConSE weight."""
+    return [metric(conse)] + [metric((1 - w) * lit + w * conse) for w in weights]
 
 
 def _mean_ap(sims: np.ndarray, relevant: np.ndarray) -> float:
