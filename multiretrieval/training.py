@@ -86,10 +86,72 @@ def _save_cached(cache: Path | None, key: str, arrays: dict[str, np.ndarray]) ->
     tmp.replace(cache)
 
 
+def style_view(image, rng: np.random.Generator):
+    """An image in another style, a zero-shot training view: on a plain background (light, dark or a colour)
+    at 45-100% of the frame and off-centre, sometimes grey, other contrast, 40-128 px, sometimes blurred, JPEG."""
+    import io
+
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    image = image.convert("RGBA")
+    side = max(image.size)
+    colour = tuple(int(v) for v in rng.integers(0, 256, 3)) if rng.random() < 0.3 else (int(rng.integers(0, 256)),) * 3
+    photo = Image.new("RGBA", (side, side), colour + (255,))
+    fit = rng.uniform(0.45, 1.0)
+    small = image.resize((max(1, int(image.width * fit)), max(1, int(image.height * fit))), Image.BICUBIC)
+    photo.alpha_composite(small, (int(rng.integers(0, side - small.width + 1)), int(rng.integers(0, side - small.height + 1))))
+    photo = photo.convert("RGB")
+    if rng.random() < 0.5:
+        photo = photo.convert("L").convert("RGB")
+    photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(0.4, 1.2))
+    n = int(rng.integers(40, 129))
+    photo = photo.resize((n, n), Image.BILINEAR)
+    if rng.random() < 0.3:
+        photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=int(rng.integers(20, 81)))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def encode_style_views(catalog: Catalog, features: dict[str, np.ndarray], views: int = 2, seed: int = 0,
+                       cache: Path | None = None, show_progress: bool | None = None) -> np.ndarray:
+    """Pooled image features of ``views`` ``style_view`` copies of each item of ``features`` (``encode_catalog``'s
+    output for ``catalog``), in its order: (items, views, features), for ``fit_zero_shot(style_views=True)``; zeros
+    for items without an image. Seeded per id."""
+    import torch
+    from PIL import Image
+
+    from .encoders import get_image_encoder
+
+    sources = dict(zip(map(str, catalog.ids), catalog.image_sources()))
+    ids = features["id"][features["has_image"]]
+    key = hashlib.sha256(json.dumps([[str(i) for i in ids], [sources[str(i)] for i in ids], views, seed]).encode()).hexdigest()
+    cached = _load_cached(cache, key)
+    if cached is not None:
+        return cached["style"]
+    encoder = get_image_encoder("efficientnet-lite0", runtime="auto")  # ONNX where it runs: views need no bit-exactness
+    out = np.zeros((len(ids), views, encoder.dim), np.float32)
+    batch = 16
+    for s in progress(range(0, len(ids), batch), "encoding style views", show_progress, -(-len(ids) // batch), unit="batch"):
+        images = []
+        for i in ids[s:s + batch]:
+            rng = np.random.default_rng([seed, int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16)])
+            with Image.open(sources[str(i)]) as im:
+                images += [style_view(im, rng) for _ in range(views)]
+        with torch.no_grad():
+            tokens = encoder.forward(torch.stack([encoder.preprocess(v) for v in images]), 0)[0]
+        out[s:s + len(images) // views] = np.asarray(tokens)[:, 0].reshape(-1, views, encoder.dim)
+    style = np.zeros((len(features["id"]), views, encoder.dim), np.float32)
+    style[features["has_image"]] = out
+    _save_cached(cache, key, {"style": style})
+    return style
+
+
 def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epochs: int = 40, batch_size: int = 512,
                   lr: float = 5e-4, weight_decay: float = 0.05, head_dropout: float = 0.5,
                   data_weights: dict[str, float] | None = None, init: str = "conse", val_share: float = 0.1,
-                  patience: int = 10, seed: int = 0, show_progress: bool | None = None) -> dict[str, Any]:
+                  patience: int = 10, train_text: bool = True, style_views: bool = False, seed: int = 0,
+                  show_progress: bool | None = None) -> dict[str, Any]:
     """Train the LiT projections on cached pairs (``encode_catalog`` outputs, by data set name).
 
     - ``data_weights``: how often a data set's items are drawn relative to its size (default 1);
@@ -97,6 +159,9 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     - ``init="conse"``: the image projection starts as ConSE made linear (``ConSE.linear_map``)
       and the text projection as the identity; ``"random"``: open_clip's own initialisation.
     - ``head_dropout``: dropout on the pooled image features (open_clip's ``timm_drop``).
+    - ``train_text=False``: the text projection stays at its start (locked text, only the image side learns).
+    - ``style_views``: each draw of an item takes its image or one of its style-shifted copies
+      (``pairs[name]["style"]``, (items, views, features), from ``encode_style_views``) at random.
 
     A share of each data set's items (by id hash) is held out. Early stopping uses text -> image
     recall@5 on them, each data set a gallery of its own and every data set counting equally; the
@@ -124,8 +189,13 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     for name, data in sorted(pairs.items()):
         both = data["has_image"] & data["has_text"]
         held = np.array([int(hashlib.sha256(f"{name}/{i}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_share for i in data["id"]])
-        for k in train:
-            train[k].append(data[k][both & ~held])
+        images = data["image"][:, None]
+        if style_views:
+            if "style" not in data:
+                raise ValueError(f"style_views: pairs[{name!r}] has no 'style' features (encode_style_views)")
+            images = np.concatenate([images, data["style"]], axis=1)
+        train["image"].append(images[both & ~held])
+        train["text"].append(data["text"][both & ~held])
         train_weight.append(np.full(int((both & ~held).sum()), (data_weights or {}).get(name, 1.0)))
         if (both & held).any():
             val[name] = {k: data[k][both & held] for k in ("image", "text", "conse_image", "conse_text")}
@@ -146,6 +216,8 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
             for proj, start in ((model.visual.head.proj, conse.linear_map().T), (model.text.proj, np.eye(*model.text.proj.weight.shape))):
                 start = torch.from_numpy(np.ascontiguousarray(start, np.float32))
                 proj.weight.copy_(start * proj.weight.norm() / start.norm())
+    if not train_text:
+        model.text.proj.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -178,7 +250,9 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
         losses = []
         for s in range(0, n - batch_size // 4, batch_size):  # drop a tiny last batch: too few negatives
             idx = order[s:s + batch_size]
-            img, txt = project(train["image"][idx], train["text"][idx])
+            views = train["image"].shape[1]  # no draw without style views: the shipped weights stay reproducible
+            view = torch.from_numpy(rng.integers(0, views, len(idx))) if views > 1 else torch.zeros(len(idx), dtype=torch.long)
+            img, txt = project(train["image"][idx, view], train["text"][idx])
             loss = loss_fn(img, txt, model.logit_scale.exp())
             optimizer.zero_grad()
             loss.backward()
@@ -210,7 +284,8 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     save_file(best_state, str(out_file))
     report = {"data": counts, "trainable_parameters": n_params, "epochs_run": len(history), "seed": seed,
               "settings": {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "head_dropout": head_dropout,
-                           "data_weights": data_weights or {}, "init": init, "val_share": val_share, "patience": patience},
+                           "data_weights": data_weights or {}, "init": init, "val_share": val_share, "patience": patience,
+                           "train_text": train_text, "style_views": style_views},
               "validation": {"lit": mixing[0.0], "conse": mixing[1.0], "best_conse_weight": best_w,
                              "mixed": mixing[best_w], "by_conse_weight": mixing},
               "history": history, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -20,6 +20,11 @@ prints how the ConSE mixing weight of lit+conse fares on whole categories left o
 data set's top-level categories, queried by item texts and by class names) and on held-out items (5 folds inside
 tuxpaint's training split, the other data sets' held-out pairs), the benchmark's held-out categories never used:
 the evidence training.LIT_CONSE_WEIGHT was chosen on, the weight with the best mean (about 10 minutes).
+
+    python scripts/train_zero_shot.py /tmp/mrdata --cross-validate-recipes
+
+prints that table's mean for each of RECIPE_CANDIDATES (other settings of fit_zero_shot, style views among them) and
+each ConSE weight: what a recipe change must beat (about 25 minutes, the style views encoded once into --cache).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import pandas as pd  # noqa: E402
 from multiretrieval.catalog import Catalog  # noqa: E402
 from multiretrieval.datasets import read_openclipart, read_sweethome3d_furniture, read_tuxpaint_stamps  # noqa: E402
 from multiretrieval.encoders.clip import PACKAGED_LIT, load_lit_weights  # noqa: E402
-from multiretrieval.training import LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, fit_zero_shot  # noqa: E402
+from multiretrieval.training import LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, encode_style_views, fit_zero_shot  # noqa: E402
 from multiretrieval.utils import l2_normalize  # noqa: E402
 
 # The recipe: training.LIT_DATA_WEIGHTS and LIT_EPOCHS, chosen with --cross-validate, and LIT_CONSE_WEIGHT, chosen with
@@ -102,7 +107,7 @@ def top_categories(root: Path) -> dict[str, dict[str, str]]:
 
 
 def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], titles: dict[str, dict[str, str]],
-                                weights: list[float], seed: int) -> None:
+                                weights: list[float], seed: int, recipe: dict | None = None, show: bool = True) -> np.ndarray:
     """How lit+conse fares per ConSE weight, one table, mean over folds:
 
     - concepts the projections never saw: train without one of 3 folds of a data set's top-level categories at a
@@ -115,7 +120,8 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
       situation), and the other data sets' held-out pairs of each of those fits (recall@10 of texts).
 
     The benchmark's held-out categories (``benchmarks.heldout_category``) are left out of every fold and of
-    training, so this never sees what `evaluate --only unseen` queries.
+    training, so this never sees what `evaluate --only unseen` queries. ``recipe``: ``fit_zero_shot`` settings
+    over the shipped recipe's. Returns the mean over the table's rows per weight.
     """
     from multiretrieval.benchmarks import heldout_category
     from multiretrieval.encoders import get_text_encoder
@@ -143,8 +149,9 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
         out = Path(tmp) / "cv.safetensors"
 
         def fit_without(target: str, kept: np.ndarray) -> dict:
+            settings = {"epochs": LIT_EPOCHS, "data_weights": LIT_DATA_WEIGHTS, **(recipe or {})}
             return fit_zero_shot(dict(pairs, **{target: {k: v[kept] for k, v in pairs[target].items()}}), out,
-                                 epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=seed, show_progress=False)
+                                 seed=seed, show_progress=False, **settings)
 
         for target in ("openclipart", "tuxpaint-train", "sweethome3d"):
             data = pairs[target]
@@ -174,15 +181,37 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
         labels = (f"{target} item folds", *(f"{name} held-out items" for name in others))
         table += [(label, "texts", r) for label, r in zip(labels, np.mean(rows, 0))]
 
+    mean = np.mean([r[1:] for _, _, r in table], 0)
+    if not show:
+        return mean
     print("LiT+ConSE per ConSE weight w: recall@10 of item texts, mean average precision of class names; "
           "3 folds over categories, 5 over tuxpaint-train items; mean over folds")
     print("| left out | queries | ConSE | " + " | ".join(f"w={w:g}" for w in weights) + " |")
     print("|---" * (3 + len(weights)) + "|")
     for left_out, task, r in table:
         print(f"| {left_out} | {task} | {r[0]:.3f} | " + " | ".join(f"{x:.3f}" for x in r[1:]) + " |")
-    mean = np.mean([r[1:] for _, _, r in table], 0)
     print(f"| mean of the {len(table)} | | | " + " | ".join(f"{x:.3f}" for x in mean) + " |")
     print(f"best mean: w={weights[int(np.argmax(mean))]:g} (training.LIT_CONSE_WEIGHT is {LIT_CONSE_WEIGHT:g})", flush=True)
+    return mean
+
+
+# What --cross-validate-recipes compares with the recipe: fit_zero_shot settings over the recipe's.
+RECIPE_CANDIDATES = {
+    "recipe": {},
+    "at most 10 epochs": {"epochs": 10},
+    "locked text projection": {"train_text": False},
+    "weight decay 0.5": {"weight_decay": 0.5},
+    "style views (2 per image)": {"style_views": True},
+}
+
+
+def cross_validate_recipes(pairs: dict, tops, titles, weights: list[float], seed: int) -> None:
+    """The mean of --cross-validate-conse-weight's table per candidate recipe and ConSE weight."""
+    print("| recipe | " + " | ".join(f"w={w:g}" for w in weights) + " | best |")
+    print("|---" * (2 + len(weights)) + "|")
+    for name, recipe in RECIPE_CANDIDATES.items():
+        mean = cross_validate_conse_weight(pairs, tops, titles, weights, seed, recipe, show=False)
+        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {mean.max():.3f} |", flush=True)
 
 
 def _zero_shot_sims(weights: Path, data: dict, held: np.ndarray, queries: np.ndarray | None = None
@@ -231,6 +260,8 @@ def main() -> None:
     parser.add_argument("--cross-validate-conse-weight", "--cross-validate-categories", action="store_true",
                         help="print how the ConSE weight fares on categories left out of training and on held-out items; "
                              "write nothing")
+    parser.add_argument("--cross-validate-recipes", action="store_true",
+                        help="print the mean of that table for each of RECIPE_CANDIDATES; write nothing")
     parser.add_argument("--cv-weights", type=float, nargs="+", default=[1.0, 5.0, 10.0])
     parser.add_argument("--cv-epochs", type=int, nargs="+", default=[10, 40])
     args = parser.parse_args()
@@ -239,8 +270,14 @@ def main() -> None:
     if args.cross_validate:
         cross_validate(pairs, "tuxpaint-train", args.cv_weights, args.cv_epochs, args.seed)
         return
-    if args.cross_validate_conse_weight:
+    if args.cross_validate_conse_weight or args.cross_validate_recipes:
         titles = {name: dict(zip(cat.df["id"].astype(str), cat.df["title"])) for name, cat in catalogs.items()}
+        if args.cross_validate_recipes:
+            for name, cat in catalogs.items():
+                pairs[name]["style"] = encode_style_views(cat, pairs[name], cache=args.cache / f"{name}-style.npz",
+                                                          show_progress=True)
+            cross_validate_recipes(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed)
+            return
         cross_validate_conse_weight(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed)
         return
     report = fit_zero_shot(pairs, args.out, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=args.seed, show_progress=True)

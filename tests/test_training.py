@@ -123,3 +123,24 @@ def test_fit_zero_shot_is_repeatable_and_its_weights_load_as_the_lit_space(catal
     assert lit.text_batch(["a chair"]).shape == (1, 384)
     with pytest.raises(ValueError, match="not in pairs"):
         fit_zero_shot(pairs, tmp_path / "x.safetensors", data_weights={"tuxpaint": 2.0}, show_progress=False)
+
+
+def test_style_views_are_seeded_and_a_fit_can_train_on_them_with_the_text_projection_locked(catalog, tmp_path):
+    """The candidates scripts/train_zero_shot.py --cross-validate-recipes compares with the recipe (README, "Zero-shot")."""
+    from multiretrieval.encoders.clip import load_lit_weights
+    from multiretrieval.training import encode_catalog, encode_style_views, fit_zero_shot
+
+    features = encode_catalog(catalog, tmp_path / "c.npz", show_progress=False)
+    style = encode_style_views(catalog, features, views=2, cache=tmp_path / "s.npz", show_progress=False)
+    assert style.shape == (len(features["id"]), 2, features["image"].shape[1])
+    assert np.array_equal(style, encode_style_views(catalog, features, views=2, show_progress=False))  # seeded per id
+    cos = np.sum(style[:, 0] * features["image"], 1) / np.linalg.norm(style[:, 0], axis=1) / np.linalg.norm(features["image"], axis=1)
+    assert (cos < 0.99).all() and (cos > 0.3).all()  # another style of the same picture
+    pairs = {"a": {**features, "style": style}}
+    with pytest.raises(ValueError, match="style"):
+        fit_zero_shot({"a": features}, tmp_path / "x.safetensors", style_views=True, show_progress=False)
+    report = fit_zero_shot(pairs, tmp_path / "w.safetensors", epochs=2, batch_size=8, val_share=0.3, style_views=True,
+                           train_text=False, show_progress=False)
+    assert report["settings"]["style_views"] is True and report["settings"]["train_text"] is False
+    text_proj = load_lit_weights(tmp_path / "w.safetensors")["text.proj.weight"]
+    assert np.allclose(text_proj, text_proj[0, 0] * np.eye(len(text_proj)))  # still its identity start
