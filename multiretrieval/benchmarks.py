@@ -510,7 +510,7 @@ def apply_edit(rgba, edit: str):
 # ---- writing the catalogs
 
 
-def _description(row: Any) -> str:
+def item_description(row: Any) -> str:
     """The catalog's description column: what follows the title in the item's text."""
     title = str(row.title).strip().rstrip(".")
     return row.text[len(title) + 2:] if row.text.startswith(title) else row.text
@@ -537,7 +537,7 @@ def _write_catalog(sub: pd.DataFrame, folder: Path, variants: list[dict]) -> int
         rel = f"images/{_h(r.key):08x}_{Path(r.image).name}"
         if not (folder / rel).is_file():
             shutil.copyfile(r.image, folder / rel)
-        rows.append({"id": r.key, "image": rel, "title": str(r.title).strip().rstrip("."), "description": _description(r),
+        rows.append({"id": r.key, "image": rel, "title": str(r.title).strip().rstrip("."), "description": item_description(r),
                      "category": r.category, "dataset": r.dataset, "variant_of": "", "edit": ""})
     pd.DataFrame(rows + variants).to_csv(folder / "catalog.csv", index=False)
     return len(rows) + len(variants)
@@ -598,7 +598,7 @@ def build_composed(items: pd.DataFrame, out: str | Path, excluded: set[str] = fr
                 apply_edit(rgba, edit).save(folder / rel)
                 words, phrasings = EDITS[edit][1], EDITS[edit][2]
                 variants.append({"id": vid, "image": rel, "title": str(row["title"]).strip().rstrip("."),
-                                 "description": f"{_description(row)}. {words}", "category": row["category"], "dataset": ds,
+                                 "description": f"{item_description(row)}. {words}", "category": row["category"], "dataset": ds,
                                  "variant_of": row["key"], "edit": edit})
                 queries.append({"target": vid, "targets": vid, "image": photo_rel, "text": phrasings[int(rng.integers(len(phrasings)))],
                                 "kind": "edit", "edit": edit, "seen_edit": edit not in HELDOUT_EDITS, "ref": row["key"]})
