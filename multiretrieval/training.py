@@ -53,7 +53,7 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
     cached = _load_cached(cache, key)
     if cached is not None:
         return cached
-    # Eager PyTorch, so the shipped LiT weights are reproduced bit for bit (ONNX differs by ~1e-6).
+    # Eager PyTorch, so a rerun reproduces the LiT weights bit for bit on one machine (ONNX differs by ~1e-6).
     config = RetrieverConfig().with_overrides({"encoders": {"runtime": "torch"}, "fusion": {"kind": "late"},
                                                "zero_shot": {"kind": "conse"}})
     encoded, _ = ingest(catalog, Embedder(config), show_progress)
