@@ -242,7 +242,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
         return {**{k: float(np.mean([r[k] for r in by_set.values()])) for k in ("R@1", "R@5", "R@10")}, "by_data_set": by_set}
 
     best, best_state, stale, history = -1.0, None, 0, []
-    n = len(train["image"])
+    n, views = train["image"].shape[:2]  # items, and views per item (1 + style views)
     bar = progress(range(epochs), "training LiT projections", show_progress, epochs, unit="epoch")
     for epoch in bar:
         model.train()
@@ -250,7 +250,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
         losses = []
         for s in range(0, n - batch_size // 4, batch_size):  # drop a tiny last batch: too few negatives
             idx = order[s:s + batch_size]
-            views = train["image"].shape[1]  # no draw without style views: the shipped weights stay reproducible
+            # No draw without style views: the recipe's random stream, and so its weights, stay as they were.
             view = torch.from_numpy(rng.integers(0, views, len(idx))) if views > 1 else torch.zeros(len(idx), dtype=torch.long)
             img, txt = project(train["image"][idx, view], train["text"][idx])
             loss = loss_fn(img, txt, model.logit_scale.exp())
