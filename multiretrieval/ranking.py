@@ -240,8 +240,12 @@ def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact
     its lowest score. ``has_keywords(keys)``: which items have a keyword text at all; one that has
     none (a photo without words) cannot be judged by keywords, so its vector part counts whole
     (w = 0 for it) instead of losing to every item that shares a word with the query.
-    ``exact(keys)``: which items carry every model code of the query; they get 1 more.
+    ``exact(keys)``: which items carry every model code of the query; they get 1 more. When no item holds a
+    word of the query (an empty keyword ranking), nothing is fused: the vector ranking stands (w = 0 for all),
+    or an untitled photo far down it would beat every titled item, which the words cannot judge either.
     """
+    if not len(keyword.keys):
+        weight = 0.0
     keys = np.array(list(dict.fromkeys([*vector.keys.tolist(), *keyword.keys.tolist()])), np.int64)
     v_at = {k: i for i, k in enumerate(vector.keys.tolist())}
     k_at = {k: i for i, k in enumerate(keyword.keys.tolist())}

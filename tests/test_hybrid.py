@@ -190,6 +190,20 @@ def test_an_item_without_words_is_judged_by_its_vector_rank_alone():
     assert weighted.scores[weighted.keys.tolist().index(1)] == pytest.approx(0.6)
 
 
+def test_when_no_item_holds_a_query_word_the_vector_ranking_stands():
+    """"a bed" over a catalog without the word: an untitled photo third by vectors stays third, not first."""
+    from multiretrieval.ranking import Hits, fuse_rankings
+
+    vector = Hits(np.array([2, 3, 1]), np.array([0.54, 0.32, 0.21], np.float32), np.array(["text", "text", "image"], dtype=object))
+    none = Hits(np.zeros(0, np.int64), np.zeros(0, np.float32))
+    for method in ("rrf", "weighted"):
+        ranked, v, k = fuse_rankings(vector, none, method, 0.5, has_keywords=lambda keys: keys != 1)
+        assert ranked.keys.tolist() == [2, 3, 1] and np.isnan(k).all()
+    assert ranked.scores.tolist() == pytest.approx([0.54, 0.32, 0.21])  # weighted: the vector scores themselves
+    rrf, _, _ = fuse_rankings(vector, none, "rrf", 0.5, has_keywords=lambda keys: keys != 1)
+    assert rrf.scores.tolist() == pytest.approx([1.0, 61 / 62, 61 / 63])
+
+
 def test_listings_that_score_alike_come_back_in_one_order_whatever_order_they_were_indexed_in(catalog):
     """Three listings of the same sofa (same photo, same words) score alike under every ranking. Two indexes of
     the same catalog, its rows in other orders, answer the same pages (ties in id order; the reciprocal-rank
