@@ -38,6 +38,7 @@ def _load_config(path: str | None, factory: str | None = None, fusion: str | Non
 
 def cmd_index(args: argparse.Namespace) -> int:
     from .catalog import Catalog
+    from .collection import saved_ids
     from .retriever import Retriever
 
     config = _load_config(args.config, args.factory, args.fusion, args.memory_gb)
@@ -60,6 +61,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not len(retriever):
         print("error: no item could be indexed; nothing saved", file=sys.stderr)
         return 1
+    if not args.update:
+        dropped = len(saved_ids(args.out) - {str(i) for i in retriever.items["id"]})
+        if dropped:  # a nightly file indexed without --update replaces the whole index: say so
+            print(f"note: {args.out} held {dropped} item{'s' * (dropped != 1)} not in {args.catalog}; the new index replaces it "
+                  "without them (--update adds to an index instead)", file=sys.stderr)
     print(f"saved to {retriever.save(args.out)}")
     return 0
 

@@ -264,6 +264,23 @@ def _same(a: pd.Series, b: pd.Series) -> np.ndarray:
     return out
 
 
+def saved_ids(folder: str | Path) -> set[str]:
+    """The ids (as text) of the items in a saved index folder, read without loading models or vectors; empty
+    when the folder holds no index."""
+    import pandas as pd
+
+    from .persistence import component_folder, read_folder
+
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        return set()
+    items = component_folder(folder, read_folder(folder), "items")
+    path = items / "catalog.parquet" if items is not None else None
+    if path is None or not path.is_file():
+        return set()
+    return set(pd.read_parquet(path, columns=["id"])["id"].astype(str))
+
+
 def saved_hashes(folder: str | Path) -> set[str]:
     """The content hashes of the items in a saved index folder (what its shard cache must keep), read
     without loading models or vectors."""

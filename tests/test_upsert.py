@@ -172,3 +172,10 @@ def test_cli_update_prune_and_cache_prune(catalog, fixtures, tmp_path, capsys):
     assert "encoded 0, from cache 8" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli(["index", str(today), "--out", str(out), "--prune"])  # --prune needs --update
+    capsys.readouterr()
+    # Without --update, indexing a smaller file replaces the index: the items it drops are named by count.
+    pd.read_csv(tomorrow_file).head(3).to_csv(tmp_path / "three.csv", index=False)
+    assert cli(["index", str(tmp_path / "three.csv"), "--out", str(out), "--cache", str(tmp_path / "idx.cache"),
+                "--config", str(cfg), "--no-progress"]) == 0
+    assert f"note: {out} held 5 items not in {tmp_path / 'three.csv'}" in capsys.readouterr().err
+    assert len(mr.Retriever.load(out)) == 3
