@@ -264,33 +264,32 @@ def _same(a: pd.Series, b: pd.Series) -> np.ndarray:
     return out
 
 
+def _saved_items_file(folder: Path, name: str, verify: bool) -> Path | None:
+    """A file of a saved index's items (None where the save holds none), read without loading models or
+    vectors; ``verify`` checks every file's sha256 first."""
+    from .persistence import component_folder, read_folder, read_manifest
+
+    manifest = read_folder(folder) if verify else read_manifest(folder)
+    items = component_folder(folder, manifest, "items")
+    path = items / name if items is not None else None
+    return path if path is not None and path.is_file() else None
+
+
 def saved_ids(folder: str | Path) -> set[str]:
-    """The ids (as text) of the items in a saved index folder, read without loading models or vectors; empty
-    when the folder holds no index."""
-    import pandas as pd
+    """The ids (as text) of the items in a saved index folder. Never fails: a folder that holds no readable
+    index (none yet, another tool's, a damaged one about to be rebuilt) has none."""
+    from .errors import IndexLoadError
 
-    from .persistence import component_folder, read_folder
-
-    folder = Path(folder)
-    if not (folder / "manifest.json").is_file():
+    try:
+        path = _saved_items_file(Path(folder), "catalog.parquet", verify=False)
+        return set() if path is None else set(pd.read_parquet(path, columns=["id"])["id"].astype(str))
+    except (IndexLoadError, OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
         return set()
-    items = component_folder(folder, read_folder(folder), "items")
-    path = items / "catalog.parquet" if items is not None else None
-    if path is None or not path.is_file():
-        return set()
-    return set(pd.read_parquet(path, columns=["id"])["id"].astype(str))
 
 
 def saved_hashes(folder: str | Path) -> set[str]:
-    """The content hashes of the items in a saved index folder (what its shard cache must keep), read
-    without loading models or vectors."""
+    """The content hashes of the items in a saved index folder (what its shard cache must keep)."""
     from .items import HASHES_FILE
-    from .persistence import component_folder, read_folder
 
-    folder = Path(folder)
-    manifest = read_folder(folder)
-    items = component_folder(folder, manifest, "items")
-    path = items / HASHES_FILE if items is not None else None
-    if path is None or not path.is_file():
-        return set()
-    return {h.decode() for h in np.load(path, allow_pickle=False).tolist() if h}
+    path = _saved_items_file(Path(folder), HASHES_FILE, verify=True)
+    return set() if path is None else {h.decode() for h in np.load(path, allow_pickle=False).tolist() if h}

@@ -179,3 +179,10 @@ def test_cli_update_prune_and_cache_prune(catalog, fixtures, tmp_path, capsys):
                 "--config", str(cfg), "--no-progress"]) == 0
     assert f"note: {out} held 5 items not in {tmp_path / 'three.csv'}" in capsys.readouterr().err
     assert len(mr.Retriever.load(out)) == 3
+    # A damaged index is rebuilt by indexing again (the count is skipped: nothing readable is dropped).
+    (out / "index" / "joint.faiss").write_bytes(b"truncated")
+    with pytest.raises(mr.IndexLoadError, match="checksum"):
+        mr.Retriever.load(out)
+    assert cli(["index", str(tmp_path / "three.csv"), "--out", str(out), "--cache", str(tmp_path / "idx.cache"),
+                "--config", str(cfg), "--no-progress"]) == 0
+    assert len(mr.Retriever.load(out)) == 3
