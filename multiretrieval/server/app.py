@@ -211,6 +211,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             previous = service.retriever.image_source(metadata["id"]) if op == "upsert" else None
         except (ItemNotFoundError, KeyError):
             previous = None
+        if path is None and previous is not None:
+            metadata["image"] = previous  # an upsert without a file keeps the photo (a new price must not drop it)
         try:
             report = await write({"op": op, "rows": [metadata]}, refuse_skipped)
         except BaseException:
@@ -286,7 +288,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
              responses=upsert_answers)
     async def upsert_item(request: Request, item_id: ItemId) -> dict:
         """Add or replace one item (multipart `metadata` and optional `image`, as for POST /items): a new id is
-        added, a changed image or text is encoded again, changed metadata alone is updated in place."""
+        added, a changed image or text is encoded again, changed metadata alone is updated in place. Without an
+        `image` file an indexed item keeps its photo."""
         return await add_or_upsert(request, "upsert", item_id)
 
     @app.delete("/items/{item_id:path}", dependencies=[Depends(require_key)], response_model=None, responses=remove_answers)

@@ -85,6 +85,7 @@ def test_any_string_id_works_in_every_endpoint(odd, item_id):
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png", (url, thumb.text)
     put = odd.put(f"/item?id={quote(item_id, safe='')}", data={"metadata": json.dumps({"title": "renamed", "price": 1})})
     assert put.status_code == 200 and odd.get(f"/item?id={quote(item_id, safe='')}").json()["title"] == "renamed"
+    assert odd.get(f"/item/image?id={quote(item_id, safe='')}").status_code == 200  # renamed, still with its photo
     assert odd.delete(f"/items/{quote(item_id, safe='')}").json()["removed"] == 1
     assert odd.get(f"/item?id={quote(item_id, safe='')}").status_code == 404
 
@@ -103,6 +104,10 @@ def test_put_adds_replaces_and_updates_one_item(odd, fixtures):
                     files={"image": ("w.png", photo, "image/png")})
     assert again.json()["changes"] == {"added": 0, "replaced": 0, "updated": 1, "unchanged": 0, "removed": 0, "indexes rebuilt": 0}
     assert odd.get("/item?id=new/item").json()["price"] == 7
+    # Without a file the item keeps its photo: a new price is a metadata change, nothing is encoded again.
+    price = odd.put("/items/new%2Fitem", data={"metadata": json.dumps({"title": "Washing machine", "price": 9})})
+    assert price.json()["changes"]["updated"] == 1 and odd.get("/items/new%2Fitem/image").status_code == 200
+    assert odd.get("/item?id=new/item").json()["price"] == 9
     clash = odd.put("/items/x", data={"metadata": json.dumps({"id": "y", "title": "z"})})
     assert clash.status_code == 400 and "differs" in clash.json()["detail"]
 
