@@ -86,6 +86,9 @@ def _save_cached(cache: Path | None, key: str, arrays: dict[str, np.ndarray]) ->
     tmp.replace(cache)
 
 
+STYLE_VIEW_VERSION = 1  # part of encode_style_views' cache key: raise it when style_view changes
+
+
 def style_view(image, rng: np.random.Generator):
     """An image in another style, a zero-shot training view: on a plain background (light, dark or a colour)
     at 45-100% of the frame and off-centre, sometimes grey, other contrast, 40-128 px, sometimes blurred, JPEG."""
@@ -117,19 +120,20 @@ def encode_style_views(catalog: Catalog, features: dict[str, np.ndarray], views:
                        cache: Path | None = None, show_progress: bool | None = None) -> np.ndarray:
     """Pooled image features of ``views`` ``style_view`` copies of each item of ``features`` (``encode_catalog``'s
     output for ``catalog``), in its order: (items, views, features), for ``fit_zero_shot(style_views=True)``; zeros
-    for items without an image. Seeded per id."""
-    import torch
+    for items without an image. Seeded per id. Images are local files (the training data sets'), opened with their
+    transparency so that ``style_view`` can put them on another background."""
     from PIL import Image
 
     from .encoders import get_image_encoder
 
     sources = dict(zip(map(str, catalog.ids), catalog.image_sources()))
     ids = features["id"][features["has_image"]]
-    key = hashlib.sha256(json.dumps([[str(i) for i in ids], [sources[str(i)] for i in ids], views, seed]).encode()).hexdigest()
+    encoder = get_image_encoder("efficientnet-lite0", runtime="auto")  # ONNX where it runs: views need no bit-exactness
+    key = hashlib.sha256(json.dumps([[str(i) for i in ids], [sources[str(i)] for i in ids], views, seed, encoder.runtime,
+                                     STYLE_VIEW_VERSION]).encode()).hexdigest()
     cached = _load_cached(cache, key)
     if cached is not None:
         return cached["style"]
-    encoder = get_image_encoder("efficientnet-lite0", runtime="auto")  # ONNX where it runs: views need no bit-exactness
     out = np.zeros((len(ids), views, encoder.dim), np.float32)
     batch = 16
     for s in progress(range(0, len(ids), batch), "encoding style views", show_progress, -(-len(ids) // batch), unit="batch"):
@@ -138,9 +142,7 @@ def encode_style_views(catalog: Catalog, features: dict[str, np.ndarray], views:
             rng = np.random.default_rng([seed, int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16)])
             with Image.open(sources[str(i)]) as im:
                 images += [style_view(im, rng) for _ in range(views)]
-        with torch.no_grad():
-            tokens = encoder.forward(torch.stack([encoder.preprocess(v) for v in images]), 0)[0]
-        out[s:s + len(images) // views] = np.asarray(tokens)[:, 0].reshape(-1, views, encoder.dim)
+        out[s:s + len(images) // views] = encoder.forward_images(images)[0][:, 0].reshape(-1, views, encoder.dim)
     style = np.zeros((len(features["id"]), views, encoder.dim), np.float32)
     style[features["has_image"]] = out
     _save_cached(cache, key, {"style": style})
