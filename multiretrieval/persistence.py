@@ -72,6 +72,13 @@ def write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records
     return folder
 
 
+def journal_path(folder: Path) -> Path:
+    """The write log a service keeps beside an index folder it serves (``INDEX_DIR.journal``): the writes it
+    acknowledged and has not saved into the folder yet."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".journal")
+
+
 def read_folder(folder: Path) -> dict[str, Any]:
     """The manifest of a saved folder, after recovering an interrupted save and checking every file's sha256."""
     manifest = read_manifest(folder)

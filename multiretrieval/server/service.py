@@ -20,6 +20,7 @@ from typing import Any
 from ..config import RetrieverConfig
 from ..errors import CatalogError
 from ..filters import compile_filter
+from ..persistence import journal_path
 from ..retriever import Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
 from .journal import Journal
@@ -42,7 +43,7 @@ class Service:
         self.image_batcher = MicroBatcher(retriever.image_encoder.forward, max_batch=16)
         self.retriever = self._prepare(retriever)
         saved = int(retriever.saved_note.get("journal_seq", 0))
-        self.journal = Journal(self.index_dir.with_name(self.index_dir.name + ".journal"), after=saved)
+        self.journal = Journal(journal_path(self.index_dir), after=saved)
         self._replay(self.journal.records(after=saved))
 
     def _prepare(self, retriever: Retriever) -> Retriever:

@@ -137,6 +137,25 @@ def test_checkpoints_save_the_folder_and_empty_the_log(indexed, tmp_path):
     assert journal.read_text() == "" and mr.Retriever.load(folder).items["id"].tolist()[-1] == 9003
 
 
+def test_indexing_into_a_served_folder_with_unsaved_writes_is_refused(indexed, fixtures, tmp_path, capsys):
+    """A nightly `index --update` while the service holds writes it has not saved: they would be lost, or the
+    service's next save would undo the update. The CLI refuses before encoding anything; after the service stops
+    (and saves), the same command runs."""
+    from multiretrieval.cli import main as cli
+
+    folder = tmp_path / "idx"
+    indexed.save(folder)
+    catalog = tmp_path / "tonight.csv"
+    pd.DataFrame({"id": [7001], "title": ["Floor lamp"]}).to_csv(catalog, index=False)
+    with TestClient(create_app(folder, checkpoint_every=100), base_url=LOCAL) as client:
+        assert client.post("/items", data={"metadata": json.dumps({"id": 9001, "title": "stool"})}).status_code == 201
+        assert cli(["index", str(catalog), "--out", str(folder), "--update", "--no-progress"]) == 2
+        assert "Stop the service" in capsys.readouterr().err
+        assert 7001 not in mr.Retriever.load(folder).items["id"].tolist()
+    assert cli(["index", str(catalog), "--out", str(folder), "--update", "--no-progress"]) == 0
+    assert {7001, 9001} <= set(mr.Retriever.load(folder).items["id"].tolist())  # the service's write and the update
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
