@@ -196,6 +196,33 @@ def test_product_view_with_more_like_this_and_this_but(page):
     assert titles(page)[0] == first
 
 
+def test_an_item_without_a_photo_shows_a_placeholder_not_a_broken_picture(page, server_url):
+    """An item added without an image: its card and product page say "No photo"; the product page offers neither
+    "This, but…" nor "Looks like this", which need a photo, and still shows what is described like it."""
+    import json
+    from urllib.parse import quote
+
+    import httpx
+
+    page.expected_statuses = (404,)  # the card's and the page's image requests
+    item = 99001  # the demo index has integer ids
+    added = httpx.post(f"{server_url}/items", data={"metadata": json.dumps({"id": item, "title": "Wicker laundry basket",
+                                                                           "category": "Bathroom", "price": 12})})
+    assert added.status_code == 201, added.text
+    try:
+        search(page, "wicker laundry basket")
+        first = page.locator("#results .card").first
+        assert first.locator(".title").inner_text() == "Wicker laundry basket" and first.locator(".no-photo").is_visible()
+        first.locator("a").click()
+        page.wait_for_function("document.getElementById('product-title').textContent === 'Wicker laundry basket'", timeout=30_000)
+        page.wait_for_function("document.querySelectorAll('#described-row .card').length >= 4", timeout=30_000)
+        assert page.locator("#product-no-photo").is_visible() and not page.locator("#product-image").is_visible()
+        assert not page.locator("#but-form").is_visible() and not page.locator("#looks-section").is_visible()
+        shot(page, "product-without-photo")
+    finally:
+        httpx.delete(f"{server_url}/item", params={"id": item})
+
+
 @pytest.mark.parametrize("width", [390, 360])
 def test_narrow_screens_do_not_scroll_sideways(browser, server_url, width):
     context = browser.new_context(viewport={"width": width, "height": 844}, base_url=server_url)

@@ -278,6 +278,7 @@ function card(item, mode) {
   img.alt = titleOf(item);
   img.loading = "lazy";
   img.addEventListener("load", () => img.classList.add("loaded"));
+  img.addEventListener("error", () => img.replaceWith(el("span", "no-photo", "No photo")));  // none, or its file is gone
   link.append(img, el("span", "title", titleOf(item)));
   if (info.display.brand && item[info.display.brand]) link.append(el("span", "muted small", item[info.display.brand]));
   const extra = (info.display.columns || []).map((c) => item[c]).filter((v) => v !== null && v !== undefined && v !== "");
@@ -412,7 +413,11 @@ async function showProduct(id) {
     return;
   }
   document.title = titleOf(item);
-  $("product-image").src = productLink(id) + "/image?size=512";
+  const hasPhoto = item.image !== null && item.image !== undefined && item.image !== "";
+  for (const part of ["product-image", "but-form", "looks-section"]) $(part).hidden = false;
+  $("product-no-photo").hidden = true;
+  if (hasPhoto) $("product-image").src = productLink(id) + "/image?size=512";
+  else noPhoto();
   $("product-image").alt = titleOf(item);
   $("product-title").textContent = titleOf(item);
   $("product-brand").textContent = info.display.brand ? (item[info.display.brand] || "") : "";
@@ -421,7 +426,7 @@ async function showProduct(id) {
     .map(([k, v]) => { const tr = el("tr"); tr.append(el("th", "", label(k)), el("td", "", String(v))); return tr; });
   $("product-details").replaceChildren(...rows);
   $("but-form").dataset.id = id;
-  fillRow("looks-row", { like: id, mode: "image", k: 8 });
+  if (hasPhoto) fillRow("looks-row", { like: id, mode: "image", k: 8 });
   fillRow("described-row", { like: id, mode: "text", k: 8 });
 }
 
@@ -445,6 +450,15 @@ $("but-form").addEventListener("submit", (e) => {
   $("but-section").hidden = false;
   fillRow("but-row", { like: $("but-form").dataset.id, text: words, k: 8 });
 });
+
+function noPhoto() {
+  // An item without a photo (none given, or its file is gone: indexed by its text) shows a placeholder instead of a
+  // broken picture, and neither "This, but…" nor "Looks like this", which need its photo.
+  for (const part of ["product-image", "but-form", "looks-section"]) $(part).hidden = true;
+  $("product-no-photo").hidden = false;
+}
+
+$("product-image").addEventListener("error", noPhoto);
 
 $("back").addEventListener("click", (e) => { e.preventDefault(); go($("back").getAttribute("href")); });
 
