@@ -46,7 +46,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     if journal.is_file() and journal.stat().st_size:  # a service's writes the folder does not hold yet
         print(f"error: {journal} holds writes that a service (multiretrieval serve) acknowledged and has not saved into "
               f"{args.out} yet; indexing here would lose them, or be undone when it saves. Stop the service (it saves them "
-              "on the way out), then index; or send the changes to the service (PUT /items/ID).", file=sys.stderr)
+              "on the way out; if none runs, one left them: start and stop it once), then index; or send the changes to "
+              "the service (PUT /items/ID).", file=sys.stderr)
         return 2
     config = _load_config(args.config, args.factory, args.fusion, args.memory_gb)
     source = Path(args.catalog).expanduser()
