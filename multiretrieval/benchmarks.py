@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .utils import stable_hash
+
 logger = logging.getLogger(__name__)
 BENCH_SEED = 20261122  # query photos and fragments; training views use other seeds
 
@@ -250,14 +252,8 @@ VAGUE = ("this", "this one", "something like this", "like this", "similar", "sam
          "product", "item", "buy", "find this", "one of these")
 
 
-def _h(text: str) -> int:
-    import hashlib
-
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
-
-
 def _rng(*parts: Any) -> np.random.Generator:
-    return np.random.default_rng([SPLIT_SEED] + [_h(str(p)) for p in parts])
+    return np.random.default_rng([SPLIT_SEED] + [stable_hash(str(p)) for p in parts])
 
 
 def heldout_category(dataset: str, top: str, share: float = HELDOUT_SHARE) -> bool:
@@ -265,7 +261,7 @@ def heldout_category(dataset: str, top: str, share: float = HELDOUT_SHARE) -> bo
     fusion) when the first 32 bits of sha256("<dataset>:<top>") fall below ``share``. sweethome3d holds out
     Doors and windows, Lights, Office; openclipart buttons, education, electronics, geography, office, people,
     science; tuxpaint household, naturalforces, symbols, town."""
-    return _h(f"{dataset}:{top}") / 0xFFFFFFFF < share
+    return stable_hash(f"{dataset}:{top}") / 0xFFFFFFFF < share
 
 
 def _join(*parts: Any) -> str:
@@ -522,7 +518,7 @@ def benchmark_catalog(items: pd.DataFrame, dataset: str, distractors: int = OPEN
     sub = items[items["dataset"] == dataset]
     if dataset == "openclipart":
         rest = sub[~sub["heldout"]]
-        rest = rest.loc[sorted(rest.index, key=lambda i: _h("d:" + rest.at[i, "key"]))[:distractors]]
+        rest = rest.loc[sorted(rest.index, key=lambda i: stable_hash("d:" + rest.at[i, "key"]))[:distractors]]
         sub = pd.concat([sub[sub["heldout"]], rest]).sort_index()
     return sub
 
@@ -534,7 +530,7 @@ def _write_catalog(sub: pd.DataFrame, folder: Path, variants: list[dict]) -> int
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for r in sub.itertuples(index=False):
-        rel = f"images/{_h(r.key):08x}_{Path(r.image).name}"
+        rel = f"images/{stable_hash(r.key):08x}_{Path(r.image).name}"
         if not (folder / rel).is_file():
             shutil.copyfile(r.image, folder / rel)
         rows.append({"id": r.key, "image": rel, "title": str(r.title).strip().rstrip("."), "description": item_description(r),
@@ -557,7 +553,7 @@ def _split_record(kind: str, dataset: str, sub: pd.DataFrame, held: pd.DataFrame
 
 def _reference_photo(folder: Path, key: str, image: str) -> str:
     """The shopper photo of a composed query's reference item (one per item, written once)."""
-    rel = f"queries/{_h(key):08x}_ref.png"
+    rel = f"queries/{stable_hash(key):08x}_ref.png"
     if not (folder / rel).is_file():
         shopper_photo(open_rgba(image), _rng("photo", key, 0)).save(folder / rel)
     return rel
@@ -587,14 +583,14 @@ def build_composed(items: pd.DataFrame, out: str | Path, excluded: set[str] = fr
         held = sub[sub["heldout"] & ~sub["key"].isin(excluded)]
         queries, variants = [], []
 
-        chosen = sorted(held.index, key=lambda i: _h("e:" + keys[i]))[:MAX_EDIT_ITEMS[ds]]
+        chosen = sorted(held.index, key=lambda i: stable_hash("e:" + keys[i]))[:MAX_EDIT_ITEMS[ds]]
         for i in progress(chosen, f"composed/{ds}: edits", show_progress, len(chosen)):
             row, rng = items.loc[i], _rng("edit", keys[i])
             rgba = open_rgba(row["image"])
             photo_rel = _reference_photo(folder, keys[i], items.at[i, "image"])
             for edit in rng.choice(list(EDITS), EDITS_PER_ITEM, replace=False):
                 vid = f"{row['key']}#{edit}"
-                rel = f"images/variants/{_h(vid):08x}.png"
+                rel = f"images/variants/{stable_hash(vid):08x}.png"
                 apply_edit(rgba, edit).save(folder / rel)
                 words, phrasings = EDITS[edit][1], EDITS[edit][2]
                 variants.append({"id": vid, "image": rel, "title": str(row["title"]).strip().rstrip("."),
@@ -604,7 +600,8 @@ def build_composed(items: pd.DataFrame, out: str | Path, excluded: set[str] = fr
                                 "kind": "edit", "edit": edit, "seen_edit": edit not in HELDOUT_EDITS, "ref": row["key"]})
         idx = set(held.index)
         pr = pairs[pairs["ref"].isin(idx) & pairs["target"].isin(idx)]
-        pr = pr.assign(h=[_h(f"p:{keys[a]}:{keys[b]}") for a, b in zip(pr["ref"], pr["target"])]).sort_values("h", kind="stable")
+        pr = pr.assign(h=[stable_hash(f"p:{keys[a]}:{keys[b]}") for a, b in zip(pr["ref"], pr["target"])])
+        pr = pr.sort_values("h", kind="stable")
         pr = pr.groupby("ref", sort=False).head(2).head(MAX_FAMILY_QUERIES[ds])
         by_text = sub.groupby("text")["key"].apply(lambda k: ";".join(sorted(k))).to_dict()
         for r, t, words in zip(pr["ref"], pr["target"], pr["words"]):
@@ -640,7 +637,7 @@ def build_fused(items: pd.DataFrame, out: str | Path, excluded: set[str] = froze
         held = sub[sub["heldout"] & ~sub["key"].isin(excluded)]
         chosen = list(held.index)
         if MAX_FUSED_ITEMS[ds] is not None:
-            chosen = sorted(chosen, key=lambda i: _h("f:" + items.at[i, "key"]))[:MAX_FUSED_ITEMS[ds]]
+            chosen = sorted(chosen, key=lambda i: stable_hash("f:" + items.at[i, "key"]))[:MAX_FUSED_ITEMS[ds]]
         queries = []
         for i in progress(chosen, f"fused/{ds}", show_progress, len(chosen)):
             row = items.loc[i]
@@ -649,7 +646,7 @@ def build_fused(items: pd.DataFrame, out: str | Path, excluded: set[str] = froze
             category = row["category"] if ds == "sweethome3d" else row["category"].split(" / ")[-1]
             for p in range(PHOTOS_PER_ITEM[ds]):
                 rng = _rng("fused", row["key"], p)
-                rel = f"queries/{_h(row['key']):08x}_{p}.png"
+                rel = f"queries/{stable_hash(row['key']):08x}_{p}.png"
                 shopper_photo(rgba, rng).save(folder / rel)
                 base = {"target": row["key"], "targets": row["key"], "image": rel, "photo": p}
                 queries.append({**base, "text": category, "kind": "category"})

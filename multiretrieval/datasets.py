@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .utils import stable_hash
+
 SWEETHOME3D_FURNITURE_DIR = "usr/share/sweethome3d/furniture"
 
 # The licence of each pack of sweethome3d-furniture, from the package's copyright file.
@@ -112,7 +114,7 @@ OPENCLIPART_DIR = "usr/share/openclipart/png"
 
 def split_of(key: str, eval_share: float = 0.4) -> str:
     """A stable train/eval split by the hash of an item's key (its path): 'eval' or 'train'."""
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    bucket = stable_hash(key) / 0xFFFFFFFF
     return "eval" if bucket < eval_share else "train"
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .config import RetrieverConfig
-from .utils import progress
+from .utils import progress, stable_hash
 
 logger = logging.getLogger(__name__)
 # The LiT recipe (scripts/train_zero_shot.py), chosen with its --cross-validate (never on the evaluation split) by
@@ -139,7 +139,7 @@ def encode_style_views(catalog: Catalog, features: dict[str, np.ndarray], views:
     for s in progress(range(0, len(ids), batch), "encoding style views", show_progress, -(-len(ids) // batch), unit="batch"):
         images = []
         for i in ids[s:s + batch]:
-            rng = np.random.default_rng([seed, int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16)])
+            rng = np.random.default_rng([seed, stable_hash(str(i))])
             with Image.open(sources[str(i)]) as im:
                 images += [style_view(im, rng) for _ in range(views)]
         out[s:s + len(images) // views] = encoder.forward_images(images)[0][:, 0].reshape(-1, views, encoder.dim)
@@ -190,7 +190,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     train, train_weight, val, counts = {"image": [], "text": []}, [], {}, {}
     for name, data in sorted(pairs.items()):
         both = data["has_image"] & data["has_text"]
-        held = np.array([int(hashlib.sha256(f"{name}/{i}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_share for i in data["id"]])
+        held = np.array([stable_hash(f"{name}/{i}") / 0xFFFFFFFF < val_share for i in data["id"]])
         images = data["image"][:, None]
         if style_views:
             if "style" not in data:
@@ -417,7 +417,7 @@ def fit(catalog: Catalog, out: str | Path, config: RetrieverConfig | None = None
         views = encode_views(catalog.image_sources(), catalog.texts(), config, out / "views.npz", show_progress)
     ok = views["ok"]
     ids = catalog.df["id"].astype(str).to_numpy()
-    held = np.array([int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < tr.val_share for i in ids])
+    held = np.array([stable_hash(i) / 0xFFFFFFFF < tr.val_share for i in ids])
     train_idx, val_idx = np.flatnonzero(ok & ~held), np.flatnonzero(ok & held)
     if len(train_idx) < 4 or len(val_idx) < 1:
         from .errors import CatalogError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -108,3 +109,8 @@ class _Side:
 
     def __exit__(self, *exc) -> None:
         self._release()
+
+
+def stable_hash(text: str) -> int:
+    """The first 32 bits of sha256(text): the same in every run and process, unlike hash() (splits, folds, seeds)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -41,12 +40,13 @@ from multiretrieval.catalog import Catalog  # noqa: E402
 from multiretrieval.config import RetrieverConfig  # noqa: E402
 from multiretrieval.evaluation import score_benchmark  # noqa: E402
 from multiretrieval.training import encode_views, fit  # noqa: E402
+from multiretrieval.utils import stable_hash  # noqa: E402
 
 FOLDS = 3
 
 
 def fold_of(dataset: str, top: str) -> int:
-    return int(hashlib.sha256(f"{dataset}:{top}".encode()).hexdigest()[:8], 16) % FOLDS
+    return stable_hash(f"{dataset}:{top}") % FOLDS
 
 
 def trainable_items(root: Path, cache: Path) -> pd.DataFrame:

@@ -31,7 +31,6 @@ style views once into --cache).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,7 +44,7 @@ from multiretrieval.catalog import Catalog  # noqa: E402
 from multiretrieval.datasets import read_openclipart, read_sweethome3d_furniture, read_tuxpaint_stamps  # noqa: E402
 from multiretrieval.encoders.clip import PACKAGED_LIT, load_lit_weights  # noqa: E402
 from multiretrieval.training import LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, encode_style_views, fit_zero_shot  # noqa: E402
-from multiretrieval.utils import l2_normalize  # noqa: E402
+from multiretrieval.utils import l2_normalize, stable_hash  # noqa: E402
 
 # The recipe: training.LIT_DATA_WEIGHTS and LIT_EPOCHS, chosen with --cross-validate, and LIT_CONSE_WEIGHT, chosen with
 # --cross-validate-conse-weight. `multiretrieval evaluate` trains it again without the held-out categories for its
@@ -228,7 +227,7 @@ def _zero_shot_sims(weights: Path, data: dict, held: np.ndarray, queries: np.nda
 
 def _fold(key: str, folds: int) -> int:
     """A stable fold for an id or a category name: its sha256 modulo ``folds``."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % folds
+    return stable_hash(key) % folds
 
 
 def _per_weight(metric, lit: np.ndarray, conse: np.ndarray, weights: list[float]) -> list[float]:
