@@ -350,7 +350,7 @@ class ItemStore:
 
 def filters_where(filters: dict[str, Any] | None, where: str | None = None, leave_out: str | None = None) -> str | None:
     """One SQL condition from structured filters and a ``where``: each column's filter is a list
-    of values (any of them) or a range {"min": a, "max": b} (either may be missing); the
+    of values (any of them), one value, or a range {"min": a, "max": b} (either may be missing); the
     column ``leave_out`` is skipped (a facet's own counts ignore its own filter). A ``where`` alone
     comes back as it is (so the filter grammar's refusals name its own text)."""
     if filters is not None and not isinstance(filters, dict):
@@ -371,8 +371,10 @@ def filters_where(filters: dict[str, Any] | None, where: str | None = None, leav
             if not wanted:
                 continue
             parts.append(f"{name} IN ({', '.join(_literal(v, column) for v in wanted)})")
+        elif isinstance(wanted, (str, bool, int, float, np.number)):  # {"color": "red"}: one value
+            parts.append(f"{name} = {_literal(wanted, column)}")
         else:
-            raise QueryError(f"filters[{column!r}]: a list of values or a range {{'min': .., 'max': ..}}, got {wanted!r}")
+            raise QueryError(f"filters[{column!r}]: a value, a list of values or a range {{'min': .., 'max': ..}}, got {wanted!r}")
     return " AND ".join(parts) or None
 
 

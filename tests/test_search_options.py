@@ -76,7 +76,8 @@ def test_batches_answer_as_single_searches_do(indexed, catalog):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"text": "x", "offset": -1}, "offset"), ({"text": "x", "sort_by": "colour"}, "sortable columns"),
-    ({"text": "x", "min_score": "high"}, "min_score"), ({"text": "x", "filters": {"price": "cheap"}}, "filters"),
+    ({"text": "x", "min_score": "high"}, "min_score"), ({"text": "x", "filters": {"price": {"lo": 1}}}, "filters"),
+    ({"text": "x", "filters": {"price": "cheap"}}, "convert string 'cheap'"),
     ({"text": "x", "colour": "red"}, "unknown search option"), ({"like": 999}, "not in the index"),
     ({"like": 56, "vector": [1.0]}, "give one of"), ({"vector": [1.0, 2.0], "mode": "text"}, "joint space"),
 ])
@@ -134,3 +135,4 @@ def test_filters_where_quotes_values_and_names():
     with pytest.raises(mr.QueryError):
         filters_where({"a": [object()]})
     assert filters_where({"a": [np.int64(4)]}) == '"a" IN (4)'
+    assert filters_where({"color": "red", "n": 2}) == '"color" = \'red\' AND "n" = 2'  # one value needs no list

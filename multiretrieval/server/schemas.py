@@ -42,8 +42,9 @@ def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
             "text queries: how BM25 keywords and vectors combine: reciprocal-rank fusion (default), a weighted sum, or not"))),
         keyword_weight=(float | None, Field(None, ge=0, le=1, description="text queries: the keywords' share, 0 to 1 (default 0.5)")),
         offset=(int, Field(0, ge=0, description=f"results to skip (paging); k + offset at most {bounds.max_k:,}")),
-        filters=(dict[str, list[str | float | bool] | dict[str, float | None]] | None, Field(
-            None, description="column -> values (any of them) or a range {min, max}; ANDed with `where` (no SQL needed)",
+        filters=(dict[str, list[str | float | bool] | dict[str, float | None] | str | float | bool] | None, Field(
+            None, description="column -> values (any of them), one value, or a range {min, max}; ANDed with `where` "
+                              "(no SQL needed)",
             examples=[{"category": ["Kitchen"], "price": {"min": 10, "max": 500}}])),
         sort_by=(str | None, Field(None, description=f"a column, 'price' or '-price' (descending): reorders the "
                                                      f"{bounds.sort_candidates} most relevant items (search.sort_candidates)")),

@@ -26,6 +26,8 @@ def test_search_pages_sorts_filters_and_counts_facets(client):
     assert [r["price"] for r in body["results"]] == [650.0, 189.0]  # 899 (the sofa) is on page one
     assert {v["value"] for v in body["facets"]["category"]["values"]} >= {"Kitchen", "Vehicles"}  # own filter left out
     assert body["took_ms"] >= 0
+    one = client.post("/search", json={"text": "a seat", "k": 8, "filters": {"category": "Bedroom"}})
+    assert one.status_code == 200 and {r["category"] for r in one.json()["results"]} == {"Bedroom"}
 
 
 def test_multipart_search_takes_the_same_options(client, fixtures):
