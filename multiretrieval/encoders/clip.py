@@ -29,7 +29,12 @@ from ..config import ZeroShotConfig
 from ..errors import ConfigError, ModelUnavailableError
 from ..utils import l2_normalize
 
-PACKAGED_LIT = Path(__file__).resolve().parent.parent / "weights" / "lit-efficientnet-lite0-minilm-l6.safetensors"
+def packaged_lit(image_encoder: str = "efficientnet-lite0") -> Path:
+    """Where the LiT projections for an image tower ship (scripts/train_zero_shot.py --image-encoder writes them)."""
+    return Path(__file__).resolve().parent.parent / "weights" / f"lit-{image_encoder.replace(':', '-')}-minilm-l6.safetensors"
+
+
+PACKAGED_LIT = packaged_lit()
 LIT_KEYS = ("visual.head.proj.weight", "text.proj.weight", "logit_scale")  # open_clip state_dict names
 
 
@@ -101,7 +106,7 @@ class LiT:
 
     def __init__(self, image_encoder, text_encoder, weights: str | Path | None = None) -> None:
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
-        path = Path(weights) if weights else PACKAGED_LIT
+        path = Path(weights) if weights else packaged_lit(image_encoder.name)
         state = load_lit_weights(path)
         self.image_proj = state["visual.head.proj.weight"].T.copy()  # (image dim, embed dim)
         self.text_proj = state["text.proj.weight"].T.copy()
@@ -229,7 +234,7 @@ def load_lit_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def lit_model_config(text_model_path: str, image_dim_name: str = "tf_efficientnet_lite0", embed_dim: int = 384,
-                     head_dropout: float = 0.0) -> dict:
+                     head_dropout: float = 0.0, image_size: int = 224) -> dict:
     """The open_clip model config of the LiT model: timm image tower + Hugging Face text tower.
 
     ``head_dropout``: dropout on the pooled image features before the projection (training only).
@@ -237,7 +242,7 @@ def lit_model_config(text_model_path: str, image_dim_name: str = "tf_efficientne
     return {
         "embed_dim": embed_dim,
         "vision_cfg": {"timm_model_name": image_dim_name, "timm_model_pretrained": False, "timm_pool": "avg",
-                       "timm_proj": "linear", "timm_drop": head_dropout, "image_size": 224},
+                       "timm_proj": "linear", "timm_drop": head_dropout, "image_size": image_size},
         "text_cfg": {"hf_model_name": text_model_path, "hf_tokenizer_name": text_model_path, "hf_proj_type": "linear",
                      "hf_pooler_type": "mean_pooler", "context_length": 64},
         "custom_text": True,
@@ -254,10 +259,11 @@ def build_lit_model(image_encoder, text_model_path: str, weights: str | Path | N
     import open_clip
     import torch
 
-    name = "mr-lit-efficientnet-lite0-minilm-l6"
+    name = f"mr-lit-{image_encoder.name.replace(':', '-')}-minilm-l6"
+    timm_name = image_encoder.model.pretrained_cfg["architecture"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.json"
-        path.write_text(json.dumps(lit_model_config(text_model_path, embed_dim=embed_dim, head_dropout=head_dropout)))
+        path.write_text(json.dumps(lit_model_config(text_model_path, timm_name, embed_dim, head_dropout, image_encoder.image_size)))
         open_clip.add_model_config(path)
         model = open_clip.create_model(name, pretrained=None)
     trunk_state = {k: v for k, v in image_encoder.model.state_dict().items() if not k.startswith("classifier.")}
