@@ -196,10 +196,13 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         else:
             try:
                 data = _thumbnail(source, _mtime(source), size)
-            except ImageError:
+            except ImageError as exc:
+                # Clients get the file's name only: the server's folders are none of their business; the log has the path.
+                logger.warning("item %r: %s", item_id, exc)
+                name = Path(source).name
                 if _missing(source):  # gone since it was indexed (or between the stat and the read)
-                    raise _HTTPError(404, f"the image file of item {item_id!r} is missing: {source}") from None
-                raise  # there but unreadable: 400
+                    raise _HTTPError(404, f"the image file of item {item_id!r} is missing: {name}") from None
+                raise ImageError(str(exc).replace(str(Path(source).parent), "...")) from None  # there but unreadable: 400
         return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
     async def write(record: dict, check=None) -> Any:

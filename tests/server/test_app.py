@@ -169,12 +169,13 @@ def test_a_missing_image_file_is_404_naming_the_item_and_the_path(retriever_copy
         photo.write_bytes(b"not an image any more")
         r = client.get("/items/9001/image")
         assert r.status_code == 400 and "not an image" in r.json()["detail"]
+        assert str(photo.parent) not in r.json()["detail"]  # the server's folders are not shown to clients
         photo.unlink()
         for url in ("/items/9001/image", "/item/image?id=9001"):
             r = client.get(url)
             assert r.status_code == 404, (url, r.text)
             detail = r.json()["detail"]
-            assert "9001" in detail and source in detail and "missing" in detail
+            assert "9001" in detail and "spare-bed.png" in detail and "missing" in detail and str(photo.parent) not in detail
         assert client.get("/items/9001").json()["title"] == "Spare bed"  # the row is still served
         r = client.get("/items/999999/image")
         assert r.status_code == 404 and "not in the index" in r.json()["detail"]
