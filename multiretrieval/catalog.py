@@ -56,10 +56,15 @@ class Catalog:
         image_root: folder that relative image paths are resolved against (default: the
             current folder; :meth:`from_csv` passes the CSV's folder).
         text_columns: the columns joined into an item's text (default: title, description).
+        bad_rows: ``"raise"`` (default) or ``"skip"``: leave out the rows with an empty id, a
+            repeated id (its first row stays) or neither image nor text, each listed in
+            ``dropped`` with its reason (``index``, ``add`` and ``upsert`` read files this way and
+            report them).
 
     Raises:
         CatalogError: naming the rows and the reason, for a missing ``id`` column, no image
-            or text column at all, an empty or duplicate id, or a row with neither image nor text.
+            or text column at all, and (``bad_rows="raise"``) an empty or duplicate id, or a row
+            with neither image nor text.
     """
 
     def __init__(
@@ -67,13 +72,18 @@ class Catalog:
         df: pd.DataFrame,
         image_root: str | Path | None = None,
         text_columns: tuple[str, ...] | list[str] = CatalogConfig.text_columns,
+        bad_rows: str = "raise",
     ) -> None:
         if not isinstance(df, pd.DataFrame):
             raise CatalogError(f"expected a pandas DataFrame, got {type(df).__name__}")
+        if bad_rows not in ("raise", "skip"):
+            raise ValueError(f"bad_rows must be 'raise' or 'skip', got {bad_rows!r}")
         self.df = _coerce_ids(df.reset_index(drop=True).copy())
         self.image_root = Path(image_root).resolve() if image_root is not None else Path.cwd()
         self.text_columns = tuple(c for c in text_columns if c in self.df.columns)
-        self._validate()
+        self.row_numbers = np.arange(len(self.df))  # each item's row in the table read: what reports name
+        self.dropped: list[SkippedRow] = []  # bad_rows="skip": the rows left out, and why
+        self._validate(bad_rows)
 
     @classmethod
     def from_csv(cls, path: str | Path, **kwargs: Any) -> Catalog:
@@ -153,13 +163,15 @@ class Catalog:
         return cls(df, **kwargs)
 
     @classmethod
-    def of(cls, source: Catalog | pd.DataFrame | str | Path, text_columns: tuple[str, ...] | list[str]) -> Catalog:
-        """A catalog as given, or read from a DataFrame or a file, with these text columns."""
+    def of(cls, source: Catalog | pd.DataFrame | str | Path, text_columns: tuple[str, ...] | list[str],
+           bad_rows: str = "raise") -> Catalog:
+        """A catalog as given, or read from a DataFrame or a file, with these text columns (``bad_rows``: as for the
+        constructor)."""
         if isinstance(source, Catalog):
             return source
         if isinstance(source, pd.DataFrame):
-            return cls(source, text_columns=text_columns)
-        return cls.read(source, text_columns=text_columns)
+            return cls(source, text_columns=text_columns, bad_rows=bad_rows)
+        return cls.read(source, text_columns=text_columns, bad_rows=bad_rows)
 
     @classmethod
     def read(cls, path: str | Path, **kwargs: Any) -> Catalog:
@@ -176,8 +188,12 @@ class Catalog:
         return cls.from_csv(path, **kwargs)
 
     def subset(self, rows: list[int] | np.ndarray) -> Catalog:
-        """The catalog of these rows (positions), with the same image root and text columns."""
-        return Catalog(self.df.iloc[np.asarray(rows, dtype=np.int64)], image_root=self.image_root, text_columns=self.text_columns)
+        """The catalog of these rows (positions), with the same image root and text columns; its items keep their
+        ``row_numbers``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        part = Catalog(self.df.iloc[rows], image_root=self.image_root, text_columns=self.text_columns)
+        part.row_numbers = self.row_numbers[rows]
+        return part
 
     def __len__(self) -> int:
         return len(self.df)
@@ -199,7 +215,7 @@ class Catalog:
             return [None] * len(self)
         return [None if _is_empty(v) else _resolve(str(v).strip(), self.image_root) for v in self.df["image"]]
 
-    def _validate(self) -> None:
+    def _validate(self, bad_rows: str) -> None:
         df = self.df
         if "id" not in df.columns:
             raise CatalogError(f"missing required column 'id' (columns: {list(df.columns)})")
@@ -216,16 +232,31 @@ class Catalog:
                 f"an item needs an image or a text (columns: {list(df.columns)})"
             )
         empty = [i for i, v in enumerate(df["id"]) if _is_empty(v)]
-        if empty:
-            raise CatalogError(f"row(s) {_rows(empty)}: empty id")
-        dup = df["id"].astype(str).duplicated(keep=False)
-        if dup.any():
-            first = df.loc[dup, "id"].astype(str).iloc[0]
-            rows = [i for i, v in enumerate(df["id"].astype(str)) if v == first]
-            raise CatalogError(f"duplicate id {first!r} in rows {_rows(rows)} ({int(dup.sum())} rows share an id)")
+        keys = df["id"].astype(str)
+        dup = keys.duplicated(keep=False) & ~keys.index.isin(empty)
         texts = self.texts()
         images = self.image_sources()
         bare = [i for i in range(len(df)) if texts[i] is None and images[i] is None]
+        if bad_rows == "skip":
+            first = {}
+            for i in np.flatnonzero(dup):
+                first.setdefault(keys.iloc[i], i)
+            reasons = {i: "empty id" for i in empty}
+            reasons.update({i: f"id also on row {first[keys.iloc[i]]}, which is the one indexed" for i in np.flatnonzero(dup)
+                            if first[keys.iloc[i]] != i})
+            for i in bare:
+                reasons.setdefault(i, "neither image nor text")
+            if reasons:
+                self.dropped = [SkippedRow(i, None if i in empty else plain(df["id"].iloc[i]), reasons[i]) for i in sorted(reasons)]
+                keep = np.array([i not in reasons for i in range(len(df))], dtype=bool)
+                self.df, self.row_numbers = df[keep].reset_index(drop=True), self.row_numbers[keep]
+            return
+        if empty:
+            raise CatalogError(f"row(s) {_rows(empty)}: empty id")
+        if dup.any():
+            first = keys[dup].iloc[0]
+            rows = [i for i, v in enumerate(keys) if v == first]
+            raise CatalogError(f"duplicate id {first!r} in rows {_rows(rows)} ({int(dup.sum())} rows share an id)")
         if bare:
             raise CatalogError(f"row(s) {_rows(bare)} (id {plain(df['id'].iloc[bare[0]])!r}...): neither image nor text")
 
@@ -653,4 +684,4 @@ class SkippedRow:
     reason: str
 
     def __str__(self) -> str:
-        return f"row {self.row} (id {self.id!r}): {self.reason}"
+        return f"row {self.row}: {self.reason}" if self.id is None else f"row {self.row} (id {self.id!r}): {self.reason}"

@@ -54,8 +54,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     if source.is_dir():
         catalog = Catalog.from_folder(source, recursive=not args.no_recursive, title_from_filename=args.title_from_filename,
                                       text_columns=config.catalog.text_columns)
-    else:
-        catalog = Catalog.read(source, text_columns=config.catalog.text_columns)
+    else:  # a bad row is reported with the rows that fail to encode, not a stop
+        catalog = Catalog.read(source, text_columns=config.catalog.text_columns, bad_rows="skip")
     cache = args.cache or f"{Path(args.out).resolve()}.cache"
     if args.update and (Path(args.out) / "manifest.json").is_file():
         retriever = Retriever.load(args.out, _load_config(args.config) if args.config else None)

@@ -169,18 +169,19 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
     report.seconds["encode"] = result.seconds["encode"] + time.perf_counter() - t1
     report.encoded = sum(hashes[i] in result.fresh for i in ok)
     report.cached = len(ok) - report.encoded
-    ids = catalog.df["id"]
-    report.skipped = [SkippedRow(row, plain(ids.iloc[row]), reason) for row, reason in sorted(result.errors.items())]
-    report.warnings = [SkippedRow(row, plain(ids.iloc[row]), reason) for row, reason in sorted(result.warnings.items())]
+    ids, numbers = catalog.df["id"], catalog.row_numbers  # reports name rows of the table read
+    failed = [SkippedRow(int(numbers[row]), plain(ids.iloc[row]), reason) for row, reason in sorted(result.errors.items())]
+    report.skipped = sorted(catalog.dropped + failed, key=lambda s: s.row)  # with the rows the catalog left out
+    report.warnings = [SkippedRow(int(numbers[row]), plain(ids.iloc[row]), reason) for row, reason in sorted(result.warnings.items())]
     return Encoded(ok, sources, arrays, kept), report
 
 
 def ingest_rows(catalog: Catalog, rows: np.ndarray, hashes: list[str], embedder: Embedder, show_progress: bool | None = None,
                 cache: str | Path | None = None, engine: str | None = None) -> tuple[Catalog, Encoded, IndexReport]:
     """Encode only these rows of a catalog (an upsert's new and changed ones), given every row's hash.
-    Returns the sub-catalog they make, its encoded rows, and a report whose rows are the catalog's."""
+    Returns the sub-catalog they make (its ``row_numbers`` the catalog's: so are the report's rows), its encoded
+    rows, and the report."""
     part = catalog.subset(rows)
     encoded, report = ingest(part, embedder, show_progress, cache, engine, hashes=[hashes[i] for i in rows])
-    report.skipped = [SkippedRow(int(rows[s.row]), s.id, s.reason) for s in report.skipped]
-    report.warnings = [SkippedRow(int(rows[s.row]), s.id, s.reason) for s in report.warnings]
+    report.skipped = sorted(catalog.dropped + report.skipped, key=lambda s: s.row)
     return part, encoded, report

@@ -105,14 +105,17 @@ class Retriever:
     def index(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
               cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
         """Index a catalog (Catalog, DataFrame, or a CSV, parquet, JSON (Lines) file or image folder) from scratch, replacing
-        what was held once every row is encoded. ``cache``: shards kept for re-runs and resumes; ``engine``: "local" | "ray"."""
-        return self._ingest(Catalog.of(catalog, self.config.catalog.text_columns), show_progress, cache, engine, replace=True)
+        what was held once every row is encoded. ``cache``: shards kept for re-runs and resumes; ``engine``: "local" | "ray".
+        Rows that cannot be indexed (an empty or repeated id, neither image nor text, an image that fails with no text)
+        are left out and listed in ``report.skipped`` with the reason."""
+        return self._ingest(Catalog.of(catalog, self.config.catalog.text_columns, "skip"), show_progress, cache, engine,
+                            replace=True)
 
     def add(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
             cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
         """Encode and add more items (``cache``, ``engine``: as for ``index``); rows that fail are reported and skipped.
         Raises CatalogError when an id is already indexed (see ``upsert``), or an id or a value does not fit the indexed ones."""
-        catalog = Catalog.of(catalog, self.config.catalog.text_columns)
+        catalog = Catalog.of(catalog, self.config.catalog.text_columns, "skip")
         with self._lock.reading():
             self.store.conform(catalog)  # refuse before encoding; checked again when committed
         return self._ingest(catalog, show_progress, cache, engine, replace=False)
@@ -142,7 +145,7 @@ class Retriever:
         """Change only what changed: new ids added, changed content (image bytes or URL, text) encoded again, metadata
         changed in place, the rest untouched; ``prune``: ids missing from the catalog removed. Indexes change in place
         (rebuilt only when the automatic kind changes with the size); ``report.changes`` counts each kind."""
-        catalog, t0 = Catalog.of(catalog, self.config.catalog.text_columns), time.perf_counter()
+        catalog, t0 = Catalog.of(catalog, self.config.catalog.text_columns, "skip"), time.perf_counter()
         hashes = hash_catalog(catalog, self.config)  # reads every image file: outside the lock
         with self._lock.reading():
             self.store.conform(catalog, allow_existing=True)

@@ -168,6 +168,28 @@ def test_bad_rows_are_reported_and_the_rest_indexed(catalog, tmp_path):
     assert report.indexed == 8 and {s.id for s in report.skipped} == {"b1", "b2", "b3"} and not report.warnings
 
 
+def test_rows_a_catalog_cannot_hold_are_left_out_and_reported_by_their_row(catalog, tmp_path):
+    """index/add/upsert read a table leniently: an empty or repeated id, a row with neither image nor text is one
+    skipped row (the first row of an id stays); the rows after it keep their numbers. Catalog() itself still refuses."""
+    df = pd.DataFrame({"id": ["a", "b", "a", None, "c", "d", "b"],
+                       "title": ["red chair", "blue chair", "red chair again", "no id", None, None, "blue chair v2"],
+                       "image": [None, None, None, None, None, str(tmp_path / "missing.png"), None]})
+    with pytest.raises(mr.CatalogError, match=r"row\(s\) 3: empty id"):
+        mr.Catalog(df)
+    r = mr.Retriever()
+    report = r.index(df, show_progress=False)
+    assert sorted(map(str, r.items["id"])) == ["a", "b"] and report.indexed == 2
+    assert [(s.row, s.id) for s in report.skipped] == [(2, "a"), (3, None), (4, "c"), (5, "d"), (6, "b")]
+    assert [s.reason for s in report.skipped][:3] == ["id also on row 0, which is the one indexed", "empty id", "neither image nor text"]
+    assert "missing.png: file not found" in report.skipped[3].reason and "row 3: empty id" in str(report)
+    assert r.get("a")["title"] == "red chair" and r.get("b")["title"] == "blue chair"
+
+    nightly = pd.DataFrame({"id": ["e", "e", "a"], "title": ["new sofa", "new sofa twice", None]})
+    report = r.upsert(nightly, show_progress=False)
+    assert [(s.row, s.id) for s in report.skipped] == [(1, "e"), (2, "a")] and report.changes["added"] == 1
+    assert r.get("a")["title"] == "red chair"  # a bad row changes nothing indexed
+
+
 def test_add_and_remove(retriever_copy, catalog, fixtures):
     r = retriever_copy
     extra = pd.DataFrame({"id": [100], "image": [str(fixtures / "images" / "smart-car.png")], "title": ["Toy car"]})
