@@ -145,6 +145,13 @@ def test_a_price_range_filters(page):
     assert prices(page) and max(prices(page)) <= 100
 
 
+def test_a_filter_that_leaves_nothing_says_what_to_loosen(page):
+    page.goto("/?q=a+table&f=" + '{"price":{"min":1000000}}'.replace('"', "%22"))
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('No products match')", timeout=20_000)
+    assert "fewer filters" in page.text_content("#status") and not titles(page)
+    assert page.locator("#facets input").count() > 0  # the filters to loosen are still there
+
+
 def test_show_more_and_reload_keep_the_pages(page):
     search(page, "a lamp")
     first = titles(page)

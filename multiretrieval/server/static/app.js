@@ -187,8 +187,13 @@ async function runSearch(append = false) {
     $("results").dataset.mode = data.mode;
     $("more").hidden = !data.has_more;
     const shown = $("results").children.length;
-    $("status").replaceChildren(`${shown}${data.has_more ? "+" : ""} products`, muted(` · ${Math.round(data.took_ms)} ms`));
-    if (data.mode === "fused") $("status").append(contributionLegend());
+    if (!shown) {  // a filter or the minimum score left nothing: say what to loosen
+      const narrowed = Object.keys(state.filters).length || state.where || state.min !== "";
+      $("status").replaceChildren("No products match" + (narrowed ? ": try fewer filters or a lower minimum score." : "."));
+    } else {
+      $("status").replaceChildren(`${shown}${data.has_more ? "+" : ""} products`, muted(` · ${Math.round(data.took_ms)} ms`));
+      if (data.mode === "fused") $("status").append(contributionLegend());
+    }
     if (data.facets) renderFacets(data.facets);
   } catch (err) {
     if (seq !== searchSeq) return;
