@@ -110,14 +110,16 @@ def _unseen(folder: Path, config: RetrieverConfig, out: Path, show_progress) -> 
     zero-shot benchmark (``_tuxpaint``) on each data set's held-out categories, lit+conse at the config's ConSE
     weight (the default config's is the recipe's, training.LIT_CONSE_WEIGHT, chosen by cross-validation that leaves
     these categories out). Features are cached in the benchmark folder."""
-    from .training import LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, fit_zero_shot
+    from .training import LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, features_file, fit_zero_shot
 
     train = pd.read_csv(folder / "train.csv", dtype={"id": str}, keep_default_na=False)
-    pairs = {name: encode_catalog(Catalog(part.drop(columns="dataset").reset_index(drop=True)), folder / "features" / f"{name}.npz",
-                                  show_progress=show_progress)
+    tower = config.encoders.image
+    pairs = {name: encode_catalog(Catalog(part.drop(columns="dataset").reset_index(drop=True)),
+                                  features_file(folder / "features", name, tower), show_progress=show_progress, image_encoder=tower)
              for name, part in train.groupby("dataset")}
     weights = out / "unseen-lit.safetensors"
-    report = fit_zero_shot(pairs, weights, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, show_progress=show_progress)
+    report = fit_zero_shot(pairs, weights, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, image_encoder=tower,
+                           show_progress=show_progress)
     trained = dataclasses.replace(config, zero_shot=dataclasses.replace(config.zero_shot, weights=str(weights)))
     results = {"training": {"pairs": {k: v["train"] for k, v in report["data"].items()}, "epochs": report["epochs_run"],
                             "conse_weight": config.zero_shot.conse_weight}}

