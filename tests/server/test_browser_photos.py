@@ -49,3 +49,28 @@ def test_every_thumbnail_of_a_photo_folder_shows_in_the_page(tmp_path):
     assert drawn == len(shown) == len(links)  # every photo, ids with slashes and spaces included
     assert titles == [Path(i).stem for i in links]  # untitled photos are shown by their file's name, not their path
     assert {shown[i] for i in links[:4]} == set(LAMPS) and all(s > 0 for s in scores[:4])  # the lamps first, above 0
+
+
+def test_an_untitled_item_is_named_by_the_start_of_its_description(tmp_path, fixtures):
+    from playwright.sync_api import sync_playwright
+
+    import pandas as pd
+
+    import multiretrieval as mr
+
+    long = "A tall bamboo laundry hamper with a lid and two rope handles, woven by hand"
+    catalog = pd.DataFrame({"id": ["bed", "hamper", "short"], "title": ["Bed", None, None],
+                            "description": ["a bed", long, "a small stool"],
+                            "image": [str(fixtures / "images" / "bed1.png"), None, None]})
+    retriever = mr.Retriever()
+    retriever.index(catalog, show_progress=False)
+    retriever.save(tmp_path / "idx")
+    with served(tmp_path / "idx") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url + "/?q=laundry+hamper")
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 3", timeout=30_000)
+        titles = page.locator("#results .card .title").all_inner_texts()
+        browser.close()
+    assert titles[0] == "A tall bamboo laundry hamper with a lid and two rope…"  # cut at a word, within 60 characters
+    assert set(titles[1:]) == {"Bed", "a small stool"}

@@ -259,7 +259,9 @@ function price(item) {
 function titleOf(item) {
   const title = item[info.display.title];
   if (title !== null && title !== undefined && title !== "") return String(title);
-  // An untitled photo from a folder: its file name reads better than its whole path.
+  // Untitled: the start of its description, else (a photo from a folder) its file name rather than its whole path.
+  const description = String(item.description ?? "").trim();
+  if (description) return description.length > 60 ? description.slice(0, 60).replace(/\s+\S*$/, "") + "…" : description;
   const id = String(item.id);
   const name = id.split("/").pop().replace(/\.(jpe?g|png|webp|gif|tiff?|bmp|avif|heic|heif)$/i, "");
   return name && name !== id ? name : `Item ${id}`;
