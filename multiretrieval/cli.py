@@ -63,18 +63,19 @@ def cmd_index(args: argparse.Namespace) -> int:
     else:
         retriever = Retriever(config)
         report = retriever.index(catalog, show_progress=not args.no_progress, cache=cache, engine=args.engine)
+    # Saved before anything is printed: a closed pipe (`| head`) must not cost the run.
+    dropped = 0 if args.update or not len(retriever) else len(saved_ids(args.out) - {str(i) for i in retriever.items["id"]})
+    saved = retriever.save(args.out) if len(retriever) else None
     print(report)
     print(f"encoded shards kept in {cache} (a re-run encodes only new or changed items; "
           f"`multiretrieval cache prune {args.out}` drops the shards the index no longer uses)")
-    if not len(retriever):
+    if saved is None:
         print("error: no item could be indexed; nothing saved", file=sys.stderr)
         return 1
-    if not args.update:
-        dropped = len(saved_ids(args.out) - {str(i) for i in retriever.items["id"]})
-        if dropped:  # a nightly file indexed without --update replaces the whole index: say so
-            print(f"note: {args.out} held {dropped} item{'s' * (dropped != 1)} not in {args.catalog}; the new index replaces it "
-                  "without them (--update adds to an index instead)", file=sys.stderr)
-    print(f"saved to {retriever.save(args.out)}")
+    if dropped:  # a nightly file indexed without --update replaces the whole index: say so
+        print(f"note: {args.out} held {dropped} item{'s' * (dropped != 1)} not in {args.catalog}; the new index replaces it "
+              "without them (--update adds to an index instead)", file=sys.stderr)
+    print(f"saved to {saved}")
     return 0
 
 
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback; what was saved stays saved
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except MultiretrievalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

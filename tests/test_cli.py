@@ -31,6 +31,21 @@ def test_index_then_search(fixtures, tmp_path, capsys):
     assert "Sofa" in out and sheet.stat().st_size > 10_000
 
 
+def test_an_index_piped_into_a_closed_reader_is_still_saved(fixtures, tmp_path):
+    """`multiretrieval index ... | head`: the reader may be gone before the report is printed; the run is saved first,
+    and the closed pipe ends it quietly (exit 141, as a shell reports SIGPIPE), without a traceback."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = "import sys; from multiretrieval.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", run, "index", str(fixtures / "catalog.csv"), "--out",
+                             str(tmp_path / "idx"), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err
+    assert (tmp_path / "idx" / "manifest.json").is_file()
+
+
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["search", str(tmp_path / "none"), "--text", "x"]) == 2
     err = capsys.readouterr().err
