@@ -16,7 +16,7 @@ _EXPORTS = {
     "Catalog": "catalog", "load_image": "catalog", "RetrieverConfig": "config",
     "Retriever": "retriever", "IndexReport": "ingest", "Embedder": "embedder",
     **{name: "errors" for name in (
-        "CatalogError", "ConfigError", "ImageError", "ImageLimitError", "IndexLoadError", "ItemNotFoundError",
+        "CatalogError", "ConfigError", "ImageError", "ImageLimitError", "IndexBusyError", "IndexLoadError", "ItemNotFoundError",
         "LimitError", "ModelUnavailableError", "MultiretrievalError", "QueryError")},
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]

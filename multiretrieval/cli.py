@@ -37,6 +37,13 @@ def _load_config(path: str | None, factory: str | None = None, fusion: str | Non
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from .persistence import FolderLock
+
+    with FolderLock(args.out):  # one writer per folder: not while a service serves it or another index writes it
+        return _index(args)
+
+
+def _index(args: argparse.Namespace) -> int:
     from .catalog import Catalog
     from .collection import saved_ids
     from .persistence import journal_path

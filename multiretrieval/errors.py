@@ -44,6 +44,10 @@ class IndexLoadError(MultiretrievalError):
     """A saved index folder is missing files, corrupt, or was written by an incompatible setup."""
 
 
+class IndexBusyError(MultiretrievalError):
+    """An index folder is in use by another process: a running service, or another ``index`` into it."""
+
+
 class ModelUnavailableError(MultiretrievalError):
     """A model's weights cannot be found locally and cannot be downloaded."""
 

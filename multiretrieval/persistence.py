@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import IndexLoadError
+from .errors import IndexBusyError, IndexLoadError
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -77,6 +77,51 @@ def journal_path(folder: Path) -> Path:
     acknowledged and has not saved into the folder yet."""
     folder = Path(folder)
     return folder.with_name(folder.name + ".journal")
+
+
+class FolderLock:
+    """One writer per index folder, between processes: an exclusive lock (flock) on ``INDEX_DIR.lock`` beside it.
+
+    A service holds it while it serves the folder (its checkpoints save over it), ``multiretrieval index``
+    while it writes it; the second comes away with IndexBusyError naming the holder's pid. The kernel drops
+    the lock when its process ends, however it ends. Where flock does not exist (Windows), nothing is locked.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder.with_name(self.folder.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise IndexBusyError(f"{self.folder} is in use by another process{f' (pid {holder})' if holder else ''}: "
+                                 "a running service (multiretrieval serve) or another index into it. Stop it first, "
+                                 "or send the changes to the service (PUT /items/ID)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def read_folder(folder: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 from ..config import RetrieverConfig
 from ..errors import CatalogError
 from ..filters import compile_filter
-from ..persistence import journal_path
+from ..persistence import FolderLock, journal_path
 from ..retriever import Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
 from .journal import Journal
@@ -38,13 +38,24 @@ class Service:
         self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
         self.checkpoint_every = max(1, checkpoint_every)
         self._write_lock = threading.Lock()
-        retriever = Retriever.load(self.index_dir, self.config)
-        self.text_batcher = MicroBatcher(retriever.text_encoder.forward)
-        self.image_batcher = MicroBatcher(retriever.image_encoder.forward, max_batch=16)
-        self.retriever = self._prepare(retriever)
-        saved = int(retriever.saved_note.get("journal_seq", 0))
-        self.journal = Journal(journal_path(self.index_dir), after=saved)
-        self._replay(self.journal.records(after=saved))
+        # Held while serving: an `index` into the folder meanwhile would be undone by the next checkpoint.
+        self.folder_lock = FolderLock(self.index_dir).acquire()
+        try:
+            retriever = Retriever.load(self.index_dir, self.config)
+            self.text_batcher = MicroBatcher(retriever.text_encoder.forward)
+            self.image_batcher = MicroBatcher(retriever.image_encoder.forward, max_batch=16)
+            self.retriever = self._prepare(retriever)
+            saved = int(retriever.saved_note.get("journal_seq", 0))
+            self.journal = Journal(journal_path(self.index_dir), after=saved)
+            self._replay(self.journal.records(after=saved))
+        except BaseException:
+            self.folder_lock.release()
+            raise
+
+    def close(self) -> None:
+        """Close the write log and let other processes have the folder (after the last checkpoint)."""
+        self.journal.close()
+        self.folder_lock.release()
 
     def _prepare(self, retriever: Retriever) -> Retriever:
         """Route the retriever's encoders through the shared micro-batchers and load every model now."""

@@ -130,6 +130,7 @@ def test_checkpoints_save_the_folder_and_empty_the_log(indexed, tmp_path):
         assert manifest["note"] == {"journal_seq": 2} and manifest["items"]["count"] == 10
         with open(journal, "ab") as f:
             f.write(b'{"seq": 4, "op": "remove", "ids": [90')  # a write cut short by a crash: never acknowledged
+        client.app.state.service.folder_lock.release()  # as if its process had died: a restart may take the folder
         restarted = mr.server.app.Service(folder)
         assert sorted(restarted.retriever.items["id"])[-3:] == [9001, 9002, 9003]
         assert journal.read_text().count("\n") == 1  # the cut line is dropped
@@ -137,10 +138,10 @@ def test_checkpoints_save_the_folder_and_empty_the_log(indexed, tmp_path):
     assert journal.read_text() == "" and mr.Retriever.load(folder).items["id"].tolist()[-1] == 9003
 
 
-def test_indexing_into_a_served_folder_with_unsaved_writes_is_refused(indexed, fixtures, tmp_path, capsys):
-    """A nightly `index --update` while the service holds writes it has not saved: they would be lost, or the
-    service's next save would undo the update. The CLI refuses before encoding anything; after the service stops
-    (and saves), the same command runs."""
+def test_indexing_into_a_served_folder_is_refused(indexed, fixtures, tmp_path, capsys):
+    """A nightly `index --update` while a service serves the folder: the service's next save would undo the update,
+    even when it holds no write yet. The CLI refuses before encoding anything (the folder's lock); after the service
+    stops (and saves its writes), the same command runs. (A killed service's unsaved writes: the sigkill test.)"""
     from multiretrieval.cli import main as cli
 
     folder = tmp_path / "idx"
@@ -148,9 +149,9 @@ def test_indexing_into_a_served_folder_with_unsaved_writes_is_refused(indexed, f
     catalog = tmp_path / "tonight.csv"
     pd.DataFrame({"id": [7001], "title": ["Floor lamp"]}).to_csv(catalog, index=False)
     with TestClient(create_app(folder, checkpoint_every=100), base_url=LOCAL) as client:
-        assert client.post("/items", data={"metadata": json.dumps({"id": 9001, "title": "stool"})}).status_code == 201
         assert cli(["index", str(catalog), "--out", str(folder), "--update", "--no-progress"]) == 2
-        assert "Stop the service" in capsys.readouterr().err
+        assert f"in use by another process (pid {os.getpid()})" in capsys.readouterr().err
+        assert client.post("/items", data={"metadata": json.dumps({"id": 9001, "title": "stool"})}).status_code == 201
         assert 7001 not in mr.Retriever.load(folder).items["id"].tolist()
     assert cli(["index", str(catalog), "--out", str(folder), "--update", "--no-progress"]) == 0
     assert {7001, 9001} <= set(mr.Retriever.load(folder).items["id"].tolist())  # the service's write and the update
@@ -185,7 +186,7 @@ def _call(port: int, method: str, path: str, fields: dict | None = None, files: 
     return response.status_code, response.json()
 
 
-def test_acknowledged_writes_survive_a_sigkill(indexed, tmp_path, fixtures):
+def test_acknowledged_writes_survive_a_sigkill(indexed, tmp_path, fixtures, capsys):
     """The server is killed (SIGKILL: no handler runs) right after answering four writes; a restart has them all."""
     folder = tmp_path / "idx"
     indexed.save(folder)
@@ -204,9 +205,17 @@ def test_acknowledged_writes_survive_a_sigkill(indexed, tmp_path, fixtures):
         proc.wait()
     assert (folder / "manifest.json").read_text() == saved  # the folder was not rewritten per write
     assert len(folder.with_name("idx.journal").read_text().splitlines()) == 4
+    from multiretrieval.cli import main as cli
+
+    nightly = tmp_path / "tonight.csv"
+    pd.DataFrame({"id": [7001], "title": ["Floor lamp"]}).to_csv(nightly, index=False)
+    assert cli(["index", str(nightly), "--out", str(folder), "--update", "--no-progress"]) == 2  # the log is not saved yet
+    assert "Stop the service" in capsys.readouterr().err
 
     proc = _serve(folder, port)
     try:
+        assert cli(["index", str(nightly), "--out", str(folder), "--update", "--no-progress"]) == 2  # another process serves
+        assert f"in use by another process (pid {proc.pid})" in capsys.readouterr().err
         assert _call(port, "GET", "/items/900")[1]["title"] == "Toy car"
         assert _call(port, "GET", "/item?id=47")[1]["price"] == 1.0
         assert _call(port, "GET", "/items/575")[0] == 404
