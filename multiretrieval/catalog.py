@@ -247,7 +247,8 @@ class Catalog:
             for i in bare:
                 reasons.setdefault(i, "neither image nor text")
             if reasons:
-                self.dropped = [SkippedRow(i, None if i in empty else plain(df["id"].iloc[i]), reasons[i]) for i in sorted(reasons)]
+                self.dropped = [SkippedRow(int(i), None if i in empty else plain(df["id"].iloc[i]), reasons[i])
+                                for i in sorted(reasons)]
                 keep = np.array([i not in reasons for i in range(len(df))], dtype=bool)
                 self.df, self.row_numbers = df[keep].reset_index(drop=True), self.row_numbers[keep]
             return

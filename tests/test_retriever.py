@@ -182,6 +182,7 @@ def test_rows_a_catalog_cannot_hold_are_left_out_and_reported_by_their_row(catal
     assert [(s.row, s.id) for s in report.skipped] == [(2, "a"), (3, None), (4, "c"), (5, "d"), (6, "b")]
     assert [s.reason for s in report.skipped][:3] == ["id also on row 0, which is the one indexed", "empty id", "neither image nor text"]
     assert "missing.png: file not found" in report.skipped[3].reason and "row 3: empty id" in str(report)
+    assert all(type(s["row"]) is int for s in report.to_dict()["skipped"])  # index-report.json: numbers, not "2"
     assert r.get("a")["title"] == "red chair" and r.get("b")["title"] == "blue chair"
 
     nightly = pd.DataFrame({"id": ["e", "e", "a"], "title": ["new sofa", "new sofa twice", None]})
