@@ -241,7 +241,7 @@ class ItemStore:
                 self._duck = self._filter_table()
         out = {}
         for column in columns:
-            condition = filters_where(filters, where, leave_out=column)
+            condition = filters_where(filters, where, leave_out=column, columns=self.filter_columns())
             cur = self._duck.cursor()
             scope = "TRUE"
             if condition:
@@ -348,13 +348,18 @@ class ItemStore:
         return store
 
 
-def filters_where(filters: dict[str, Any] | None, where: str | None = None, leave_out: str | None = None) -> str | None:
+def filters_where(filters: dict[str, Any] | None, where: str | None = None, leave_out: str | None = None,
+                  columns: dict[str, str] | None = None) -> str | None:
     """One SQL condition from structured filters and a ``where``: each column's filter is a list
     of values (any of them), one value, or a range {"min": a, "max": b} (either may be missing); the
     column ``leave_out`` is skipped (a facet's own counts ignore its own filter). A ``where`` alone
-    comes back as it is (so the filter grammar's refusals name its own text)."""
+    comes back as it is (so the filter grammar's refusals name its own text). ``columns``
+    (``ItemStore.filter_columns``): a filter on another column is refused in the filters' own terms."""
     if filters is not None and not isinstance(filters, dict):
         raise QueryError(f"filters must map columns to values or ranges, got {type(filters).__name__}")
+    unknown = [str(c) for c in filters or {} if columns is not None and c not in columns]
+    if unknown:
+        raise QueryError(f"filters: no column {unknown[0]!r} in this index; columns: {describe_columns(columns)}")
     if not filters or all(column == leave_out for column in filters):
         return where or None
     parts = [f"({where})"] if where else []

@@ -305,7 +305,7 @@ def run_batch(queries: list[Query], embedder, items: Collection) -> list[pd.Data
     limit = embedder.config.search.filter_timeout_s
     allowed = []  # the filters first: a refused or interrupted one costs no encoding
     for q in queries:
-        where = filters_where(q.filters, q.where)
+        where = filters_where(q.filters, q.where, columns=store.filter_columns() if q.filters else None)
         allowed.append(store.filter(where, limit, q.unsafe_where) if where is not None else None)
     return [answer(q, space, vector, keys, embedder, items, photo)
             for q, (space, vector, photo), keys in zip(queries, _query_vectors(queries, embedder, items, allowed), allowed)]

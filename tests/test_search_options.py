@@ -77,6 +77,7 @@ def test_batches_answer_as_single_searches_do(indexed, catalog):
 @pytest.mark.parametrize("kwargs,message", [
     ({"text": "x", "offset": -1}, "offset"), ({"text": "x", "sort_by": "colour"}, "sortable columns"),
     ({"text": "x", "min_score": "high"}, "min_score"), ({"text": "x", "filters": {"price": {"lo": 1}}}, "filters"),
+    ({"text": "x", "filters": {"colour": "red"}}, r"filters: no column 'colour' in this index; columns: .*price \(number\)"),
     ({"text": "x", "filters": {"price": "cheap"}}, "convert string 'cheap'"),
     ({"text": "x", "colour": "red"}, "unknown search option"), ({"like": 999}, "not in the index"),
     ({"like": 56, "vector": [1.0]}, "give one of"), ({"vector": [1.0, 2.0], "mode": "text"}, "joint space"),
