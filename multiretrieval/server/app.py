@@ -197,8 +197,11 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             try:
                 data = _thumbnail(source, _mtime(source), size)
             except ImageError as exc:
-                # Clients get the file's name only: the server's folders are none of their business; the log has the path.
-                logger.warning("item %r: %s", item_id, exc)
+                # Clients get the file's name only: the server's folders are none of their business; the log has the
+                # path, once per file (every page showing the item asks again).
+                if source not in _logged_unreadable:
+                    _logged_unreadable.add(source)
+                    logger.warning("item %r: %s", item_id, exc)
                 name = Path(source).name
                 if _missing(source):  # gone since it was indexed (or between the stat and the read)
                     raise _HTTPError(404, f"the image file of item {item_id!r} is missing: {name}") from None
@@ -440,6 +443,9 @@ def _thumbnail(source: str, mtime: float, size: int = THUMBNAIL_PX) -> bytes:  #
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+_logged_unreadable: set[str] = set()  # image files the log has named as missing or unreadable
 
 
 def _mtime(path: str) -> float:

@@ -188,8 +188,9 @@ async function runSearch(append = false) {
     $("more").hidden = !data.has_more;
     const shown = $("results").children.length;
     if (!shown) {  // a filter or the minimum score left nothing: say what to loosen
-      const narrowed = Object.keys(state.filters).length || state.where || state.min !== "";
-      $("status").replaceChildren("No products match" + (narrowed ? ": try fewer filters or a lower minimum score." : "."));
+      const loosen = [Object.keys(state.filters).length && "remove a filter", state.where && "loosen the condition",
+                      state.min !== "" && "lower the minimum score"].filter(Boolean);
+      $("status").replaceChildren("No products match" + (loosen.length ? `: ${loosen.join(", or ")}.` : "."));
     } else {
       $("status").replaceChildren(`${shown}${data.has_more ? "+" : ""} products`, muted(` · ${Math.round(data.took_ms)} ms`));
       if (data.mode === "fused") $("status").append(contributionLegend());
@@ -342,8 +343,10 @@ function renderFacets(facets) {
     const group = el("fieldset", "facet");
     group.dataset.column = column;
     group.append(el("legend", "", label(column)));
-    if (facet.kind === "values") valuesFacet(group, column, facet);
-    else if (facet.min !== null && facet.min < facet.max) rangeFacet(group, column, facet);
+    if (facet.kind === "values") {
+      if (!facet.values.length && !(state.filters[column] || []).length) continue;  // nothing to pick: no bare heading
+      valuesFacet(group, column, facet);
+    } else if (facet.min !== null && facet.min < facet.max) rangeFacet(group, column, facet);
     else continue;
     box.append(group);
   }
@@ -390,7 +393,7 @@ function rangeFacet(group, column, facet) {
     slider.step = step;
     slider.value = chosen[end] ?? (end === "min" ? slider.min : slider.max);
     slider.setAttribute("aria-label", `${label(column)}, ${end === "min" ? "from" : "up to"}`);
-    const shown = el("output", "", slider.value);
+    const shown = el("output", "", String(chosen[end] ?? slider.value));  // the filter's own bound, even off the slider
     slider.addEventListener("input", () => { shown.textContent = slider.value; });
     slider.addEventListener("change", () => {
       const lo = Number(inputs.min.value), hi = Number(inputs.max.value);
@@ -423,6 +426,8 @@ async function showProduct(id) {
   const hasPhoto = item.image !== null && item.image !== undefined && item.image !== "";
   for (const part of ["product-image", "but-form", "looks-section"]) $(part).hidden = false;
   $("product-no-photo").hidden = true;
+  // "Looks like this" once the photo shows: an item whose file is gone has none to search by (noPhoto hides the row).
+  $("product-image").onload = () => fillRow("looks-row", { like: id, mode: "image", k: 8 });
   if (hasPhoto) $("product-image").src = productLink(id) + "/image?size=512";
   else noPhoto();
   $("product-image").alt = titleOf(item);
@@ -433,7 +438,6 @@ async function showProduct(id) {
     .map(([k, v]) => { const tr = el("tr"); tr.append(el("th", "", label(k)), el("td", "", String(v))); return tr; });
   $("product-details").replaceChildren(...rows);
   $("but-form").dataset.id = id;
-  if (hasPhoto) fillRow("looks-row", { like: id, mode: "image", k: 8 });
   fillRow("described-row", { like: id, mode: "text", k: 8 });
 }
 
