@@ -111,6 +111,8 @@ def test_photo_plus_description(page, tmp_path):
     assert page.locator("#preview").is_visible() and page.inner_text("#photo-name") == "my-couch.png"
     assert sum("bed" in t.lower() for t in titles(page)[:5]) >= 4  # "this, but a bed"
     assert page.locator("#results .contrib").count() == len(titles(page))  # photo/words share per result
+    named = page.locator("#results .contrib.named")  # the beds the words name: a note, not a "photo only" share bar
+    assert named.count() >= 3 and named.first.inner_text() == "✓ matches your words"
     assert "matched by" in page.inner_text("#status") and page.locator("#status .swatch").count() == 2  # and its legend
     assert "photo=1" in page.url
     page.reload()  # the photo is kept for the session: the same fused search comes back

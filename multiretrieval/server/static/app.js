@@ -308,13 +308,16 @@ function contributionLegend() {
 }
 
 function contributionBar(item) {
+  if (item.word_match) {  // first because the words name it, then ordered by the photo: a share bar would say "photo only"
+    const note = el("div", "contrib named small", "✓ matches your words");
+    note.title = `the words name it (its category, tag or colour); ordered by the photo ${item.image_score.toFixed(2)}`;
+    return note;
+  }
   const photoPart = Math.max(item.image_score, 0), wordsPart = Math.max(item.text_score, 0);
   const total = photoPart + wordsPart || 1;
   const bar = el("div", "contrib");
   bar.setAttribute("role", "img");
-  bar.setAttribute("aria-label", item.word_match
-    ? `the words name it (its category, tag or colour); ordered by the photo ${item.image_score.toFixed(2)}`
-    : `matched by the photo ${item.image_score.toFixed(2)}, by the words ${item.text_score.toFixed(2)}`);
+  bar.setAttribute("aria-label", `matched by the photo ${item.image_score.toFixed(2)}, by the words ${item.text_score.toFixed(2)}`);
   bar.title = bar.getAttribute("aria-label");
   const a = el("span", "by-photo"); a.style.width = (100 * photoPart / total) + "%";
   const b = el("span", "by-words"); b.style.width = (100 * wordsPart / total) + "%";
