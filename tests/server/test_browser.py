@@ -266,6 +266,8 @@ def test_a_file_that_is_not_a_picture_gets_a_human_message(page, tmp_path):
     fake.write_bytes(b"\x89PNG but not really")
     page.set_input_files("#query-image", str(fake))  # looks like a PNG to the browser; the server refuses it
     page.wait_for_function("document.getElementById('status').textContent.includes('not a picture')", timeout=30_000)
+    page.wait_for_function("document.getElementById('preview').hidden", timeout=10_000)  # no broken-image icon in the chip
+    assert page.inner_text("#photo-name") == "fake.png"
 
 
 def test_a_bad_filter_names_the_columns(page):

@@ -77,11 +77,14 @@ function setPhoto(blob, name) {
   photo = blob ? { blob, name: name || "photo", url: URL.createObjectURL(blob) } : null;
   $("photo-chip").hidden = !photo;
   if (photo) {
+    $("preview").hidden = false;
     $("preview").src = photo.url;
     $("preview").alt = "your photo: " + photo.name;
     $("photo-name").textContent = photo.name;
   }
 }
+
+$("preview").addEventListener("error", () => { $("preview").hidden = true; });  // not a picture after all: the name alone
 
 function acceptFile(file) {
   if (!file) return;
@@ -438,7 +441,11 @@ async function showProduct(id) {
   $("product-brand").textContent = info.display.brand ? (item[info.display.brand] || "") : "";
   $("product-price").textContent = price(item);
   const rows = Object.entries(item).filter(([k, v]) => v !== null && v !== "" && k !== "image" && k !== info.display.title)
-    .map(([k, v]) => { const tr = el("tr"); tr.append(el("th", "", label(k)), el("td", "", String(v))); return tr; });
+    .map(([k, v]) => {
+      const tr = el("tr");
+      tr.append(el("th", "", label(k)), el("td", "", k === info.display.price ? price(item) : String(v)));  // as in the heading
+      return tr;
+    });
   $("product-details").replaceChildren(...rows);
   $("but-form").dataset.id = id;
   fillRow("described-row", { like: id, mode: "text", k: 8 });
