@@ -78,11 +78,16 @@ class Catalog:
             raise CatalogError(f"expected a pandas DataFrame, got {type(df).__name__}")
         if bad_rows not in ("raise", "skip"):
             raise ValueError(f"bad_rows must be 'raise' or 'skip', got {bad_rows!r}")
-        self.df = _coerce_ids(df.reset_index(drop=True).copy())
+        df = df.reset_index(drop=True)
+        self.row_numbers = np.arange(len(df))  # each item's row in the table read: what reports name
+        self.dropped: list[SkippedRow] = []  # bad_rows="skip": the rows left out, and why
+        if bad_rows == "skip" and "id" in df.columns:  # before the ids are coerced: a gap makes integer ids floats
+            empty = np.array([_is_empty(v) for v in df["id"]], bool)
+            self.dropped = [SkippedRow(int(i), None, "empty id") for i in np.flatnonzero(empty)]
+            df, self.row_numbers = df[~empty].reset_index(drop=True), self.row_numbers[~empty]
+        self.df = _coerce_ids(df.copy())
         self.image_root = Path(image_root).resolve() if image_root is not None else Path.cwd()
         self.text_columns = tuple(c for c in text_columns if c in self.df.columns)
-        self.row_numbers = np.arange(len(self.df))  # each item's row in the table read: what reports name
-        self.dropped: list[SkippedRow] = []  # bad_rows="skip": the rows left out, and why
         self._validate(bad_rows)
 
     @classmethod
@@ -237,18 +242,15 @@ class Catalog:
         texts = self.texts()
         images = self.image_sources()
         bare = [i for i in range(len(df)) if texts[i] is None and images[i] is None]
-        if bad_rows == "skip":
-            first = {}
+        if bad_rows == "skip":  # (empty ids are gone already)
+            reasons = {i: "neither image nor text" for i in bare}
+            first: dict[str, int] = {}  # per repeated id, its first row that is indexed
             for i in np.flatnonzero(dup):
-                first.setdefault(keys.iloc[i], i)
-            reasons = {i: "empty id" for i in empty}
-            reasons.update({i: f"id also on row {first[keys.iloc[i]]}, which is the one indexed" for i in np.flatnonzero(dup)
-                            if first[keys.iloc[i]] != i})
-            for i in bare:
-                reasons.setdefault(i, "neither image nor text")
+                if i not in reasons and first.setdefault(keys.iloc[i], i) != i:
+                    reasons[i] = f"id also on row {self.row_numbers[first[keys.iloc[i]]]}, which is the one indexed"
             if reasons:
-                self.dropped = [SkippedRow(int(i), None if i in empty else plain(df["id"].iloc[i]), reasons[i])
-                                for i in sorted(reasons)]
+                self.dropped = sorted(self.dropped + [SkippedRow(int(self.row_numbers[i]), plain(df["id"].iloc[i]), reasons[i])
+                                                      for i in reasons], key=lambda d: d.row)
                 keep = np.array([i not in reasons for i in range(len(df))], dtype=bool)
                 self.df, self.row_numbers = df[keep].reset_index(drop=True), self.row_numbers[keep]
             return

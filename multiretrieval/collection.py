@@ -180,8 +180,8 @@ class Collection:
         differs = self._metadata_differs(catalog, rows, at[rows])
         plan = UpsertPlan(encode=np.flatnonzero(~same), update=rows[differs], unchanged=int((~differs).sum()))
         plan.replaced = {ids[r] for r in plan.encode if at[r] >= 0}
-        if prune:
-            wanted = set(ids)
+        if prune:  # a row the catalog left out (catalog.dropped) still names an item to keep
+            wanted = set(ids) | {str(d.id) for d in catalog.dropped if d.id is not None}
             plan.remove = [i for i in self.store.table["id"].tolist() if str(i) not in wanted]
         return plan
 

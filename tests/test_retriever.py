@@ -185,10 +185,20 @@ def test_rows_a_catalog_cannot_hold_are_left_out_and_reported_by_their_row(catal
     assert all(type(s["row"]) is int for s in report.to_dict()["skipped"])  # index-report.json: numbers, not "2"
     assert r.get("a")["title"] == "red chair" and r.get("b")["title"] == "blue chair"
 
-    nightly = pd.DataFrame({"id": ["e", "e", "a"], "title": ["new sofa", "new sofa twice", None]})
-    report = r.upsert(nightly, show_progress=False)
+    nightly = pd.DataFrame({"id": ["e", "e", "a", "b"], "title": ["new sofa", "new sofa twice", None, "blue chair"]})
+    report = r.upsert(nightly, prune=True, show_progress=False)
     assert [(s.row, s.id) for s in report.skipped] == [(1, "e"), (2, "a")] and report.changes["added"] == 1
-    assert r.get("a")["title"] == "red chair"  # a bad row changes nothing indexed
+    assert r.get("a")["title"] == "red chair" and report.changes["removed"] == 0  # a bad row changes nothing indexed
+
+
+def test_a_row_left_out_for_an_empty_id_keeps_integer_ids_integers(tmp_path):
+    (tmp_path / "c.csv").write_text("id,title\n1,red chair\n,no id\n2,blue chair\n2,blue again\n3,\n3,lamp\n")
+    r = mr.Retriever()
+    report = r.index(tmp_path / "c.csv", show_progress=False)
+    assert sorted(r.items["id"]) == [1, 2, 3] and r.get(1)["title"] == "red chair"  # not 1.0
+    assert [str(s) for s in report.skipped] == ["row 1: empty id", "row 3 (id 2): id also on row 2, which is the one indexed",
+                                                "row 4 (id 3): neither image nor text"]  # row 5 is id 3's first usable row
+    assert r.upsert(tmp_path / "c.csv", show_progress=False).changes["unchanged"] == 3  # the nightly file again
 
 
 def test_add_and_remove(retriever_copy, catalog, fixtures):
