@@ -73,16 +73,20 @@ def _index(args: argparse.Namespace) -> int:
     # Saved before anything is printed: a closed pipe (`| head`) must not cost the run.
     dropped = 0 if args.update or not len(retriever) else len(saved_ids(args.out) - {str(i) for i in retriever.items["id"]})
     saved = retriever.save(args.out) if len(retriever) else None
+    if dropped:  # a nightly file indexed without --update replaces the whole index: say so (stderr, before stdout)
+        print(f"note: {args.out} held {dropped} item{'s' * (dropped != 1)} not in {args.catalog}; the new index replaces it "
+              "without them (--update adds to an index instead)", file=sys.stderr)
     print(report)
     print(f"encoded shards kept in {cache} (a re-run encodes only new or changed items; "
           f"`multiretrieval cache prune {args.out}` drops the shards the index no longer uses)")
     if saved is None:
         print("error: no item could be indexed; nothing saved", file=sys.stderr)
         return 1
-    if dropped:  # a nightly file indexed without --update replaces the whole index: say so
-        print(f"note: {args.out} held {dropped} item{'s' * (dropped != 1)} not in {args.catalog}; the new index replaces it "
-              "without them (--update adds to an index instead)", file=sys.stderr)
     print(f"saved to {saved}")
+    rows = len(catalog) + len(catalog.dropped)
+    if rows and len(report.skipped) == rows:  # a nightly file of nothing but bad rows: a job must hear of it
+        print(f"error: no row of {args.catalog} could be used (all {rows} skipped); the index is as it was", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -315,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import MultiretrievalError
 
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit, where nothing could catch it
+        return status
     except BrokenPipeError:  # the reader went away (`| head`): no traceback; what was saved stays saved
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

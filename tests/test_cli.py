@@ -36,7 +36,8 @@ def test_an_index_piped_into_a_closed_reader_is_still_saved(fixtures, tmp_path):
     and the closed pipe ends it quietly (exit 141, as a shell reports SIGPIPE), without a traceback."""
     import os
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a shell pipe is by default
+    env["HF_HUB_OFFLINE"] = "1"
     run = "import sys; from multiretrieval.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", run, "index", str(fixtures / "catalog.csv"), "--out",
                              str(tmp_path / "idx"), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -44,6 +45,14 @@ def test_an_index_piped_into_a_closed_reader_is_still_saved(fixtures, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err
     assert (tmp_path / "idx" / "manifest.json").is_file()
+
+
+def test_a_nightly_file_of_nothing_but_bad_rows_fails_the_job(fixtures, tmp_path, capsys):
+    assert cli.main(["index", str(fixtures / "catalog.csv"), "--out", str(tmp_path / "idx"), "--no-progress"]) == 0
+    (tmp_path / "bad.csv").write_text("id,title\n,no id\n56,\n")
+    assert cli.main(["index", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "idx"), "--update", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "row 0: empty id" in captured.out and "no row of" in captured.err and "all 2 skipped" in captured.err
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
