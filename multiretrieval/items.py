@@ -367,26 +367,41 @@ def filters_where(filters: dict[str, Any] | None, where: str | None = None, leav
         if column == leave_out:
             continue
         name = '"' + str(column).replace('"', '""') + '"'
+        kind = (columns or {}).get(column)
+
+        def literal(value: Any) -> str:
+            return _literal(value, column, kind)
+
         if isinstance(wanted, dict):
             unknown = set(wanted) - {"min", "max"}
             if unknown:
                 raise QueryError(f"filters[{column!r}]: a range has 'min' and/or 'max', not {sorted(unknown)}")
-            parts += [f"{name} {op} {_literal(wanted[key], column)}" for key, op in (("min", ">="), ("max", "<=")) if wanted.get(key) is not None]
+            parts += [f"{name} {op} {literal(wanted[key])}" for key, op in (("min", ">="), ("max", "<=")) if wanted.get(key) is not None]
         elif isinstance(wanted, (list, tuple)):
             if not wanted:
                 continue
-            parts.append(f"{name} IN ({', '.join(_literal(v, column) for v in wanted)})")
+            parts.append(f"{name} IN ({', '.join(literal(v) for v in wanted)})")
         elif isinstance(wanted, (str, bool, int, float, np.number)):  # {"color": "red"}: one value
-            parts.append(f"{name} = {_literal(wanted, column)}")
+            parts.append(f"{name} = {literal(wanted)}")
         else:
             raise QueryError(f"filters[{column!r}]: a value, a list of values or a range {{'min': .., 'max': ..}}, got {wanted!r}")
     return " AND ".join(parts) or None
 
 
-def _literal(value: Any, column: str) -> str:
+def _literal(value: Any, column: str, kind: str | None = None) -> str:
+    """A filter value as SQL; ``kind`` (the column's, when known): text for a number column, or a number for a text
+    one, is refused here rather than by DuckDB's conversion error over SQL the user never wrote."""
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
-    if isinstance(value, (int, float, np.number)) and np.isfinite(value):
+    if kind in ("integer", "number") and isinstance(value, str):  # "10" from a form is 10; "cheap" is refused
+        try:
+            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            raise QueryError(f"filters[{column!r}]: {value!r} is text, but {column!r} holds numbers") from None
+    number = isinstance(value, (int, float, np.number))
+    if kind == "text" and number:
+        raise QueryError(f"filters[{column!r}]: {value!r} is a number, but {column!r} holds text: give it as {str(value)!r}")
+    if number and np.isfinite(value):
         return repr(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"

@@ -78,7 +78,8 @@ def test_batches_answer_as_single_searches_do(indexed, catalog):
     ({"text": "x", "offset": -1}, "offset"), ({"text": "x", "sort_by": "colour"}, "sortable columns"),
     ({"text": "x", "min_score": "high"}, "min_score"), ({"text": "x", "filters": {"price": {"lo": 1}}}, "filters"),
     ({"text": "x", "filters": {"colour": "red"}}, r"filters: no column 'colour' in this index; columns: .*price \(number\)"),
-    ({"text": "x", "filters": {"price": "cheap"}}, "convert string 'cheap'"),
+    ({"text": "x", "filters": {"price": "cheap"}}, r"filters\['price'\]: 'cheap' is text, but 'price' holds numbers"),
+    ({"text": "x", "filters": {"category": [3]}}, r"3 is a number, but 'category' holds text: give it as '3'"),
     ({"text": "x", "colour": "red"}, "unknown search option"), ({"like": 999}, "not in the index"),
     ({"like": 56, "vector": [1.0]}, "give one of"), ({"vector": [1.0, 2.0], "mode": "text"}, "joint space"),
 ])
@@ -137,3 +138,5 @@ def test_filters_where_quotes_values_and_names():
         filters_where({"a": [object()]})
     assert filters_where({"a": [np.int64(4)]}) == '"a" IN (4)'
     assert filters_where({"color": "red", "n": 2}) == '"color" = \'red\' AND "n" = 2'  # one value needs no list
+    assert filters_where({"n": "2", "x": {"min": " 1.5"}}, columns={"n": "integer", "x": "number"}) == '"n" = 2 AND "x" >= 1.5'
+
