@@ -83,12 +83,14 @@ class FolderLock:
     """One writer per index folder, between processes: an exclusive lock (flock) on ``INDEX_DIR.lock`` beside it.
 
     A service holds it while it serves the folder (its checkpoints save over it), ``multiretrieval index``
-    while it writes it; the second comes away with IndexBusyError naming the holder's pid. The kernel drops
-    the lock when its process ends, however it ends. Where flock does not exist (Windows), nothing is locked.
+    while it writes it; the second comes away with IndexBusyError naming the holder's pid (a second holder in
+    the same process is refused too). The kernel drops the lock when its process ends, however it ends; the
+    file stays, harmless. Where flock does not exist (Windows), or the lock file cannot be written (a
+    read-only index, which no one can write either), nothing is locked.
     """
 
     def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+        self.folder = Path(folder).resolve()  # one lock file for every path that names the folder
         self.path = self.folder.with_name(self.folder.name + ".lock")
         self._fd: int | None = None
 
@@ -98,15 +100,19 @@ class FolderLock:
         except ImportError:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # read-only: no writer can change the folder anyway
+            logger.warning("cannot write the lock file %s (%s): going on without one", self.path, exc.strerror)
+            return self
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise IndexBusyError(f"{self.folder} is in use by another process{f' (pid {holder})' if holder else ''}: "
-                                 "a running service (multiretrieval serve) or another index into it. Stop it first, "
-                                 "or send the changes to the service (PUT /items/ID)") from None
+            who = "this process" if holder == str(os.getpid()) else f"another process{f' (pid {holder})' if holder else ''}"
+            raise IndexBusyError(f"{self.folder} is in use by {who}: a running service (multiretrieval serve) or another "
+                                 "index into it. Stop it first, or send the changes to the service (PUT /items/ID)") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd

@@ -79,8 +79,10 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        await run_in_threadpool(service.checkpoint)  # a clean shutdown leaves no log to replay
-        service.close()
+        try:
+            await run_in_threadpool(service.checkpoint)  # a clean shutdown leaves no log to replay
+        finally:
+            service.close()
 
     app = FastAPI(title="multiretrieval", version=_version(), docs_url=None, lifespan=lifespan,
                   description="Search a product catalog by text, photo, or both.")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RetrieverConfig
-from ..errors import CatalogError
+from ..errors import CatalogError, IndexLoadError
 from ..filters import compile_filter
 from ..persistence import FolderLock, journal_path
 from ..retriever import Retriever
@@ -38,6 +38,8 @@ class Service:
         self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
         self.checkpoint_every = max(1, checkpoint_every)
         self._write_lock = threading.Lock()
+        if not self.index_dir.is_dir():  # before the lock, which would leave a lock file beside a mistyped path
+            raise IndexLoadError(f"{self.index_dir}: no such index folder")
         # Held while serving: an `index` into the folder meanwhile would be undone by the next checkpoint.
         self.folder_lock = FolderLock(self.index_dir).acquire()
         try:

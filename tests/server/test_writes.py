@@ -150,7 +150,7 @@ def test_indexing_into_a_served_folder_is_refused(indexed, fixtures, tmp_path, c
     pd.DataFrame({"id": [7001], "title": ["Floor lamp"]}).to_csv(catalog, index=False)
     with TestClient(create_app(folder, checkpoint_every=100), base_url=LOCAL) as client:
         assert cli(["index", str(catalog), "--out", str(folder), "--update", "--no-progress"]) == 2
-        assert f"in use by another process (pid {os.getpid()})" in capsys.readouterr().err
+        assert "in use by this process" in capsys.readouterr().err  # the service here; another process: the sigkill test
         assert client.post("/items", data={"metadata": json.dumps({"id": 9001, "title": "stool"})}).status_code == 201
         assert 7001 not in mr.Retriever.load(folder).items["id"].tolist()
     assert cli(["index", str(catalog), "--out", str(folder), "--update", "--no-progress"]) == 0
@@ -228,3 +228,15 @@ def test_acknowledged_writes_survive_a_sigkill(indexed, tmp_path, fixtures, caps
     on_disk = mr.Retriever.load(folder)
     assert {900, 901} <= set(on_disk.items["id"]) and 575 not in set(on_disk.items["id"])
     assert folder.with_name("idx.journal").read_text() == ""
+
+
+def test_a_service_that_cannot_start_leaves_the_folder_free(tmp_path):
+    from multiretrieval.server.service import Service
+
+    with pytest.raises(mr.IndexLoadError, match="no such index folder"):
+        Service(tmp_path / "shpo")  # a mistyped path
+    assert not (tmp_path / "shpo.lock").exists() and not (tmp_path / "shpo").exists()
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):  # the failed start let go of the lock: the second fails the same way, not as "in use"
+        with pytest.raises(mr.IndexLoadError):
+            Service(tmp_path / "empty")
