@@ -147,6 +147,12 @@ def test_a_price_range_filters(page):
     assert prices(page) and max(prices(page)) <= 100
 
 
+def test_a_single_value_filter_in_the_address_works_as_the_api_takes_it(page):
+    page.goto("/?q=a+table&f=" + '{"category":"Kitchen"}'.replace('"', "%22"))
+    wait_for_results(page)
+    assert page.locator(".facet[data-column=category] label.option", has_text="Kitchen").locator("input").is_checked()
+
+
 def test_a_filter_that_leaves_nothing_says_what_to_loosen(page):
     page.goto("/?q=a+table&f=" + '{"price":{"min":1000000}}'.replace('"', "%22"))
     page.wait_for_function("document.getElementById('status').textContent.startsWith('No products match')", timeout=20_000)

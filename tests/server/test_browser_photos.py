@@ -58,7 +58,7 @@ def test_an_untitled_item_is_named_by_the_start_of_its_description(tmp_path, fix
 
     import multiretrieval as mr
 
-    long = "A tall bamboo laundry hamper with a lid and two rope handles, woven by hand"
+    long = "A tall bamboo laundry hamper with a lid and two rope handles woven by hand"  # a word ends at character 60
     catalog = pd.DataFrame({"id": ["bed", "hamper", "short"], "title": ["Bed", None, None],
                             "description": ["a bed", long, "a small stool"],
                             "image": [str(fixtures / "images" / "bed1.png"), None, None]})
@@ -72,5 +72,5 @@ def test_an_untitled_item_is_named_by_the_start_of_its_description(tmp_path, fix
         page.wait_for_function("document.querySelectorAll('#results .card').length === 3", timeout=30_000)
         titles = page.locator("#results .card .title").all_inner_texts()
         browser.close()
-    assert titles[0] == "A tall bamboo laundry hamper with a lid and two rope…"  # cut at a word, within 60 characters
+    assert titles[0] == "A tall bamboo laundry hamper with a lid and two rope handles…"  # the words that fit in 60 characters
     assert set(titles[1:]) == {"Bed", "a small stool"}

@@ -25,6 +25,10 @@ function stateFromUrl() {
   s.mode = p.get("mode") || "auto";
   s.sort = p.get("sort") || "";
   try { s.filters = JSON.parse(p.get("f") || "{}") || {}; } catch { s.filters = {}; }
+  if (typeof s.filters !== "object" || Array.isArray(s.filters)) s.filters = {};
+  for (const [column, value] of Object.entries(s.filters)) {  // {"color": "red"}, as the API takes it: one value is a list of one
+    if (value === null || typeof value !== "object") s.filters[column] = [value];
+  }
   s.where = p.get("where") || "";
   s.min = p.get("min") || "";
   s.img = p.get("img") || "";
@@ -263,9 +267,14 @@ function price(item) {
 function titleOf(item) {
   const title = item[info.display.title];
   if (title !== null && title !== undefined && title !== "") return String(title);
-  // Untitled: the start of its description, else (a photo from a folder) its file name rather than its whole path.
+  // Untitled: the start of its description (the words that fit in 60 characters), else (a photo from a folder) its
+  // file name rather than its whole path.
   const description = String(item.description ?? "").trim();
-  if (description) return description.length > 60 ? description.slice(0, 60).replace(/\s+\S*$/, "") + "…" : description;
+  if (description.length > 60) {
+    const space = description.lastIndexOf(" ", 60);
+    return description.slice(0, space > 0 ? space : 60) + "…";
+  }
+  if (description) return description;
   const id = String(item.id);
   const name = id.split("/").pop().replace(/\.(jpe?g|png|webp|gif|tiff?|bmp|avif|heic|heif)$/i, "");
   return name && name !== id ? name : `Item ${id}`;
@@ -433,9 +442,10 @@ async function showProduct(id) {
   for (const part of ["product-image", "but-form", "looks-section"]) $(part).hidden = false;
   $("product-no-photo").hidden = true;
   // "Looks like this" once the photo shows: an item whose file is gone has none to search by (noPhoto hides the row).
-  $("product-image").onload = () => fillRow("looks-row", { like: id, mode: "image", k: 8 });
+  $("looks-row").replaceChildren();
+  $("product-image").onload = hasPhoto ? () => fillRow("looks-row", { like: id, mode: "image", k: 8 }) : null;
   if (hasPhoto) $("product-image").src = productLink(id) + "/image?size=512";
-  else noPhoto();
+  else { $("product-image").removeAttribute("src"); noPhoto(); }
   $("product-image").alt = titleOf(item);
   $("product-title").textContent = titleOf(item);
   $("product-brand").textContent = info.display.brand ? (item[info.display.brand] || "") : "";
