@@ -33,7 +33,8 @@ class IndexReport:
     reason and every row indexed without its image (``warnings``).
 
     Counts are of catalog rows: ``encoded + cached + skipped`` = the rows read (for ``upsert``:
-    the rows it had to encode); ``text_only`` of the indexed rows lost their image.
+    the rows it had to encode, plus the rows the catalog left out); ``text_only`` of the indexed rows lost
+    their image.
     """
 
     indexed: int = 0
