@@ -196,8 +196,10 @@ class Catalog:
         """The catalog of these rows (positions), with the same image root and text columns; its items keep their
         ``row_numbers``."""
         rows = np.asarray(rows, dtype=np.int64)
-        part = Catalog(self.df.iloc[rows], image_root=self.image_root, text_columns=self.text_columns)
-        part.row_numbers = self.row_numbers[rows]
+        part = Catalog.__new__(Catalog)  # rows of a valid catalog are valid: not coerced again ("8" of "x", "8" stays text)
+        part.df = self.df.iloc[rows].reset_index(drop=True)
+        part.image_root, part.text_columns = self.image_root, self.text_columns
+        part.row_numbers, part.dropped = self.row_numbers[rows], []
         return part
 
     def __len__(self) -> int:

@@ -101,6 +101,17 @@ def test_without_prune_missing_ids_stay_and_a_failed_new_version_keeps_the_old(c
     assert r.get(56)["title"] == "Sofa"  # the indexed version stays until a new one encodes
 
 
+def test_an_upsert_keeps_text_ids_that_look_like_numbers_text(tmp_path):
+    """Ids "x" and "8" are text; the rows an upsert encodes again (a sub-catalog) must not make "8" the integer 8."""
+    r = mr.Retriever()
+    r.index(pd.DataFrame({"id": ["x", "8"], "title": ["a chair", "a lamp"]}), show_progress=False)
+    report = r.upsert(pd.DataFrame({"id": ["x", "8", "9"], "title": ["a chair", "a brass lamp", "a sofa"]}), show_progress=False)
+    assert (report.changes["replaced"], report.changes["added"]) == (1, 1)
+    assert r.items["id"].tolist() == ["x", "8", "9"]  # not ["x", 8, 9]
+    r.save(tmp_path / "idx")
+    assert mr.Retriever.load(tmp_path / "idx").get("8")["title"] == "a brass lamp"
+
+
 @pytest.mark.parametrize("factory", ["HNSW32", "PCA4,HNSW32,Refine(Flat)"])  # the second: the automatic kind above 100k items, smaller
 def test_removal_and_upsert_on_graph_indexes(catalog, fixtures, tmp_path, factory):
     frame = base_frame(catalog)
