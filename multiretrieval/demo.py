@@ -13,7 +13,8 @@ from .retriever import Retriever
 from .visualize import SheetRow, contact_sheet
 
 DEMO_CATALOG = Path(__file__).resolve().parent.parent / "data" / "demo" / "catalog.csv"
-SHOWN_COLUMNS = ["rank", "id", "score", "image_score", "text_score", "title", "category"]
+# word_match: the items a fused query's words named, ranked first by the photo (why its scores need not fall)
+SHOWN_COLUMNS = ["rank", "id", "score", "image_score", "text_score", "word_match", "title", "category"]
 VARIANT_OF = ("Armchair ottoman", "Armchair")  # the demo's "this, but X" family: the first of these products, recoloured
 VARIANT_COLOURS = ("red", "blue", "green", "yellow")
 
