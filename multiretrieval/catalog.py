@@ -85,7 +85,7 @@ class Catalog:
             empty = np.array([_is_empty(v) for v in df["id"]], bool)
             self.dropped = [SkippedRow(int(i), None, "empty id") for i in np.flatnonzero(empty)]
             df, self.row_numbers = df[~empty].reset_index(drop=True), self.row_numbers[~empty]
-        self.df = _coerce_ids(df.copy())
+        self.df = _coerce_ids(df.copy(), self.row_numbers)
         self.image_root = Path(image_root).resolve() if image_root is not None else Path.cwd()
         self.text_columns = tuple(c for c in text_columns if c in self.df.columns)
         self._validate(bad_rows)
@@ -96,10 +96,7 @@ class Catalog:
         path = Path(path)
         if not path.is_file():
             raise CatalogError(f"{path}: catalog file not found")
-        try:
-            df = pd.read_csv(path, dtype={"id": str, "image": str}, keep_default_na=True)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise CatalogError(f"{path}: cannot parse CSV: {exc}") from exc
+        df = read_csv_cells(path, ("id", "image", *kwargs.get("text_columns", CatalogConfig.text_columns)))
         kwargs.setdefault("image_root", path.resolve().parent)
         return cls(df, **kwargs)
 
@@ -111,6 +108,10 @@ class Catalog:
             raise CatalogError(f"{path}: catalog file not found")
         try:
             df = pd.read_parquet(path)
+            if "id" in df.columns and df["id"].dtype.kind == "f":  # integer ids with a gap: read them again as written
+                import pyarrow.parquet as pq
+
+                df["id"] = pd.Series(pq.read_table(path, columns=["id"]).column("id").to_pylist(), dtype=object)
         except Exception as exc:  # pyarrow raises several unrelated types for a bad file
             raise CatalogError(f"{path}: cannot read parquet: {exc}") from exc
         kwargs.setdefault("image_root", path.resolve().parent)
@@ -483,6 +484,43 @@ def _walk_folder(root: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
     return sorted(images), sorted(sidecars)
 
 
+# pandas' words for a missing value: missing in a column of numbers, kept as words in a column of text.
+MISSING_WORDS = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "-NaN", "-nan", "null", "NULL", "None", "<NA>", "#N/A",
+                           "#N/A N/A", "#NA", "-1.#IND", "1.#IND", "-1.#QNAN", "1.#QNAN"})
+_TRUE, _FALSE = frozenset({"True", "TRUE", "true"}), frozenset({"False", "FALSE", "false"})
+_LEADING_ZERO = re.compile(r"[+-]?0[0-9]")  # "007", "0042": a code whose zeros count, not a number
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV's table with each cell as the file writes it, where pandas' guesses would lose it: the ``literal`` columns
+    (id, image, texts) are text, "NA" and "None" included (an id "NA" is an id, not a gap); another column becomes
+    numbers (or booleans) when every value is one, its missing-value words then missing, unless a value has a leading
+    zero ("007", a code) or an integer does not fit int64. An empty cell is missing everywhere."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot parse CSV: {exc}") from exc
+    for column in df.columns:
+        if column in literal:
+            continue
+        values = df[column]
+        given = values.notna() & ~values.isin(MISSING_WORDS)
+        kept = values[given]
+        if not len(kept):  # nothing but gaps
+            df[column] = np.nan
+            continue
+        if kept.isin(_TRUE | _FALSE).all():
+            flags = values.map(lambda v: v in _TRUE if v in _TRUE | _FALSE else np.nan)
+            df[column] = flags.astype(bool) if given.all() else flags
+            continue
+        numbers = pd.to_numeric(kept, errors="coerce")
+        exact = numbers.dtype.kind == "i" or not kept.str.fullmatch(_INTEGER_TEXT).all()  # else an int beyond int64
+        if numbers.notna().all() and exact and not kept.str.match(_LEADING_ZERO).any():
+            df[column] = pd.to_numeric(values.where(given))
+    return df
+
+
 def _read_json_records(path: Path) -> pd.DataFrame:
     """Objects from JSON Lines (or a JSON array, or an object keyed by file name for sidecars), types kept."""
     try:
@@ -511,16 +549,18 @@ def _read_json_records(path: Path) -> pd.DataFrame:
     bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
     if bad:
         raise CatalogError(f"{path}: record {bad[0]} is not a JSON object")
-    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    if not records:
+        return pd.DataFrame()
+    df = pd.DataFrame.from_records(records)
+    if "id" in df.columns:  # as written: a column of integer ids with a gap would be floats, rounded past 2**53
+        df["id"] = pd.Series([r.get("id") for r in records], dtype=object)
+    return df
 
 
 def _join_sidecar(df: pd.DataFrame, root: Path, sidecar: Path) -> pd.DataFrame:
     """Catalog rows of a folder with the columns of one sidecar metadata file joined in by file name."""
     if sidecar.suffix.lower() == ".csv":
-        try:
-            meta = pd.read_csv(sidecar, dtype={k: str for k in SIDECAR_KEYS})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise CatalogError(f"{sidecar}: cannot parse CSV: {exc}") from exc
+        meta = read_csv_cells(sidecar, (*SIDECAR_KEYS, *CatalogConfig.text_columns))
     else:
         meta = _read_json_records(sidecar)
     key = next((k for k in SIDECAR_KEYS if k in meta.columns), None)
@@ -580,18 +620,18 @@ def _rows(rows: list[int], limit: int = 10) -> str:
     return shown + (f", ... ({len(rows)} in all)" if len(rows) > limit else "")
 
 
-_PLAIN_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+_PLAIN_INT = re.compile(r"0|-?[1-9][0-9]*")  # "-0", like "007", is text: int("-0") would make it the item 0
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-def _coerce_ids(df: pd.DataFrame) -> pd.DataFrame:
+def _coerce_ids(df: pd.DataFrame, row_numbers: np.ndarray) -> pd.DataFrame:
     """Ids keep their type and value exactly, or the row is refused.
 
     Integers (and integral floats, as pandas makes of an int column with a gap) become
     int64 and must fit it; strings stay strings, except that when every id is the plain
     text of an int64 (a CSV column of integers), they become int64, so ``42`` and ``"42"``
     name the same item ("007" or a 20-digit number keep their text). Other values
-    (1.5, inf, True, None) are refused: CatalogError naming the row.
+    (1.5, inf, True, None) are refused: CatalogError naming the row (``row_numbers``: each row's number in the table read).
     """
     if "id" not in df.columns:
         return df
@@ -603,12 +643,12 @@ def _coerce_ids(df: pd.DataFrame) -> pd.DataFrame:
     for row, value in enumerate(values):
         if _is_empty(value):
             continue  # reported by _validate
-        kinds.add(_id_kind(value, row))
+        kinds.add(_id_kind(value, int(row_numbers[row])))
     if kinds and all(_is_empty(v) or not isinstance(v, str) or _plain_int64(v) for v in values):
         return df.assign(id=[v if _is_empty(v) else int(v) for v in values])
     if kinds == {"int", "str"}:
         row = next(i for i, v in enumerate(values) if isinstance(v, str) and not _plain_int64(v))
-        raise CatalogError(f"row {row}: id {values[row]!r} is a string but other ids are integers; use one kind of id")
+        raise CatalogError(f"row {row_numbers[row]}: id {values[row]!r} is a string but other ids are integers; use one kind of id")
     return df.assign(id=pd.Series(values, dtype=object, index=df.index)) if kinds == {"str"} else df
 
 
@@ -626,8 +666,12 @@ def _id_kind(value: Any, row: int) -> str:
             raise CatalogError(f"row {row}: id {value} does not fit a 64-bit integer; give such ids as strings")
         return "int"
     if isinstance(value, (float, np.floating)):
-        if np.isfinite(value) and float(value).is_integer() and _INT64[0] <= value <= _INT64[1]:
+        if np.isfinite(value) and float(value).is_integer() and abs(value) <= 2**53:
             return "int"
+        if np.isfinite(value) and float(value).is_integer() and _INT64[0] <= value <= _INT64[1]:
+            raise CatalogError(f"row {row}: id {int(value)} came as a float (a column of integer ids with a gap), past 2**53, "
+                               "where a float no longer holds every integer: the id may be another's rounded. Give such "
+                               "ids as strings, or leave no id empty")
         raise CatalogError(f"row {row}: id {value!r} is not an integer; ids are integers or strings")
     raise CatalogError(f"row {row}: id {value!r} of type {type(value).__name__}; ids are integers or strings")
 

@@ -161,7 +161,7 @@ class Retriever:
         """Remove items by catalog id. Unknown ids raise ItemNotFoundError and nothing is removed."""
         ids = [ids] if isinstance(ids, (str, int, np.integer)) else list(ids)
         with self._lock.writing():
-            keys = self.store.keys_for(ids)
+            keys = np.unique(self.store.keys_for(ids))  # an id named twice is one item
             self.collection.remove(keys, self.embedder)
         return len(keys)
 

@@ -78,6 +78,57 @@ def test_csv_ids_keep_their_text_exactly(tmp_path):
     assert mr.Catalog.from_csv(path).df["id"].tolist() == [12, -3]
 
 
+def test_csv_cells_are_read_as_written_not_as_pandas_guesses(tmp_path):
+    """Ids "NA" and "null" are ids (pandas read them as gaps: an upsert of the CSV with prune deleted those items);
+    an SKU "007" keeps its zeros; "NA" in a column of numbers is a gap; a brand "None" is a brand."""
+    rows = [{"id": "NA", "title": "a lamp", "sku": "007", "price": "1.5", "brand": "None"},
+            {"id": "null", "title": "a chair", "sku": "0042", "price": "NA", "brand": "NA"},
+            {"id": "x", "title": "a sofa", "sku": "9", "price": "", "brand": "Acme"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "c.csv", index=False)
+    cat = mr.Catalog.from_csv(tmp_path / "c.csv")
+    assert cat.df["id"].tolist() == ["NA", "null", "x"]
+    assert cat.df["sku"].tolist() == ["007", "0042", "9"] and cat.df["brand"].tolist() == ["None", "NA", "Acme"]
+    assert cat.df["price"].iloc[0] == 1.5 and cat.df["price"].iloc[1:].isna().all()
+
+    lines = [{**row, "price": price} for row, price in zip(rows, [1.5, None, None])]  # the same catalog as JSON Lines
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = mr.Retriever()
+    r.index(tmp_path / "c.jsonl", show_progress=False)
+    report = r.upsert(tmp_path / "c.csv", prune=True, show_progress=False)
+    assert (report.changes["unchanged"], report.changes["removed"]) == (3, 0)
+    assert r.items["id"].tolist() == ["NA", "null", "x"] and r.get("x")["sku"] == "9"
+
+
+def test_minus_zero_is_an_id_of_its_own_not_the_item_0(tmp_path):
+    r = mr.Retriever()
+    r.index(pd.DataFrame({"id": ["0", "x"], "title": ["zero", "ex"]}), show_progress=False)
+    r.upsert(pd.DataFrame({"id": ["-0"], "title": ["minus zero"]}), show_progress=False)  # int("-0") made it item 0
+    assert r.get("0")["title"] == "zero" and r.get("-0")["title"] == "minus zero"
+    (tmp_path / "c.csv").write_text("id,title\n0,zero\n-0,minus zero\n")
+    assert mr.Catalog.from_csv(tmp_path / "c.csv").df["id"].tolist() == ["0", "-0"]
+
+
+def test_integer_ids_past_2_53_beside_an_empty_id_are_kept_exactly_or_refused(tmp_path):
+    """A column of integers with a gap is floats in pandas, which round past 2**53: 2**53 + 1 became 2**53."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    big = 2**53 + 1
+    lines = [{"id": big, "title": "a lamp"}, {"id": None, "title": "no id"}, {"id": big + 2, "title": "a chair"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert mr.Catalog.read(tmp_path / "c.jsonl", bad_rows="skip").df["id"].tolist() == [big, big + 2]
+    pq.write_table(pa.table({"id": pa.array([big, None, big + 2], pa.int64()), "title": ["a", "b", "c"]}), tmp_path / "c.parquet")
+    assert mr.Catalog.read(tmp_path / "c.parquet", bad_rows="skip").df["id"].tolist() == [big, big + 2]
+    with pytest.raises(mr.CatalogError, match=r"row 2: id \d+ came as a float .* past 2\*\*53"):  # rounded before it came
+        mr.Catalog(pd.DataFrame({"id": [big, None, big + 2], "title": ["a", "b", "c"]}), bad_rows="skip")
+
+
+def test_an_id_named_twice_in_remove_is_one_item_removed():
+    r = mr.Retriever()
+    r.index(pd.DataFrame({"id": [8, 9, 10], "title": ["a lamp", "a chair", "a sofa"]}), show_progress=False)
+    assert r.remove(["9", 9]) == 1 and r.items["id"].tolist() == [8, 10]
+
+
 def test_added_ids_must_match_the_index_id_kind(retriever_copy):
     with pytest.raises(mr.CatalogError, match="row 0.*'abc'.*integer"):
         retriever_copy.add(pd.DataFrame({"id": ["abc"], "title": ["x"]}))
