@@ -498,7 +498,11 @@ def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
     numbers (or booleans) when every value is one, its missing-value words then missing, unless a value has a leading
     zero ("007", a code) or an integer does not fit int64. An empty cell is missing everywhere."""
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        with warnings.catch_warnings():  # index_col=False: a first row longer than the header is not read as an index
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
+    except pd.errors.ParserWarning:
+        raise CatalogError(f"{path}: {_long_row(path)}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{path}: cannot parse CSV: {exc}") from exc
     for column in df.columns:
@@ -519,6 +523,20 @@ def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
         if numbers.notna().all() and exact and not kept.str.match(_LEADING_ZERO).any():
             df[column] = pd.to_numeric(values.where(given))
     return df
+
+
+def _long_row(path: Path) -> str:
+    """Which row of a CSV has more fields than its header, in words."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        records = (fields for fields in csv.reader(f) if fields)
+        header = next(records)
+        for row, fields in enumerate(records):
+            if len(fields) > len(header):
+                return (f"row {row} has {len(fields)} fields, the header {len(header)} ({', '.join(header)}): "
+                        "a value with a comma needs quotes")
+    return "a row has more fields than the header"
 
 
 def _read_json_records(path: Path) -> pd.DataFrame:

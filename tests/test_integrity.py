@@ -99,6 +99,14 @@ def test_csv_cells_are_read_as_written_not_as_pandas_guesses(tmp_path):
     assert r.items["id"].tolist() == ["NA", "null", "x"] and r.get("x")["sku"] == "9"
 
 
+def test_a_first_row_longer_than_the_header_is_refused_not_shifted(tmp_path):
+    """pandas read the extra leading fields as an index: every column moved one place, and id 1 became 'A'."""
+    path = tmp_path / "c.csv"
+    path.write_text("id,image,title\n1,,A,extra,more\n2,,B\n")
+    with pytest.raises(mr.CatalogError, match=r"c.csv: row 0 has 5 fields, the header 3 \(id, image, title\)"):
+        mr.Catalog.from_csv(path)
+
+
 def test_minus_zero_is_an_id_of_its_own_not_the_item_0(tmp_path):
     r = mr.Retriever()
     r.index(pd.DataFrame({"id": ["0", "x"], "title": ["zero", "ex"]}), show_progress=False)
