@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import pandas as pd
 
-from .catalog import Catalog
+from .catalog import Catalog, SkippedRow
 from .config import RetrieverConfig
 from .embedder import SCORE_SCALE
 from .index import IndexSet
+from .ingest import Encoded, IndexReport
 from .items import IMAGE_SOURCE, ItemStore
 from .keywords import KeywordIndex, keyword_texts, phrases, tokenize
 
 if TYPE_CHECKING:
     from .embedder import Embedder
-    from .ingest import Encoded
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,31 @@ class Collection:
             differs |= ~_same(old[column] if column in old.columns else empty, new[column] if column in new.columns else empty)
         sources = pd.Series(catalog.image_sources(), dtype=object).iloc[rows].reset_index(drop=True)
         return differs | ~_same(old[IMAGE_SOURCE], sources)
+
+    def keep_indexed_images(self, part: Catalog, encoded: Encoded, report: IndexReport) -> Encoded:
+        """``encoded`` without the rows that lost their image (it failed; the text stood in) of items indexed with one:
+        their indexed version stays, as for a row that failed outright; the report lists them as skipped. A photo
+        that turned unreadable overnight must not make its item text-only."""
+        if not len(encoded.rows):
+            return encoded
+        ids = part.df["id"].iloc[encoded.rows].astype(str).tolist()
+        positions, with_image = self.store.id_positions(), self.store.features["image_mask"][:, 0]
+        lost = np.array([encoded.sources[r] is not None and not encoded.arrays["image_mask"][j, 0]
+                         and i in positions and bool(with_image[positions[i]])
+                         for j, (r, i) in enumerate(zip(encoded.rows, ids))], bool)
+        if not lost.any():
+            return encoded
+        kept_rows = {int(part.row_numbers[r]) for r in encoded.rows[lost]}
+        for warning in [w for w in report.warnings if w.row in kept_rows]:
+            report.warnings.remove(warning)
+            reason = warning.reason.replace("indexed by its text only: ", "")
+            report.skipped.append(SkippedRow(warning.row, warning.id, f"{reason}; its indexed version (with its image) stays"))
+        report.skipped.sort(key=lambda s: s.row)
+        from_encoded = min(report.encoded, int(lost.sum()))  # (encoded + cached + skipped still counts every row)
+        report.encoded, report.cached = report.encoded - from_encoded, report.cached - (int(lost.sum()) - from_encoded)
+        keep = ~lost
+        return Encoded(encoded.rows[keep], encoded.sources, {k: v[keep] for k, v in encoded.arrays.items()},
+                       [h for h, k in zip(encoded.hashes, keep) if k] if encoded.hashes else encoded.hashes)
 
     def apply_upsert(self, plan: UpsertPlan, catalog: Catalog, encoded_part: Catalog, encoded: Encoded,
                      embedder: Embedder) -> dict[str, int]:

@@ -151,6 +151,8 @@ class Retriever:
             self.store.conform(catalog, allow_existing=True)
             plan = self.collection.plan_upsert(catalog, hashes, prune)
         part, encoded, report = ingest_rows(catalog, plan.encode, hashes, self.embedder, show_progress, cache, engine)
+        with self._lock.reading():
+            encoded = self.collection.keep_indexed_images(part, encoded, report)
         report.seconds["hash"], t1 = time.perf_counter() - t0 - report.total_seconds, time.perf_counter()
         with self._lock.writing():
             if len(encoded.rows) or self.indexes:
