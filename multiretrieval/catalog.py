@@ -187,6 +187,9 @@ class Catalog:
         suffix = path.suffix.lower()
         if path.is_dir():
             return cls.from_folder(path, **kwargs)
+        if suffix in IMAGE_EXTENSIONS:
+            raise CatalogError(f"{path}: an image, not a catalog: give the folder it is in ({path.parent}), or a CSV "
+                               "that lists it")
         if suffix in (".parquet", ".pq"):
             return cls.from_parquet(path, **kwargs)
         if suffix in (".jsonl", ".ndjson", ".json"):
@@ -459,7 +462,7 @@ def _resolve(value: str, root: Path) -> str:
     if is_url(value):
         return value
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else root / path)
+    return os.path.normpath(path if path.is_absolute() else root / path)  # "cat/../imgs/a.png": still found once cat moves
 
 
 def title_from_file_name(name: str) -> str:

@@ -28,3 +28,17 @@ def test_contact_sheet_captions_fit_their_cell():
     cut = fit_text(draw, long, font, THUMB)
     assert cut.endswith("...") and long.startswith(cut[:-3]) and draw.textlength(cut, font=font) <= THUMB
     assert fit_text(draw, "#2 0.714 id 56", font, THUMB) == "#2 0.714 id 56"
+
+
+def test_an_untitled_result_is_captioned_without_nan(tmp_path, monkeypatch):
+    """A photo folder's items have no title (NaN in the results): the sheet wrote "nan" under them."""
+    import numpy as np
+    import pandas as pd
+
+    from multiretrieval import visualize
+
+    written = []
+    monkeypatch.setattr(visualize, "fit_text", lambda draw, text, font, width: written.append(text) or text)
+    results = pd.DataFrame({"rank": [1, 2], "id": ["a.jpg", "b.jpg"], "score": [0.9, 0.8], "title": [np.nan, "Lamp"]})
+    visualize.contact_sheet([visualize.SheetRow('text: "a lamp"', results)], lambda item: None, tmp_path / "s.png")
+    assert "nan" not in written and "Lamp" in written and (tmp_path / "s.png").is_file()

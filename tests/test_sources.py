@@ -166,6 +166,21 @@ def test_relative_paths_work_from_any_directory_once_indexed(tmp_path, fixtures,
     assert again.store.catalog(("title",)).image_sources() == [str(tmp_path / "shop" / "img" / "bed.png")]
 
 
+def test_a_path_up_and_out_of_the_catalog_folder_is_stored_without_its_dots(tmp_path, fixtures):
+    """`shop/cat/../img/bed.png` was stored as written: once `shop/cat` moved, the image (still in `shop/img`) was
+    reported missing."""
+    (tmp_path / "shop" / "cat").mkdir(parents=True)
+    (tmp_path / "shop" / "img").mkdir()
+    (tmp_path / "shop" / "img" / "bed.png").write_bytes((fixtures / "images" / "bed1.png").read_bytes())
+    (tmp_path / "shop" / "cat" / "c.csv").write_text("id,image,title\n1,../img/bed.png,Bed\n")
+    assert mr.Catalog.read(tmp_path / "shop" / "cat" / "c.csv").image_sources() == [str(tmp_path / "shop" / "img" / "bed.png")]
+
+
+def test_an_image_given_as_the_catalog_says_so(tmp_path, fixtures):
+    with pytest.raises(mr.CatalogError, match=r"bed1.png: an image, not a catalog: give the folder it is in"):
+        mr.Catalog.read(fixtures / "images" / "bed1.png")
+
+
 @pytest.mark.parametrize("column", ["_key", "_image_source", "_mine", "score", "matched", "keyword_score"])
 def test_columns_named_like_internal_ones_are_refused(column):
     with pytest.raises(mr.CatalogError, match=f"'{column}'.*reserved"):
