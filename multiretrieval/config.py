@@ -74,6 +74,7 @@ class ZeroShotConfig:
 
     kind: str = "lit+conse"  # conse | lit | lit+conse | openclip
     top_k: int = 10  # ConSE: how many ImageNet labels make up an image's text-space embedding
+    temperature: float = 1.0  # ConSE: the labels' probabilities flattened (> 1) or sharpened (< 1) before they weight
     label_template: str = "{}"
     weights: str | None = None  # lit: projection weights (default: the ones that ship with the package)
     conse_weight: float = 0.3  # lit+conse: share of the ConSE similarity (training.LIT_CONSE_WEIGHT: cross-validated)

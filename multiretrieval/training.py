@@ -44,9 +44,10 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
     """Pooled image and text features (and the ConSE zero-shot vectors) of a catalog's items.
 
     Runs the ingestion pipeline with the default text encoder, the image encoder named (config
-    ``encoders.image``), late fusion and ConSE; rows that fail are skipped. With ``cache``, the
-    result is kept in that .npz file (no pickle) and reused while the catalog's ids, image
-    sources and texts and the image encoder are unchanged.
+    ``encoders.image``), late fusion and ConSE at its top 10 labels and temperature 1 (scripts/
+    train_zero_shot.py recomputes other ConSE settings from the pooled features); rows that fail are
+    skipped. With ``cache``, the result is kept in that .npz file (no pickle) and reused while the
+    catalog's ids, image sources and texts and the image encoder are unchanged.
     """
     from .embedder import Embedder
     from .ingest import ingest
@@ -58,7 +59,8 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
         return cached
     # Eager PyTorch, so a rerun reproduces the LiT weights bit for bit on one machine (ONNX differs by ~1e-6).
     config = RetrieverConfig().with_overrides({"encoders": {"runtime": "torch", "image": image_encoder},
-                                               "fusion": {"kind": "late"}, "zero_shot": {"kind": "conse"}})
+                                               "fusion": {"kind": "late"},
+                                               "zero_shot": {"kind": "conse", "top_k": 10, "temperature": 1.0}})
     encoded, _ = ingest(catalog, Embedder(config), show_progress)
     a = encoded.arrays
     out = {

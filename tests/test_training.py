@@ -144,3 +144,22 @@ def test_style_views_are_seeded_and_a_fit_can_train_on_them_with_the_text_projec
     assert report["settings"]["style_views"] is True and report["settings"]["train_text"] is False
     text_proj = load_lit_weights(tmp_path / "w.safetensors")["text.proj.weight"]
     assert np.allclose(text_proj, text_proj[0, 0] * np.eye(len(text_proj)))  # still its identity start
+
+
+def test_the_conse_settings_the_script_compares_are_recomputed_from_the_cached_features(catalog, tmp_path, monkeypatch):
+    """scripts/train_zero_shot.py --cross-validate-conse: ConSE image vectors at another top_k and temperature come
+    from the cached pooled features; at top-10, T=1 they are the cache's own (what the pipeline's forward pass gave)."""
+    from pathlib import Path
+
+    from multiretrieval.training import encode_catalog
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "scripts"))
+    import train_zero_shot as script
+
+    features = encode_catalog(catalog, tmp_path / "c.npz", show_progress=False)
+    np.testing.assert_allclose(script.conse_images(features, 10), features["conse_image"], atol=1e-4)
+    flatter = script.conse_images(features, 50, 2.0)
+    assert not np.allclose(flatter, features["conse_image"], atol=1e-2)
+    assert script.with_conse({"a": features}, 10, 1.0, "efficientnet-lite0")["a"] is features
+    sims = np.array([[0.9, 0.1, 0.3], [0.2, 0.8, 0.6]])  # class names x items: items 0, 1 right, item 2 wrong
+    assert script._accuracy(sims, np.array([0, 1, 0])) == 2 / 3 and script._accuracy(sims, np.array([0, -1, 1])) == 1.0

@@ -51,12 +51,17 @@ class ConSE:
     kind = "conse"
     _label_cache: dict[tuple[int, str], np.ndarray] = {}  # per (text model, template): shared by retrievers
 
-    def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_template: str = "{}") -> None:
+    def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_template: str = "{}",
+                 temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise ConfigError(f"zero_shot.temperature must be above 0, got {temperature}")
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.top_k = top_k
         self.label_template = label_template
+        self.temperature = temperature
         self.dim = text_encoder.dim
-        self.fingerprint = f"conse(top_k={top_k}, template={label_template!r}, text={text_encoder.name})"
+        tempered = f", temperature={temperature:g}" if temperature != 1 else ""  # 1: the fingerprint of indexes made before
+        self.fingerprint = f"conse(top_k={top_k}, template={label_template!r}{tempered}, text={text_encoder.name})"
 
     @property
     def label_embeddings(self) -> np.ndarray:
@@ -67,11 +72,15 @@ class ConSE:
         return self._label_cache[key]
 
     def embed_image_probs(self, probs: np.ndarray) -> np.ndarray:
-        """ImageNet probabilities (n, 1000) -> text-space embeddings (n, dim), L2-normalised."""
+        """ImageNet probabilities (n, 1000) -> text-space embeddings (n, dim), L2-normalised: the top_k labels' text
+        embeddings weighted by their probabilities at the temperature (p ** (1 / T), the softmax of logits / T up to a
+        factor that the normalisation takes out)."""
         probs = np.asarray(probs, np.float32)
         k = min(self.top_k, probs.shape[1])
         top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
         weights = np.take_along_axis(probs, top, axis=1)
+        if self.temperature != 1:
+            weights = np.power(weights, 1.0 / self.temperature, dtype=np.float32)
         return l2_normalize(np.einsum("nk,nkd->nd", weights, self.label_embeddings[top]))
 
     def image_batch(self, pils, pooled=None, probs=None) -> np.ndarray:
@@ -207,12 +216,12 @@ class OpenCLIP:
 def build_zero_shot(cfg: ZeroShotConfig, image_encoder, text_encoder):
     """The zero-shot space a config names."""
     if cfg.kind == "conse":
-        return ConSE(image_encoder, text_encoder, cfg.top_k, cfg.label_template)
+        return ConSE(image_encoder, text_encoder, cfg.top_k, cfg.label_template, cfg.temperature)
     if cfg.kind == "lit":
         return LiT(image_encoder, text_encoder, cfg.weights)
     if cfg.kind == "lit+conse":
         return Mixed(LiT(image_encoder, text_encoder, cfg.weights),
-                     ConSE(image_encoder, text_encoder, cfg.top_k, cfg.label_template), cfg.conse_weight)
+                     ConSE(image_encoder, text_encoder, cfg.top_k, cfg.label_template, cfg.temperature), cfg.conse_weight)
     if cfg.kind == "openclip":
         if not cfg.model:
             raise ConfigError("zero_shot.kind 'openclip' needs zero_shot.model (e.g. ViT-B-32) and zero_shot.pretrained")

@@ -26,6 +26,27 @@ def test_conse_embeds_probabilities_as_the_labels_meaning():
     assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0]
 
 
+def test_conse_temperature_weights_the_labels_as_a_softmax_of_the_logits_over_it():
+    """p ** (1 / T) over the top labels is softmax(logits / T) up to a factor; at T = 1 the fingerprint is the one
+    indexes were built with before the setting existed."""
+    import pytest
+
+    from multiretrieval.errors import ConfigError
+
+    image_enc, text_enc = get_image_encoder("efficientnet-lite0"), get_text_encoder("minilm-l6")
+    logits = np.random.default_rng(0).normal(0, 3, (3, 1000)).astype(np.float32)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    tempered = np.exp(logits / 2 - (logits / 2).max(1, keepdims=True))
+    tempered /= tempered.sum(1, keepdims=True)
+    at_two, plain = ConSE(image_enc, text_enc, top_k=20, temperature=2.0), ConSE(image_enc, text_enc, top_k=20)
+    np.testing.assert_allclose(at_two.embed_image_probs(probs), plain.embed_image_probs(tempered), atol=1e-5)
+    assert not np.allclose(at_two.embed_image_probs(probs), plain.embed_image_probs(probs), atol=1e-3)
+    assert "temperature" not in plain.fingerprint and "temperature=2" in at_two.fingerprint
+    with pytest.raises(ConfigError, match="temperature must be above 0"):
+        ConSE(image_enc, text_enc, temperature=0)
+
+
 def test_real_openclip_checkpoints_load_unchanged_from_a_local_file(tmp_path):
     """A tiny RANDOMLY INITIALISED model written to a file: it tests the loading path only, it is no working model."""
     import json
@@ -144,3 +165,5 @@ def test_default_conse_weight_is_the_recipes_cross_validated_one_in_code_and_in_
     assert ZeroShotConfig().conse_weight == LIT_CONSE_WEIGHT
     shipped = RetrieverConfig.from_yaml(Path(__file__).parents[2] / "configs" / "default.yaml")
     assert shipped.zero_shot.conse_weight == LIT_CONSE_WEIGHT
+    assert (shipped.zero_shot.top_k, shipped.zero_shot.temperature) == (ZeroShotConfig().top_k, ZeroShotConfig().temperature)
+
