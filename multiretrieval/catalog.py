@@ -164,7 +164,7 @@ class Catalog:
         if title_from_filename:
             df["title"] = [title_from_file_name(p.name) for p in images]
         for sidecar in sidecars:
-            df = _join_sidecar(df, root, sidecar)
+            df = _join_sidecar(df, root, sidecar, kwargs.get("text_columns", CatalogConfig.text_columns))
         kwargs.setdefault("image_root", root)
         return cls(df, **kwargs)
 
@@ -187,7 +187,7 @@ class Catalog:
         suffix = path.suffix.lower()
         if path.is_dir():
             return cls.from_folder(path, **kwargs)
-        if suffix in IMAGE_EXTENSIONS:
+        if suffix in IMAGE_EXTENSIONS and path.is_file():
             raise CatalogError(f"{path}: an image, not a catalog: give the folder it is in ({path.parent}), or a CSV "
                                "that lists it")
         if suffix in (".parquet", ".pq"):
@@ -491,7 +491,7 @@ def _walk_folder(root: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
 MISSING_WORDS = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "-NaN", "-nan", "null", "NULL", "None", "<NA>", "#N/A",
                            "#N/A N/A", "#NA", "-1.#IND", "1.#IND", "-1.#QNAN", "1.#QNAN"})
 _TRUE, _FALSE = frozenset({"True", "TRUE", "true"}), frozenset({"False", "FALSE", "false"})
-_LEADING_ZERO = re.compile(r"[+-]?0[0-9]")  # "007", "0042": a code whose zeros count, not a number
+_LEADING_ZERO = re.compile(r"\s*[+-]?0[0-9]")  # "007", "0042": a code whose zeros count, not a number
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
@@ -532,7 +532,7 @@ def _long_row(path: Path) -> str:
     """Which row of a CSV has more fields than its header, in words."""
     import csv
 
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         records = (fields for fields in csv.reader(f) if fields)
         header = next(records)
         for row, fields in enumerate(records):
@@ -578,10 +578,10 @@ def _read_json_records(path: Path) -> pd.DataFrame:
     return df
 
 
-def _join_sidecar(df: pd.DataFrame, root: Path, sidecar: Path) -> pd.DataFrame:
+def _join_sidecar(df: pd.DataFrame, root: Path, sidecar: Path, text_columns: tuple[str, ...]) -> pd.DataFrame:
     """Catalog rows of a folder with the columns of one sidecar metadata file joined in by file name."""
     if sidecar.suffix.lower() == ".csv":
-        meta = read_csv_cells(sidecar, (*SIDECAR_KEYS, *CatalogConfig.text_columns))
+        meta = read_csv_cells(sidecar, (*SIDECAR_KEYS, *text_columns))
     else:
         meta = _read_json_records(sidecar)
     key = next((k for k in SIDECAR_KEYS if k in meta.columns), None)
@@ -687,10 +687,10 @@ def _id_kind(value: Any, row: int) -> str:
             raise CatalogError(f"row {row}: id {value} does not fit a 64-bit integer; give such ids as strings")
         return "int"
     if isinstance(value, (float, np.floating)):
-        if np.isfinite(value) and float(value).is_integer() and abs(value) <= 2**53:
+        if np.isfinite(value) and float(value).is_integer() and abs(value) < 2**53:  # 2**53 may be 2**53 + 1 rounded
             return "int"
         if np.isfinite(value) and float(value).is_integer() and _INT64[0] <= value <= _INT64[1]:
-            raise CatalogError(f"row {row}: id {int(value)} came as a float (a column of integer ids with a gap), past 2**53, "
+            raise CatalogError(f"row {row}: id {int(value)} came as a float (a column of integer ids with a gap), from 2**53 on, "
                                "where a float no longer holds every integer: the id may be another's rounded. Give such "
                                "ids as strings, or leave no id empty")
         raise CatalogError(f"row {row}: id {value!r} is not an integer; ids are integers or strings")

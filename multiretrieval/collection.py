@@ -196,35 +196,34 @@ class Collection:
         sources = pd.Series(catalog.image_sources(), dtype=object).iloc[rows].reset_index(drop=True)
         return differs | ~_same(old[IMAGE_SOURCE], sources)
 
-    def keep_indexed_images(self, part: Catalog, encoded: Encoded, report: IndexReport) -> Encoded:
-        """``encoded`` without the rows that lost their image (it failed; the text stood in) of items indexed with one:
-        their indexed version stays, as for a row that failed outright; the report lists them as skipped. A photo
-        that turned unreadable overnight must not make its item text-only."""
+    def keep_indexed_images(self, part: Catalog, encoded: Encoded, report: IndexReport) -> tuple[Encoded, np.ndarray]:
+        """``encoded`` without the rows that lost their image (it failed; the text stood in) of items indexed with one,
+        and those rows (positions in ``part``): such an item keeps its indexed image and vectors, and only its other
+        values change (``apply_upsert(keep_image=...)``), so a price sent while its photo is unreadable still lands. A
+        photo that turned unreadable overnight must not make its item text-only."""
         if not len(encoded.rows):
-            return encoded
+            return encoded, np.zeros(0, np.int64)
         ids = part.df["id"].iloc[encoded.rows].astype(str).tolist()
         positions, with_image = self.store.id_positions(), self.store.features["image_mask"][:, 0]
         lost = np.array([encoded.sources[r] is not None and not encoded.arrays["image_mask"][j, 0]
                          and i in positions and bool(with_image[positions[i]])
                          for j, (r, i) in enumerate(zip(encoded.rows, ids))], bool)
         if not lost.any():
-            return encoded
+            return encoded, np.zeros(0, np.int64)
         kept_rows = {int(part.row_numbers[r]) for r in encoded.rows[lost]}
-        for warning in [w for w in report.warnings if w.row in kept_rows]:
-            report.warnings.remove(warning)
-            reason = warning.reason.replace("indexed by its text only: ", "")
-            report.skipped.append(SkippedRow(warning.row, warning.id, f"{reason}; its indexed version (with its image) stays"))
-        report.skipped.sort(key=lambda s: s.row)
-        from_encoded = min(report.encoded, int(lost.sum()))  # (encoded + cached + skipped still counts every row)
-        report.encoded, report.cached = report.encoded - from_encoded, report.cached - (int(lost.sum()) - from_encoded)
+        report.warnings = [SkippedRow(w.row, w.id, w.reason.replace("indexed by its text only: ", "") + "; its indexed image "
+                                      "and vectors stay, its other values are updated") if w.row in kept_rows else w
+                           for w in report.warnings]
         keep = ~lost
-        return Encoded(encoded.rows[keep], encoded.sources, {k: v[keep] for k, v in encoded.arrays.items()},
+        rest = Encoded(encoded.rows[keep], encoded.sources, {k: v[keep] for k, v in encoded.arrays.items()},
                        [h for h, k in zip(encoded.hashes, keep) if k] if encoded.hashes else encoded.hashes)
+        return rest, encoded.rows[lost]
 
     def apply_upsert(self, plan: UpsertPlan, catalog: Catalog, encoded_part: Catalog, encoded: Encoded,
-                     embedder: Embedder) -> dict[str, int]:
+                     embedder: Embedder, keep_image: np.ndarray | None = None) -> dict[str, int]:
         """Carry out a plan whose ``encode`` rows (``encoded_part``, a sub-catalog) were encoded
-        (``encoded``). A changed row that failed to encode keeps its indexed version."""
+        (``encoded``). A changed row that failed to encode keeps its indexed version; ``keep_image`` (catalog rows:
+        ``keep_indexed_images``) keep their indexed image and vectors and take the row's other values."""
         ok_ids = {str(i) for i in encoded_part.df["id"].iloc[encoded.rows]}
         positions = self.store.id_positions()
         gone = [i for i in plan.remove if str(i) in positions]
@@ -236,17 +235,21 @@ class Collection:
             self.store.remove(drop)
         if len(encoded.rows):
             self.commit(encoded_part, encoded, embedder)
+        keep_image = np.zeros(0, np.int64) if keep_image is None else keep_image
         self._update_rows(catalog, plan.update)
+        self._update_rows(catalog, keep_image, stored_sources=True)
         rebuilt = self.refresh(embedder, rechoose=True)
-        return {"added": len(encoded.rows) - len(replaced), "replaced": len(replaced), "updated": len(plan.update),
+        return {"added": len(encoded.rows) - len(replaced), "replaced": len(replaced), "updated": len(plan.update) + len(keep_image),
                 "unchanged": plan.unchanged, "removed": len(gone), "indexes rebuilt": len(rebuilt)}
 
-    def _update_rows(self, catalog: Catalog, rows: np.ndarray) -> None:
-        """New metadata for items whose content is unchanged: rows in place, keywords again."""
+    def _update_rows(self, catalog: Catalog, rows: np.ndarray, stored_sources: bool = False) -> None:
+        """New metadata for items whose content is unchanged: rows in place, keywords again (``stored_sources``: the
+        items keep the image source they have, whose vectors they keep)."""
         if not len(rows):
             return
-        keys = self.store.keys_for(catalog.df["id"].iloc[rows].tolist())
-        sources = [catalog.image_sources()[r] for r in rows]
+        ids = catalog.df["id"].iloc[rows].tolist()
+        keys = self.store.keys_for(ids)
+        sources = [self.store.image_source(i) for i in ids] if stored_sources else [catalog.image_sources()[r] for r in rows]
         self.store.update(keys, catalog.df.iloc[rows], sources)
         self.keywords.remove(keys)
         self.keywords.add(keys, keyword_texts(catalog.df.iloc[rows], self.keywords.columns))

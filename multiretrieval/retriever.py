@@ -152,11 +152,11 @@ class Retriever:
             plan = self.collection.plan_upsert(catalog, hashes, prune)
         part, encoded, report = ingest_rows(catalog, plan.encode, hashes, self.embedder, show_progress, cache, engine)
         with self._lock.reading():
-            encoded = self.collection.keep_indexed_images(part, encoded, report)
+            encoded, kept = self.collection.keep_indexed_images(part, encoded, report)
         report.seconds["hash"], t1 = time.perf_counter() - t0 - report.total_seconds, time.perf_counter()
         with self._lock.writing():
             if len(encoded.rows) or self.indexes:
-                report.changes = self.collection.apply_upsert(plan, catalog, part, encoded, self.embedder)
+                report.changes = self.collection.apply_upsert(plan, catalog, part, encoded, self.embedder, plan.encode[kept])
         return self._reported(report, len(encoded.rows), t1)
 
     def remove(self, ids: Any) -> int:

@@ -55,7 +55,7 @@ def contact_sheet(rows: Sequence[SheetRow], image_of: Callable[[object], str | N
                     logger.warning("contact sheet: no thumbnail for id %r: %s", result.id, exc)
                     draw.text((x + 4, y + 4), "(no image)", fill="gray", font=font)
             title = getattr(result, "title", "")
-            title = title if isinstance(title, str) else ""  # an untitled item's title is NaN: no "nan" caption
+            title = "" if pd.isna(title) else str(title)  # an untitled item's title is NaN: no "nan" caption
             caption = fit_text(draw, f"#{result.rank} {result.score:.3f} id {result.id}", font, THUMB)  # long ids cut, not overlapping
             draw.text((x, y + THUMB + 2), caption, fill="black", font=font)
             draw.text((x, y + THUMB + 16), fit_text(draw, title, font, THUMB), fill="dimgray", font=font)

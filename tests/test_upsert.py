@@ -101,23 +101,25 @@ def test_without_prune_missing_ids_stay_and_a_failed_new_version_keeps_the_old(c
     assert r.get(56)["title"] == "Sofa"  # the indexed version stays until a new one encodes
 
 
-def test_a_photo_that_turned_unreadable_keeps_the_indexed_version_with_its_image(fixtures, tmp_path):
-    """The item was indexed with its photo; tonight the file is truncated. Its text alone would encode, but replacing
-    the item with a text-only one loses what the photo found: the indexed version stays, and the row is reported."""
+def test_a_photo_that_turned_unreadable_keeps_the_indexed_image_and_the_new_price_lands(fixtures, tmp_path):
+    """The item was indexed with its photo; tonight the file is truncated and the price changed. Its text alone would
+    encode, but replacing the item with a text-only one loses what the photo found: the image and vectors stay, the
+    price is taken (a PUT of a new price, which sends the stored image, must not be refused either)."""
     photo = tmp_path / "lamp.png"
     photo.write_bytes((fixtures / "images" / "desk_lamp1.png").read_bytes())
     frame = pd.DataFrame({"id": ["lamp", "bed"], "image": [str(photo), str(fixtures / "images" / "bed1.png")],
-                          "title": ["Desk lamp", "Bed"]})
+                          "title": ["Desk lamp", "Bed"], "price": [30.0, 500.0]})
     r = mr.Retriever()
     r.index(frame, show_progress=False)
     before = r.vectors("joint", ["lamp"])
     photo.write_bytes(photo.read_bytes()[:200])
-    report = r.upsert(frame, show_progress=False)
-    assert report.changes["replaced"] == 0 and report.text_only == 0
-    assert [(s.row, s.id) for s in report.skipped] == [(0, "lamp")] and "indexed version" in report.skipped[0].reason
+    report = r.upsert(frame.assign(price=[25.0, 500.0]), show_progress=False)
+    assert (report.changes["replaced"], report.changes["updated"], report.skipped) == (0, 1, [])
+    assert [w.id for w in report.warnings] == ["lamp"] and "indexed image and vectors stay" in report.warnings[0].reason
     assert report.encoded + report.cached + len(report.skipped) == 1  # the one row it had to encode
     np.testing.assert_array_equal(r.vectors("joint", ["lamp"]), before)
     assert r.features()["image_mask"][r.items["id"].tolist().index("lamp")].any()
+    assert r.get("lamp")["price"] == 25.0 and r.image_source("lamp") == str(photo)
     assert r.search(image=fixtures / "images" / "desk_lamp1.png", k=1)["id"].tolist() == ["lamp"]
 
 

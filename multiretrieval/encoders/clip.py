@@ -80,7 +80,8 @@ class ConSE:
         top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
         weights = np.take_along_axis(probs, top, axis=1)
         if self.temperature != 1:
-            weights = np.power(weights, 1.0 / self.temperature, dtype=np.float32)
+            top_p = weights.max(1, keepdims=True)  # divided out first: a small T must not underflow to zero
+            weights = np.power(weights / np.where(top_p > 0, top_p, 1), 1.0 / self.temperature, dtype=np.float32)
         return l2_normalize(np.einsum("nk,nkd->nd", weights, self.label_embeddings[top]))
 
     def image_batch(self, pils, pooled=None, probs=None) -> np.ndarray:

@@ -43,6 +43,8 @@ def test_conse_temperature_weights_the_labels_as_a_softmax_of_the_logits_over_it
     np.testing.assert_allclose(at_two.embed_image_probs(probs), plain.embed_image_probs(tempered), atol=1e-5)
     assert not np.allclose(at_two.embed_image_probs(probs), plain.embed_image_probs(probs), atol=1e-3)
     assert "temperature" not in plain.fingerprint and "temperature=2" in at_two.fingerprint
+    cold = ConSE(image_enc, text_enc, top_k=10, temperature=0.05).embed_image_probs(np.full((1, 1000), 1e-3, np.float32))
+    np.testing.assert_allclose(np.linalg.norm(cold, axis=1), 1.0, atol=1e-5)  # p ** 20 would underflow to nothing
     with pytest.raises(ConfigError, match="temperature must be above 0"):
         ConSE(image_enc, text_enc, temperature=0)
 
