@@ -63,6 +63,9 @@ def _index(args: argparse.Namespace) -> int:
                                       text_columns=config.catalog.text_columns)
     else:  # a bad row is reported with the rows that fail to encode, not a stop
         catalog = Catalog.read(source, text_columns=config.catalog.text_columns, bad_rows="skip")
+    if not len(catalog) and not catalog.dropped:  # before the models load; with --prune it would empty the index
+        print(f"error: {args.catalog} has no rows; {args.out} is as it was", file=sys.stderr)
+        return 1
     cache = args.cache or f"{Path(args.out).resolve()}.cache"
     if args.update and (Path(args.out) / "manifest.json").is_file():
         retriever = Retriever.load(args.out, _load_config(args.config) if args.config else None)

@@ -53,6 +53,11 @@ def test_a_nightly_file_of_nothing_but_bad_rows_fails_the_job(fixtures, tmp_path
     assert cli.main(["index", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "idx"), "--update", "--no-progress"]) == 1
     captured = capsys.readouterr()
     assert "row 0: empty id" in captured.out and "no row of" in captured.err and "all 2 skipped" in captured.err
+    (tmp_path / "empty.csv").write_text("id,title\n")  # a failed export: refused before any model loads
+    assert cli.main(["index", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "idx"), "--update", "--prune"]) == 1
+    from multiretrieval import Retriever
+
+    assert "empty.csv has no rows" in capsys.readouterr().err and len(Retriever.load(tmp_path / "idx")) == 8
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
