@@ -490,7 +490,8 @@ def _walk_folder(root: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
 # pandas' words for a missing value: missing in a column of numbers, kept as words in a column of text.
 MISSING_WORDS = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "-NaN", "-nan", "null", "NULL", "None", "<NA>", "#N/A",
                            "#N/A N/A", "#NA", "-1.#IND", "1.#IND", "-1.#QNAN", "1.#QNAN"})
-_TRUE, _FALSE = frozenset({"True", "TRUE", "true"}), frozenset({"False", "FALSE", "false"})
+_TRUE = frozenset({"True", "TRUE", "true"})
+_FLAGS = _TRUE | {"False", "FALSE", "false"}
 _LEADING_ZERO = re.compile(r"\s*[+-]?0[0-9]")  # "007", "0042": a code whose zeros count, not a number
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 
@@ -517,14 +518,14 @@ def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
         if not len(kept):  # nothing but gaps
             df[column] = np.nan
             continue
-        if kept.isin(_TRUE | _FALSE).all():
-            flags = values.map(lambda v: v in _TRUE if v in _TRUE | _FALSE else np.nan)
+        if kept.isin(_FLAGS).all():
+            flags = values.map(lambda v: v in _TRUE if v in _FLAGS else np.nan)
             df[column] = flags.astype(bool) if given.all() else flags
             continue
         numbers = pd.to_numeric(kept, errors="coerce")
         exact = numbers.dtype.kind == "i" or not kept.str.fullmatch(_INTEGER_TEXT).all()  # else an int beyond int64
         if numbers.notna().all() and exact and not kept.str.match(_LEADING_ZERO).any():
-            df[column] = pd.to_numeric(values.where(given))
+            df[column] = numbers.reindex(values.index)  # gaps where a value was missing
     return df
 
 
@@ -687,9 +688,9 @@ def _id_kind(value: Any, row: int) -> str:
             raise CatalogError(f"row {row}: id {value} does not fit a 64-bit integer; give such ids as strings")
         return "int"
     if isinstance(value, (float, np.floating)):
-        if np.isfinite(value) and float(value).is_integer() and abs(value) < 2**53:  # 2**53 may be 2**53 + 1 rounded
-            return "int"
         if np.isfinite(value) and float(value).is_integer() and _INT64[0] <= value <= _INT64[1]:
+            if abs(value) < 2**53:  # 2**53 itself may be 2**53 + 1 rounded
+                return "int"
             raise CatalogError(f"row {row}: id {int(value)} came as a float (a column of integer ids with a gap), from 2**53 on, "
                                "where a float no longer holds every integer: the id may be another's rounded. Give such "
                                "ids as strings, or leave no id empty")

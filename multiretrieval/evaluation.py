@@ -52,9 +52,6 @@ from .search import joint_query_vectors, photo_neighbours, word_filter
 
 logger = logging.getLogger(__name__)
 ZERO_SHOT_KINDS = ("conse", "lit", "lit+conse")
-# The baseline the multiples are of: ConSE as issue 14 measured it, its top 10 labels at the classifier's own
-# probabilities, whatever ConSE settings the configured lit+conse uses.
-BASELINE_CONSE = {"top_k": 10, "temperature": 1.0}
 # exact names: how each method is asked through Retriever.search
 EXACT_NAME_METHODS = {"vector only": {"hybrid": "off"}, "BM25 only": {"keyword_weight": 1.0},
                       "hybrid: reciprocal-rank fusion (default)": {}, "hybrid: weighted sum": {"hybrid": "weighted"}}
@@ -142,6 +139,7 @@ def _tuxpaint(folder: Path, config: RetrieverConfig, show_progress) -> dict[str,
 
 def _zero_shot(path: Path, config: RetrieverConfig, show_progress) -> dict[str, Any]:
     from .retriever import Retriever
+    from .training import CLASSIC_CONSE
 
     full = Catalog.from_csv(path)
     images_only = Catalog(full.df[["id", "image", "category"]], image_root=full.image_root, text_columns=())
@@ -150,7 +148,7 @@ def _zero_shot(path: Path, config: RetrieverConfig, show_progress) -> dict[str, 
     truth = np.array([categories.index(c) for c in full.df["category"]])
     out = {"items": len(full), "categories": len(categories)}
     for kind in ZERO_SHOT_KINDS:
-        space = dataclasses.replace(config.zero_shot, kind=kind, **(BASELINE_CONSE if kind == "conse" else {}))
+        space = dataclasses.replace(config.zero_shot, kind=kind, **(CLASSIC_CONSE if kind == "conse" else {}))  # the baseline
         r = Retriever(dataclasses.replace(config, zero_shot=space))
         r.index(images_only, show_progress=show_progress)
         item_vecs = r.vectors("clip_image")

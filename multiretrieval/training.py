@@ -37,6 +37,9 @@ LIT_EPOCHS = 40  # at most: training stops when the held-out recall stops improv
 # fit's 24 held-out tuxpaint pairs chose. (Over the training renders themselves, which the projections have learned,
 # 0.1 ranks lamps a little better: tests/test_sources.py.)
 LIT_CONSE_WEIGHT = 0.3
+# ConSE as Norouzi et al. run it (its top 10 labels at the classifier's own probabilities): what encode_catalog caches,
+# and the baseline `evaluate` gives the zero-shot spaces' multiples of, whatever the config's ConSE settings.
+CLASSIC_CONSE = {"top_k": 10, "temperature": 1.0}
 
 
 def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: bool | None = None,
@@ -44,8 +47,8 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
     """Pooled image and text features (and the ConSE zero-shot vectors) of a catalog's items.
 
     Runs the ingestion pipeline with the default text encoder, the image encoder named (config
-    ``encoders.image``), late fusion and ConSE at its top 10 labels and temperature 1 (scripts/
-    train_zero_shot.py recomputes other ConSE settings from the pooled features); rows that fail are
+    ``encoders.image``), late fusion and ConSE as CLASSIC_CONSE (scripts/train_zero_shot.py
+    recomputes other ConSE settings from the pooled features); rows that fail are
     skipped. With ``cache``, the result is kept in that .npz file (no pickle) and reused while the
     catalog's ids, image sources and texts and the image encoder are unchanged.
     """
@@ -60,7 +63,7 @@ def encode_catalog(catalog: Catalog, cache: Path | None = None, show_progress: b
     # Eager PyTorch, so a rerun reproduces the LiT weights bit for bit on one machine (ONNX differs by ~1e-6).
     config = RetrieverConfig().with_overrides({"encoders": {"runtime": "torch", "image": image_encoder},
                                                "fusion": {"kind": "late"},
-                                               "zero_shot": {"kind": "conse", "top_k": 10, "temperature": 1.0}})
+                                               "zero_shot": {"kind": "conse", **CLASSIC_CONSE}})
     encoded, _ = ingest(catalog, Embedder(config), show_progress)
     a = encoded.arrays
     out = {

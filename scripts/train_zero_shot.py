@@ -57,7 +57,7 @@ from multiretrieval.catalog import Catalog  # noqa: E402
 from multiretrieval.config import ZeroShotConfig  # noqa: E402
 from multiretrieval.datasets import read_openclipart, read_sweethome3d_furniture, read_tuxpaint_stamps  # noqa: E402
 from multiretrieval.encoders.clip import load_lit_weights, packaged_lit  # noqa: E402
-from multiretrieval.training import LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, encode_style_views, features_file, fit_zero_shot  # noqa: E402
+from multiretrieval.training import CLASSIC_CONSE, LIT_CONSE_WEIGHT, LIT_DATA_WEIGHTS, LIT_EPOCHS, encode_catalog, encode_style_views, features_file, fit_zero_shot  # noqa: E402
 from multiretrieval.utils import l2_normalize, stable_hash  # noqa: E402
 
 # The recipe: training.LIT_DATA_WEIGHTS and LIT_EPOCHS, chosen with --cross-validate, and LIT_CONSE_WEIGHT, chosen with
@@ -250,7 +250,7 @@ CONSE_CANDIDATES = ((3, 1.0), (5, 1.0), (10, 1.0), (20, 1.0), (50, 1.0), (10, 0.
 
 def conse_images(data: dict, top_k: int, temperature: float = 1.0, image_encoder: str = "efficientnet-lite0") -> np.ndarray:
     """ConSE's image vectors at other settings, from the cached pooled features: the probabilities are the ImageNet
-    classifier's softmax over them, as in the encoder's own forward pass (at top_k 10, temperature 1, the cache's)."""
+    classifier's softmax over them, as in the encoder's own forward pass (at CLASSIC_CONSE, the cache's)."""
     import torch
 
     from multiretrieval.encoders import get_image_encoder, get_text_encoder
@@ -265,7 +265,7 @@ def conse_images(data: dict, top_k: int, temperature: float = 1.0, image_encoder
 
 def with_conse(pairs: dict, top_k: int, temperature: float, image_encoder: str) -> dict:
     """The pairs with their ConSE image vectors at these settings."""
-    if (top_k, temperature) == (10, 1.0):  # the cache's own
+    if {"top_k": top_k, "temperature": temperature} == CLASSIC_CONSE:  # the cache's own
         return pairs
     return {name: dict(data, conse_image=conse_images(data, top_k, temperature, image_encoder)) for name, data in pairs.items()}
 
