@@ -308,6 +308,23 @@ def load_image(source: ImageInput, max_pixels: int = CatalogConfig.max_image_pix
     return _to_rgb(image)
 
 
+# The longest side an image is padded to a square from: that square is at most 2048² pixels (16 MB in memory).
+MAX_CANVAS_SIDE = 2048
+
+
+def shrink_to(image: Image.Image, max_side: int = MAX_CANVAS_SIDE) -> Image.Image:
+    """The image shrunk (aspect kept, each side at least 1 px) so that its longer side is at most ``max_side``;
+    the image itself when it already is. Call it before padding to a square or resizing: the pixel guard bounds
+    width x height, not the longer side, and a 100000x1 PNG of 370 bytes padded to a square is 10^10 pixels.
+    (``reducing_gap``: an integer box reduction first, else the resampling weights alone take 32 bytes per
+    pixel of the longer side.)"""
+    w, h = image.size
+    if max(w, h) <= max_side:
+        return image
+    scale = max_side / max(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+
+
 @functools.cache
 def register_optional_formats() -> bool:
     """Let PIL open HEIC/HEIF through pillow-heif when it is installed; True if it is.
