@@ -13,15 +13,12 @@ image's path relative to the folder, optional sidecar metadata).
 from __future__ import annotations
 
 import functools
-import http.client
 import io
 import json
 import logging
 import os
 import re
 import stat
-import time
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +29,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import CatalogConfig
+from .downloads import download
 from .errors import CatalogError, ImageError, ImageLimitError
 
 ImageInput = Union[str, Path, bytes, Image.Image]
@@ -308,6 +306,23 @@ def load_image(source: ImageInput, max_pixels: int = CatalogConfig.max_image_pix
     return _to_rgb(image)
 
 
+# The longest side an image is padded to a square from: that square is at most 2048² pixels (16 MB in memory).
+MAX_CANVAS_SIDE = 2048
+
+
+def shrink_to(image: Image.Image, max_side: int = MAX_CANVAS_SIDE) -> Image.Image:
+    """The image shrunk (aspect kept, each side at least 1 px) so that its longer side is at most ``max_side``;
+    the image itself when it already is. Call it before padding to a square or resizing: the pixel guard bounds
+    width x height, not the longer side, and a 100000x1 PNG of 370 bytes padded to a square is 10^10 pixels.
+    (``reducing_gap``: an integer box reduction first, else the resampling weights alone take 32 bytes per
+    pixel of the longer side.)"""
+    w, h = image.size
+    if max(w, h) <= max_side:
+        return image
+    scale = max_side / max(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+
+
 @functools.cache
 def register_optional_formats() -> bool:
     """Let PIL open HEIC/HEIF through pillow-heif when it is installed; True if it is.
@@ -401,60 +416,6 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ImageLimitError(f"{path}: more than {max_bytes:,} bytes")
     return data
-
-
-TRANSIENT_HTTP = (408, 425, 429, 500, 502, 503, 504)  # answers worth asking again
-
-
-def download(url: str, max_bytes: int, timeout: float) -> bytes:
-    """GET a URL, whole within about ``timeout`` seconds (one attempt; see downloads.Downloader for retries).
-
-    The socket timeout bounds each read; the deadline, checked between reads, bounds the
-    whole download, so a server that trickles a byte at a time is cut off too. Timeouts,
-    dropped connections and HTTP 408/425/429/5xx raise an ImageError marked ``transient``.
-    """
-    import urllib.error
-
-    deadline = time.monotonic() + timeout
-    chunks, size = [], 0
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
-            while True:
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-                chunk = response.read1(1 << 16)  # returns as soon as any bytes arrive
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_bytes:
-                    raise ImageLimitError(f"{url}: more than {max_bytes:,} bytes")
-    except ImageError:
-        raise
-    except urllib.error.HTTPError as exc:
-        transient = exc.code in TRANSIENT_HTTP
-        raise ImageError(f"{url}: cannot download: HTTP {exc.code} {exc.reason}", transient=transient,
-                         retry_after=_retry_after(exc.headers.get("Retry-After")) if transient else None) from exc
-    except TimeoutError as exc:
-        raise ImageError(f"{url}: download timed out after {timeout:g} s", transient=True) from exc
-    except OSError as exc:  # URLError, connection errors: the network or the server may come back
-        reason = getattr(exc, "reason", None)
-        if isinstance(reason, TimeoutError) or "timed out" in str(exc):
-            raise ImageError(f"{url}: download timed out after {timeout:g} s", transient=True) from exc
-        if isinstance(reason, ValueError) or isinstance(exc, urllib.error.URLError) and "unknown url type" in str(exc):
-            raise ImageError(f"{url}: cannot download: {exc}") from exc
-        raise ImageError(f"{url}: cannot download: {exc}", transient=True) from exc
-    except (ValueError, http.client.HTTPException) as exc:  # a malformed URL or answer
-        raise ImageError(f"{url}: cannot download: {exc}", transient=isinstance(exc, http.client.HTTPException)) from exc
-    return b"".join(chunks)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header given in seconds (an HTTP date is ignored)."""
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _resolve(value: str, root: Path) -> str:

@@ -99,7 +99,7 @@ def _save_cached(cache: Path | None, key: str, arrays: dict[str, np.ndarray]) ->
     tmp.replace(cache)
 
 
-STYLE_VIEW_VERSION = 1  # part of encode_style_views' cache key: raise it when style_view changes
+STYLE_VIEW_VERSION = 2  # part of encode_style_views' cache key: raise it when style_view changes
 
 
 def style_view(image, rng: np.random.Generator):
@@ -109,7 +109,9 @@ def style_view(image, rng: np.random.Generator):
 
     from PIL import Image, ImageEnhance, ImageFilter
 
-    image = image.convert("RGBA")
+    from .catalog import shrink_to
+
+    image = shrink_to(image.convert("RGBA"))  # the square below is the longer side squared
     side = max(image.size)
     colour = tuple(int(v) for v in rng.integers(0, 256, 3)) if rng.random() < 0.3 else (int(rng.integers(0, 256)),) * 3
     photo = Image.new("RGBA", (side, side), colour + (255,))
@@ -317,6 +319,9 @@ def augment_image(image, rng: np.random.Generator):
     sometimes grey, sometimes blurred."""
     from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+    from .catalog import shrink_to
+
+    image = shrink_to(image)  # the encoder shrinks it anyway; a 1 x 10^6 strip resized back to its size costs GBs
     w, h = image.size
     area = rng.uniform(0.35, 1.0) * w * h
     ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from .catalog import load_image
+from .catalog import load_image, shrink_to
 
 logger = logging.getLogger(__name__)
 THUMB = 128
@@ -75,6 +75,5 @@ def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
 
 
 def _paste(sheet: Image.Image, image: Image.Image, x: int, y: int) -> None:
-    thumb = image.copy()
-    thumb.thumbnail((THUMB, THUMB))
+    thumb = shrink_to(image, THUMB)  # not image.copy().thumbnail(): no copy of a large image
     sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))

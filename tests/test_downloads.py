@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 from collections import Counter
@@ -12,10 +13,12 @@ import pandas as pd
 import pytest
 
 import multiretrieval as mr
+from multiretrieval import downloads
 from multiretrieval.downloads import Downloader
 from multiretrieval.pipeline import ShardStore
 
 from .conftest import png_bytes
+from .sites import SHOP_ONLY, sites  # noqa: F401 - a fixture
 
 FAST = {"download_timeout_s": 1.0, "download_retries": 2, "download_backoff_s": 0.05}
 
@@ -148,3 +151,68 @@ def test_a_url_catalog_against_a_flaky_server_then_after_it_recovers(server, tmp
     assert sorted(first.items["id"]) == [f"u{i}" for i in range(1, 8)]
     with_image = dict(zip(first.items["id"], first.features()["image_mask"][:, 0]))
     assert with_image["u7"] and not with_image["u6"]  # u7's image came this time; u6's is still dead
+
+
+# ---------------------------------------------------------------- the address policy, on every hop (issue 28, point 2)
+
+def test_a_redirect_is_checked_like_the_first_address(sites):
+    """A public URL that redirected to 127.0.0.1 was fetched: now every hop's addresses pass the policy."""
+    inside = sites("127.0.0.1", {"secret.png": b"inner secret"})
+    photo = png_bytes()
+    shop = sites("127.0.0.2", {"photo.png": photo, "hop.png": ("redirect", "/photo.png"),
+                               "moved.png": ("redirect", inside.url("secret.png"))})
+    assert downloads.download(shop.url("photo.png"), 10**6, 5.0, SHOP_ONLY) == photo  # the first host passes
+    assert downloads.download(shop.url("hop.png"), 10**6, 5.0, SHOP_ONLY) == photo  # a redirect to an allowed host
+    with pytest.raises(mr.ImageError, match=r"moved.png: not fetched: redirected to a host that is not allowed: "
+                                            r"'127.0.0.1' resolves to 127.0.0.1, which is not the shop's address") as refused:
+        downloads.download(shop.url("moved.png"), 10**6, 5.0, SHOP_ONLY)
+    assert not refused.value.transient and inside.requests == []  # final, and never connected to
+    with pytest.raises(mr.ImageError, match="not a public address"):
+        downloads.download(shop.url("photo.png"), 10**6, 5.0, downloads.PUBLIC)  # the real policy: loopback is not public
+    # An operator's catalog (no policy) follows redirects anywhere, as before.
+    assert downloads.download(shop.url("moved.png"), 10**6, 5.0) == b"inner secret"
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(sites, monkeypatch):
+    """DNS rebinding: a name that resolves to an allowed address when checked and to 127.0.0.1 when connected
+    to. The host is looked up once and the connection goes to the checked address; Host carries the name."""
+    inside = sites("127.0.0.1", {"p.png": b"inner secret"})
+    photo = png_bytes()
+    shop = sites("127.0.0.2", {"p.png": photo}, port=inside.port)
+    real, lookups = socket.getaddrinfo, []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "shop.test":
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        return real("127.0.0.2" if len(lookups) == 1 else "127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    assert downloads.download(shop.url("p.png", host="shop.test"), 10**6, 5.0, SHOP_ONLY) == photo
+    assert lookups == ["shop.test"] and inside.requests == []
+    assert shop.requests == [("p.png", f"shop.test:{shop.port}")]
+
+
+def test_redirects_are_followed_up_to_a_bound_within_the_deadline(sites):
+    photo = png_bytes()
+    chain = {f"r{i}": ("redirect", f"/r{i + 1}") for i in range(downloads.MAX_REDIRECTS + 1)}
+    slow = {f"s{i}": ("redirect", f"/s{i + 1}", 0.4) for i in range(3)}
+    site = sites("127.0.0.2", {**chain, f"r{downloads.MAX_REDIRECTS + 1}": photo, "s3": photo, **slow})
+    assert downloads.download(site.url("r1"), 10**6, 5.0, SHOP_ONLY) == photo  # MAX_REDIRECTS hops
+    with pytest.raises(mr.ImageError, match=f"r0: cannot download: more than {downloads.MAX_REDIRECTS} redirects") as many:
+        downloads.download(site.url("r0"), 10**6, 5.0, SHOP_ONLY)
+    assert not many.value.transient
+    # Three hops of 0.4 s each: the third starts past the whole download's 1 s (each hop alone is within it).
+    with pytest.raises(mr.ImageError, match="timed out after 1 s") as slow_hops:
+        downloads.download(site.url("s0"), 10**6, 1.0, SHOP_ONLY)
+    assert slow_hops.value.transient and ("s3", f"127.0.0.2:{site.port}") not in site.requests
+
+
+def test_public_means_globally_reachable_also_for_an_ipv4_inside_an_ipv6_address():
+    import ipaddress
+
+    public = ["8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+    inner = ["127.0.0.1", "10.1.2.3", "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1", "fd00::1", "fe80::1",
+             "::ffff:127.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1"]  # mapped, NAT64, 6to4 of inner ones
+    assert [downloads.is_public(ipaddress.ip_address(a)) for a in public] == [True] * len(public)
+    assert [a for a in inner if downloads.is_public(ipaddress.ip_address(a))] == []

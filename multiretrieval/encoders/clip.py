@@ -20,6 +20,7 @@ retriever's own encoder outputs when it has them (None: the space computes them)
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -184,7 +185,8 @@ class OpenCLIP:
                 f"OpenCLIP model {model_name!r} with weights {pretrained!r}: not a local file, and the hub is marked offline "
                 "(HF_HUB_OFFLINE=1). Download the checkpoint elsewhere and set zero_shot.pretrained to its path.")
         try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            self.model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            self.preprocess = bounded_preprocess(preprocess)
         except RuntimeError as exc:
             if "Unknown model" in str(exc) or "not found" in str(exc).lower():
                 raise ConfigError(f"OpenCLIP model {model_name!r}: {exc}") from exc
@@ -212,6 +214,43 @@ class OpenCLIP:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.text_batch(texts)
+
+
+MAX_STRIP_RATIO = 4  # how much longer than the centre crop's own shape an image stays before a shorter-side resize
+
+
+def bounded_preprocess(transform):
+    """open_clip's eval transform with bounded memory. Its default ("shortest") resizes the shorter side to
+    the model's size and keeps the centre: a 100000x1 image would first become a 22,400,000 x 224 strip.
+    Where the transform is such a resize followed by a centre crop, the image is cut to its centre, at most
+    ``MAX_STRIP_RATIO`` times the crop's proportions, before it runs: what is cut off is what the crop drops
+    (the result differs by a fraction of a pixel at most). Other transforms ("longest", "squash") are bounded."""
+    from open_clip.transform import ResizeKeepRatio
+    from torchvision.transforms import CenterCrop, Resize
+
+    steps = list(getattr(transform, "transforms", ()))
+    shorter_side = steps and (isinstance(steps[0], Resize) and (isinstance(steps[0].size, int) or len(steps[0].size) == 1)
+                              or isinstance(steps[0], ResizeKeepRatio) and steps[0].longest == 0)
+    if not shorter_side or len(steps) < 2 or type(steps[1]) is not CenterCrop:
+        return transform
+    crop_h, crop_w = steps[1].size
+
+    def preprocess(image):
+        w, h = image.size
+        keep_w = _centre_span(w, h * MAX_STRIP_RATIO * crop_w / crop_h)
+        keep_h = _centre_span(h, w * MAX_STRIP_RATIO * crop_h / crop_w)
+        if (keep_w, keep_h) != (w, h):
+            left, top = (w - keep_w) // 2, (h - keep_h) // 2
+            image = image.crop((left, top, left + keep_w, top + keep_h))
+        return transform(image)
+
+    return preprocess
+
+
+def _centre_span(side: int, most: float) -> int:
+    """How many of ``side`` pixels to keep, at least ``most``: as many more as keeps the same centre."""
+    keep = math.ceil(most)
+    return side if keep >= side else keep + (side - keep) % 2
 
 
 def build_zero_shot(cfg: ZeroShotConfig, image_encoder, text_encoder):

@@ -99,10 +99,14 @@ class ImageEncoder:
         return cls(name, model, cfg["input_size"][-1], cfg["mean"], cfg["std"], runtime)
 
     def preprocess(self, image) -> "torch.Tensor":  # noqa: F821
-        """RGB PIL image -> normalised tensor: pad to a white square (keeps the whole product), resize."""
+        """RGB PIL image -> normalised tensor: pad to a white square (keeps the whole product), resize.
+        An image over ``MAX_CANVAS_SIDE`` px a side is shrunk first, so the square stays bounded whatever its shape."""
         import torch
         from PIL import Image
 
+        from ..catalog import shrink_to
+
+        image = shrink_to(image)
         w, h = image.size
         side = max(w, h)
         if w != h:

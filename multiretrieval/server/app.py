@@ -379,28 +379,20 @@ def _json_field(name: str, value: str | None) -> Any:
 
 
 def fetch_image_url(url: str, config, policy: str) -> bytes:
-    """A photo given by address. ``policy`` "public": only addresses that resolve to public IPs
-    (the service must not become a way into the network it sits in); "any"; "off": refused."""
-    import ipaddress
-    import socket
+    """A photo given by address. ``policy`` "public": only from public IPs, checked on every hop (redirects
+    too) and connected to as checked (the service must not become a way into the network it sits in);
+    "any"; "off": refused."""
     from urllib.parse import urlsplit
 
-    from ..catalog import download
+    from .. import downloads
 
     if policy == "off":
         raise _HTTPError(400, "image_url is turned off on this server; upload the photo instead")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _HTTPError(400, f"image_url must be an http(s) address, got {url!r}")
-    if policy == "public":
-        try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 80)}
-        except OSError as exc:
-            raise _HTTPError(400, f"image_url: cannot resolve {parts.hostname!r}: {exc}") from exc
-        if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
-            raise _HTTPError(400, f"image_url: {parts.hostname!r} is not a public address")
     cat = config.catalog
-    return download(url, cat.max_image_bytes, cat.download_timeout_s)
+    return downloads.download(url, cat.max_image_bytes, cat.download_timeout_s, downloads.PUBLIC if policy == "public" else None)
 
 
 async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:

@@ -169,3 +169,27 @@ def test_default_conse_weight_is_the_recipes_cross_validated_one_in_code_and_in_
     assert shipped.zero_shot.conse_weight == LIT_CONSE_WEIGHT
     assert (shipped.zero_shot.top_k, shipped.zero_shot.temperature) == (ZeroShotConfig().top_k, ZeroShotConfig().temperature)
 
+
+
+def test_openclip_preprocessing_cuts_a_long_strip_to_what_its_centre_crop_keeps():
+    """A shorter-side resize of a 100000x1 image is a 22,400,000 x 224 strip; cut to its centre first, the crop
+    sees the same pixels: an ordinary shape is untouched, a long one gives the same picture (within resampling)."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from multiretrieval.encoders.clip import bounded_preprocess
+
+    def gradient(w, h):
+        x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
+        return Image.fromarray(np.stack([x, y, 255 - x], -1).astype(np.uint8))
+
+    for size in (224, (224, 256)):
+        plain = open_clip.image_transform(size, is_train=False)
+        bounded = bounded_preprocess(plain)
+        assert torch.equal(bounded(gradient(300, 200)), plain(gradient(300, 200)))  # under 4:1 of the crop: as it was
+        for w, h in ((3000, 90), (90, 3000)):
+            assert torch.allclose(bounded(gradient(w, h)), plain(gradient(w, h)), atol=0.05)
+    for mode in ("longest", "squash"):  # these never resize past the model's size: left as they are
+        transform = open_clip.image_transform(224, is_train=False, resize_mode=mode)
+        assert bounded_preprocess(transform) is transform
