@@ -250,7 +250,8 @@ class _Printer:
         self.only(node, "this", "to", "safe", "requires_string")  # the last two: how sqlglot marks TRY_CAST
         to = node.to
         type_name = to.this.name if isinstance(to, exp.DataType) else ""
-        plain = {"INT": "INTEGER", "TEXT": "VARCHAR", "BIGDECIMAL": "DECIMAL"}.get(type_name, type_name)
+        # sqlglot's names for the allowed types: TIMESTAMP (and DATETIME) parse as TIMESTAMPNTZ, DuckDB's TIMESTAMP
+        plain = {"INT": "INTEGER", "TEXT": "VARCHAR", "BIGDECIMAL": "DECIMAL", "TIMESTAMPNTZ": "TIMESTAMP"}.get(type_name, type_name)
         if plain not in CAST_TYPES or any(k not in ("this", "expressions") and v for k, v in to.args.items()):
             raise self.refuse(f"a cast to {to.sql(dialect='duckdb')}")
         params = ""

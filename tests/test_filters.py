@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,7 @@ import pytest
 import multiretrieval as mr
 from multiretrieval.config import RetrieverConfig
 from multiretrieval.embedder import FEATURES
+from multiretrieval.filters import compile_filter
 from multiretrieval.items import ItemStore
 from multiretrieval.search import check_batch, check_k
 
@@ -152,3 +155,68 @@ def test_query_bounds_come_from_the_config_and_name_their_setting(indexed, tmp_p
         check_batch(4, config)
     check_batch(3, config)
     assert indexed.config.search == RetrieverConfig().search  # the session's retriever keeps its own
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_COLUMNS = {"x": "text", "title": "text", "price": "number", "width cm": "number", "ts": "timestamp", "a": "text",
+                  "b": "text"}
+
+
+def readme_filter_examples() -> list[str]:
+    """Every example of the README's "Filters" table as a whole filter over README_COLUMNS ("x" where the README
+    writes x): operators between two comparisons, literals and types tested with IS NULL, [NOT] both ways."""
+    section = README.read_text().split("\n### Filters\n", 1)[1].split("\n#", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) >= 10, "the README's Filters table was not found"
+    filters = []
+    for label, cell in rows:
+        snippets = re.findall(r"`([^`]+)`", cell)
+        label = label.strip()
+        if label.startswith(("column names", "literals")):
+            made = [f"{s} IS NULL" for s in snippets]
+        elif label == "comparisons":
+            made = [f"x {s} 'a'" for s in snippets]
+        elif label.startswith("logic"):
+            made = [{"NOT": "NOT x = 'a'", "( )": "(x = 'a')"}.get(s, f"x = 'a' {s} x = 'b'") for s in snippets]
+        elif label == "arithmetic":
+            made = [f"price {op} 2 > 1" for s in snippets if s != "unary -" for op in s.split()] + ["-price < 0"]
+        elif label.startswith(("lists", "patterns", "null")):
+            made = [{"ILIKE": "x ILIKE '%ring%'", "ESCAPE '!'": "x LIKE '%!%%' ESCAPE '!'"}.get(s, s) for s in snippets]
+            made = [m.replace("x IS [NOT] TRUE / FALSE", f"x::BOOLEAN IS [NOT] {v}") for m in made for v in ("TRUE", "FALSE")]
+        elif label == "casts":
+            types = cell.split("with type", 1)[1].replace("DECIMAL(p, s)", "DECIMAL(10, 2)").strip(" |")
+            types = re.split(r",\s*(?![^()]*\))", types)  # not the comma of DECIMAL(10, 2)
+            made = [form.format(t=t.strip()) for t in types
+                    for form in ("CAST(x AS {t}) IS NULL", "TRY_CAST(x AS {t}) IS NULL", "x::{t} IS NULL")]
+            assert {"CAST(x AS type)", "TRY_CAST", "x::type"} <= set(snippets)
+        elif label == "functions":
+            dates = cell.split("date parts", 1)[1]
+            made = [(re.sub(r"\bx\b", "ts", s) if "(" in s else f"{s}(ts)" if s in dates else f"{s}(title)"
+                     if s in ("lower", "upper", "length", "trim") else "coalesce(price, 0)" if s == "coalesce" else f"{s}(price)")
+                    + " IS NULL" for s in snippets]
+        else:
+            raise AssertionError(f"the README's Filters table has a row {label!r} this test has no template for")
+        filters += [m.replace("[NOT] ", n) for m in made for n in ("", "NOT ")]
+    return list(dict.fromkeys(filters))
+
+
+def test_every_example_of_the_readme_filters_section_compiles_and_runs():
+    import duckdb
+
+    examples = readme_filter_examples()
+    assert "ts > TIMESTAMP '2024-01-31 10:00'" not in examples  # (the table's literal is tested with IS NULL)
+    assert "TIMESTAMP '2024-01-31 10:00' IS NULL" in examples and "CAST(x AS TIMESTAMP) IS NULL" in examples
+    con = duckdb.connect()  # no rows: DuckDB binds every name, type and function of the printed SQL, converts no value
+    con.execute('CREATE TABLE catalog (x VARCHAR, title VARCHAR, price DOUBLE, "width cm" DOUBLE, ts TIMESTAMP, a VARCHAR, '
+                'b VARCHAR)')
+    refused = []
+    for where in examples:
+        try:
+            con.execute(f"SELECT count(*) FROM catalog WHERE {compile_filter(where, README_COLUMNS)}").fetchall()
+        except (mr.QueryError, duckdb.Error) as exc:
+            refused.append(f"{where}: {str(exc)[:100]}")
+    assert not refused, '\n'.join(refused)
+    con.execute("INSERT INTO catalog VALUES ('a', 'Ring', 12.5, 3, TIMESTAMP '2024-01-31 10:00', 'a', 'b')")
+    for where, count in (("ts > TIMESTAMP '2024-01-31 09:00'", 1), ("ts = CAST('2024-01-31 10:00' AS TIMESTAMP)", 1),
+                         ("ts < TRY_CAST(x AS TIMESTAMP)", 0), ("ts > DATETIME '2024-02-01'", 0)):
+        assert con.execute(f"SELECT count(*) FROM catalog WHERE {compile_filter(where, README_COLUMNS)}").fetchone() == (count,)
