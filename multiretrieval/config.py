@@ -133,6 +133,8 @@ class SearchConfig:
     max_k: int = 1000  # results one query may ask for: k (plus offset, where a query pages)
     max_batch: int = 64  # queries in one batch call
     max_where_chars: int = 2000  # characters of a where filter
+    max_filter_columns: int = 64  # columns one query's structured filters may name
+    max_filter_values: int = 5000  # values one column's list in structured filters may hold
     filter_timeout_s: float = 2.0  # a filter still running after this is interrupted (LimitError)
     hybrid: str = "rrf"  # text queries: rrf (reciprocal-rank fusion of vectors and BM25) | weighted | off
     keyword_weight: float = 0.5  # the keyword (BM25) ranking's share in a hybrid text query

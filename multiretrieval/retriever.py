@@ -26,7 +26,7 @@ from .embedder import Embedder
 from .errors import MultiretrievalError, QueryError
 from .ingest import IndexReport, hash_catalog, ingest, ingest_rows
 from .persistence import MANIFEST, component_folder, component_record, read_folder, write_folder
-from .search import MODES, batch_query, check_batch, encode_inputs, joint_query_vectors, make_query, run_batch, run_query
+from .search import MODES, batch_query, check_batch, check_filters, check_where, encode_inputs, joint_query_vectors, make_query, run_batch, run_query
 from .utils import ReadWriteLock
 
 __all__ = ["MODES", "IndexReport", "Retriever"]
@@ -210,7 +210,11 @@ class Retriever:
 
     def facets(self, columns: list[str] | None = None, where: str | None = None, filters: dict | None = None) -> dict[str, dict]:
         """Value counts (text) or min/max/histogram (numbers) over the items matching ``where`` and ``filters``
-        (each column ignoring its own filter), for ``columns`` (default: ``facet_columns()``)."""
+        (each column ignoring its own filter), for ``columns`` (default: ``facet_columns()``); bounded as ``search``'s."""
+        where = None if isinstance(where, str) and not where.strip() else where
+        if where is not None:
+            check_where(where, self.config)
+        filters = check_filters(filters, self.config)
         return self._reading(self.store.facets, columns or self.facet_columns(), where, filters, self.config.search.filter_timeout_s)
 
     def facet_columns(self) -> list[str]:
