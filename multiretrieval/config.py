@@ -29,6 +29,8 @@ class CatalogConfig:
     download_retries: int = 3  # more attempts after a transient failure (timeout, dropped connection, 408/425/429/5xx)
     download_backoff_s: float = 0.5  # wait before retry n: this x 2^n, with jitter (or the server's Retry-After)
     text_when_image_fails: bool = True  # an item whose image fails is indexed by its text (a warning), if it has one
+    max_new_columns: int = 64  # columns one write (add, upsert, an item sent to the service) may add to an index
+    max_columns: int = 256  # columns an index may hold in all (each is in every result row and the filter table)
 
 
 @dataclass(frozen=True)

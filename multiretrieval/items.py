@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .catalog import Catalog, conform_ids, conform_rows, plain
+from .config import CatalogConfig
 from .embedder import FEATURES
 from .errors import CatalogError, IndexLoadError, ItemNotFoundError, LimitError, QueryError
 from .filters import compile_filter, compile_filters, describe_columns
@@ -45,6 +46,7 @@ class ItemStore:
         self.features: dict[str, np.ndarray] = {}
         self.hashes = np.zeros(0, HASH_DTYPE)  # content hash per row (pipeline.content_hash)
         self.next_key = 0
+        self.declared: tuple[str, ...] = ()  # the columns of the catalog the store was first filled from (kept when empty)
         self.version = 0  # changes whenever the rows do (for what is derived from them elsewhere)
         self._lazy = threading.Lock()
         self._changed()
@@ -72,9 +74,12 @@ class ItemStore:
 
     # ---------------------------------------------------------------- writes
 
-    def conform(self, catalog: Catalog, allow_existing: bool = False) -> None:
+    def conform(self, catalog: Catalog, allow_existing: bool = False, bounds: CatalogConfig | None = None) -> None:
         """Make new rows fit the stored ones (id kind, column types); refuse ids already stored
-        unless ``allow_existing`` (an upsert). Names the rows."""
+        unless ``allow_existing`` (an upsert), and (``bounds``) more new columns than ``check_columns`` allows.
+        Names the rows and columns."""
+        if bounds is not None:
+            self.check_columns(list(catalog.df.columns), bounds)
         if not len(self):
             return
         df = catalog.df
@@ -86,10 +91,39 @@ class ItemStore:
         if clash:
             raise CatalogError(f"row(s) {clash[:10]}: id {plain(catalog.df['id'].iloc[clash[0]])!r} is already indexed; remove it first")
 
+    def check_columns(self, columns: list[str], bounds: CatalogConfig) -> None:
+        """Refuse a write whose rows bring more new columns than ``catalog.max_new_columns`` (an empty store: the
+        first catalog, unbounded but for the total), or that would make more than ``catalog.max_columns`` in all:
+        every column is in each result row and the filter table, so one item with thousands of keys slowed every
+        search. Raises CatalogError naming the new columns and the setting."""
+        stored = set(_public(self.table).columns)
+        new = [c for c in columns if c not in stored]
+        shown = ", ".join(repr(c) if len(repr(c)) <= 40 else repr(c)[:40] + "..." for c in new[:10]) + (", ..." if len(new) > 10 else "")
+        if self.next_key and len(new) > bounds.max_new_columns:
+            raise CatalogError(f"{len(new):,} new columns ({shown}); one write may add at most {bounds.max_new_columns:,} "
+                               f"(catalog.max_new_columns)")
+        if len(stored) + len(new) > bounds.max_columns:
+            held = f"with the {len(stored):,} indexed, {len(new):,} new columns ({shown}) make" if stored else "the catalog has"
+            raise CatalogError(f"{held} {len(stored) + len(new):,} columns; an index holds at most {bounds.max_columns:,} "
+                               f"(catalog.max_columns)")
+
+    def drop_unused_columns(self, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Drop the columns no item has a value in, other than the declared ones (the first catalog's) and ``keep``
+        (the configured ones): columns a write brought leave with the last item that used them. Returns them."""
+        keep = {"id", *self.declared, *keep}
+        unused = [c for c in _public(self.table).columns if c not in keep and self.table[c].isna().all()]
+        if unused:
+            self.table = self.table.drop(columns=unused)
+            self._changed()
+            logger.info("%d column(s) no item uses any more dropped: %s", len(unused), unused[:10])
+        return unused
+
     def append(self, rows: pd.DataFrame, sources: list[str | None], features: dict[str, np.ndarray],
                hashes: list[str | None] | None = None) -> np.ndarray:
         """Add catalog rows with their image sources, features and content hashes; returns their new keys."""
         keys = np.arange(self.next_key, self.next_key + len(rows), dtype=np.int64)
+        if not self.next_key:
+            self.declared = tuple(c for c in rows.columns if not c.startswith("_"))
         new = _storable(rows)
         new[IMAGE_SOURCE] = sources
         new.insert(0, KEY, keys)
@@ -343,7 +377,7 @@ class ItemStore:
     # ---------------------------------------------------------------- files
 
     def describe(self) -> dict[str, Any]:
-        return {"count": len(self), "next_key": int(self.next_key), "key_column": KEY}
+        return {"count": len(self), "next_key": int(self.next_key), "key_column": KEY, "declared_columns": list(self.declared)}
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -362,6 +396,8 @@ class ItemStore:
         hashes = folder / HASHES_FILE  # saves before upserts had none: every item counts as changed
         store.hashes = np.load(hashes, allow_pickle=False) if hashes.is_file() else np.zeros(len(store.table), HASH_DTYPE)
         store.next_key = int(described["next_key"])
+        declared = described.get("declared_columns")  # saves made before: every column they hold counts as declared
+        store.declared = tuple(declared) if declared is not None else tuple(store.public().columns)
         if (any(len(v) != len(store) for v in store.features.values()) or len(store.hashes) != len(store)
                 or store.keys.max(initial=-1) >= store.next_key):
             raise IndexLoadError(f"{folder}: catalog and features disagree on the number of items")
