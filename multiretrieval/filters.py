@@ -140,7 +140,7 @@ def filter_value(value: Any, column: Any, kind: str | None = None) -> Any:
     number = isinstance(value, (int, float))
     if kind == "text" and number:
         raise QueryError(f"filters[{_short(column)}]: {value!r} is a number, but {_short(column)} holds text: give it as {str(value)!r}")
-    if (number and math.isfinite(value)) or isinstance(value, str):
+    if (number and (isinstance(value, int) or math.isfinite(value))) or isinstance(value, str):
         return value
     raise QueryError(f"filters[{_short(column)}]: {_short(value)} is not a number, text or boolean")
 
