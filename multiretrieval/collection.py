@@ -6,6 +6,9 @@ content hashes), an :class:`~multiretrieval.index.IndexSet` (a FAISS index per s
 
     commit(catalog, encoded, embedder)          encoded rows in: rows, vectors, keywords
     remove(keys, embedder)                      out of all three (graph indexes compacted when due)
+
+After each write, a column no item has a value in goes, unless the first catalog had it or the config
+names it (``ItemStore.drop_unused_columns``).
     plan_upsert(catalog, hashes, prune)         which rows are new, changed, only re-described, unchanged, gone
     apply_upsert(plan, ...)                     the plan, in place; indexes rebuilt only if their kind must change
 
@@ -129,6 +132,7 @@ class Collection:
             del vectors
         self.indexes.fill_joint(keys, lambda r: embedder.item_vectors(arrays, r), embedder.fusion.query_parts())
         self.keywords.add(keys, keyword_texts(rows, self.keywords.columns))
+        self.store.drop_unused_columns(configured_columns(embedder.config))
         return keys
 
     def remove(self, keys: np.ndarray, embedder: Embedder, rechoose: bool = False) -> None:
@@ -136,6 +140,7 @@ class Collection:
         self.indexes.remove(keys)
         self.keywords.remove(keys)
         self.store.remove(keys)
+        self.store.drop_unused_columns(configured_columns(embedder.config))
         self.refresh(embedder, rechoose)
 
     def refit_joint(self, embedder: Embedder) -> None:
@@ -238,6 +243,7 @@ class Collection:
         keep_image = np.zeros(0, np.int64) if keep_image is None else keep_image
         self._update_rows(catalog, plan.update)
         self._update_rows(catalog, keep_image, stored_sources=True)
+        self.store.drop_unused_columns(configured_columns(embedder.config))  # a value the update emptied was the last
         rebuilt = self.refresh(embedder, rechoose=True)
         return {"added": len(encoded.rows) - len(replaced), "replaced": len(replaced), "updated": len(plan.update) + len(keep_image),
                 "unchanged": plan.unchanged, "removed": len(gone), "indexes rebuilt": len(rebuilt)}
@@ -277,6 +283,14 @@ class Collection:
             store = collection.store
             collection.keywords.add(store.keys, keyword_texts(store.table, collection.keywords.columns))
         return collection
+
+
+def configured_columns(config: RetrieverConfig) -> set[str]:
+    """The columns a config names (text, keywords, what the shop displays): kept while no item has a value in them."""
+    display = config.display
+    named = (*config.catalog.text_columns, *config.catalog.keyword_columns, display.title, display.price, display.brand,
+             *display.columns, *display.facets, "image")
+    return {c for c in named if c}
 
 
 def _same(a: pd.Series, b: pd.Series) -> np.ndarray:

@@ -29,6 +29,8 @@ class CatalogConfig:
     download_retries: int = 3  # more attempts after a transient failure (timeout, dropped connection, 408/425/429/5xx)
     download_backoff_s: float = 0.5  # wait before retry n: this x 2^n, with jitter (or the server's Retry-After)
     text_when_image_fails: bool = True  # an item whose image fails is indexed by its text (a warning), if it has one
+    max_new_columns: int = 64  # columns one write (add, upsert, an item sent to the service) may add to an index
+    max_columns: int = 256  # columns an index may hold in all (each is in every result row and the filter table)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class SearchConfig:
     max_k: int = 1000  # results one query may ask for: k (plus offset, where a query pages)
     max_batch: int = 64  # queries in one batch call
     max_where_chars: int = 2000  # characters of a where filter
+    max_filter_columns: int = 64  # columns one query's structured filters may name
+    max_filter_values: int = 5000  # values one column's list in structured filters may hold
     filter_timeout_s: float = 2.0  # a filter still running after this is interrupted (LimitError)
     hybrid: str = "rrf"  # text queries: rrf (reciprocal-rank fusion of vectors and BM25) | weighted | off
     keyword_weight: float = 0.5  # the keyword (BM25) ranking's share in a hybrid text query

@@ -15,13 +15,23 @@ and the catalog's columns.
 ``unsafe=True`` (trusted Python callers only) accepts any single DuckDB expression: it must
 still parse as one expression (no second statement, no UNION), and it still runs under the
 time limit with DuckDB's external access off.
+
+Structured filters (column -> values, one value, or a range) never become SQL text: ``compile_filters``
+writes the quoted column names and one ``?`` per list, value or bound, and the values travel as
+DuckDB parameters, so a list of thousands costs a list conversion, not a parse, and no value can
+change the query.
+
+    compile_filters({"category": ["Rings", "Earrings"], "price": {"max": 200}}, {"category": "text", "price": "number"})
+    -> ('"category" IN (SELECT unnest(?)) AND "price" <= ?', [['Rings', 'Earrings'], 200])
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .errors import QueryError
 
@@ -43,6 +53,7 @@ GRAMMAR = ("A filter is one condition over the catalog's columns, made of: colum
 
 SUBQUERY = "a subquery (SELECT, UNION, EXISTS)"
 _NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_PLAIN_TYPE = re.compile(r"[A-Z][A-Z0-9_ ]*(\(\d+,\s*\d+\))?")  # a column's DuckDB type a list of texts may be cast to
 
 
 def compile_filter(where: str, columns: Mapping[str, str], unsafe: bool = False) -> str:
@@ -58,6 +69,89 @@ def compile_filter(where: str, columns: Mapping[str, str], unsafe: bool = False)
         raise
     except Exception as exc:  # noqa: BLE001 - a tree of a shape this printer does not expect is refused, not a crash
         raise refusal(where, f"an expression this grammar cannot read ({type(exc).__name__})", columns) from None
+
+
+def compile_filters(filters: Mapping[Any, Any], columns: Mapping[str, str] | None = None,
+                    type_of: Callable[[str], str | None] | None = None, leave_out: str | None = None) -> tuple[str | None, list]:
+    """The DuckDB SQL of structured filters (None if they hold no condition) and its parameters, in order.
+
+    Each column's filter is a list of values (any of them), one value, or a range {"min": a, "max": b}
+    (either may be missing); an empty list is no condition; the column ``leave_out`` is skipped (a facet's
+    own counts ignore its own filter). ``columns`` (name -> kind): a filter on another column is refused,
+    and a value of the wrong kind for its column (text for numbers, a number for text) is refused here rather
+    than by DuckDB's conversion error over SQL the caller never wrote. ``type_of(column)``: the column's DuckDB
+    type, asked once every filter is checked, to compare a list's texts with a column of dates or flags as
+    DuckDB compares a quoted literal (cast to the column's type). Raises QueryError naming the column."""
+    if not isinstance(filters, Mapping):
+        raise QueryError(f"filters must map columns to values or ranges, got {type(filters).__name__}")
+    unknown = [c for c in filters if columns is not None and c not in columns]
+    if unknown:
+        raise QueryError(f"filters: no column {_short(unknown[0])} in this index; columns: {describe_columns(columns or {})}")
+    checked: dict[Any, list[tuple[str, Any]]] = {}  # column -> (operator, parameter): all checked before any SQL
+    for column, wanted in filters.items():
+        if column == leave_out:
+            continue
+        kind = (columns or {}).get(column)
+        if isinstance(wanted, Mapping):
+            extra = set(wanted) - {"min", "max"}
+            if extra:
+                raise QueryError(f"filters[{_short(column)}]: a range has 'min' and/or 'max', not {sorted(map(str, extra))}")
+            tests = [(op, filter_value(wanted[key], column, kind)) for key, op in (("min", ">="), ("max", "<="))
+                     if wanted.get(key) is not None]
+        elif isinstance(wanted, (list, tuple)):
+            values = [filter_value(v, column, kind) for v in wanted]
+            tests = [(op, part) for op, part in (("IN", [v for v in values if not isinstance(v, str)]),
+                                                 ("IN texts", [v for v in values if isinstance(v, str)])) if part]
+        elif isinstance(wanted, (str, bool, int, float)) or _is_numpy_scalar(wanted):  # {"color": "red"}: one value
+            tests = [("=", filter_value(wanted, column, kind))]
+        else:
+            raise QueryError(f"filters[{_short(column)}]: a value, a list of values or a range {{'min': .., 'max': ..}}, "
+                             f"got {_short(wanted)}")
+        if tests:
+            checked[column] = tests
+    clauses, params = [], []
+    for column, tests in checked.items():
+        name, parts = _quote(str(column)), []
+        for op, value in tests:
+            if op == "IN texts":  # compared as quoted literals are: cast to the column's type (a date, a flag)
+                cast = type_of(str(column)) if type_of else None
+                source = f"CAST(? AS {cast}[])" if cast and cast != "VARCHAR" and _PLAIN_TYPE.fullmatch(cast) else "?"
+                parts.append(f"{name} IN (SELECT unnest({source}))")
+            else:
+                parts.append(f"{name} IN (SELECT unnest(?))" if op == "IN" else f"{name} {op} ?")
+            params.append(value)
+        joined = (" OR " if tests[0][0].startswith("IN") else " AND ").join(parts)  # a list's numbers or texts; a range's ends
+        clauses.append(joined if len(parts) == 1 else f"({joined})")
+    return (" AND ".join(clauses) or None), params
+
+
+def filter_value(value: Any, column: Any, kind: str | None = None) -> Any:
+    """One value of a structured filter as a DuckDB parameter (a Python bool, int, float or str). ``kind``: the
+    column's ("10" from a form is 10 for a number column; "cheap" is refused there, as 3 is for a text one)."""
+    if _is_numpy_scalar(value):
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if kind in ("integer", "number") and isinstance(value, str):
+        try:
+            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            raise QueryError(f"filters[{_short(column)}]: {_short(value)} is text, but {_short(column)} holds numbers") from None
+    number = isinstance(value, (int, float))
+    if kind == "text" and number:
+        raise QueryError(f"filters[{_short(column)}]: {value!r} is a number, but {_short(column)} holds text: give it as {str(value)!r}")
+    if (number and (isinstance(value, int) or math.isfinite(value))) or isinstance(value, str):
+        return value
+    raise QueryError(f"filters[{_short(column)}]: {_short(value)} is not a number, text or boolean")
+
+
+def _is_numpy_scalar(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def describe_columns(columns: Mapping[str, str]) -> str:
@@ -250,7 +344,8 @@ class _Printer:
         self.only(node, "this", "to", "safe", "requires_string")  # the last two: how sqlglot marks TRY_CAST
         to = node.to
         type_name = to.this.name if isinstance(to, exp.DataType) else ""
-        plain = {"INT": "INTEGER", "TEXT": "VARCHAR", "BIGDECIMAL": "DECIMAL"}.get(type_name, type_name)
+        # sqlglot's names for the allowed types: TIMESTAMP (and DATETIME) parse as TIMESTAMPNTZ, DuckDB's TIMESTAMP
+        plain = {"INT": "INTEGER", "TEXT": "VARCHAR", "BIGDECIMAL": "DECIMAL", "TIMESTAMPNTZ": "TIMESTAMP"}.get(type_name, type_name)
         if plain not in CAST_TYPES or any(k not in ("this", "expressions") and v for k, v in to.args.items()):
             raise self.refuse(f"a cast to {to.sql(dialect='duckdb')}")
         params = ""

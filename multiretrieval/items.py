@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 
 from .catalog import Catalog, conform_ids, conform_rows, plain
+from .config import CatalogConfig
 from .embedder import FEATURES
 from .errors import CatalogError, IndexLoadError, ItemNotFoundError, LimitError, QueryError
-from .filters import compile_filter, describe_columns
+from .filters import compile_filter, compile_filters, describe_columns
 
 logger = logging.getLogger(__name__)
 KEY = "_key"  # internal int64 FAISS id of an item; never reused
@@ -45,6 +46,7 @@ class ItemStore:
         self.features: dict[str, np.ndarray] = {}
         self.hashes = np.zeros(0, HASH_DTYPE)  # content hash per row (pipeline.content_hash)
         self.next_key = 0
+        self.declared: tuple[str, ...] = ()  # the columns of the catalog the store was first filled from (kept when empty)
         self.version = 0  # changes whenever the rows do (for what is derived from them elsewhere)
         self._lazy = threading.Lock()
         self._changed()
@@ -52,6 +54,7 @@ class ItemStore:
     def _changed(self) -> None:
         """Drop what is derived from the rows: the DuckDB copy and the result-row layout."""
         self._duck = None
+        self._duck_types: dict[str, str] | None = None
         self._columns: tuple[np.ndarray, pd.DataFrame] | None = None
         self._ids: dict[str, int] | None = None
         self._modality: dict[str, np.ndarray] = {}
@@ -71,9 +74,12 @@ class ItemStore:
 
     # ---------------------------------------------------------------- writes
 
-    def conform(self, catalog: Catalog, allow_existing: bool = False) -> None:
+    def conform(self, catalog: Catalog, allow_existing: bool = False, bounds: CatalogConfig | None = None) -> None:
         """Make new rows fit the stored ones (id kind, column types); refuse ids already stored
-        unless ``allow_existing`` (an upsert). Names the rows."""
+        unless ``allow_existing`` (an upsert), and (``bounds``) more new columns than ``check_columns`` allows.
+        Names the rows and columns."""
+        if bounds is not None:
+            self.check_columns(list(catalog.df.columns), bounds)
         if not len(self):
             return
         df = catalog.df
@@ -85,10 +91,39 @@ class ItemStore:
         if clash:
             raise CatalogError(f"row(s) {clash[:10]}: id {plain(catalog.df['id'].iloc[clash[0]])!r} is already indexed; remove it first")
 
+    def check_columns(self, columns: list[str], bounds: CatalogConfig) -> None:
+        """Refuse a write whose rows bring more new columns than ``catalog.max_new_columns`` (an empty store: the
+        first catalog, unbounded but for the total), or that would make more than ``catalog.max_columns`` in all:
+        every column is in each result row and the filter table, so one item with thousands of keys slowed every
+        search. Raises CatalogError naming the new columns and the setting."""
+        stored = set(_public(self.table).columns)
+        new = [c for c in columns if c not in stored]
+        shown = ", ".join(repr(c) if len(repr(c)) <= 40 else repr(c)[:40] + "..." for c in new[:10]) + (", ..." if len(new) > 10 else "")
+        if self.next_key and len(new) > bounds.max_new_columns:
+            raise CatalogError(f"{len(new):,} new columns ({shown}); one write may add at most {bounds.max_new_columns:,} "
+                               f"(catalog.max_new_columns)")
+        if len(stored) + len(new) > bounds.max_columns:
+            held = f"with the {len(stored):,} indexed, {len(new):,} new columns ({shown}) make" if stored else "the catalog has"
+            raise CatalogError(f"{held} {len(stored) + len(new):,} columns; an index holds at most {bounds.max_columns:,} "
+                               f"(catalog.max_columns)")
+
+    def drop_unused_columns(self, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Drop the columns no item has a value in, other than the declared ones (the first catalog's) and ``keep``
+        (the configured ones): columns a write brought leave with the last item that used them. Returns them."""
+        keep = {"id", *self.declared, *keep}
+        unused = [c for c in _public(self.table).columns if c not in keep and self.table[c].isna().all()]
+        if unused:
+            self.table = self.table.drop(columns=unused)
+            self._changed()
+            logger.info("%d column(s) no item uses any more dropped: %s", len(unused), unused[:10])
+        return unused
+
     def append(self, rows: pd.DataFrame, sources: list[str | None], features: dict[str, np.ndarray],
                hashes: list[str | None] | None = None) -> np.ndarray:
         """Add catalog rows with their image sources, features and content hashes; returns their new keys."""
         keys = np.arange(self.next_key, self.next_key + len(rows), dtype=np.int64)
+        if not self.next_key:
+            self.declared = tuple(c for c in rows.columns if not c.startswith("_"))
         new = _storable(rows)
         new[IMAGE_SOURCE] = sources
         new.insert(0, KEY, keys)
@@ -171,19 +206,25 @@ class ItemStore:
         """The stored rows as a catalog again, images at their resolved sources (for training)."""
         return Catalog(self.public().assign(image=self.table[IMAGE_SOURCE].to_numpy()), text_columns=text_columns)
 
-    def filter(self, where: str, timeout_s: float | None = None, unsafe: bool = False) -> np.ndarray:
-        """Keys of the items matching a filter: one condition over the catalog columns (see filters.py),
-        run by DuckDB over the rows and interrupted after ``timeout_s`` seconds (LimitError).
+    def filter(self, where: str | None, timeout_s: float | None = None, unsafe: bool = False,
+               filters: dict[str, Any] | None = None, leave_out: str | None = None) -> np.ndarray | None:
+        """Keys of the items matching a filter: ``where``, one condition over the catalog columns (see filters.py),
+        and ``filters``, column -> values or a range (filters.compile_filters; ``leave_out``: a column of them to
+        skip), run by DuckDB over the rows and interrupted after ``timeout_s`` seconds (LimitError). None where
+        neither holds a condition (every item).
 
-        Raises QueryError, before DuckDB sees anything, for a filter outside the grammar
-        (``unsafe=True``: any single DuckDB expression, for trusted callers)."""
+        Raises QueryError, before DuckDB runs anything, for a filter outside the grammar
+        (``unsafe=True``: any single DuckDB ``where`` expression, for trusted callers)."""
         import duckdb
 
-        sql = compile_filter(where, self.filter_columns(), unsafe)
-        with self._lazy:
-            if self._duck is None:
-                self._duck = self._filter_table()
-        cursor = self._duck.cursor()  # one connection per query: interrupting it stops this query only
+        columns = self.filter_columns()
+        parts = [compile_filter(where, columns, unsafe)] if where is not None else []
+        structured, params = compile_filters(filters, columns, self._duck_type, leave_out) if filters else (None, [])
+        if structured:
+            parts.append(structured)
+        if not parts:
+            return None
+        cursor = self._connection().cursor()  # one connection per query: interrupting it stops this query only
         fired = threading.Event()
 
         def stop() -> None:
@@ -194,18 +235,35 @@ class ItemStore:
         try:
             if timer:
                 timer.start()
-            result = cursor.execute(f"SELECT {KEY} FROM catalog WHERE {sql}").fetchnumpy()  # noqa: S608 - printed from a checked tree
+            # Printed from a checked tree and quoted names; the structured filters' values are parameters.
+            condition = " AND ".join(f"({part})" for part in parts)
+            result = cursor.execute(f"SELECT {KEY} FROM catalog WHERE {condition}", params or None).fetchnumpy()  # noqa: S608
         except duckdb.Error as exc:
+            shown = _shown(where, filters)
             if fired.is_set():
-                raise LimitError(f"where: the filter ran longer than {timeout_s:g} s (search.filter_timeout_s) and was "
-                                 f"stopped: {where[:200]!r}; simplify it") from None
-            raise QueryError(f"where: invalid filter {where[:200]!r}: {str(exc).splitlines()[0]}. Columns: "
-                             f"{describe_columns(self.filter_columns())}.") from None
+                raise LimitError(f"{shown[0]}: the filter ran longer than {timeout_s:g} s (search.filter_timeout_s) and was "
+                                 f"stopped: {shown[1]}; simplify it") from None
+            raise QueryError(f"{shown[0]}: invalid filter {shown[1]}: {str(exc).splitlines()[0]}. Columns: "
+                             f"{describe_columns(columns)}.") from None
         finally:
             if timer:
                 timer.cancel()
             cursor.close()
         return np.asarray(result[KEY], np.int64)
+
+    def _connection(self):
+        with self._lazy:
+            if self._duck is None:
+                self._duck = self._filter_table()
+            return self._duck
+
+    def _duck_type(self, column: str) -> str | None:
+        """A column's DuckDB type in the filter table (e.g. TIMESTAMP, DATE, BOOLEAN, VARCHAR)."""
+        if self._duck_types is None:
+            rows = self._connection().execute("SELECT column_name, data_type FROM information_schema.columns "
+                                              "WHERE table_name = 'catalog'").fetchall()
+            self._duck_types = dict(rows)
+        return self._duck_types.get(column)
 
     def filter_columns(self) -> dict[str, str]:
         """The columns a filter may name, with the kind of their values (for messages)."""
@@ -236,16 +294,13 @@ class ItemStore:
         unknown = [c for c in columns if c not in public]
         if unknown:
             raise QueryError(f"facets: no column(s) {unknown}; columns: {public}")
-        with self._lazy:
-            if self._duck is None:
-                self._duck = self._filter_table()
         out = {}
         for column in columns:
-            condition = filters_where(filters, where, leave_out=column, columns=self.filter_columns())
-            cur = self._duck.cursor()
+            selected = self.filter(where, timeout_s, filters=filters, leave_out=column)
+            cur = self._connection().cursor()
             scope = "TRUE"
-            if condition:
-                cur.register("selected", pd.DataFrame({KEY: self.filter(condition, timeout_s)}))
+            if selected is not None:
+                cur.register("selected", pd.DataFrame({KEY: selected}))
                 scope = f"{KEY} IN (SELECT {KEY} FROM selected)"
             out[column] = self._facet(cur, column, scope, top, bins)
         return out
@@ -322,7 +377,7 @@ class ItemStore:
     # ---------------------------------------------------------------- files
 
     def describe(self) -> dict[str, Any]:
-        return {"count": len(self), "next_key": int(self.next_key), "key_column": KEY}
+        return {"count": len(self), "next_key": int(self.next_key), "key_column": KEY, "declared_columns": list(self.declared)}
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -341,6 +396,8 @@ class ItemStore:
         hashes = folder / HASHES_FILE  # saves before upserts had none: every item counts as changed
         store.hashes = np.load(hashes, allow_pickle=False) if hashes.is_file() else np.zeros(len(store.table), HASH_DTYPE)
         store.next_key = int(described["next_key"])
+        declared = described.get("declared_columns")  # saves made before: every column they hold counts as declared
+        store.declared = tuple(declared) if declared is not None else tuple(store.public().columns)
         if (any(len(v) != len(store) for v in store.features.values()) or len(store.hashes) != len(store)
                 or store.keys.max(initial=-1) >= store.next_key):
             raise IndexLoadError(f"{folder}: catalog and features disagree on the number of items")
@@ -348,64 +405,11 @@ class ItemStore:
         return store
 
 
-def filters_where(filters: dict[str, Any] | None, where: str | None = None, leave_out: str | None = None,
-                  columns: dict[str, str] | None = None) -> str | None:
-    """One SQL condition from structured filters and a ``where``: each column's filter is a list
-    of values (any of them), one value, or a range {"min": a, "max": b} (either may be missing); the
-    column ``leave_out`` is skipped (a facet's own counts ignore its own filter). A ``where`` alone
-    comes back as it is (so the filter grammar's refusals name its own text). ``columns``
-    (``ItemStore.filter_columns``): a filter on another column is refused in the filters' own terms."""
-    if filters is not None and not isinstance(filters, dict):
-        raise QueryError(f"filters must map columns to values or ranges, got {type(filters).__name__}")
-    unknown = [str(c) for c in filters or {} if columns is not None and c not in columns]
-    if unknown:
-        raise QueryError(f"filters: no column {unknown[0]!r} in this index; columns: {describe_columns(columns)}")
-    if not filters or all(column == leave_out for column in filters):
-        return where or None
-    parts = [f"({where})"] if where else []
-    for column, wanted in (filters or {}).items():
-        if column == leave_out:
-            continue
-        name = '"' + str(column).replace('"', '""') + '"'
-        kind = (columns or {}).get(column)
-
-        def literal(value: Any) -> str:
-            return _literal(value, column, kind)
-
-        if isinstance(wanted, dict):
-            unknown = set(wanted) - {"min", "max"}
-            if unknown:
-                raise QueryError(f"filters[{column!r}]: a range has 'min' and/or 'max', not {sorted(unknown)}")
-            parts += [f"{name} {op} {literal(wanted[key])}" for key, op in (("min", ">="), ("max", "<=")) if wanted.get(key) is not None]
-        elif isinstance(wanted, (list, tuple)):
-            if not wanted:
-                continue
-            parts.append(f"{name} IN ({', '.join(literal(v) for v in wanted)})")
-        elif isinstance(wanted, (str, bool, int, float, np.number)):  # {"color": "red"}: one value
-            parts.append(f"{name} = {literal(wanted)}")
-        else:
-            raise QueryError(f"filters[{column!r}]: a value, a list of values or a range {{'min': .., 'max': ..}}, got {wanted!r}")
-    return " AND ".join(parts) or None
-
-
-def _literal(value: Any, column: str, kind: str | None = None) -> str:
-    """A filter value as SQL; ``kind`` (the column's, when known): text for a number column, or a number for a text
-    one, is refused here rather than by DuckDB's conversion error over SQL the user never wrote."""
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if kind in ("integer", "number") and isinstance(value, str):  # "10" from a form is 10; "cheap" is refused
-        try:
-            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
-        except ValueError:
-            raise QueryError(f"filters[{column!r}]: {value!r} is text, but {column!r} holds numbers") from None
-    number = isinstance(value, (int, float, np.number))
-    if kind == "text" and number:
-        raise QueryError(f"filters[{column!r}]: {value!r} is a number, but {column!r} holds text: give it as {str(value)!r}")
-    if number and np.isfinite(value):
-        return repr(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    raise QueryError(f"filters[{column!r}]: {value!r} is not a number, text or boolean")
+def _shown(where: str | None, filters: dict[str, Any] | None) -> tuple[str, str]:
+    """What a filter's error calls it ("where", "filters" or both) and shows of it (cut at 200 characters)."""
+    shown = [(name, text if len(text) <= 200 else text[:200] + "...") for name, text in
+             (("where", repr(where)), ("filters", json.dumps(filters, default=str))) if text not in ("None", "null", "{}")]
+    return " and ".join(n for n, _ in shown) or "where", " and ".join(t for _, t in shown)
 
 
 def _public(frame: pd.DataFrame) -> pd.DataFrame:

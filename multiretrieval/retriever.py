@@ -25,8 +25,9 @@ from .config import RetrieverConfig
 from .embedder import Embedder
 from .errors import MultiretrievalError, QueryError
 from .ingest import IndexReport, hash_catalog, ingest, ingest_rows
+from .items import ItemStore
 from .persistence import MANIFEST, component_folder, component_record, read_folder, write_folder
-from .search import MODES, batch_query, check_batch, encode_inputs, joint_query_vectors, make_query, run_batch, run_query
+from .search import MODES, batch_query, check_batch, check_filters, check_where, encode_inputs, joint_query_vectors, make_query, run_batch, run_query
 from .utils import ReadWriteLock
 
 __all__ = ["MODES", "IndexReport", "Retriever"]
@@ -108,8 +109,9 @@ class Retriever:
         what was held once every row is encoded. ``cache``: shards kept for re-runs and resumes; ``engine``: "local" | "ray".
         Rows that cannot be indexed (an empty or repeated id, neither image nor text, an image that fails with no text)
         are left out and listed in ``report.skipped`` with the reason."""
-        return self._ingest(Catalog.of(catalog, self.config.catalog.text_columns, "skip"), show_progress, cache, engine,
-                            replace=True)
+        catalog = Catalog.of(catalog, self.config.catalog.text_columns, "skip")
+        ItemStore().check_columns(list(catalog.df.columns), self.config.catalog)  # a new index: catalog.max_columns
+        return self._ingest(catalog, show_progress, cache, engine, replace=True)
 
     def add(self, catalog: Catalog | pd.DataFrame | str | Path, show_progress: bool | None = None,
             cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
@@ -117,7 +119,7 @@ class Retriever:
         Raises CatalogError when an id is already indexed (see ``upsert``), or an id or a value does not fit the indexed ones."""
         catalog = Catalog.of(catalog, self.config.catalog.text_columns, "skip")
         with self._lock.reading():
-            self.store.conform(catalog)  # refuse before encoding; checked again when committed
+            self.store.conform(catalog, bounds=self.config.catalog)  # refuse before encoding; checked again when committed
         return self._ingest(catalog, show_progress, cache, engine, replace=False)
 
     def _ingest(self, catalog: Catalog, show_progress, cache, engine, replace: bool, embedder: Embedder | None = None) -> IndexReport:
@@ -128,7 +130,7 @@ class Retriever:
         with self._lock.writing():
             collection = Collection(embedder.config) if replace else self.collection
             if not replace:
-                collection.store.conform(catalog)
+                collection.store.conform(catalog, bounds=embedder.config.catalog)
             if len(encoded.rows) or replace:
                 collection.commit(catalog, encoded, embedder)
             self.embedder, self.collection = embedder, collection
@@ -148,13 +150,14 @@ class Retriever:
         catalog, t0 = Catalog.of(catalog, self.config.catalog.text_columns, "skip"), time.perf_counter()
         hashes = hash_catalog(catalog, self.config)  # reads every image file: outside the lock
         with self._lock.reading():
-            self.store.conform(catalog, allow_existing=True)
+            self.store.conform(catalog, allow_existing=True, bounds=self.config.catalog)
             plan = self.collection.plan_upsert(catalog, hashes, prune)
         part, encoded, report = ingest_rows(catalog, plan.encode, hashes, self.embedder, show_progress, cache, engine)
         with self._lock.reading():
             encoded, kept = self.collection.keep_indexed_images(part, encoded, report)
         report.seconds["hash"], t1 = time.perf_counter() - t0 - report.total_seconds, time.perf_counter()
         with self._lock.writing():
+            self.store.check_columns(list(catalog.df.columns), self.config.catalog)  # again: another write may have added some
             if len(encoded.rows) or self.indexes:
                 report.changes = self.collection.apply_upsert(plan, catalog, part, encoded, self.embedder, plan.encode[kept])
         return self._reported(report, len(encoded.rows), t1)
@@ -210,7 +213,11 @@ class Retriever:
 
     def facets(self, columns: list[str] | None = None, where: str | None = None, filters: dict | None = None) -> dict[str, dict]:
         """Value counts (text) or min/max/histogram (numbers) over the items matching ``where`` and ``filters``
-        (each column ignoring its own filter), for ``columns`` (default: ``facet_columns()``)."""
+        (each column ignoring its own filter), for ``columns`` (default: ``facet_columns()``); bounded as ``search``'s."""
+        where = None if isinstance(where, str) and not where.strip() else where
+        if where is not None:
+            check_where(where, self.config)
+        filters = check_filters(filters, self.config)
         return self._reading(self.store.facets, columns or self.facet_columns(), where, filters, self.config.search.filter_timeout_s)
 
     def facet_columns(self) -> list[str]:

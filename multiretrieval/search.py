@@ -37,7 +37,7 @@ and vector rankings, but their ``score`` is this scale's (the order's own value 
 are cosines of the zero-shot space, a scale of their own. A given ``vector`` is searched as it is.
 
 Every bound of ``config.search`` is checked here (LimitError, a QueryError): text characters and
-tokens, k + offset, the filter's length, a batch's size (``check_batch``); the filter's grammar
+tokens, k + offset, the filter's length, the structured filters' columns and values, a batch's size (``check_batch``); the filter's grammar
 is checked by the item store (filters.py) before DuckDB or a model runs, and its time limit there.
 """
 
@@ -54,7 +54,6 @@ from .catalog import ImageInput, load_image, text_problem
 from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .fusion import compose_text
-from .items import filters_where
 from .ranking import TIE_DEPTH, Hits, best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values
 from .utils import l2_normalize
 
@@ -81,7 +80,7 @@ class Query:
     offset: int = 0  # results start after this many (paging)
     min_score: float | None = None  # results scoring lower are dropped
     sort_by: tuple[str, bool] | None = None  # (column, descending): reorders the most relevant items
-    filters: dict[str, Any] | None = None  # column -> values or {"min", "max"}: ANDed with ``where`` (items.filters_where)
+    filters: dict[str, Any] | None = None  # column -> values or {"min", "max"}: ANDed with ``where`` (filters.compile_filters)
     like: Any = None  # an item id: its stored features are the query ("more like this"), the item itself left out
     vector: np.ndarray | None = None  # (1, d) a query vector in the joint space
     weights: tuple[float, float] | None = None  # a fused query's (image, text) weights; None: the fusion's own
@@ -112,9 +111,7 @@ def make_query(image: ImageInput | None, text: str | None, mode: str, k: int, wh
     where = None if isinstance(where, str) and not where.strip() else where  # an empty filter keeps every item
     if where is not None:
         check_where(where, config)
-    filters = options.get("filters")
-    if filters is not None and not isinstance(filters, dict):
-        raise QueryError(f"filters must map columns to values or ranges, got {type(filters).__name__}")
+    filters = check_filters(options.get("filters"), config)
     hybrid = options.get("hybrid") or config.search.hybrid
     if hybrid not in HYBRID:
         raise QueryError(f"unknown hybrid method {hybrid!r}; choose one of {list(HYBRID)}")
@@ -228,6 +225,25 @@ def check_where(where: Any, config: RetrieverConfig) -> None:
         raise LimitError(f"where has {len(where):,} characters; a filter may have at most {limit:,} (search.max_where_chars)")
 
 
+def check_filters(filters: Any, config: RetrieverConfig) -> dict[str, Any] | None:
+    """Structured filters' type and size: at most ``search.max_filter_columns`` columns, each list of values at most
+    ``search.max_filter_values`` long (their values and columns are checked against the catalog by the item store)."""
+    if filters is None:
+        return None
+    if not isinstance(filters, dict):
+        raise QueryError(f"filters must map columns to values or ranges, got {type(filters).__name__}")
+    bounds = config.search
+    if len(filters) > bounds.max_filter_columns:
+        raise LimitError(f"filters name {len(filters):,} columns; a query may filter at most {bounds.max_filter_columns:,} "
+                         f"(search.max_filter_columns)")
+    for column, wanted in filters.items():
+        if isinstance(wanted, (list, tuple)) and len(wanted) > bounds.max_filter_values:
+            name = repr(column) if len(repr(column)) <= 60 else repr(column)[:60] + "..."
+            raise LimitError(f"filters[{name}] lists {len(wanted):,} values; a filter may list at most "
+                             f"{bounds.max_filter_values:,} values per column (search.max_filter_values)")
+    return filters or None
+
+
 def encode_inputs(images: list | None, texts: list[str] | None, space: str, config: RetrieverConfig) -> tuple[list | None, list | None]:
     """Checked and decoded inputs of ``Retriever.encode``: images and/or texts for a space ("joint" or "clip")."""
     if space not in ("joint", "clip"):
@@ -305,8 +321,7 @@ def run_batch(queries: list[Query], embedder, items: Collection) -> list[pd.Data
     limit = embedder.config.search.filter_timeout_s
     allowed = []  # the filters first: a refused or interrupted one costs no encoding
     for q in queries:
-        where = filters_where(q.filters, q.where, columns=store.filter_columns() if q.filters else None)
-        allowed.append(store.filter(where, limit, q.unsafe_where) if where is not None else None)
+        allowed.append(store.filter(q.where, limit, q.unsafe_where, q.filters))
     return [answer(q, space, vector, keys, embedder, items, photo)
             for q, (space, vector, photo), keys in zip(queries, _query_vectors(queries, embedder, items, allowed), allowed)]
 

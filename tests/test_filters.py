@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,8 +14,9 @@ import pytest
 import multiretrieval as mr
 from multiretrieval.config import RetrieverConfig
 from multiretrieval.embedder import FEATURES
+from multiretrieval.filters import compile_filter
 from multiretrieval.items import ItemStore
-from multiretrieval.search import check_batch, check_k
+from multiretrieval.search import check_batch, check_k, make_query
 
 CROSS_JOIN = "(SELECT sum(a.range * b.range) FROM range(200000) a, range(200000) b) > 0"  # ran for minutes before
 
@@ -152,3 +155,134 @@ def test_query_bounds_come_from_the_config_and_name_their_setting(indexed, tmp_p
         check_batch(4, config)
     check_batch(3, config)
     assert indexed.config.search == RetrieverConfig().search  # the session's retriever keeps its own
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_COLUMNS = {"x": "text", "title": "text", "price": "number", "width cm": "number", "ts": "timestamp", "a": "text",
+                  "b": "text"}
+
+
+def readme_filter_examples() -> list[str]:
+    """Every example of the README's "Filters" table as a whole filter over README_COLUMNS ("x" where the README
+    writes x): operators between two comparisons, literals and types tested with IS NULL, [NOT] both ways."""
+    section = README.read_text().split("\n### Filters\n", 1)[1].split("\n#", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) >= 10, "the README's Filters table was not found"
+    filters = []
+    for label, cell in rows:
+        snippets = re.findall(r"`([^`]+)`", cell)
+        label = label.strip()
+        if label.startswith(("column names", "literals")):
+            made = [f"{s} IS NULL" for s in snippets]
+        elif label == "comparisons":
+            made = [f"x {s} 'a'" for s in snippets]
+        elif label.startswith("logic"):
+            made = [{"NOT": "NOT x = 'a'", "( )": "(x = 'a')"}.get(s, f"x = 'a' {s} x = 'b'") for s in snippets]
+        elif label == "arithmetic":
+            made = [f"price {op} 2 > 1" for s in snippets if s != "unary -" for op in s.split()] + ["-price < 0"]
+        elif label.startswith(("lists", "patterns", "null")):
+            made = [{"ILIKE": "x ILIKE '%ring%'", "ESCAPE '!'": "x LIKE '%!%%' ESCAPE '!'"}.get(s, s) for s in snippets]
+            made = [m.replace("x IS [NOT] TRUE / FALSE", f"x::BOOLEAN IS [NOT] {v}") for m in made for v in ("TRUE", "FALSE")]
+        elif label == "casts":
+            types = cell.split("with type", 1)[1].replace("DECIMAL(p, s)", "DECIMAL(10, 2)").strip(" |")
+            types = re.split(r",\s*(?![^()]*\))", types)  # not the comma of DECIMAL(10, 2)
+            made = [form.format(t=t.strip()) for t in types
+                    for form in ("CAST(x AS {t}) IS NULL", "TRY_CAST(x AS {t}) IS NULL", "x::{t} IS NULL")]
+            assert {"CAST(x AS type)", "TRY_CAST", "x::type"} <= set(snippets)
+        elif label == "functions":
+            dates = cell.split("date parts", 1)[1]
+            made = [(re.sub(r"\bx\b", "ts", s) if "(" in s else f"{s}(ts)" if s in dates else f"{s}(title)"
+                     if s in ("lower", "upper", "length", "trim") else "coalesce(price, 0)" if s == "coalesce" else f"{s}(price)")
+                    + " IS NULL" for s in snippets]
+        else:
+            raise AssertionError(f"the README's Filters table has a row {label!r} this test has no template for")
+        filters += [m.replace("[NOT] ", n) for m in made for n in ("", "NOT ")]
+    return list(dict.fromkeys(filters))
+
+
+def test_every_example_of_the_readme_filters_section_compiles_and_runs():
+    import duckdb
+
+    examples = readme_filter_examples()
+    assert "ts > TIMESTAMP '2024-01-31 10:00'" not in examples  # (the table's literal is tested with IS NULL)
+    assert "TIMESTAMP '2024-01-31 10:00' IS NULL" in examples and "CAST(x AS TIMESTAMP) IS NULL" in examples
+    con = duckdb.connect()  # no rows: DuckDB binds every name, type and function of the printed SQL, converts no value
+    con.execute('CREATE TABLE catalog (x VARCHAR, title VARCHAR, price DOUBLE, "width cm" DOUBLE, ts TIMESTAMP, a VARCHAR, '
+                'b VARCHAR)')
+    refused = []
+    for where in examples:
+        try:
+            con.execute(f"SELECT count(*) FROM catalog WHERE {compile_filter(where, README_COLUMNS)}").fetchall()
+        except (mr.QueryError, duckdb.Error) as exc:
+            refused.append(f"{where}: {str(exc)[:100]}")
+    assert not refused, '\n'.join(refused)
+    con.execute("INSERT INTO catalog VALUES ('a', 'Ring', 12.5, 3, TIMESTAMP '2024-01-31 10:00', 'a', 'b')")
+    for where, count in (("ts > TIMESTAMP '2024-01-31 09:00'", 1), ("ts = CAST('2024-01-31 10:00' AS TIMESTAMP)", 1),
+                         ("ts < TRY_CAST(x AS TIMESTAMP)", 0), ("ts > DATETIME '2024-02-01'", 0)):
+        assert con.execute(f"SELECT count(*) FROM catalog WHERE {compile_filter(where, README_COLUMNS)}").fetchone() == (count,)
+
+
+def store_of(frame: pd.DataFrame) -> ItemStore:
+    """An item store of these rows, without any model."""
+    rows = len(frame)
+    features = {name: np.zeros((rows, 1, 1) if "tokens" in name else (rows, 1), np.float32 if "tokens" in name else bool)
+                for name in FEATURES}
+    store = ItemStore()
+    store.append(frame, [None] * rows, features)
+    return store
+
+
+def test_structured_filters_bounds_come_from_the_config_and_name_the_column_the_count_and_the_setting(indexed):
+    config = RetrieverConfig().with_overrides({"search": {"max_filter_values": 3, "max_filter_columns": 2}})
+    kitchen = {"category": ["Kitchen", "Bathroom", "Lights"]}
+    assert make_query(None, "a sink", "auto", 10, None, config, filters=kitchen).filters == kitchen
+    with pytest.raises(mr.LimitError, match=r"filters\['category'\] lists 4 values; a filter may list at most 3 values per "
+                                            r"column \(search.max_filter_values\)"):
+        make_query(None, "a sink", "auto", 10, None, config, filters={"category": [*kitchen["category"], "Bedroom"]})
+    with pytest.raises(mr.LimitError, match=r"filters name 3 columns; a query may filter at most 2 \(search.max_filter_columns\)"):
+        make_query(None, "a sink", "auto", 10, None, config, filters={"category": "Kitchen", "price": {"min": 1}, "id": 575})
+    over = {"category": [f"c{i}" for i in range(5001)]}  # the defaults, through the API: searches, batches and facets
+    for ask in (lambda: indexed.search(text="a sink", filters=over), lambda: indexed.search_batch([{"text": "a sink", "filters": over}]),
+                lambda: indexed.facets(["price"], filters=over)):
+        with pytest.raises(mr.LimitError, match=r"lists 5,001 values; a filter may list at most 5,000 values per column"):
+            ask()
+    with pytest.raises(mr.LimitError, match=r"search.max_where_chars"):  # facets bound their where as searches do
+        indexed.facets(["price"], where="price > 1 OR " * 170 + "TRUE")
+
+
+def test_a_long_list_of_filter_values_is_passed_to_duckdb_never_parsed(indexed, monkeypatch):
+    import sqlglot
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("a structured filter went through the where grammar's parser")
+
+    values = ["Kitchen", "x' OR TRUE --", *(f"category {i}" for i in range(4998))]  # at the bound, and one value that is SQL
+    monkeypatch.setattr(sqlglot, "parse", no_parse)
+    found = indexed.search(text="a fridge", k=20, filters={"category": values, "price": {"max": 10_000}})
+    assert sorted(found["id"]) == [575, 773]
+    counts = indexed.facets(["price"], filters={"category": values})["price"]["histogram"]["counts"]
+    assert sum(counts) == 2
+    with pytest.raises(mr.QueryError, match="the where grammar's parser"):  # a where is still parsed (and checked)
+        indexed.search(text="a fridge", where="price > 1")
+
+
+def test_structured_filters_compare_as_the_literals_they_replaced():
+    days = pd.date_range("2024-01-01", periods=10, freq="D")
+    store = store_of(pd.DataFrame({"id": np.arange(10), "category": [f"c{i % 3}" for i in range(10)], "n": np.arange(10),
+                                   "price": np.arange(10) * 1.5, "day": days, "flag": [i % 2 == 0 for i in range(10)],
+                                   "note": ["it's", *[None] * 9]}))
+
+    def ids(**filters):
+        keys = store.filter(None, 5.0, filters=filters)
+        return sorted(store.table["id"].iloc[store.rows_of(keys)].tolist())
+
+    assert ids(day=["2024-01-03", "2024-01-05 00:00"]) == [2, 4]  # texts against dates: cast as literals are
+    assert ids(day={"min": "2024-01-09"}) == [8, 9] and ids(day="2024-01-02") == [1]
+    assert ids(flag=[True], n={"max": 4}) == [0, 2, 4] and ids(flag=["false"], n={"max": 4}) == [1, 3]
+    assert ids(n=["3", 4.0, 4.5]) == [3, 4] and ids(n=2.5) == [] and ids(price=[1.5, "3"]) == [1, 2]
+    assert ids(category=["c1", "c2"], n={"min": 5, "max": 8}) == [5, 7, 8] and ids(note="it's") == [0]
+    assert store.filter(None, 5.0, filters={"category": []}) is None  # an empty list is no condition: every item
+    with pytest.raises(mr.QueryError, match=r"filters\['n'\]: 'many' is text, but 'n' holds numbers"):
+        ids(n=["many"])
+    with pytest.raises(mr.QueryError, match=r"filters: invalid filter .*\"day\": \[\"soon\"\]"):  # DuckDB's own refusal, named
+        ids(day=["soon"])

@@ -359,3 +359,46 @@ def test_approximate_index_is_tuned_and_its_parameters_saved(catalog, tmp_path):
     assert __import__("faiss").downcast_index(again.indexes["joint"].faiss_index.index).nprobe == 2
     hits = again.search(image=catalog.image_sources()[0], text="white", k=3, where=f"id != {catalog.ids[0]}", mode="fused")
     assert len(hits) == 3 and catalog.ids[0] not in list(hits["id"]) and "image_score" in hits
+
+
+def test_writes_add_columns_within_their_bounds_and_a_column_no_item_uses_goes(retriever_copy, tmp_path):
+    r = retriever_copy  # the fixture catalog's 11 columns
+    r.config = r.config.with_overrides({"catalog": {"max_new_columns": 3, "max_columns": 14}, "display": {"brand": "brand"}})
+    before = list(r.items.columns)
+    with pytest.raises(mr.CatalogError, match=r"4 new columns \('a', 'b', 'c', 'd'\); one write may add at most 3 "
+                                              r"\(catalog.max_new_columns\)"):
+        r.add(pd.DataFrame({"id": [900], "title": ["a stool"], "a": [1], "b": [2], "c": [3], "d": [4]}), show_progress=False)
+    with pytest.raises(mr.CatalogError, match=r"catalog.max_new_columns"):  # upserts too
+        r.upsert(pd.DataFrame({"id": [56], "title": ["Sofa"], "a": [1], "b": [2], "c": [3], "d": [4]}), show_progress=False)
+    assert len(r) == 8 and list(r.items.columns) == before
+    r.add(pd.DataFrame({"id": [901], "title": ["a red stool"], "colour": ["red"], "size": ["S"]}), show_progress=False)
+    assert {"colour", "size"} <= set(r.search(text="a stool", k=1).columns)
+    with pytest.raises(mr.CatalogError, match=r"with the 13 indexed, 2 new columns \('material', 'weight'\) make 15 columns; "
+                                              r"an index holds at most 14 \(catalog.max_columns\)"):
+        r.add(pd.DataFrame({"id": [902], "title": ["a chair"], "material": ["oak"], "weight": [4.5]}), show_progress=False)
+
+    r.remove([901])  # the last item with a colour and a size: both go, everywhere a column shows
+    assert list(r.items.columns) == before and not {"colour", "size"} & set(r.search(text="a stool", k=1).columns)
+    with pytest.raises(mr.QueryError, match="unknown column 'colour'"):
+        r.search(text="a stool", where="colour = 'red'")
+    r.add(pd.DataFrame({"id": [903], "title": ["a blue stool"], "colour": ["blue"], "brand": ["Acme"]}), show_progress=False)
+    r.upsert(pd.DataFrame({"id": [903], "title": ["a blue stool"], "colour": [None], "brand": [None]}), show_progress=False)
+    assert "colour" not in r.items.columns and "brand" in r.items.columns  # an update emptied it; the config names brand
+    r.upsert(pd.DataFrame({"id": [56], "title": ["Sofa"], "tags": [None]}), show_progress=False)
+    r.remove([903, *r.items["id"][r.items["tags"].notna()]])  # no item has tags now: the catalog's own column stays
+    assert r.items["tags"].isna().all() and list(r.items.columns) == [*before, "brand"]
+    r.save(tmp_path / "ix")
+    loaded = mr.Retriever.load(tmp_path / "ix")
+    assert loaded.store.declared == tuple(before)  # saved with the index
+
+
+def test_a_new_index_is_bounded_by_catalog_max_columns_before_any_encoding(monkeypatch):
+    import multiretrieval.retriever
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded a catalog over its bound")
+
+    monkeypatch.setattr(multiretrieval.retriever, "ingest", no_encoding)
+    r = mr.Retriever(RetrieverConfig().with_overrides({"catalog": {"max_columns": 3}}))
+    with pytest.raises(mr.CatalogError, match=r"the catalog has 4 columns; an index holds at most 3 \(catalog.max_columns\)"):
+        r.index(pd.DataFrame({"id": [1], "title": ["a stool"], "price": [3], "colour": ["red"]}), show_progress=False)

@@ -128,15 +128,18 @@ def test_facet_columns_come_from_the_config(catalog):
     assert r.facet_columns() == ["category", "price"] and list(r.facets()) == ["category", "price"]
 
 
-def test_filters_where_quotes_values_and_names():
-    from multiretrieval.items import filters_where
+def test_structured_filters_quote_names_and_pass_values_as_parameters():
+    from multiretrieval.filters import compile_filters
 
-    where = filters_where({"the 'col'": ["it's", 3], "price": {"min": 1.5}}, "x > 0", leave_out="none")
-    assert where == """(x > 0) AND "the 'col'" IN ('it''s', 3) AND "price" >= 1.5"""
-    assert filters_where({"a": [1]}, leave_out="a") is None
+    sql, params = compile_filters({"the 'col'": ["it's", 3], "price": {"min": 1.5}}, leave_out="none")
+    assert sql == """("the 'col'" IN (SELECT unnest(?)) OR "the 'col'" IN (SELECT unnest(?))) AND "price" >= ?"""
+    assert params == [[3], ["it's"], 1.5]  # no value is SQL text
+    assert compile_filters({"a": [1]}, leave_out="a") == (None, []) and compile_filters({"a": []}) == (None, [])
     with pytest.raises(mr.QueryError):
-        filters_where({"a": [object()]})
-    assert filters_where({"a": [np.int64(4)]}) == '"a" IN (4)'
-    assert filters_where({"color": "red", "n": 2}) == '"color" = \'red\' AND "n" = 2'  # one value needs no list
-    assert filters_where({"n": "2", "x": {"min": " 1.5"}}, columns={"n": "integer", "x": "number"}) == '"n" = 2 AND "x" >= 1.5'
-
+        compile_filters({"a": [object()]})
+    sql, params = compile_filters({"a": [np.int64(4)]})
+    assert (sql, params) == ('"a" IN (SELECT unnest(?))', [[4]]) and type(params[0][0]) is int  # DuckDB takes no numpy scalars
+    assert compile_filters({"color": "red", "n": 2}) == ('"color" = ? AND "n" = ?', ["red", 2])  # one value needs no list
+    assert compile_filters({"n": "2", "x": {"min": " 1.5"}}, {"n": "integer", "x": "number"}) == ('"n" = ? AND "x" >= ?', [2, 1.5])
+    dates = compile_filters({"day": ["2024-01-31"]}, {"day": "timestamp"}, lambda column: "TIMESTAMP")
+    assert dates == ('"day" IN (SELECT unnest(CAST(? AS TIMESTAMP[])))', [["2024-01-31"]])  # texts compared as literals are

@@ -42,9 +42,10 @@ def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
             "text queries: how BM25 keywords and vectors combine: reciprocal-rank fusion (default), a weighted sum, or not"))),
         keyword_weight=(float | None, Field(None, ge=0, le=1, description="text queries: the keywords' share, 0 to 1 (default 0.5)")),
         offset=(int, Field(0, ge=0, description=f"results to skip (paging); k + offset at most {bounds.max_k:,}")),
-        filters=(dict[str, list[str | float | bool] | dict[str, float | None] | str | float | bool] | None, Field(
-            None, description="column -> values (any of them), one value, or a range {min, max}; ANDed with `where` "
-                              "(no SQL needed)",
+        filters=(_filters_type(bounds) | None, Field(
+            None, description=("column -> values (any of them), one value, or a range {min, max}; ANDed with `where` "
+                               f"(no SQL needed). At most {bounds.max_filter_columns:,} columns (search.max_filter_columns) "
+                               f"and {bounds.max_filter_values:,} values per list (search.max_filter_values); over either: 422"),
             examples=[{"category": ["Kitchen"], "price": {"min": 10, "max": 500}}])),
         sort_by=(str | None, Field(None, description=f"a column, 'price' or '-price' (descending): reorders the "
                                                      f"{bounds.sort_candidates} most relevant items (search.sort_candidates)")),
@@ -67,6 +68,13 @@ def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
         image_url=(str | None, Field(None, description="a photo to fetch from a public http(s) address")),
         facets=(bool, Field(False, description="also return the filter columns' counts over the items matching where + filters")),
     )
+
+
+def _filters_type(bounds: SearchConfig) -> Any:
+    """The structured filters' type, its bounds in the schema only (the query stage's 422 names the setting)."""
+    values = Annotated[list[str | float | bool], Field(json_schema_extra={"maxItems": bounds.max_filter_values})]
+    return Annotated[dict[str, values | dict[str, float | None] | str | float | bool],
+                     Field(json_schema_extra={"maxProperties": bounds.max_filter_columns})]
 
 
 class ErrorResponse(BaseModel):

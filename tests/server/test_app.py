@@ -180,3 +180,24 @@ def test_a_missing_image_file_is_404_naming_the_item_and_the_path(retriever_copy
         assert client.get("/items/9001").json()["title"] == "Spare bed"  # the row is still served
         r = client.get("/items/999999/image")
         assert r.status_code == 404 and "not in the index" in r.json()["detail"]
+
+
+def test_filter_lists_over_their_bound_are_422_naming_it_and_the_schema_states_the_bounds(client):
+    import json
+
+    over = {"category": ["Kitchen"] + [f"c{i}" for i in range(5000)]}
+    r = client.post("/search", json={"text": "a fridge", "filters": over})
+    assert r.status_code == 422
+    assert r.json()["detail"] == ("filters['category'] lists 5,001 values; a filter may list at most 5,000 values per column "
+                                  "(search.max_filter_values)")
+    r = client.get("/facets", params={"filters": json.dumps({"price": [1] * 5001})})  # (a URL holds no more)
+    assert r.status_code == 422 and "(search.max_filter_values)" in r.json()["detail"]
+    r = client.post("/search", json={"text": "a fridge", "filters": {f"c{i}": "x" for i in range(65)}})
+    assert r.status_code == 422 and "filters name 65 columns; a query may filter at most 64" in r.json()["detail"]
+    at_bound = {"category": over["category"][:5000]}
+    r = client.post("/search", json={"text": "a fridge", "k": 3, "filters": at_bound})
+    assert r.status_code == 200 and {x["category"] for x in r.json()["results"]} == {"Kitchen"}
+    schema = client.get("/openapi.json").json()["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    filters = next(s for s in schema["properties"]["filters"]["anyOf"] if s.get("type") == "object")
+    assert filters["maxProperties"] == 64
+    assert next(s for s in filters["additionalProperties"]["anyOf"] if s.get("type") == "array")["maxItems"] == 5000

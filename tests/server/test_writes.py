@@ -118,6 +118,21 @@ def test_a_column_named_like_an_internal_one_is_refused(odd, column):
     assert r.status_code == 400 and column in r.json()["detail"] and "reserved" in r.json()["detail"]
 
 
+def test_an_item_adds_columns_within_their_bound_and_they_leave_with_it(odd):
+    columns = set(odd.get("/items/remote").json())
+    wide = {"id": "wide", "title": "a lamp", **{f"c{i}": i for i in range(5000)}}
+    r = odd.post("/items", data={"metadata": json.dumps(wide)})
+    assert r.status_code == 400
+    assert r.json()["detail"].startswith("5,000 new columns ('c0', 'c1', 'c2', ") and r.json()["detail"].endswith(
+        "; one write may add at most 64 (catalog.max_new_columns)")
+    assert odd.get("/items/wide").status_code == 404 and set(odd.get("/items/remote").json()) == columns
+    assert odd.post("/items", data={"metadata": json.dumps({"id": "lamp", "title": "a lamp", "colour": "red"})}).status_code == 201
+    assert odd.post("/search", json={"text": "a lamp", "k": 1, "where": "colour = 'red'"}).json()["results"][0]["id"] == "lamp"
+    assert odd.delete("/items/lamp").status_code == 200
+    assert set(odd.get("/items/remote").json()) == columns  # the column left with the item that used it
+    assert "colour" not in odd.post("/search", json={"text": "a lamp", "k": 1}).json()["results"][0]
+
+
 def test_checkpoints_save_the_folder_and_empty_the_log(indexed, tmp_path):
     folder = tmp_path / "idx"
     indexed.save(folder)
