@@ -1,7 +1,9 @@
-"""Regression tests for issue 28, points 3 and 8: writes and the disk.
+"""Regression tests for issue 28, points 3, 4, 8 and 9: writes and the disk.
 
 3. A failed write-log append left every later write failing until a restart, and /health said ok.
+4. ``Retriever.save`` ignored the lock of a served folder: the service's next checkpoint undid it.
 8. A full disk: a 30-line traceback from ``index``, a plain-text 500 from the service, a temporary upload left behind.
+9. Two saves into one folder at once: one raised a raw "Directory not empty".
 
 The full-disk tests fill a small tmpfs of their own: they need root (``mount``); elsewhere they are skipped,
 except in CI, where they must run.
@@ -11,13 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
 import multiretrieval as mr
+from multiretrieval.persistence import FolderLock
 from multiretrieval.server import create_app
 from multiretrieval.server.journal import Journal
 
@@ -147,3 +153,58 @@ def test_the_write_log_stays_usable_after_an_append_that_failed(small_disk):
     for failure in failures:
         assert isinstance(failure, mr.StorageError) and failure.disk_full
         assert str(failure).startswith(f"cannot write the write log {small_disk / 'idx.journal'}: no space left on device")
+
+
+# ---------------------------------------------------------------- 4 and 9: one writer per folder
+
+
+def test_a_save_into_a_served_folder_is_refused_and_the_service_still_checkpoints(indexed, retriever_copy, tmp_path):
+    """Point 4: the save succeeded, and the service's shutdown checkpoint then saved over it (the item was lost)."""
+    folder = tmp_path / "idx"
+    indexed.save(folder)
+    retriever_copy.add(pd.DataFrame({"id": [7001], "title": ["a floor lamp"]}))
+    with TestClient(create_app(folder, checkpoint_every=2), base_url=LOCAL) as client:
+        with pytest.raises(mr.IndexBusyError, match=re.escape(f"{folder} is in use by this process: a running service")):
+            retriever_copy.save(folder)
+        for i in (1, 2, 3):  # the service's own checkpoints save under its lock
+            assert add(client, 9000 + i, f"stool {i}").status_code == 201
+        assert json.loads((folder / "manifest.json").read_text())["note"] == {"journal_seq": 2}
+    assert 9003 in set(mr.Retriever.load(folder).items["id"])  # and so does its shutdown checkpoint
+    retriever_copy.save(folder)  # the service is gone: the folder is free
+    assert 7001 in set(mr.Retriever.load(folder).items["id"])
+
+
+def test_concurrent_saves_into_one_folder_take_turns(indexed, retriever_copy, tmp_path):
+    """Point 9: two saves swapped their copies in at once; one raised "Directory not empty". Now a save holds the
+    folder's lock from its first file to its swap: another save waits for it, then saves in turn."""
+    folder = tmp_path / "idx"
+    retriever_copy.add(pd.DataFrame({"id": [7001], "title": ["a floor lamp"]}))
+    writing, go_on, errors = threading.Event(), threading.Event(), []
+    fusion_save = retriever_copy.embedder.save
+
+    def paused_save(part: Path) -> None:  # the first save stops while it writes its copy
+        writing.set()
+        assert go_on.wait(60)
+        fusion_save(part)
+
+    retriever_copy.embedder.save = paused_save
+
+    def save(retriever) -> None:
+        try:
+            retriever.save(folder)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    first = threading.Thread(target=save, args=(retriever_copy,))
+    first.start()
+    assert writing.wait(60)
+    with pytest.raises(mr.IndexBusyError, match=re.escape(f"{folder} is in use by this process: a save")):
+        FolderLock(folder).acquire()  # what an index or a service meets meanwhile
+    second = threading.Thread(target=save, args=(indexed,))
+    second.start()  # waits for the first
+    go_on.set()
+    first.join(60)
+    second.join(60)
+    assert not errors and not first.is_alive() and not second.is_alive()
+    assert len(mr.Retriever.load(folder)) == len(indexed)  # the second save came last
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -44,8 +44,8 @@ class Service:
         self.write_error: str | None = None  # why the last write could not be stored; None once one is
         if not self.index_dir.is_dir():  # before the lock, which would leave a lock file beside a mistyped path
             raise IndexLoadError(f"{self.index_dir}: no such index folder")
-        # Held while serving: an `index` into the folder meanwhile would be undone by the next checkpoint.
-        self.folder_lock = FolderLock(self.index_dir).acquire()
+        # Held while serving: an `index` or a save into the folder meanwhile would be undone by the next checkpoint.
+        self.folder_lock = FolderLock(self.index_dir, "serve").acquire()
         try:
             remove_temporary_files(self.uploads)  # uploads a killed process was writing
             retriever = Retriever.load(self.index_dir, self.config)
@@ -117,7 +117,7 @@ class Service:
                 self._checkpoint()
 
     def _checkpoint(self) -> None:
-        self.retriever.save(self.index_dir, note={"journal_seq": self.journal.last_seq})
+        self.retriever.save(self.index_dir, note={"journal_seq": self.journal.last_seq}, lock=self.folder_lock)
         self.journal.reset()
         logger.info("checkpoint: saved %s through write %d", self.index_dir, self.journal.last_seq)
 
