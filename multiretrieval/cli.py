@@ -37,10 +37,16 @@ def _load_config(path: str | None, factory: str | None = None, fusion: str | Non
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from .errors import StorageError
     from .persistence import FolderLock
 
-    with FolderLock(args.out, "index") as lock:  # one writer per folder: not while a service serves it or a save writes it
-        return _index(args, lock)
+    try:
+        with FolderLock(args.out, "index") as lock:  # one writer per folder: not while a service serves it or a save writes it
+            return _index(args, lock)
+    except StorageError as exc:  # a full disk, under the shard cache or the index: one line, not a library's traceback
+        before = "the previous index is intact" if (Path(args.out) / "manifest.json").is_file() else "nothing was saved"
+        print(f"error: {exc}; {args.out} is as it was ({before})", file=sys.stderr)
+        return 1
 
 
 def _index(args: argparse.Namespace, lock) -> int:

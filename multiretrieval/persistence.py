@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import IndexBusyError, IndexLoadError
+from .errors import IndexBusyError, IndexLoadError, StorageError
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -40,7 +40,8 @@ def write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records
 
     Under the folder's lock (see FolderLock): ``lock``, one the caller holds on ``folder`` (a service's
     checkpoint, ``multiretrieval index``), or else taken here for the save, waiting for another save into
-    the folder to end and refusing a folder that a service or an ``index`` holds (IndexBusyError)."""
+    the folder to end and refusing a folder that a service or an ``index`` holds (IndexBusyError). A write
+    that fails (a full disk) raises StorageError and leaves the previous save as it was, and no temporary copy."""
     folder = folder.resolve()
     if lock is not None:
         if lock.folder != folder or not lock.held:
@@ -59,8 +60,11 @@ def _write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], record
 
     from . import __version__
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-{os.getpid()}-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-{os.getpid()}-", dir=folder.parent))
+    except OSError as exc:
+        raise write_failure(exc, f"the index {folder}", folder.parent) from exc
     try:
         for name, write in parts.items():
             (tmp / name).mkdir()
@@ -80,11 +84,64 @@ def _write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], record
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         _fsync_tree(tmp)
         _swap_in(tmp, folder)
-    except BaseException:
+    except BaseException as exc:
+        # Judged before the temporary copy goes: removing it frees the space whose lack may be the cause.
+        failure = write_failure(exc, f"the index {folder}", folder.parent, partial=tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure from exc
         raise
     remove_stale_copies(folder)
     return folder
+
+
+def write_failure(exc: BaseException, what: str, where: Path, partial: Path | None = None) -> StorageError | None:
+    """``exc``, raised while writing ``what`` at ``where``, as a StorageError that says so and why ("no space left
+    on device"), naming the file last written in ``partial`` (a temporary folder being filled), the one that failed;
+    None when ``exc`` is not a failed write.
+
+    Libraries report a full disk each their own way: an OSError with errno ENOSPC (Python, pyarrow), a
+    RuntimeError naming it (faiss), an OSError without errno ("49152 requested and 36832 written": numpy),
+    which is taken for a full disk when the filesystem has no block left."""
+    import errno
+
+    if isinstance(exc, StorageError):
+        return exc
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        text = str(exc).lower()
+        code = next((c for c in (errno.ENOSPC, errno.EDQUOT) if os.strerror(c).lower() in text), None)
+    if code is None and isinstance(exc, OSError) and _no_space(where):
+        code = errno.ENOSPC
+    if code is None and not isinstance(exc, OSError):
+        return None  # a library's own error, not a failed write
+    why = os.strerror(code).lower() if code is not None else str(exc)
+    file = _newest_file(partial) if partial is not None else None
+    at = f" (writing {file.relative_to(partial)} in {where})" if file is not None else f" (in {where})"
+    return StorageError(f"cannot write {what}: {why}{at}", code)
+
+
+def _no_space(path: Path) -> bool:
+    """Whether the filesystem of ``path`` (or of its nearest existing folder) has no block left."""
+    for folder in (path, *path.parents):
+        try:
+            return os.statvfs(folder).f_bavail == 0
+        except FileNotFoundError:
+            continue
+        except (OSError, AttributeError):  # no statvfs (Windows)
+            return False
+    return False
+
+
+def _newest_file(root: Path) -> Path | None:
+    """The file last written under ``root`` (the one a failed write was on), if any."""
+    try:
+        files = [p for p in root.rglob("*") if p.is_file()]
+        return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+    except OSError:
+        return None
 
 
 def journal_path(folder: Path) -> Path:

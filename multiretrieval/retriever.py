@@ -243,7 +243,7 @@ class Retriever:
     # ---------------------------------------------------------------- files
 
     def save(self, folder: str | Path, note: dict[str, Any] | None = None, lock: FolderLock | None = None) -> Path:
-        """Save to a folder atomically (a crash leaves the previous save intact);
+        """Save to a folder atomically (a crash, or a full disk: StorageError, leaves the previous save intact);
         ``note``: JSON kept in the manifest. Under the folder's lock: a save waits for another save into the folder
         to end and is refused (IndexBusyError) while a service serves it or ``multiretrieval index`` writes it;
         ``lock``: the folder's FolderLock, when the caller holds it (the service's checkpoints, ``index``)."""

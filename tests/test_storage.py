@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import multiretrieval as mr
+from multiretrieval.cli import main as cli
 from multiretrieval.persistence import FolderLock
 from multiretrieval.server import create_app
 from multiretrieval.server.journal import Journal
@@ -153,6 +154,45 @@ def test_the_write_log_stays_usable_after_an_append_that_failed(small_disk):
     for failure in failures:
         assert isinstance(failure, mr.StorageError) and failure.disk_full
         assert str(failure).startswith(f"cannot write the write log {small_disk / 'idx.journal'}: no space left on device")
+
+
+# ---------------------------------------------------------------- 8: index and save into a full disk
+
+
+@pytest.mark.parametrize("cache", ["beside the index", "elsewhere"])
+def test_index_into_a_full_disk_says_so_in_one_line_and_keeps_the_old_index(indexed, small_disk, fixtures, tmp_path, capsys,
+                                                                             cache):
+    """The shard cache (beside the index by default) or the save itself runs out of space: one line names what, where
+    and why, and the previous index loads as it was; no temporary file is left."""
+    folder = small_disk / "idx"
+    indexed.save(folder)
+    before = (folder / "manifest.json").read_text()
+    catalog = tmp_path / "more.csv"
+    pd.DataFrame({"id": [1, 2], "title": ["a floor lamp", "a garden chair"]}).to_csv(catalog, index=False)
+    filler = fill(small_disk)
+    extra = ["--cache", str(tmp_path / "cache")] if cache == "elsewhere" else []
+    assert cli(["index", str(catalog), "--out", str(folder), "--no-progress", *extra]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    what = "the index" if cache == "elsewhere" else "the encoded-shard cache"
+    assert err.startswith(f"error: cannot write {what}") and "no space left on device" in err and str(small_disk) in err
+    assert err.endswith(f"{folder} is as it was (the previous index is intact)")
+    assert (folder / "manifest.json").read_text() == before and len(mr.Retriever.load(folder)) == len(indexed)
+    assert leftovers(small_disk) == []
+    filler.unlink()
+    assert cli(["index", str(catalog), "--out", str(folder), "--no-progress", *extra]) == 0
+    assert len(mr.Retriever.load(folder)) == 2
+
+
+def test_a_save_into_a_full_disk_raises_storage_error_and_keeps_the_previous_save(indexed, small_disk):
+    folder = small_disk / "idx"
+    indexed.save(folder)
+    before = (folder / "manifest.json").read_text()
+    fill(small_disk)
+    with pytest.raises(mr.StorageError, match=re.escape(f"cannot write the index {folder}: no space left on device")) as failed:
+        indexed.save(folder)
+    assert failed.value.disk_full and isinstance(failed.value, OSError)
+    assert (folder / "manifest.json").read_text() == before and leftovers(small_disk) == []
 
 
 # ---------------------------------------------------------------- 4 and 9: one writer per folder
