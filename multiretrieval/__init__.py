@@ -17,7 +17,7 @@ _EXPORTS = {
     "Retriever": "retriever", "IndexReport": "ingest", "Embedder": "embedder",
     **{name: "errors" for name in (
         "CatalogError", "ConfigError", "ImageError", "ImageLimitError", "IndexBusyError", "IndexLoadError", "ItemNotFoundError",
-        "LimitError", "ModelUnavailableError", "MultiretrievalError", "QueryError")},
+        "LimitError", "ModelUnavailableError", "MultiretrievalError", "QueryError", "StorageError")},
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -37,13 +37,19 @@ def _load_config(path: str | None, factory: str | None = None, fusion: str | Non
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from .errors import StorageError
     from .persistence import FolderLock
 
-    with FolderLock(args.out):  # one writer per folder: not while a service serves it or another index writes it
-        return _index(args)
+    try:
+        with FolderLock(args.out, "index") as lock:  # one writer per folder: not while a service serves it or a save writes it
+            return _index(args, lock)
+    except StorageError as exc:  # a full disk, under the shard cache or the index: one line, not a library's traceback
+        before = "the previous index is intact" if (Path(args.out) / "manifest.json").is_file() else "nothing was saved"
+        print(f"error: {exc}; {args.out} is as it was ({before})", file=sys.stderr)
+        return 1
 
 
-def _index(args: argparse.Namespace) -> int:
+def _index(args: argparse.Namespace, lock) -> int:
     from .catalog import Catalog
     from .collection import saved_ids
     from .persistence import journal_path
@@ -75,7 +81,7 @@ def _index(args: argparse.Namespace) -> int:
         report = retriever.index(catalog, show_progress=not args.no_progress, cache=cache, engine=args.engine)
     # Saved before anything is printed: a closed pipe (`| head`) must not cost the run.
     dropped = 0 if args.update or not len(retriever) else len(saved_ids(args.out) - {str(i) for i in retriever.items["id"]})
-    saved = retriever.save(args.out) if len(retriever) else None
+    saved = retriever.save(args.out, lock=lock) if len(retriever) else None
     if dropped:  # a nightly file indexed without --update replaces the whole index: say so (stderr, before stdout)
         print(f"note: {args.out} held {dropped} item{'s' * (dropped != 1)} not in {args.catalog}; the new index replaces it "
               "without them (--update adds to an index instead)", file=sys.stderr)

@@ -48,6 +48,25 @@ class IndexBusyError(MultiretrievalError):
     """An index folder is in use by another process: a running service, or another ``index`` into it."""
 
 
+class StorageError(MultiretrievalError, OSError):
+    """A file could not be written (a full disk, a quota, a failing or read-only filesystem): the message names
+    what, where and why. What was saved before is intact: every writer writes a temporary copy, removed on failure.
+    ``errno``: the cause's (ENOSPC, EDQUOT, EIO, ...) where known; ``disk_full``: no space (or quota) left."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] ..."
+        return str(self.args[0])
+
+    @property
+    def disk_full(self) -> bool:
+        import errno
+
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class ModelUnavailableError(MultiretrievalError):
     """A model's weights cannot be found locally and cannot be downloaded."""
 

@@ -23,19 +23,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import IndexBusyError, IndexLoadError
+from .errors import IndexBusyError, IndexLoadError, StorageError
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
+SAVE_WAIT_S = 600.0  # how long a save waits for another save into the same folder to end
 
 
 def write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records: dict[str, Any],
-                 extra_files: dict[str, str] | None = None) -> Path:
+                 extra_files: dict[str, str] | None = None, lock: FolderLock | None = None) -> Path:
     """Write ``folder`` atomically: each part's writer fills its own subfolder, ``extra_files``
     (name -> text) go beside them, and the manifest holds ``records`` plus versions and the
-    sha256 of every file."""
+    sha256 of every file.
+
+    Under the folder's lock (see FolderLock): ``lock``, one the caller holds on ``folder`` (a service's
+    checkpoint, ``multiretrieval index``), or else taken here for the save, waiting for another save into
+    the folder to end and refusing a folder that a service or an ``index`` holds (IndexBusyError). A write
+    that fails (a full disk) raises StorageError and leaves the previous save as it was, and no temporary copy."""
+    folder = folder.resolve()
+    if lock is not None:
+        if lock.folder != folder or not lock.held:
+            raise ValueError(f"the lock given is not held on {folder} ({lock.path}, held: {lock.held})")
+        return _write_folder(folder, parts, records, extra_files)
+    with FolderLock(folder, "save").acquire(wait_s=SAVE_WAIT_S):
+        return _write_folder(folder, parts, records, extra_files)
+
+
+def _write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records: dict[str, Any],
+                  extra_files: dict[str, str] | None) -> Path:
     import faiss
     import numpy as np
     import pandas as pd
@@ -43,9 +60,11 @@ def write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records
 
     from . import __version__
 
-    folder = folder.resolve()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-{os.getpid()}-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-{os.getpid()}-", dir=folder.parent))
+    except OSError as exc:
+        raise write_failure(exc, f"the index {folder}", folder.parent) from exc
     try:
         for name, write in parts.items():
             (tmp / name).mkdir()
@@ -65,11 +84,64 @@ def write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         _fsync_tree(tmp)
         _swap_in(tmp, folder)
-    except BaseException:
+    except BaseException as exc:
+        # Judged before the temporary copy goes: removing it frees the space whose lack may be the cause.
+        failure = write_failure(exc, f"the index {folder}", folder.parent, partial=tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure from exc
         raise
     remove_stale_copies(folder)
     return folder
+
+
+def write_failure(exc: BaseException, what: str, where: Path, partial: Path | None = None) -> StorageError | None:
+    """``exc``, raised while writing ``what`` at ``where``, as a StorageError that says so and why ("no space left
+    on device"), naming the file last written in ``partial`` (a temporary folder being filled), the one that failed;
+    None when ``exc`` is not a failed write.
+
+    Libraries report a full disk each their own way: an OSError with errno ENOSPC (Python, pyarrow), a
+    RuntimeError naming it (faiss), an OSError without errno ("49152 requested and 36832 written": numpy),
+    which is taken for a full disk when the filesystem has no block left."""
+    import errno
+
+    if isinstance(exc, StorageError):
+        return exc
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        text = str(exc).lower()
+        code = next((c for c in (errno.ENOSPC, errno.EDQUOT) if os.strerror(c).lower() in text), None)
+    if code is None and isinstance(exc, OSError) and _no_space(where):
+        code = errno.ENOSPC
+    if code is None and not isinstance(exc, OSError):
+        return None  # a library's own error, not a failed write
+    why = os.strerror(code).lower() if code is not None else str(exc)
+    file = _newest_file(partial) if partial is not None else None
+    at = f" (writing {file.relative_to(partial)} in {where})" if file is not None else f" (in {where})"
+    return StorageError(f"cannot write {what}: {why}{at}", code)
+
+
+def _no_space(path: Path) -> bool:
+    """Whether the filesystem of ``path`` (or of its nearest existing folder) has no block left."""
+    for folder in (path, *path.parents):
+        try:
+            return os.statvfs(folder).f_bavail == 0
+        except FileNotFoundError:
+            continue
+        except (OSError, AttributeError):  # no statvfs (Windows)
+            return False
+    return False
+
+
+def _newest_file(root: Path) -> Path | None:
+    """The file last written under ``root`` (the one a failed write was on), if any."""
+    try:
+        files = [p for p in root.rglob("*") if p.is_file()]
+        return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+    except OSError:
+        return None
 
 
 def journal_path(folder: Path) -> Path:
@@ -80,54 +152,99 @@ def journal_path(folder: Path) -> Path:
 
 
 class FolderLock:
-    """One writer per index folder, between processes: an exclusive lock (flock) on ``INDEX_DIR.lock`` beside it.
+    """One writer per index folder, between processes and threads: an exclusive lock (flock) on ``INDEX_DIR.lock``.
 
-    A service holds it while it serves the folder (its checkpoints save over it), ``multiretrieval index``
-    while it writes it; the second comes away with IndexBusyError naming the holder's pid (a second holder in
-    the same process is refused too). The kernel drops the lock when its process ends, however it ends; the
-    file stays, harmless. Where flock does not exist (Windows), or the lock file cannot be written (a
-    read-only index, which no one can write either), nothing is locked.
+    Every writer takes it: a service while it serves the folder (its checkpoints save over it), ``multiretrieval
+    index`` while it writes it, ``Retriever.save`` while it saves (``write_folder``). A second holder comes away
+    with IndexBusyError naming the holder (its pid and role; "this process" for another holder in the same
+    process, as a service's own lock is a separate one from a save's); ``acquire(wait_s)`` first waits up to
+    ``wait_s`` seconds for a holder that is a save, which ends soon, never for a service or an index. The lock
+    file holds "PID ROLE", a note for whoever is refused. The kernel drops the lock when its process ends,
+    however it ends; the file stays, harmless. Where flock does not exist (Windows), or the lock file cannot be
+    written (a read-only index, which no one can write either), nothing is locked.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    ROLES = {"serve": "a running service (multiretrieval serve) serves it, and its next checkpoint would save over "
+                      "this write. Stop it first, or send the changes to the service (PUT /items/ID)",
+             "index": "multiretrieval index is writing it. Wait for it to end",
+             "save": "a save (Retriever.save) into it is still running"}
+
+    def __init__(self, folder: str | Path, role: str = "index") -> None:
+        if role not in self.ROLES:
+            raise ValueError(f"role must be one of {', '.join(self.ROLES)}, got {role!r}")
         self.folder = Path(folder).resolve()  # one lock file for every path that names the folder
         self.path = self.folder.with_name(self.folder.name + ".lock")
+        self.role = role
+        self.held = False
         self._fd: int | None = None
 
-    def acquire(self) -> FolderLock:
+    def acquire(self, wait_s: float = 0.0) -> FolderLock:
         try:
             import fcntl
         except ImportError:
+            self.held = True
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # read-only: no writer can change the folder anyway
             logger.warning("cannot write the lock file %s (%s): going on without one", self.path, exc.strerror)
+            self.held = True
             return self
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            who = "this process" if holder == str(os.getpid()) else f"another process{f' (pid {holder})' if holder else ''}"
-            raise IndexBusyError(f"{self.folder} is in use by {who}: a running service (multiretrieval serve) or another "
-                                 "index into it. Stop it first, or send the changes to the service (PUT /items/ID)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pid, role = _holder(fd)
+                if role in (None, "save") and time.monotonic() < deadline:  # a save (or a holder not yet noted) ends soon
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                raise IndexBusyError(self._busy(pid, role, wait_s)) from None
+        note = f"{os.getpid()} {self.role}\n".encode()
+        try:  # a note for whoever is refused: written over the old one, then cut to length (never empty meanwhile)
+            os.pwrite(fd, note, 0)
+            os.ftruncate(fd, len(note))
+        except OSError as exc:  # a full disk: the lock holds all the same (and the write it guards will say why it fails)
+            logger.debug("cannot note the holder in %s (%s)", self.path, exc.strerror)
+        self._fd, self.held = fd, True
         return self
+
+    def _busy(self, pid: str | None, role: str | None, wait_s: float) -> str:
+        who = "this process" if pid == str(os.getpid()) else f"another process{f' (pid {pid})' if pid else ''}"
+        if role in self.ROLES:
+            what = self.ROLES[role] + (f" after {wait_s:g} s" if role == "save" and wait_s else "")
+        else:
+            what = ("a running service (multiretrieval serve), an index into it, or a save. Stop it first, "
+                    "or send the changes to the service (PUT /items/ID)")
+        return f"{self.folder} is in use by {who}: {what}"
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
+        self.held = False
 
     def __enter__(self) -> FolderLock:
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _holder(fd: int) -> tuple[str | None, str | None]:
+    """(pid, role) of a lock's holder from its note; None where unknown (an older note: the pid alone)."""
+    try:
+        text = os.pread(fd, 64, 0).decode(errors="replace")
+    except OSError:
+        return None, None
+    line, complete, _ = text.partition("\n")
+    words = line.split()
+    if not complete:  # no note yet (None: wait for it), or an older version's, the pid alone (a role unknown: "")
+        return (words[0] if words and words[0].isdigit() else None), ("" if words else None)
+    return (words[0] if words else None), (words[1] if len(words) > 1 else None)
 
 
 def read_folder(folder: Path) -> dict[str, Any]:

@@ -43,6 +43,7 @@ import pandas as pd
 from .catalog import is_url, load_image, open_regular_file, text_problem
 from .embedder import FEATURES, ZERO_SHOT
 from .errors import ImageError, IndexLoadError
+from .persistence import write_failure
 
 if TYPE_CHECKING:
     from .embedder import Embedder
@@ -115,8 +116,16 @@ class ShardStore:
         """The store for these encoders under ``root`` (created if new), with its shards loaded."""
         text = json.dumps(fingerprint, sort_keys=True, default=str)
         store = cls(Path(root) / hashlib.sha256(text.encode()).hexdigest()[:16])
-        store.folder.mkdir(parents=True, exist_ok=True)
-        (store.folder / "fingerprint.json").write_text(text)
+        fingerprint_file = store.folder / "fingerprint.json"
+        try:
+            store.folder.mkdir(parents=True, exist_ok=True)
+            if not fingerprint_file.is_file() or fingerprint_file.read_text() != text:  # a full disk must not cut it short
+                tmp = store.folder / ".fingerprint.json.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, fingerprint_file)
+        except OSError as exc:
+            (store.folder / ".fingerprint.json.tmp").unlink(missing_ok=True)
+            raise write_failure(exc, "the encoded-shard cache", store.folder) from exc
         for stale in store.folder.glob(".shard-*"):  # left by a killed writer
             shutil.rmtree(stale, ignore_errors=True)
         store.refresh()
@@ -165,7 +174,10 @@ class ShardStore:
     def write(self, hashes: list[str], outcomes: Outcomes, arrays: dict[str, np.ndarray]) -> str:
         """Store one shard; returns its name (derived from its content, so rewriting is harmless)."""
         name = "shard-" + hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
-        tmp = Path(tempfile.mkdtemp(prefix=".shard-", dir=self.folder))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=".shard-", dir=self.folder))
+        except OSError as exc:
+            raise write_failure(exc, "an encoded shard to the cache", self.folder) from exc
         try:
             for key in ARRAYS:
                 np.save(tmp / f"{key}.npy", arrays[key], allow_pickle=False)
@@ -179,8 +191,12 @@ class ShardStore:
                 shutil.rmtree(tmp)
             else:
                 os.rename(tmp, self.folder / name)
-        except BaseException:
+        except BaseException as exc:
+            # Judged before the temporary shard goes: removing it frees the space whose lack may be the cause.
+            failure = write_failure(exc, "an encoded shard to the cache", self.folder, partial=tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+            if failure is not None:
+                raise failure from exc
             raise
         self._loaded.add(name)
         self._remember(name, hashes, outcomes, list(range(len(hashes))))

@@ -26,7 +26,7 @@ from .embedder import Embedder
 from .errors import MultiretrievalError, QueryError
 from .ingest import IndexReport, hash_catalog, ingest, ingest_rows
 from .items import ItemStore
-from .persistence import MANIFEST, component_folder, component_record, read_folder, write_folder
+from .persistence import MANIFEST, FolderLock, component_folder, component_record, read_folder, write_folder
 from .search import MODES, batch_query, check_batch, check_filters, check_where, encode_inputs, joint_query_vectors, make_query, run_batch, run_query
 from .utils import ReadWriteLock
 
@@ -242,14 +242,17 @@ class Retriever:
 
     # ---------------------------------------------------------------- files
 
-    def save(self, folder: str | Path, note: dict[str, Any] | None = None) -> Path:
-        """Save to a folder atomically (a crash leaves the previous save intact); ``note``: JSON kept in the manifest."""
+    def save(self, folder: str | Path, note: dict[str, Any] | None = None, lock: FolderLock | None = None) -> Path:
+        """Save to a folder atomically (a crash, or a full disk: StorageError, leaves the previous save intact);
+        ``note``: JSON kept in the manifest. Under the folder's lock: a save waits for another save into the folder
+        to end and is refused (IndexBusyError) while a service serves it or ``multiretrieval index`` writes it;
+        ``lock``: the folder's FolderLock, when the caller holds it (the service's checkpoints, ``index``)."""
         with self._lock.reading():
             if not self.indexes:
                 raise MultiretrievalError("nothing to save: index a catalog first")
             records = {"config": self.config.to_dict(), **self.embedder.describe(), **self.collection.describe(), "note": note or {}}
             report = {"index-report.json": json.dumps(self.last_report.to_dict(), indent=1, default=str)} if self.last_report else {}
-            return write_folder(Path(folder), {**self.collection.parts(), "fusion": self.embedder.save}, records, report)
+            return write_folder(Path(folder), {**self.collection.parts(), "fusion": self.embedder.save}, records, report, lock)
 
     @classmethod
     def load(cls, folder: str | Path, config: RetrieverConfig | str | Path | None = None) -> Retriever:

@@ -315,7 +315,7 @@ def test_a_save_that_fails_midway_keeps_the_previous_save(retriever_copy, tmp_pa
         r.save(tmp_path / "idx")
     monkeypatch.undo()
     assert len(mr.Retriever.load(tmp_path / "idx")) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "idx"]  # nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "copy.lock", "idx", "idx.lock"]  # nothing left behind
 
 
 def test_a_process_killed_between_the_renames_of_a_save_loses_nothing(retriever_copy, tmp_path):

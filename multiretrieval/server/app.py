@@ -8,7 +8,6 @@ every bound, is in the OpenAPI description (schemas.py).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -29,12 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..catalog import is_url, load_image
 from ..config import RetrieverConfig
-from ..errors import CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError
+from ..errors import (CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError,
+                      StorageError)
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
 from ..search import MODES, check_where
-from .journal import write_durably
-from .schemas import (ADD_BODY, AddResponse, BatchResponse, HealthResponse, ItemId, RemoveResponse, SearchResponse, UpsertResponse,
-                      responses, search_body, search_request_model)
+from .schemas import (ADD_BODY, WRITE_FAILED, AddResponse, BatchResponse, HealthResponse, ItemId, RemoveResponse, SearchResponse,
+                      UpsertResponse, responses, search_body, search_request_model)
 from .service import Service, refuse_skipped
 
 logger = logging.getLogger(__name__)
@@ -117,15 +116,18 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     upload = f"request body over {max_upload_bytes:,} bytes (--max-upload-mb)"
     pixels = f"an image over {service.retriever.config.catalog.max_image_pixels:,} pixels (catalog.max_image_pixels)"
-    key = {401: "missing or wrong X-API-Key", 403: "a cross-origin request"}
+    key = {401: "missing or wrong X-API-Key", 403: "a cross-origin request", **WRITE_FAILED}  # what every write may answer
     bad_row = ("metadata that is not a JSON object of catalog columns; an id of another kind; a value whose type does not fit "
                "its column; a column named like an internal one; a file that is not an image; an item without image or text")
 
-    @app.get("/health", response_model=None, responses=responses({200: (HealthResponse, "status, item count, micro-batching")}))
+    @app.get("/health", response_model=None, responses=responses({
+        200: (HealthResponse, "status (ok, or degraded while writes cannot be stored), item count, micro-batching")}))
     def health() -> dict:
         batching = {name: {"calls": b.calls, "batches": b.batches}
                     for name, b in (("text", service.text_batcher), ("image", service.image_batcher))}
-        return {"status": "ok", "items": len(service.retriever), "batching": batching}
+        error = service.write_error
+        return {"status": "ok" if error is None else "degraded", "writable": error is None, "write_error": error,
+                "items": len(service.retriever), "batching": batching}
 
     @app.post("/search", openapi_extra=search_body(request_model), responses=responses({
         200: (SearchResponse, "the results"),
@@ -342,9 +344,7 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
     if upload is not None and hasattr(upload, "read"):
         data = await upload.read()
         load_image(data)  # refuse a bad image before anything is written
-        service.uploads.mkdir(parents=True, exist_ok=True)
-        path = service.uploads / f"{hashlib.sha256(data).hexdigest()}.img"  # the name is ours, never the client's
-        write_durably(path, data)  # on disk before the write that names it is logged
+        path = service.store_upload(data)  # the name is ours, never the client's; on disk before the write is logged
         metadata["image"] = str(path)
     return metadata, path
 
@@ -486,6 +486,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         return Response(json.dumps({"detail": errors}, default=str), status_code=422, media_type="application/json")
 
     app.add_exception_handler(RequestValidationError, invalid_request)
+
+    def storage_error(request: Request, exc: StorageError) -> JSONResponse:  # a write that could not be stored
+        return JSONResponse({"detail": str(exc)}, status_code=507 if exc.disk_full else 500)
+
+    app.add_exception_handler(StorageError, storage_error)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         headers = dict(exc.headers or {})

@@ -13,13 +13,15 @@ A line cut short by a crash was never acknowledged: it is dropped when the log i
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import IndexLoadError
+from ..errors import IndexLoadError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +31,18 @@ class Journal:
 
     ``after``: the last sequence number already held elsewhere (the checkpoint's); new records
     number on from it even when the log itself is empty.
+
+    Written unbuffered on a raw descriptor at the end of what it holds: a record that cannot be
+    written whole (a full disk) is cut off again, and the log stays usable for the next one, which
+    starts where the failed one did (StorageError says why; nothing was appended).
     """
 
     def __init__(self, path: str | Path, after: int = 0) -> None:
         self.path = Path(path)
         self._records = self._read()
         self.last_seq = max([after, *(r["seq"] for r in self._records)])
-        self._file = None
+        self._fd: int | None = None
+        self._end: int | None = None  # bytes of whole records; the file may hold more after a failed cut
 
     def __len__(self) -> int:
         return len(self._records)
@@ -75,62 +82,102 @@ class Journal:
         return [r for r in self._records if r["seq"] > after]
 
     def append(self, record: dict[str, Any]) -> int:
-        """Write a record and fsync it; returns its sequence number."""
-        if self._file is None:
-            new = not self.path.exists()
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the service's life
-            if new:
-                _fsync_folder(self.path.parent)  # the file's name is durable too
+        """Write a record and fsync it; returns its sequence number. StorageError when it cannot: the log is as before."""
         seq = self.last_seq + 1
         entry = {"seq": seq, **record}
-        start = self._file.tell()
+        line = json.dumps(entry, default=str).encode() + b"\n"
         try:
-            self._file.write(json.dumps(entry, default=str).encode() + b"\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        except BaseException:
-            self._cut(start)  # no half record in the middle of the log for the next ones to follow
-            raise
+            fd = self._open()
+            try:
+                written = 0
+                while written < len(line):  # a write may take part of the bytes (a disk filling up), then fail
+                    n = os.pwrite(fd, line[written:], self._end + written)
+                    if n <= 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    written += n
+                os.fsync(fd)
+            except BaseException:
+                self._cut()  # no half record in the middle of the log for the next ones to follow
+                raise
+        except OSError as exc:
+            raise StorageError(f"cannot write the write log {self.path}: {_reason(exc)}; the write was not made",
+                               exc.errno) from exc
+        self._end += len(line)
         self.last_seq = seq
         self._records.append(entry)
         return seq
 
-    def _cut(self, size: int) -> None:
+    def _open(self) -> int:
+        if self._fd is None:
+            new = not self.path.exists()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)  # kept open for the service's life
+            if new:
+                _fsync_folder(self.path.parent)  # the file's name is durable too
+        if self._end is None:
+            self._end = os.fstat(self._fd).st_size
+        elif os.fstat(self._fd).st_size != self._end:  # a record a failed cut left: cut it now, or write nothing
+            os.ftruncate(self._fd, self._end)
+        return self._fd
+
+    def _cut(self) -> None:
+        """Drop what a failed append wrote past the last whole record; if even that fails, the next append tries again."""
         try:
-            self.close()
-            with open(self.path, "r+b") as f:
-                f.truncate(size)
+            os.ftruncate(self._fd, self._end)
         except OSError:
-            logger.exception("%s: cannot cut an unfinished record; it will be dropped when the log is read", self.path)
+            logger.exception("%s: cannot cut an unfinished record yet; the next write cuts it first", self.path)
+            self.close()
 
     def reset(self) -> None:
         """Empty the log (its records are in a checkpoint); sequence numbers go on growing."""
         self.close()
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_folder(self.path.parent)
-        self._records = []
+        self._records, self._end = [], 0
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        fd, self._fd = self._fd, None  # reset first: a descriptor that failed to close is gone all the same
+        if fd is not None:
+            os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write a file and fsync it and its folder: it survives a crash once this returns."""
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True)
-        _fsync_folder(path.parent.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_folder(path.parent)
+def write_durably(path: Path, data: bytes, what: str = "the file") -> None:
+    """Write a file and fsync it and its folder: it survives a crash once this returns. StorageError when it cannot
+    (naming ``what``): then neither the file nor a temporary copy is left."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # two requests may bring one photo
+    try:
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+            _fsync_folder(path.parent.parent)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {what} {path}: {_reason(exc)}", exc.errno) from exc
+
+
+def remove_temporary_files(folder: Path) -> None:
+    """Delete the temporary files of ``write_durably`` in ``folder`` that a killed process left (``.NAME.PID-THREAD.tmp``)."""
+    for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+        logger.info("removing %s, left by an interrupted write", path)
+        path.unlink(missing_ok=True)
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower() if exc.errno is not None else str(exc)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -98,7 +98,14 @@ class BatchResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str
+    """Always 200 while the service answers: searches work even when writes cannot be stored, so a balancer must not
+    take the service out for that. Monitor `writable` (or `status`)."""
+
+    status: Literal["ok", "degraded"] = Field(description="degraded: the last write could not be stored (see write_error)")
+    writable: bool = Field(description="false from a write that could not be stored (a full disk: it got 507) until one "
+                                       "is stored again; searches are served all the same")
+    write_error: str | None = Field(description="why the last write could not be stored (what, where, the reason); "
+                                                "null while writable")
     items: int
     batching: dict[str, dict[str, int]]
 
@@ -145,6 +152,11 @@ def responses(described: dict[int, Any]) -> dict[int | str, dict]:
     if 400 in described:
         out[400]["description"] += "; a Host header that is not allowed"
     return out
+
+
+WRITE_FAILED = {  # a write that could not be stored changed nothing: the index, the write log and the uploads are as before
+    507: "the disk (or quota) is full: the write was not stored; GET /health reports it until a write is stored again",
+    500: "the write could not be stored for another reason of the disk (an I/O error, a read-only filesystem), named in detail"}
 
 
 ADD_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["metadata"], "properties": {

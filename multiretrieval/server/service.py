@@ -8,6 +8,9 @@ and appended to the write log (``INDEX_DIR.journal``, fsync'ed); the index folde
 (atomically) only at checkpoints: every ``checkpoint_every`` writes and at shutdown, after
 which the log is emptied. A restart loads the folder and replays the log, so every
 acknowledged write survives a crash, a SIGKILL included.
+
+A write that cannot be stored (a full disk) is answered with StorageError and leaves the index, the log and
+the uploads as they were; ``write_error`` keeps its reason (GET /health) until a write succeeds again.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RetrieverConfig
-from ..errors import CatalogError, IndexLoadError
+from ..errors import CatalogError, IndexLoadError, StorageError
 from ..filters import compile_filter
 from ..persistence import FolderLock, journal_path
 from ..retriever import Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
-from .journal import Journal
+from .journal import Journal, remove_temporary_files, write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +41,13 @@ class Service:
         self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
         self.checkpoint_every = max(1, checkpoint_every)
         self._write_lock = threading.Lock()
+        self.write_error: str | None = None  # why the last write could not be stored; None once one is
         if not self.index_dir.is_dir():  # before the lock, which would leave a lock file beside a mistyped path
             raise IndexLoadError(f"{self.index_dir}: no such index folder")
-        # Held while serving: an `index` into the folder meanwhile would be undone by the next checkpoint.
-        self.folder_lock = FolderLock(self.index_dir).acquire()
+        # Held while serving: an `index` or a save into the folder meanwhile would be undone by the next checkpoint.
+        self.folder_lock = FolderLock(self.index_dir, "serve").acquire()
         try:
+            remove_temporary_files(self.uploads)  # uploads a killed process was writing
             retriever = Retriever.load(self.index_dir, self.config)
             self.text_batcher = MicroBatcher(retriever.text_encoder.forward)
             self.image_batcher = MicroBatcher(retriever.image_encoder.forward, max_batch=16)
@@ -88,11 +93,16 @@ class Service:
                 check(result)
             try:
                 self.journal.append(record)
-            except BaseException:
-                logger.exception("cannot log a write; going back to the state on disk")
+            except BaseException as exc:
+                if isinstance(exc, StorageError):
+                    self.write_error = str(exc)
+                    logger.error("%s; going back to the state on disk", exc)
+                else:
+                    logger.exception("cannot log a write; going back to the state on disk")
                 self.retriever = self._prepare(Retriever.load(self.index_dir, self.config))
                 self._replay(self.journal.records(after=int(self.retriever.saved_note.get("journal_seq", 0))))
                 raise
+            self.write_error = None
             if len(self.journal) >= self.checkpoint_every:
                 try:
                     self._checkpoint()
@@ -107,9 +117,23 @@ class Service:
                 self._checkpoint()
 
     def _checkpoint(self) -> None:
-        self.retriever.save(self.index_dir, note={"journal_seq": self.journal.last_seq})
+        self.retriever.save(self.index_dir, note={"journal_seq": self.journal.last_seq}, lock=self.folder_lock)
         self.journal.reset()
         logger.info("checkpoint: saved %s through write %d", self.index_dir, self.journal.last_seq)
+
+    def store_upload(self, data: bytes) -> Path:
+        """Keep an uploaded image under a name of ours (its sha256), on disk (fsync'ed) before the write that names it
+        is logged. StorageError when it cannot be written: then no file is left, and ``write_error`` says why."""
+        import hashlib
+
+        path = self.uploads / f"{hashlib.sha256(data).hexdigest()}.img"
+        try:
+            write_durably(path, data, "the uploaded image")
+        except StorageError as exc:
+            self.write_error = f"{exc}; the write was not made"
+            logger.error("%s", self.write_error)
+            raise StorageError(self.write_error, exc.errno) from exc
+        return path
 
     def drop_unused_upload(self, source: str | Path | None) -> None:
         """Delete an uploaded image that no indexed item uses (its item was removed, or never added)."""

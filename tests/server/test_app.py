@@ -125,6 +125,8 @@ def test_writes_need_the_key_and_persist(client, fixtures):
     client.app.state.service.folder_lock.release()  # as if its process had died: a restart may take the folder
     restarted = Service(client.index_dir)  # as after a crash: the saved folder plus the write log
     assert 900 in restarted.retriever.items["id"].tolist() and 575 not in restarted.retriever.items["id"].tolist()
+    restarted.close()
+    client.app.state.service.folder_lock.acquire()  # back to the first: it shuts down as the folder's holder
 
 
 def test_bad_writes_change_nothing(client):

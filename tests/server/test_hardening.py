@@ -116,4 +116,8 @@ def test_the_openapi_schema_documents_each_bound_and_status(client):
     assert set(search_op["responses"]) == {"200", "400", "403", "404", "413", "415", "422"}  # 404: an unknown `like` item
     assert "1,048,576 bytes" in search_op["responses"]["413"]["description"]
     assert "40,000,000 pixels" in search_op["responses"]["413"]["description"]
-    assert set(spec["paths"]["/items"]["post"]["responses"]) == {"201", "400", "401", "403", "413"}
+    assert set(spec["paths"]["/items"]["post"]["responses"]) == {"201", "400", "401", "403", "413", "500", "507"}
+    for path, method in (("/items/{item_id}", "put"), ("/items/{item_id}", "delete"), ("/item", "put"), ("/item", "delete")):
+        assert {"500", "507"} <= set(spec["paths"][path][method]["responses"]), (path, method)  # a write that cannot be stored
+    health = spec["components"]["schemas"]["HealthResponse"]["properties"]
+    assert {"writable", "write_error"} <= set(health) and "degraded" in health["status"]["description"]

@@ -149,6 +149,8 @@ def test_checkpoints_save_the_folder_and_empty_the_log(indexed, tmp_path):
         restarted = mr.server.app.Service(folder)
         assert sorted(restarted.retriever.items["id"])[-3:] == [9001, 9002, 9003]
         assert journal.read_text().count("\n") == 1  # the cut line is dropped
+        restarted.close()
+        client.app.state.service.folder_lock.acquire()  # back to the first: it shuts down as the folder's holder
     # A clean shutdown checkpoints: nothing left to replay.
     assert journal.read_text() == "" and mr.Retriever.load(folder).items["id"].tolist()[-1] == 9003
 
