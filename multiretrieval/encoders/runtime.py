@@ -174,13 +174,14 @@ class Export:
 
 
 def session_threads() -> int:
-    """ONNX Runtime's intra-op threads: PyTorch's setting when it is loaded, else OMP_NUM_THREADS, else the usable cores."""
+    """ONNX Runtime's intra-op threads: PyTorch's setting when it is loaded, else OMP_NUM_THREADS, else 0 (ONNX
+    Runtime's own default: the physical cores, as PyTorch's)."""
     if "torch" in sys.modules:
         return sys.modules["torch"].get_num_threads()
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return 0
 
 
 def providers() -> list[str]:
