@@ -83,9 +83,12 @@ def test_an_update_with_nothing_to_encode_loads_no_model(saved, fixtures, tmp_pa
     import shutil
 
     shutil.copytree(saved, tmp_path / "idx")
+    before = json.loads((saved / "manifest.json").read_text())
     out, loaded = run_fresh(f"""
 from multiretrieval.cli import main
 assert main(["index", {str(fixtures / "catalog.csv")!r}, "--out", {str(tmp_path / "idx")!r}, "--update", "--no-progress"]) == 0
 """)
     assert "unchanged 8" in out and "saved to" in out
     assert loaded == [], f"an update that encoded nothing imported {loaded}"
+    after = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert {k: after[k] for k in ("encoders", "fusion", "zero_shot")} == {k: before[k] for k in ("encoders", "fusion", "zero_shot")}
