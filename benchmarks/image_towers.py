@@ -18,6 +18,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import multiretrieval as mr  # noqa: E402
@@ -29,12 +30,12 @@ TOWERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 def ms_per_image(encoder, pils: list, runs: int, batch: int = 32) -> float:
     tensors = [encoder.preprocess(p) for p in pils]
-    encoder.forward(torch.stack(tensors[:batch]))  # warm-up (and the one-time ONNX export)
+    encoder.forward(np.stack(tensors[:batch]))  # warm-up (and the one-time ONNX export)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         for start in range(0, len(tensors), batch):
-            encoder.forward(torch.stack(tensors[start:start + batch]))
+            encoder.forward(np.stack(tensors[start:start + batch]))
         times.append((time.perf_counter() - t0) * 1000 / len(tensors))
     return statistics.median(times)
 

@@ -26,6 +26,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import multiretrieval as mr  # noqa: E402
@@ -36,7 +37,7 @@ from multiretrieval.encoders import get_image_encoder  # noqa: E402
 def bare_forward(encoder, tensors: list, batch: int = 32) -> float:
     t0 = time.perf_counter()
     for start in range(0, len(tensors), batch):
-        encoder.forward(torch.stack(tensors[start:start + batch]))
+        encoder.forward(np.stack(tensors[start:start + batch]))
     return len(tensors) / (time.perf_counter() - t0)
 
 

@@ -71,8 +71,15 @@ class Embedder:
             if self._fusion is None:
                 from .fusion import build_fusion
 
-                self._fusion = build_fusion(self.config.fusion, self.image_encoder.dim, self.text_encoder.dim)
+                self._fusion = build_fusion(self.config.fusion, *self.dims())
             return self._fusion
+
+    def dims(self) -> tuple[int, int]:
+        """The image and text encoders' widths: a saved index's (``expect``; the encoders are checked against them when
+        they load), else the loaded encoders'. A query or an update of a saved index loads only the models it runs."""
+        if "image" in self._expect and "text" in self._expect:
+            return int(self._expect["image"]), int(self._expect["text"])
+        return self.image_encoder.dim, self.text_encoder.dim
 
     @property
     def zero_shot(self):
@@ -112,7 +119,7 @@ class Embedder:
 
     def feature_buffers(self, n: int) -> dict[str, np.ndarray]:
         """Zeroed token arrays and all-False masks for n items, in the fusion module's token layout."""
-        fusion, di, dt = self.fusion, self.image_encoder.dim, self.text_encoder.dim
+        fusion, (di, dt) = self.fusion, self.dims()
         ti, tt = 1 + fusion.image_grid ** 2, 1 + fusion.text_chunks
         return {"image_tokens": np.zeros((n, ti, di), np.float32), "image_mask": np.zeros((n, ti), bool),
                 "text_tokens": np.zeros((n, tt, dt), np.float32), "text_mask": np.zeros((n, tt), bool)}
@@ -188,16 +195,24 @@ class Embedder:
     def describe(self) -> dict[str, Any]:
         """The manifest's record of the models: encoder names and widths, fusion, zero-shot space."""
         cfg = self.config
-        return {"encoders": {"image": {"name": cfg.encoders.image, "dim": self.image_encoder.dim},
-                             "text": {"name": cfg.encoders.text, "dim": self.text_encoder.dim}},
-                "fusion": self.fusion.config(), "score_scale": SCORE_SCALE,
-                "zero_shot": {"kind": cfg.zero_shot.kind, "dim": self.zero_shot.dim, "fingerprint": self.zero_shot.fingerprint}}
+        image_dim, text_dim = self.dims()
+        return {"encoders": {"image": {"name": cfg.encoders.image, "dim": image_dim},
+                             "text": {"name": cfg.encoders.text, "dim": text_dim}},
+                "fusion": self.fusion.config(), "score_scale": SCORE_SCALE, "zero_shot": {"kind": cfg.zero_shot.kind, **self._zero_shot_record()}}
+
+    def _zero_shot_record(self) -> dict[str, Any]:
+        """The zero-shot space's width and fingerprint: a saved index's while the space is not loaded (nothing was
+        encoded with it since: an update that changed no vector loads no model), else the loaded space's."""
+        with self._lock:
+            if self._zero_shot is None and {"zero_shot", "zero_shot_dim"} <= self._expect.keys():
+                return {"dim": int(self._expect["zero_shot_dim"]), "fingerprint": self._expect["zero_shot"]}
+        return {"dim": self.zero_shot.dim, "fingerprint": self.zero_shot.fingerprint}
 
     @staticmethod
     def expectations(manifest: dict[str, Any]) -> dict[str, Any]:
         """What a saved index's manifest says its models were (for ``expect``)."""
         return {"image": manifest["encoders"]["image"]["dim"], "text": manifest["encoders"]["text"]["dim"],
-                "zero_shot": manifest["zero_shot"]["fingerprint"]}
+                "zero_shot": manifest["zero_shot"]["fingerprint"], "zero_shot_dim": manifest["zero_shot"]["dim"]}
 
     @staticmethod
     def check_config(config: RetrieverConfig, manifest: dict[str, Any], where: str) -> None:

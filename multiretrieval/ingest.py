@@ -186,6 +186,9 @@ def ingest_rows(catalog: Catalog, rows: np.ndarray, hashes: list[str], embedder:
     Returns the sub-catalog they make (its ``row_numbers`` the catalog's: so are the report's rows), its encoded
     rows, and the report."""
     part = catalog.subset(rows)
-    encoded, report = ingest(part, embedder, show_progress, cache, engine, hashes=[hashes[i] for i in rows])
+    if not len(part):  # nothing new or changed: no model is loaded, no shard store opened
+        encoded, report = Encoded(np.zeros(0, np.int64), part.image_sources(), {}, []), IndexReport()
+    else:
+        encoded, report = ingest(part, embedder, show_progress, cache, engine, hashes=[hashes[i] for i in rows])
     report.skipped = sorted(catalog.dropped + report.skipped, key=lambda s: s.row)
     return part, encoded, report

@@ -53,12 +53,18 @@ def write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records
 
 def _write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], records: dict[str, Any],
                   extra_files: dict[str, str] | None) -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
     import faiss
     import numpy as np
     import pandas as pd
-    import torch
 
     from . import __version__
+
+    try:
+        torch_version = version("torch")  # read, not imported: a save that encoded nothing loads no model
+    except PackageNotFoundError:
+        torch_version = None
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +80,7 @@ def _write_folder(folder: Path, parts: dict[str, Callable[[Path], None]], record
         manifest = {
             "format": FORMAT_VERSION,
             "package": "multiretrieval",
-            "versions": {"multiretrieval": __version__, "torch": torch.__version__, "faiss": faiss.__version__,
+            "versions": {"multiretrieval": __version__, "torch": torch_version, "faiss": faiss.__version__,
                          "numpy": np.__version__, "pandas": pd.__version__},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "components": {name: name for name in parts},

@@ -355,8 +355,6 @@ class ShardEncoder:
             return self._encode(rows, pool, on_items, lambda: bar.update(1))
 
     def _encode(self, rows: list[Row], pool: ThreadPoolExecutor, on_items, on_download) -> tuple[Outcomes, dict[str, np.ndarray]]:
-        import torch
-
         e = self.embedder
         image_enc, text_enc, fusion, zero_shot = e.image_encoder, e.text_encoder, e.fusion, e.zero_shot
         n = len(rows)
@@ -365,7 +363,7 @@ class ShardEncoder:
 
         def flush(batch: list[tuple[int, Any]]) -> None:
             idx = [i for i, _ in batch]
-            tokens, probs = image_enc.forward(torch.stack([t for _, (_, t) in batch]), fusion.image_grid)
+            tokens, probs = image_enc.forward(np.stack([t for _, (_, t) in batch]), fusion.image_grid)
             out["image_tokens"][idx], out["image_mask"][idx] = tokens, True
             out["clip_image"][idx] = zero_shot.image_batch([p for _, (p, _) in batch], tokens[:, 0], probs)
             if on_items:

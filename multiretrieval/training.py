@@ -363,8 +363,6 @@ def encode_views(sources: list[str | None], texts: list[str | None], config: Ret
     frag (n, F, Tt, dt), frag_mask (n, F, Tt). Items without an image or a text get zeros and
     ``ok`` False. Cached in ``cache`` (.npz) under a key of the inputs and settings.
     """
-    import torch
-
     from .catalog import load_image
     from .encoders import get_image_encoder, get_text_encoder
     from .errors import ImageError
@@ -396,7 +394,7 @@ def encode_views(sources: list[str | None], texts: list[str | None], config: Ret
                 logger.warning("item %d skipped for training: %s", i, exc)
                 continue
             views = [image] + [augment_image(image, rng) for _ in range(A)]
-            tokens = image_enc.forward(torch.stack([image_enc.preprocess(v) for v in views]), fus.image_grid)[0]
+            tokens = image_enc.forward_images(views, fus.image_grid)[0]
             out["image"][i], out["aug"][i] = tokens[0], tokens[1:]
             frags = text_fragments(texts[i], F, rng)
             frags += [frags[j % len(frags)] for j in range(F - len(frags))]

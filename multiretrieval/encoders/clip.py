@@ -29,6 +29,7 @@ import numpy as np
 from ..config import ZeroShotConfig
 from ..errors import ConfigError, ModelUnavailableError
 from ..utils import l2_normalize
+from .runtime import file_digest
 
 def packaged_lit(image_encoder: str = "efficientnet-lite0") -> Path:
     """Where the LiT projections for an image tower ship (scripts/train_zero_shot.py --image-encoder writes them)."""
@@ -39,18 +40,19 @@ PACKAGED_LIT = packaged_lit()
 LIT_KEYS = ("visual.head.proj.weight", "text.proj.weight", "logit_scale")  # open_clip state_dict names
 
 
-def imagenet_labels() -> list[str]:
-    """The 1,000 ImageNet-1k class names (shipped with torchvision; nothing is downloaded)."""
-    from torchvision.models import ResNet50_Weights
+IMAGENET_LABELS = Path(__file__).resolve().parent.parent / "resources" / "imagenet-1k-labels.txt"
 
-    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+def imagenet_labels() -> list[str]:
+    """The 1,000 ImageNet-1k class names, in class order (torchvision's names, shipped as a data file)."""
+    return IMAGENET_LABELS.read_text(encoding="utf-8").splitlines()
 
 
 class ConSE:
     """Maps ImageNet class probabilities into the text encoder's space."""
 
     kind = "conse"
-    _label_cache: dict[tuple[int, str], np.ndarray] = {}  # per (text model, template): shared by retrievers
+    _label_cache: dict[tuple, np.ndarray] = {}  # per text model and template: shared by retrievers
 
     def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_template: str = "{}",
                  temperature: float = 1.0) -> None:
@@ -66,10 +68,12 @@ class ConSE:
 
     @property
     def label_embeddings(self) -> np.ndarray:
-        key = (id(self.text_encoder.model), self.label_template)
+        """The labels' text embeddings (1000, dim), kept in memory and on disk (``$MULTIRETRIEVAL_CACHE/conse``): a
+        thousand texts through the text encoder would cost every start a second or more."""
+        enc = self.text_encoder
+        key = (enc.key, enc.runtime, enc.max_tokens, self.label_template)
         if key not in self._label_cache:
-            labels = [self.label_template.format(label) for label in imagenet_labels()]
-            self._label_cache[key] = self.text_encoder.encode(labels, batch_size=128, show_progress=False)
+            self._label_cache[key] = _label_embeddings(enc, self.label_template)
         return self._label_cache[key]
 
     def embed_image_probs(self, probs: np.ndarray) -> np.ndarray:
@@ -130,7 +134,7 @@ class LiT:
             raise ConfigError(f"zero-shot weights {path} project {self.image_proj.shape[0]}/{self.text_proj.shape[0]}-d "
                               f"features, but the encoders give {image_encoder.dim}/{text_encoder.dim}")
         self.dim = self.image_proj.shape[1]
-        self.fingerprint = f"lit(sha256={_sha256(path)[:16]})"
+        self.fingerprint = f"lit(sha256={file_digest(path)[:16]})"
 
     def image_batch(self, pils, pooled=None, probs=None) -> np.ndarray:
         if pooled is None:
@@ -269,10 +273,35 @@ def build_zero_shot(cfg: ZeroShotConfig, image_encoder, text_encoder):
     raise ConfigError(f"zero_shot.kind {cfg.kind!r} is unknown; choose conse, lit, lit+conse or openclip")
 
 
-def _sha256(path: Path) -> str:
+def _label_embeddings(text_encoder, template: str) -> np.ndarray:
+    """ConSE's label embeddings from the disk cache, made and stored there when missing. The file's name is a key of
+    the text encoder's weights and runtime, its token limit, the template and the labels."""
     import hashlib
+    import os
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    from .runtime import cache_dir
+
+    labels = [template.format(label) for label in imagenet_labels()]
+    material = [text_encoder.key, text_encoder.runtime, text_encoder.max_tokens, labels]
+    path = cache_dir() / "conse" / f"{hashlib.sha256(json.dumps(material).encode()).hexdigest()[:20]}.npy"
+    try:
+        cached = np.load(path, allow_pickle=False)
+        if cached.shape == (len(labels), text_encoder.dim) and cached.dtype == np.float32:
+            return cached
+    except (OSError, ValueError):
+        pass
+    embeddings = text_encoder.encode(labels, batch_size=128, show_progress=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, embeddings, allow_pickle=False)
+        os.replace(tmp, path)  # atomic: a concurrent start reads the whole file or none
+    except OSError as exc:  # a read-only cache: computed again next time
+        import logging
+
+        logging.getLogger(__name__).debug("cannot cache ConSE label embeddings in %s: %s", path, exc)
+    return embeddings
 
 
 def load_lit_weights(path: Path) -> dict[str, np.ndarray]:

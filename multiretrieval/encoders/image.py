@@ -1,16 +1,21 @@
-"""Image encoders: ImageNet-pretrained CNNs through timm.
+"""Image encoders: ImageNet-pretrained CNNs (timm architectures).
 
 One forward pass gives both the pooled feature vector (and optional grid tokens) for
-the joint space and the ImageNet class probabilities that ConSE needs.
+the joint space and the ImageNet class probabilities that ConSE needs. The network runs
+from its cached ONNX export (runtime.py) or through timm; preprocessing and pooling are
+PIL and numpy, so a query on a cached export imports neither timm nor PyTorch.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,32 +56,44 @@ IMAGE_ENCODERS: dict[str, ImageEncoderSpec] = {
 
 
 class ImageEncoder:
-    """A timm CNN with ImageNet weights, in eval mode on the CPU.
+    """A timm CNN with ImageNet weights, in eval mode.
 
+    Runs on ONNX Runtime from a cached export (then PyTorch and timm are not loaded unless
+    ``model`` is asked for) or on eager PyTorch (see ``runtime.py``); preprocessing is PIL and numpy.
     Use :func:`multiretrieval.encoders.get_image_encoder` to get a shared instance.
     """
 
-    def __init__(self, name: str, model, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 runtime: str = "torch") -> None:
-        import torch
+    def __init__(self, name: str, facts: dict[str, Any], runtime: str = "torch", model=None, export=None,
+                 build: Callable[[], Any] | None = None) -> None:
+        from .runtime import OnnxModule
 
-        from .runtime import resolve_runtime
+        self.name, self.runtime = name, runtime
+        self.dim = int(facts["dim"])
+        self.image_size = int(facts["image_size"])
+        self.key = facts["key"]  # what the weights are (runtime.export_key): names caches of this encoder's outputs
+        self._mean = np.asarray(facts["mean"], np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(facts["std"], np.float32).reshape(3, 1, 1)
+        self._model, self._build, self._device_model = model, build, None
+        self._lock = threading.RLock()
+        self._onnx = None if export is None else OnnxModule(
+            export.path, ["images"], [np.zeros((1, 3, self.image_size, self.image_size), np.float32)])
 
-        self.name = name
-        self.model = model.eval()
-        self.runtime = resolve_runtime(runtime)
-        self._onnx = None
-        self.dim = int(model.num_features)
-        self.image_size = int(image_size)
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    @property
+    def model(self):
+        """The timm model (loaded on first use when the encoder runs from a cached export)."""
+        with self._lock:
+            if self._model is None:
+                self._model = self._build()
+            return self._model
 
     @classmethod
     def load(cls, name: str, weights: str | None = None, runtime: str = "auto") -> ImageEncoder:
-        import timm
-
+        """The encoder ``name`` (or ``timm:<name>``) with its packaged or ``weights`` file. On ONNX Runtime with a
+        local weights file whose export is cached, nothing else loads; otherwise the timm model loads (and is exported)."""
         from .hub import hub_offline, unavailable, unknown_encoder
+        from .runtime import Export, export_key, file_digest, library_versions, resolve_runtime, weights_hash
 
+        runtime = resolve_runtime(runtime)
         if name.startswith("timm:"):
             spec = ImageEncoderSpec(name[len("timm:"):])
         elif name in IMAGE_ENCODERS:
@@ -84,24 +101,42 @@ class ImageEncoder:
         else:
             raise unknown_encoder("image", name, IMAGE_ENCODERS)
         weights_file = weights or (spec.packaged_weights() if spec.packaged_weights else None)
-        if weights_file is not None:
-            model = timm.create_model(spec.timm_name, pretrained=False)
-            _load_state_dict(model, weights_file, name)
-        elif hub_offline():
+        if weights_file is not None and not Path(weights_file).is_file():
+            raise ConfigError(f"image encoder {name!r}: weights file {weights_file} not found")
+        if weights_file is None and hub_offline():
             raise unavailable("image", name, "image_weights")
-        else:
-            try:
-                model = timm.create_model(spec.timm_name, pretrained=True)
-            except Exception as exc:  # network and hub errors come in many types
-                raise unavailable("image", name, "image_weights", exc) from exc
-        cfg = model.pretrained_cfg
-        logger.info("loaded image encoder %s (%s, %d-d)", name, weights_file or "hub", model.num_features)
-        return cls(name, model, cfg["input_size"][-1], cfg["mean"], cfg["std"], runtime)
+        versions = library_versions("torch", "timm")
 
-    def preprocess(self, image) -> "torch.Tensor":  # noqa: F821
-        """RGB PIL image -> normalised tensor: pad to a white square (keeps the whole product), resize.
-        An image over ``MAX_CANVAS_SIDE`` px a side is shrunk first, so the square stays bounded whatever its shape."""
-        import torch
+        def build():
+            return _build_model(name, spec, weights_file)
+
+        key = None
+        if weights_file is not None:
+            key = export_key(kind="image", architecture=spec.timm_name, weights=file_digest(weights_file), **versions)
+            export = Export(name, key)
+            facts = export.facts() if runtime == "onnx" else None
+            if facts is not None:
+                logger.info("image encoder %s from its ONNX export %s", name, export.path.name)
+                return cls(name, facts, runtime, export=export, build=build)
+        model = build()
+        key = key or export_key(kind="image", architecture=spec.timm_name, weights=weights_hash(model), **versions)
+        cfg = model.pretrained_cfg
+        facts = {"dim": int(model.num_features), "image_size": int(cfg["input_size"][-1]), "mean": list(cfg["mean"]),
+                 "std": list(cfg["std"]), "key": key, "architecture": spec.timm_name}
+        export = None
+        if runtime == "onnx":
+            export = Export(name, key)
+            if export.facts() is None:
+                import torch
+
+                size = facts["image_size"]
+                export.write(_features_and_probs(model), (torch.zeros(1, 3, size, size),), ["images"], ["fmap", "probs"],
+                             {"images": {0: "n"}, "fmap": {0: "n"}, "probs": {0: "n"}}, facts)
+        return cls(name, facts, runtime, model=model, export=export, build=build)
+
+    def preprocess(self, image) -> np.ndarray:
+        """RGB PIL image -> normalised float32 array (3, size, size): pad to a white square (keeps the whole product),
+        resize. An image over ``MAX_CANVAS_SIDE`` px a side is shrunk first, so the square stays bounded whatever its shape."""
         from PIL import Image
 
         from ..catalog import shrink_to
@@ -114,40 +149,39 @@ class ImageEncoder:
             square.paste(image, ((side - w) // 2, (side - h) // 2))
             image = square
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
         return (x - self._mean) / self._std
 
-    def forward(self, batch: "torch.Tensor", grid: int = 0) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
-        """Preprocessed batch -> (tokens (n, 1 + grid*grid, dim), ImageNet probabilities (n, classes)).
+    def forward(self, batch, grid: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed batch (n, 3, size, size) -> (tokens (n, 1 + grid*grid, dim), ImageNet probabilities (n, classes)).
 
         Token 0 is the average-pooled feature vector; the others are the feature map
         average-pooled to a grid x grid layout. Tokens are not normalised.
         """
-        import torch
-        import torch.nn.functional as F
+        fmap, probs = self._network(np.ascontiguousarray(batch, np.float32))
+        tokens = [fmap.mean(axis=(2, 3), dtype=np.float64)[:, None]]
+        if grid:
+            tokens.append(_grid_pool(fmap, grid))
+        return np.concatenate(tokens, 1).astype(np.float32), np.asarray(probs, np.float32)
 
+    def _network(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Batch -> (feature map (n, dim, h, w), class probabilities), float32, on the configured runtime."""
+        if self._onnx is not None:
+            fmap, probs = self._onnx(batch)
+            return fmap, probs
+        import torch
+
+        from .runtime import torch_device
+
+        with self._lock:
+            if self._device_model is None:
+                device = torch_device()
+                self._device_model = self.model if device == "cpu" else copy.deepcopy(self.model).to(device)
+        model = self._device_model
         with torch.inference_mode():
-            fmap, probs = self._network(batch)
-            pooled = fmap.mean(dim=(2, 3))
-            tokens = [pooled[:, None]]
-            if grid:
-                tokens.append(F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2))
-            return torch.cat(tokens, 1).float().cpu().numpy(), probs.float().cpu().numpy()
-
-    def _network(self, batch: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
-        """Batch -> (feature map (n, dim, h, w), class probabilities), on the configured runtime."""
-        import torch
-
-        if self.runtime == "onnx":
-            if self._onnx is None:
-                from .runtime import OnnxModule
-
-                self._onnx = OnnxModule(_features_and_probs(self.model), (batch[:1],), ["images"], ["fmap", "probs"],
-                                        {"images": {0: "n"}, "fmap": {0: "n"}, "probs": {0: "n"}}, self.name)
-            fmap, probs = self._onnx(batch.numpy())
-            return torch.from_numpy(fmap), torch.from_numpy(probs)
-        fmap = self.model.forward_features(batch)
-        return fmap, self.model.forward_head(fmap).softmax(-1)
+            fmap = model.forward_features(torch.from_numpy(batch).to(next(model.parameters()).device))
+            probs = model.forward_head(fmap).softmax(-1)
+            return fmap.float().cpu().numpy(), probs.float().cpu().numpy()
 
     def release_memory(self) -> None:
         """Return the runtime's working memory after a large job (ONNX Runtime keeps an arena)."""
@@ -156,9 +190,7 @@ class ImageEncoder:
 
     def forward_images(self, images: Sequence, grid: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB PIL images -> :meth:`forward` of their preprocessed batch."""
-        import torch
-
-        return self.forward(torch.stack([self.preprocess(image) for image in images]), grid)
+        return self.forward(np.stack([self.preprocess(image) for image in images]), grid)
 
     def encode(self, images: Sequence, batch_size: int = 32, show_progress: bool | None = None,
                normalize: bool = True) -> np.ndarray:
@@ -170,6 +202,37 @@ class ImageEncoder:
             chunk = images[start:start + batch_size]
             out[start:start + len(chunk)] = self.forward_images([load_image(im) for im in chunk])[0][:, 0]
         return l2_normalize(out) if normalize else out
+
+
+def _grid_pool(fmap: np.ndarray, grid: int) -> np.ndarray:
+    """A feature map (n, dim, h, w) average-pooled to grid x grid cells as PyTorch's adaptive_avg_pool2d cuts them
+    (cell i spans floor(i h / grid) to ceil((i + 1) h / grid)), row by row: (n, grid * grid, dim) float32."""
+    n, d, h, w = fmap.shape
+    out = np.empty((n, grid * grid, d), np.float32)
+    for r in range(grid):
+        h0, h1 = (r * h) // grid, -(-((r + 1) * h) // grid)
+        for c in range(grid):
+            w0, w1 = (c * w) // grid, -(-((c + 1) * w) // grid)
+            out[:, r * grid + c] = fmap[:, :, h0:h1, w0:w1].mean(axis=(2, 3), dtype=np.float64)
+    return out
+
+
+def _build_model(name: str, spec: ImageEncoderSpec, weights_file: str | None):
+    """The timm model, eval mode: from a local weights file, or pretrained from the hub."""
+    import timm
+
+    from .hub import unavailable
+
+    if weights_file is not None:
+        model = timm.create_model(spec.timm_name, pretrained=False)
+        _load_state_dict(model, weights_file, name)
+    else:
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=True)
+        except Exception as exc:  # network and hub errors come in many types
+            raise unavailable("image", name, "image_weights", exc) from exc
+    logger.info("loaded image encoder %s (%s, %d-d)", name, weights_file or "hub", model.num_features)
+    return model.eval()
 
 
 def _features_and_probs(model):

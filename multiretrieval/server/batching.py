@@ -19,7 +19,7 @@ import numpy as np
 
 
 class MicroBatcher:
-    """Calls ``fn(payload, *key)`` on merged payloads; payloads are lists or tensors (first axis = items).
+    """Calls ``fn(payload, *key)`` on merged payloads; payloads are lists or arrays (first axis = items).
 
     ``fn`` returns a tuple of arrays whose first axis follows the payload's items.
     """
@@ -58,12 +58,7 @@ class MicroBatcher:
     def _run(self, key: tuple, group: list) -> None:
         try:
             payloads = [payload for _, payload, _ in group]
-            if isinstance(payloads[0], list):
-                merged = [x for p in payloads for x in p]
-            else:
-                import torch
-
-                merged = torch.cat(payloads)
+            merged = [x for p in payloads for x in p] if isinstance(payloads[0], list) else np.concatenate(payloads)
             outputs = self.fn(merged, *key)
         except BaseException as exc:  # noqa: BLE001
             if len(group) == 1:
@@ -108,9 +103,7 @@ class BatchedImageEncoder:
         return self._batcher(batch, grid)
 
     def forward_images(self, images, grid: int = 0):
-        import torch
-
-        return self.forward(torch.stack([self._encoder.preprocess(image) for image in images]), grid)
+        return self.forward(np.stack([self._encoder.preprocess(image) for image in images]), grid)
 
     def __getattr__(self, name: str):
         return getattr(self._encoder, name)

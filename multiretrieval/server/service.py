@@ -65,12 +65,17 @@ class Service:
         self.folder_lock.release()
 
     def _prepare(self, retriever: Retriever) -> Retriever:
-        """Route the retriever's encoders through the shared micro-batchers and load every model now."""
+        """Route the retriever's encoders through the shared micro-batchers and load every model now: one text and
+        one image through the zero-shot space start both encoders' sessions and load ConSE's label embeddings."""
+        from PIL import Image
+
         embedder = retriever.embedder
         embedder.use_encoders(image=BatchedImageEncoder(embedder.image_encoder, self.image_batcher),
                               text=BatchedTextEncoder(embedder.text_encoder, self.text_batcher))
-        embedder.fusion, embedder.zero_shot.text_batch(["warm-up"])  # noqa: B018
-        embedder.count_tokens("warm-up")  # the token counter's tokenizer copy, and the filter parser's import:
+        embedder.fusion  # noqa: B018
+        embedder.zero_shot.text_batch(["warm-up"])
+        embedder.zero_shot.image_batch([Image.new("RGB", (32, 32), (255, 255, 255))])
+        embedder.count_tokens("warm-up")  # and the filter parser's import:
         compile_filter("TRUE", {})  # made at start, not in the first request
         return retriever
 

