@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import FormParser, MultiPartParser
 
 from ..catalog import is_url, load_image
 from ..config import RetrieverConfig
@@ -118,8 +119,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     upload = f"request body over {max_upload_bytes:,} bytes (--max-upload-mb)"
     pixels = f"an image over {service.retriever.config.catalog.max_image_pixels:,} pixels (catalog.max_image_pixels)"
     key = {401: "missing or wrong X-API-Key", 403: "a cross-origin request"}
-    bad_row = ("metadata that is not a JSON object of catalog columns; an id of another kind; a value whose type does not fit "
-               "its column; a column named like an internal one; a file that is not an image; an item without image or text")
+    bad_row = ("metadata that is not a JSON object of catalog columns (UTF-8, nested at most 32 levels); an id of another kind; "
+               "a value whose type does not fit its column; a column named like an internal one; a file that is not an image; "
+               "an item without image or text")
 
     @app.get("/health", response_model=None, responses=responses({200: (HealthResponse, "status, item count, micro-batching")}))
     def health() -> dict:
@@ -129,7 +131,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     @app.post("/search", openapi_extra=search_body(request_model), responses=responses({
         200: (SearchResponse, "the results"),
-        400: "malformed JSON or form; an empty query; a text that is not valid Unicode; a file that is not an image; "
+        400: "malformed JSON or form (JSON nested over 32 levels, a form field that is not UTF-8); an empty query; "
+             "a text that is not valid Unicode; a file that is not an image; "
              "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses; "
              "weights with another key than image and text, a negative weight, both 0, or on a query that is not fused; "
              "an empty not_text, or one with a vector",
@@ -148,20 +151,18 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         retriever = service.retriever
         results = await run_in_threadpool(retriever.search, image=image, **_search_arguments(query))
         facets = await run_in_threadpool(retriever.facets, None, query.where, query.filters) if query.facets else None
+        facets = _facets_for_clients(facets)
         return _search_response(query, image, results, facets, started)
 
     @app.post("/search/batch", response_model=None, openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": batch_model.model_json_schema()}}}}, responses=responses({
         200: (BatchResponse, "one answer per search, in order"), 403: "a cross-origin request",
+        400: "malformed JSON (nested over 32 levels included); a search refused as by POST /search",
         404: "a `like` names an item that is not in the index", 413: upload,
         422: f"more than {bounds.max_batch} searches, or a search over a bound (as for POST /search)"}))
     async def search_batch(request: Request) -> Response:
         """Several searches in one request; queries of one kind share an encoder pass. Photos by `image_url` only."""
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise _HTTPError(400, f"request body is not valid JSON: {exc}") from exc
-        batch = _validate(batch_model, body, strict=True)
+        batch = _validate(batch_model, parse_json("request body", await request.body()), strict=True)
         retriever, started, specs = service.retriever, time.perf_counter(), []
         for query in batch.queries:
             image = await run_in_threadpool(fetch_image_url, query.image_url, retriever.config, image_urls) if query.image_url else None
@@ -172,7 +173,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     @app.get("/facets", response_model=None, responses=responses({
         200: (dict[str, Any], "per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram}"),
-        400: "an unknown column; filters that are not a JSON object; a filter outside the grammar",
+        400: "an unknown column; filters that are not a JSON object (nested at most 32 levels); a filter outside the grammar",
         422: "a filter over its bounds"}))
     def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
                where: str | None = Query(None, description="a filter, as for POST /search"),
@@ -182,12 +183,13 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         if where is not None:
             check_where(where, service.retriever.config)
         names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
-        return service.retriever.facets(names, where, _json_field("filters", filters))
+        return _facets_for_clients(service.retriever.facets(names, where, _json_field("filters", filters)))
 
     def item_row(item_id: str) -> dict:
         import pandas as pd
 
-        return json.loads(pd.DataFrame([service.retriever.get(item_id)]).to_json(orient="records"))[0]  # NaN -> null
+        row = _for_clients(pd.DataFrame([service.retriever.get(item_id)]))
+        return json.loads(row.to_json(orient="records"))[0]  # NaN -> null
 
     def item_thumbnail(item_id: str, size: int = THUMBNAIL_PX) -> Response:
         source = service.retriever.image_source(item_id)
@@ -327,10 +329,10 @@ def _item_path(request: Request, decoded: str) -> tuple[str, bool]:
 async def _item_upload(request: Request, service: Service, item_id: str | None) -> tuple[dict, Path | None]:
     """The catalog row of an add/upsert request (its image saved under a name of ours), checked."""
     form = await _form(request)
-    try:
-        metadata = json.loads(form.get("metadata") or "")
-    except ValueError as exc:
-        raise _HTTPError(400, f"metadata: not a JSON object: {exc}") from exc
+    text = form.get("metadata") or ""
+    if not isinstance(text, str):
+        raise _HTTPError(400, "metadata: a form field of JSON text, not a file")
+    metadata = parse_json("metadata", text)
     if not isinstance(metadata, dict) or "image" in metadata:
         raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
     if item_id is not None:
@@ -341,6 +343,7 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
     path = None
     if upload is not None and hasattr(upload, "read"):
         data = await upload.read()
+        await form.close()
         load_image(data)  # refuse a bad image before anything is written
         service.uploads.mkdir(parents=True, exist_ok=True)
         path = service.uploads / f"{hashlib.sha256(data).hexdigest()}.img"  # the name is ours, never the client's
@@ -365,17 +368,56 @@ def _search_response(query: Any, image, results, facets, started: float) -> Resp
     # The rows serialised once by pandas (NaN -> null), not converted to dicts and back.
     head = {"mode": mode, "count": len(results), "offset": query.offset, "has_more": bool(results.attrs.get("has_more")),
             "took_ms": took, "facets": facets}
-    body = json.dumps(head, default=str)[:-1] + f', "results": {results.to_json(orient="records")}}}'
+    body = json.dumps(head, default=str)[:-1] + f', "results": {_for_clients(results).to_json(orient="records")}}}'
     return Response(body, media_type="application/json")
 
 
+def _for_clients(rows):
+    """Catalog rows as clients see them: an image file by its name only (GET /items/ID/image serves the photo;
+    the server's folders, the uploads folder among them, are none of their business), an image URL as it is."""
+    if "image" not in rows.columns:
+        return rows
+    return rows.assign(image=[_shown_image(v) for v in rows["image"]])
+
+
+def _facets_for_clients(counts: dict | None) -> dict | None:
+    if counts and "values" in counts.get("image", {}):  # file names, as in the rows
+        counts["image"]["values"] = [{**v, "value": _shown_image(v["value"])} for v in counts["image"]["values"]]
+    return counts
+
+
+def _shown_image(value: Any) -> Any:
+    if not isinstance(value, str) or is_url(value):
+        return value
+    return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]  # a Windows path too
+
+
 def _json_field(name: str, value: str | None) -> Any:
-    if value in (None, ""):
-        return None
+    return None if value in (None, "") else parse_json(name, value)
+
+
+MAX_JSON_DEPTH = 32  # the deepest request the API defines (a batch's price range) nests 5 levels
+
+
+def parse_json(name: str, text: str | bytes) -> Any:
+    """JSON a client sent (``name``: the body or field, for the errors), nested at most MAX_JSON_DEPTH levels:
+    every JSON the app reads comes through here. Python's parser recurses, so deeper nesting would be a
+    RecursionError (a 500 from 2 KB of brackets) here or in whatever walks the value next."""
+    too_deep = _HTTPError(400, f"{name}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(value)
+        value = json.loads(text, parse_constant=_not_json)  # NaN, Infinity: Python's extension, not JSON
+    except RecursionError:
+        raise too_deep from None
     except ValueError as exc:
         raise _HTTPError(400, f"{name}: not valid JSON: {exc}") from exc
+    level, containers = 1, [value]
+    while containers:
+        containers = [v for c in containers for v in (c.values() if isinstance(c, dict) else c if isinstance(c, list) else ())
+                      if isinstance(v, (dict, list))]
+        level += bool(containers)
+        if level > MAX_JSON_DEPTH:
+            raise too_deep
+    return value
 
 
 def fetch_image_url(url: str, config, policy: str) -> bytes:
@@ -406,11 +448,7 @@ def fetch_image_url(url: str, config, policy: str) -> bytes:
 async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise _HTTPError(400, f"request body is not valid JSON: {exc}") from exc
-        return _validate(model, body, strict=True), None
+        return _validate(model, parse_json("request body", await request.body()), strict=True), None
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await _form(request)
         fields = {k: v for k, v in form.items() if k != "image" and v != ""}
@@ -419,15 +457,63 @@ async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, 
                 fields[name] = _json_field(name, fields[name])
         upload = form.get("image")
         image = await upload.read() if upload is not None and hasattr(upload, "read") else None
+        await form.close()
         return _validate(model, fields), (image or None)
     raise _HTTPError(415, "send JSON (text queries) or multipart/form-data (with an image)")
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _form(request: Request):
+    """The request's form (multipart or URL-encoded; empty for another body), its text fields UTF-8: Starlette
+    reads a field that is not as Latin-1, and a search text or stored metadata would silently become mojibake."""
+    from starlette.datastructures import FormData
+    from starlette.formparsers import MultiPartException
+
+    content_type = request.headers.get("content-type", "")
+    parser = (_Utf8MultiPartParser if content_type.startswith("multipart/form-data") else
+              _Utf8FormParser if content_type.startswith("application/x-www-form-urlencoded") else None)
+    if parser is None:
+        return FormData()
     try:
-        return await request.form()
-    except Exception as exc:  # starlette raises several parser errors
+        return await parser(request.headers, request.stream()).parse()
+    except MultiPartException as exc:
+        raise _HTTPError(400, f"malformed form data: {exc.message}") from exc
+    except Exception as exc:  # python-multipart raises several parser errors
         raise _HTTPError(400, f"malformed form data: {exc}") from exc
+
+
+def _utf8_field(name: str, data: bytes) -> str:
+    from starlette.formparsers import MultiPartException
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MultiPartException(f"form field {name!r} is not UTF-8 text (byte {data[exc.start]:#04x} at {exc.start}); "
+                                 "send form fields as UTF-8") from None
+
+
+class _Utf8MultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, its text fields decoded as UTF-8 or refused."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            return super().on_part_end()
+        self.items.append((part.field_name, _utf8_field(part.field_name, bytes(part.data))))
+
+
+class _Utf8FormParser(FormParser):
+    """Starlette's URL-encoded form parser, its fields (%-escapes included) decoded as UTF-8 or refused."""
+
+    def on_field_end(self) -> None:
+        from urllib.parse import unquote_to_bytes
+
+        super().on_field_end()  # counts the field; decodes it as Latin-1 and its %-escapes leniently
+        name = self._items[-1][0]
+        self._items[-1] = (name, _utf8_field(name, unquote_to_bytes(bytes(self._field_value).replace(b"+", b" "))))
 
 
 def _validate(model: type[BaseModel], data: Any, strict: bool = False) -> Any:
