@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import FormParser, MultiPartParser
@@ -34,7 +35,8 @@ from ..errors import CatalogError, ConfigError, ImageError, ImageLimitError, Ite
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
 from ..search import MODES, check_where
 from .journal import write_durably
-from .schemas import (ADD_BODY, AddResponse, BatchResponse, HealthResponse, ItemId, RemoveResponse, SearchResponse, UpsertResponse,
+from .schemas import (INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
+                      RemoveResponse, SearchResponse, UpsertResponse, batch_body, item_body, json_query_parameter, new_item_id,
                       responses, search_body, search_request_model)
 from .service import Service, refuse_skipped
 
@@ -72,10 +74,13 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     faiss.omp_set_num_threads(1)
     service = Service(index_dir, checkpoint_every, config)
     bounds = service.retriever.config.search
-    request_model = search_request_model(bounds)
-    batch_model = create_model("BatchRequest", queries=(list[request_model], Field(
-        json_schema_extra={"maxItems": bounds.max_batch},
-        description=f"at most {bounds.max_batch} searches (search.max_batch); photos by image_url only")))
+    request_model = search_request_model(bounds, service.retriever.indexes["joint"].dim)
+    integer_ids, text_columns = _integer_ids(service.retriever.items["id"]), service.retriever.config.catalog.text_columns
+    add_body, upsert_body = item_body(new_item_id(integer_ids), text_columns), item_body(None, text_columns)
+    id_text = {"pattern": INTEGER_TEXT if integer_ids else NOT_BLANK}  # the id an upsert may name
+    upsert_path = PathParam(description="the item's id, URL-encoded (slashes allowed)", json_schema_extra=id_text)
+    upsert_query = Query(description="the item's id (URL-encoded)", json_schema_extra=id_text)
+    batch_model = create_model("BatchRequest", queries=(list[request_model], ...))  # its schema: batch_body
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -120,8 +125,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     pixels = f"an image over {service.retriever.config.catalog.max_image_pixels:,} pixels (catalog.max_image_pixels)"
     key = {401: "missing or wrong X-API-Key", 403: "a cross-origin request"}
     bad_row = ("metadata that is not a JSON object of catalog columns (UTF-8, nested at most 32 levels); an id of another kind; "
-               "a value whose type does not fit its column; a column named like an internal one; a file that is not an image; "
-               "an item without image or text")
+               "a value that is an object or a list, or whose type does not fit its column; a column named like an internal "
+               "one; a file that is not an image; an item without image or text")
 
     @app.get("/health", response_model=None, responses=responses({200: (HealthResponse, "status, item count, micro-batching")}))
     def health() -> dict:
@@ -131,8 +136,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     @app.post("/search", openapi_extra=search_body(request_model), responses=responses({
         200: (SearchResponse, "the results"),
-        400: "malformed JSON or form (JSON nested over 32 levels, a form field that is not UTF-8); an empty query; "
-             "a text that is not valid Unicode; a file that is not an image; "
+        400: "malformed JSON or form (JSON nested over 32 levels, a form field that is not UTF-8); an empty query; both an "
+             "`image` file and an `image_url`; a text that is not valid Unicode; a file that is not an image; "
              "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses; "
              "weights with another key than image and text, a negative weight, both 0, or on a query that is not fused; "
              "an empty not_text, or one with a vector",
@@ -145,6 +150,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         """A search as JSON, or as multipart form with a photo (field `image`) and the same fields (`filters`,
         `vector` and `weights` as JSON text). Each result's thumbnail is at GET /items/{id}/image (the id URL-encoded)."""
         query, image = await _parse_search(request, request_model)
+        if image is not None and query.image_url:
+            raise _HTTPError(400, "give the photo once: an uploaded `image` or an `image_url`, not both")
         if image is None and query.image_url:
             image = await run_in_threadpool(fetch_image_url, query.image_url, service.retriever.config, image_urls)
         started = time.perf_counter()
@@ -154,15 +161,15 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         facets = _facets_for_clients(facets)
         return _search_response(query, image, results, facets, started)
 
-    @app.post("/search/batch", response_model=None, openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": batch_model.model_json_schema()}}}}, responses=responses({
+    @app.post("/search/batch", response_model=None, openapi_extra=batch_body(request_model, bounds.max_batch),
+              responses=responses({
         200: (BatchResponse, "one answer per search, in order"), 403: "a cross-origin request",
         400: "malformed JSON (nested over 32 levels included); a search refused as by POST /search",
         404: "a `like` names an item that is not in the index", 413: upload,
         422: f"more than {bounds.max_batch} searches, or a search over a bound (as for POST /search)"}))
     async def search_batch(request: Request) -> Response:
         """Several searches in one request; queries of one kind share an encoder pass. Photos by `image_url` only."""
-        batch = _validate(batch_model, parse_json("request body", await request.body()), strict=True)
+        batch = _validate(batch_model, parse_json("request body", await request.body()))
         retriever, started, specs = service.retriever, time.perf_counter(), []
         for query in batch.queries:
             image = await run_in_threadpool(fetch_image_url, query.image_url, retriever.config, image_urls) if query.image_url else None
@@ -171,13 +178,18 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         answers = [_search_response(q, s["image"], f, None, started).body.decode() for q, s, f in zip(batch.queries, specs, frames)]
         return Response('{"results": [' + ", ".join(answers) + "]}", media_type="application/json")
 
-    @app.get("/facets", response_model=None, responses=responses({
+    facet_filters = "column -> values or {min, max}, as `filters` for POST /search"
+
+    filters_schema = request_model.model_json_schema()["properties"]["filters"]
+
+    @app.get("/facets", response_model=None, openapi_extra=json_query_parameter("filters", filters_schema, facet_filters),
+             responses=responses({
         200: (dict[str, Any], "per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram}"),
         400: "an unknown column; filters that are not a JSON object (nested at most 32 levels); a filter outside the grammar",
         422: "a filter over its bounds"}))
     def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
                where: str | None = Query(None, description="a filter, as for POST /search"),
-               filters: str | None = Query(None, description="JSON: column -> values or {min, max}, as for POST /search")) -> dict:
+               filters: str | None = Query(None, include_in_schema=False)) -> dict:  # described as JSON: openapi_extra
         """The filter columns' value counts or numeric ranges over the items matching `where` and `filters`,
         each column counted without its own filter (so its other values can still be chosen)."""
         if where is not None:
@@ -249,22 +261,23 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
                                 404: "an id with a line break, which no path carries: use PUT /item?id="})
 
     @app.get("/item", response_model=None, responses=row_answers)
-    def get_item_by_query(id: str) -> dict:  # noqa: A002 - the query parameter is called id
+    def get_item_by_query(id: ItemIdQuery) -> dict:  # noqa: A002 - the query parameter is called id
         """An item's catalog row; the id as a query parameter (any string, URL-encoded)."""
         return item_row(id)
 
     @app.get("/item/image", response_class=Response, responses=image_answers)
-    def item_image_by_query(id: str, size: int = size_query) -> Response:  # noqa: A002
+    def item_image_by_query(id: ItemIdQuery, size: int = size_query) -> Response:  # noqa: A002
         """An item's photo as a PNG of at most `size` px (256 by default); the id as a query parameter."""
         return item_thumbnail(id, size)
 
     @app.delete("/item", dependencies=[Depends(require_key)], response_model=None, responses=remove_answers)
-    async def delete_item_by_query(id: str) -> dict:  # noqa: A002
+    async def delete_item_by_query(id: ItemIdQuery) -> dict:  # noqa: A002
         """Remove an item; the id as a query parameter."""
         return await delete(id)
 
-    @app.put("/item", dependencies=[Depends(require_key)], openapi_extra=ADD_BODY, response_model=None, responses=upsert_answers)
-    async def upsert_item_by_query(request: Request, id: str) -> dict:  # noqa: A002
+    @app.put("/item", dependencies=[Depends(require_key)], openapi_extra=upsert_body, response_model=None,
+             responses=upsert_answers)
+    async def upsert_item_by_query(request: Request, id: str = upsert_query) -> dict:  # noqa: A002
         """Add or replace an item (see PUT /items/{id}); the id as a query parameter."""
         return await add_or_upsert(request, "upsert", id)
 
@@ -287,16 +300,16 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             return FileResponse(STATIC / "index.html", headers=vary)  # the page shows the product view for /items/ID
         return JSONResponse(row, headers=vary)
 
-    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=ADD_BODY,
+    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=add_body,
               response_model=None, responses=responses({
                   201: (AddResponse, "added"), **key, 400: bad_row + "; an id already indexed", 413: f"{upload}; {pixels}"}))
     async def add_item(request: Request) -> dict:
         """Add one item: multipart with `metadata` (a JSON object with id, title, ...) and an optional `image` file."""
         return await add_or_upsert(request, "add")
 
-    @app.put("/items/{item_id:path}", dependencies=[Depends(require_key)], openapi_extra=ADD_BODY, response_model=None,
+    @app.put("/items/{item_id:path}", dependencies=[Depends(require_key)], openapi_extra=upsert_body, response_model=None,
              responses=upsert_answers)
-    async def upsert_item(request: Request, item_id: ItemId) -> dict:
+    async def upsert_item(request: Request, item_id: str = upsert_path) -> dict:
         """Add or replace one item (multipart `metadata` and optional `image`, as for POST /items): a new id is
         added, a changed image or text is encoded again, changed metadata alone is updated in place. Without an
         `image` file an indexed item keeps its photo."""
@@ -335,6 +348,11 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
     metadata = parse_json("metadata", text)
     if not isinstance(metadata, dict) or "image" in metadata:
         raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
+    nested = next((c for c, v in metadata.items() if isinstance(v, (dict, list))), None)
+    if nested is not None:  # a new column would take it, and the next save would fail on it
+        kind = "object" if isinstance(metadata[nested], dict) else "list"
+        raise _HTTPError(400, f"metadata: column {nested!r} holds a JSON {kind}; a catalog value is a text, a number, a boolean "
+                              "or null")
     if item_id is not None:
         if "id" in metadata and str(metadata["id"]) != item_id:
             raise _HTTPError(400, f"metadata: id {metadata['id']!r} differs from the id in the URL, {item_id!r}")
@@ -357,7 +375,7 @@ def _search_arguments(query: Any) -> dict[str, Any]:
     options = {name: getattr(query, name) for name in ("offset", "min_score", "sort_by", "like", "vector", "filters",
                                                         "hybrid", "keyword_weight", "weights", "not_text")}
     return {"text": query.text, "mode": query.mode, "k": query.k, "where": query.where,
-            **{name: value for name, value in options.items() if value not in (None, 0)}}
+            **{name: value for name, value in options.items() if value is not None}}  # like=0 is an item
 
 
 def _search_response(query: Any, image, results, facets, started: float) -> Response:
@@ -370,6 +388,12 @@ def _search_response(query: Any, image, results, facets, started: float) -> Resp
             "took_ms": took, "facets": facets}
     body = json.dumps(head, default=str)[:-1] + f', "results": {_for_clients(results).to_json(orient="records")}}}'
     return Response(body, media_type="application/json")
+
+
+def _integer_ids(ids) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_integer_dtype(ids.dtype)
 
 
 def _for_clients(rows):
@@ -431,13 +455,17 @@ def fetch_image_url(url: str, config, policy: str) -> bytes:
 
     if policy == "off":
         raise _HTTPError(400, "image_url is turned off on this server; upload the photo instead")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a port out of range is a ValueError
+    except ValueError as exc:  # "http://[" (an IPv6 address not closed)
+        raise _HTTPError(400, f"image_url: not a valid address: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _HTTPError(400, f"image_url must be an http(s) address, got {url!r}")
+        raise _HTTPError(400, f"image_url: must be an http(s) address with a host name, got {url!r}")
     if policy == "public":
         try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 80)}
-        except OSError as exc:
+            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port or 80)}
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA cannot encode
             raise _HTTPError(400, f"image_url: cannot resolve {parts.hostname!r}: {exc}") from exc
         if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
             raise _HTTPError(400, f"image_url: {parts.hostname!r} is not a public address")
@@ -447,19 +475,46 @@ def fetch_image_url(url: str, config, policy: str) -> bytes:
 
 async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:
     content_type = request.headers.get("content-type", "")
+    text_fields = _text_fields(model)
     if content_type.startswith("application/json"):
-        return _validate(model, parse_json("request body", await request.body()), strict=True), None
+        return _validate(model, parse_json("request body", await request.body())), None
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await _form(request)
+        # A form's field holds the field's JSON value (5, true, {"price": ...}) or, for a text field, the text itself;
+        # validated as strictly as a JSON body then (a form's "yes" is no boolean, as JSON's "yes" is not).
         fields = {k: v for k, v in form.items() if k != "image" and v != ""}
-        for name in ("filters", "vector", "weights"):  # structured fields travel as JSON text in a form
-            if isinstance(fields.get(name), str):
-                fields[name] = _json_field(name, fields[name])
+        for name, value in fields.items():
+            if isinstance(value, str) and name not in text_fields:
+                fields[name] = _form_value(name, value)
         upload = form.get("image")
         image = await upload.read() if upload is not None and hasattr(upload, "read") else None
         await form.close()
         return _validate(model, fields), (image or None)
     raise _HTTPError(415, "send JSON (text queries) or multipart/form-data (with an image)")
+
+
+@lru_cache(maxsize=8)
+def _text_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of a request model that take a string (a form gives them as they are)."""
+    def takes_text(schema: dict) -> bool:
+        return schema.get("type") == "string" or any(takes_text(option) for option in schema.get("anyOf", ()))
+
+    return frozenset(name for name, schema in model.model_json_schema()["properties"].items() if takes_text(schema))
+
+
+def _form_value(name: str, text: str) -> Any:
+    """A form field that is not text: its JSON value. A null, or a number's or boolean's text that is not one,
+    stays text, which validation then refuses naming the field."""
+    if name in JSON_FORM_FIELDS:
+        value = parse_json(name, text)
+    else:
+        try:
+            value = json.loads(text, parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            return text
+        if isinstance(value, (dict, list)):
+            return text
+    return text if value is None else value
 
 
 def _not_json(name: str) -> Any:
@@ -516,10 +571,10 @@ class _Utf8FormParser(FormParser):
         self._items[-1] = (name, _utf8_field(name, unquote_to_bytes(bytes(self._field_value).replace(b"+", b" "))))
 
 
-def _validate(model: type[BaseModel], data: Any, strict: bool = False) -> Any:
-    """``strict`` for JSON, whose values carry their types (true is not 1); a form's fields are all text."""
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    """Strictly: JSON values carry their types (true is not 1, "5" is not 5), and a form's fields come as JSON values."""
     try:
-        return model.model_validate(data, strict=strict)
+        return model.model_validate(data, strict=True)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
 

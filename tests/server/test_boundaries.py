@@ -1,5 +1,6 @@
-"""What crosses the service's boundary (issue 28, points 7, 10 and 12): JSON of any nesting is a 400, never a
-500; clients see no server path; a form field that is not UTF-8 is refused naming the field."""
+"""What crosses the service's boundary (issue 28, points 7, 10, 12 and 13): JSON of any nesting is a 400, never a
+500; clients see no server path; a form field that is not UTF-8 is refused naming the field; the OpenAPI schema
+states what the server accepts (test_fuzz.py drives it with every check; here, the cases it once got wrong)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,64 @@ def test_metadata_that_is_not_utf8_is_refused_and_nothing_is_stored(served):
     r = served.post("/items", content=body, headers=headers)
     assert r.status_code == 400 and "form field 'metadata' is not UTF-8" in r.json()["detail"]
     assert served.get("/items/9100").status_code == 404
+
+
+# ---------------------------------------------------------------- 13. the schema states what the server accepts
+
+
+def test_the_schema_requires_the_bodies_and_types_the_form_fields(served):
+    spec = served.get("/openapi.json").json()
+    assert "#/$defs/" not in json.dumps(spec)  # /search/batch's queries pointed nowhere: no body was ever generated
+    search = spec["paths"]["/search"]["post"]["requestBody"]
+    assert search["required"] and spec["paths"]["/search/batch"]["post"]["requestBody"]["required"]
+    form = search["content"]["multipart/form-data"]
+    for field in form["schema"]["properties"].values():  # a form field is there or not: never null
+        assert {"type": "null"} not in [*field.get("anyOf", []), *field.get("anyOf", [{}])[0].get("anyOf", [])]
+    assert {"filters", "vector", "weights", "image"} <= set(form["encoding"])
+    assert {"required": ["text"], "properties": {"text": {"not": {"enum": [None, ""]}}}} in form["schema"]["anyOf"]
+    for path, method in (("/items", "post"), ("/items/{item_id}", "put"), ("/item", "put")):
+        body = spec["paths"][path][method]["requestBody"]
+        assert body["required"]
+        assert body["content"]["multipart/form-data"]["encoding"]["metadata"]["contentType"] == "application/json"
+    put = spec["paths"]["/items/{item_id}"]["put"]
+    assert "id" not in put["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["metadata"]["examples"][0]
+    assert put["parameters"][0]["schema"]["pattern"] == "^(0|-?[1-9][0-9]{0,17})$"  # this index's ids are integers
+    (filters,) = [p for p in spec["paths"]["/facets"]["get"]["parameters"] if p["name"] == "filters"]
+    assert filters["content"]["application/json"]["schema"]["type"] == "object"
+
+
+@pytest.mark.parametrize("body", [{"text": "a bed", "k": 5.0}, {"like": 575.0}])
+def test_an_integral_number_is_an_integer_as_in_json_schema(served, body):
+    r = served.post("/search", json=body)
+    assert r.status_code == 200 and r.json()["count"] > 0
+
+
+def test_like_an_item_whose_id_is_0_is_a_search(served):
+    r = served.post("/items", data={"metadata": json.dumps({"id": 0, "title": "a zero"})}, headers=WRITE)
+    assert r.status_code == 201
+    batch = served.post("/search/batch", json={"queries": [{"like": 0, "k": 3}]})
+    assert batch.status_code == 200 and batch.json()["results"][0]["mode"] == "fused"  # "give a query image..." before
+
+
+@pytest.mark.parametrize("fields,problem", [
+    ({"text": "a bed", "facets": "yes"}, "facets"),  # a form's boolean is true or false, as in JSON
+    ({"text": "a bed", "k": "5.5"}, "k"),
+    ({"text": "a bed", "weights": "null"}, "weights"),
+])
+def test_form_fields_are_read_as_their_json_values(served, fields, problem):
+    r = served.post("/search", data=fields)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == problem
+
+
+def test_a_form_search_takes_one_photo(served):
+    r = served.post("/search", data={"image_url": "null"}, files={"image": ("p.png", png_bytes(), "image/png")})
+    assert r.status_code == 400 and r.json()["detail"] == "give the photo once: an uploaded `image` or an `image_url`, not both"
+    assert served.post("/search", data={"k": "3"}, files={"image": ("p.png", png_bytes(), "image/png")}).status_code == 200
+
+
+@pytest.mark.parametrize("value", [{"colour": "red"}, ["red"]])
+def test_metadata_values_are_scalars(served, value):
+    r = served.post("/items", data={"metadata": json.dumps({"id": 9300, "title": "a vase", "colours": value})}, headers=WRITE)
+    assert r.status_code == 400 and r.json()["detail"].startswith("metadata: column 'colours' holds a JSON ")
+    assert served.get("/items/9300").status_code == 404
+
