@@ -684,13 +684,18 @@ def conform_rows(new: pd.DataFrame, existing: pd.DataFrame) -> pd.DataFrame:
     """
     out = new.copy()
     for column in new.columns:
-        if column == "id" or column not in existing.columns or column.startswith("_") or existing[column].isna().all():
+        if column == "id" or column not in existing.columns or column.startswith("_"):
+            continue
+        first = existing[column].first_valid_index()
+        if first is None:
             continue  # a column with no value yet has no type to keep: the new values give it one
         want = existing[column].dtype
+        if want == object and isinstance(existing[column].loc[first], (bool, np.bool_)):
+            want = np.dtype(bool)  # booleans that some rows lack (NaN) make an object column: still booleans
         values = new[column]
         if pd.api.types.is_bool_dtype(want):
             bad = [i for i, v in enumerate(values) if not _is_empty(v) and not isinstance(v, (bool, np.bool_))]
-            cast = values
+            cast = pd.Series([None if _is_empty(v) else v for v in values], dtype=object, index=values.index)  # "" is no value
         elif pd.api.types.is_numeric_dtype(want):
             cast = pd.to_numeric(values, errors="coerce")
             bad = [i for i, (v, c) in enumerate(zip(values, cast)) if not _is_empty(v) and pd.isna(c)]
