@@ -456,7 +456,7 @@ def fetch_image_url(url: str, config, policy: str) -> bytes:
         raise _HTTPError(400, "image_url is turned off on this server; upload the photo instead")
     try:
         parts = urlsplit(url)
-        port = parts.port  # a port out of range is a ValueError
+        parts.port  # noqa: B018 - read for its check: a port out of range is a ValueError
     except ValueError as exc:  # "http://[" (an IPv6 address not closed)
         raise _HTTPError(400, f"image_url: not a valid address: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
