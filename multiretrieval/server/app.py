@@ -462,7 +462,10 @@ def fetch_image_url(url: str, config, policy: str) -> bytes:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _HTTPError(400, f"image_url: must be an http(s) address with a host name, got {url!r}")
     cat = config.catalog
-    return downloads.download(url, cat.max_image_bytes, cat.download_timeout_s, downloads.PUBLIC if policy == "public" else None)
+    try:
+        return downloads.download(url, cat.max_image_bytes, cat.download_timeout_s, downloads.PUBLIC if policy == "public" else None)
+    except ImageError as exc:  # named as the field the client sent
+        raise type(exc)(f"image_url: {exc}") from exc
 
 
 async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:

@@ -67,7 +67,7 @@ def search_request_model(bounds: SearchConfig, vector_dim: int | None = None) ->
         hybrid=(Literal["rrf", "weighted", "off"] | None, Field(None, description=(
             "text queries: how BM25 keywords and vectors combine: reciprocal-rank fusion (default), a weighted sum, or not"))),
         keyword_weight=(float | None, Field(None, ge=0, le=1, description="text queries: the keywords' share, 0 to 1 (default 0.5)")),
-        offset=(int, Field(0, ge=0, description=f"results to skip (paging); k + offset at most {bounds.max_k:,}")),
+        offset=(Integer, Field(0, ge=0, description=f"results to skip (paging); k + offset at most {bounds.max_k:,}")),
         filters=(_filters_type(bounds) | None, Field(
             None, description=("column -> values (any of them), one value, or a range {min, max}; ANDed with `where` "
                                f"(no SQL needed). At most {bounds.max_filter_columns:,} columns (search.max_filter_columns) "
