@@ -105,14 +105,14 @@ class Memory:
         self._stop.set()
 
 
-WRITTEN_IDS = 20  # the write kind upserts soak-0 .. soak-19 again and again: the index keeps its size
+WRITTEN_IDS = 20  # the write kind upserts ids 900000000 .. 900000019 again and again: the index keeps its size
 
 
 def requests_for(kinds: list[str], photo: bytes, ids: list[str], read_only: bool = False) -> dict:
     """Endpoint name -> a function (client, i) -> awaitable response."""
     def write(http, i):
         metadata = json.dumps({"title": f"soak item, version {i}", "price": i % 500})
-        return http.put(f"/items/soak-{i % WRITTEN_IDS}", files={"image": ("q.png", photo, "image/png")},
+        return http.put(f"/items/{900_000_000 + i % WRITTEN_IDS}",  # a number: fits an index of integer ids or of texts files={"image": ("q.png", photo, "image/png")},
                         data={"metadata": metadata})
 
     every = {
@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["mix"], help="mix (default), or some of: text text+facets text+where image item "
                                                                       "thumbnail health (each run alone)")
     parser.add_argument("--read-only", action="store_true", help="mix: leave the write out")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON (the soak test reads them)")
     parser.add_argument("--photo", default="data/demo/images/KatorLegaz/futon-couch.png")
     args = parser.parse_args()
     if bool(args.index) == bool(args.url):
@@ -234,6 +235,11 @@ def main() -> None:
         rows = outcome["rows"].values()
         requests, errors = sum(r["requests"] for r in rows), sum(r["errors"] for r in rows)
         print(f"| {n} | {requests} | {errors} | {before:.0f} | {minute:.0f} | {after:.0f} | {peak:.0f} | {after - minute:+.0f} |")
+    if args.json:
+        levels = [{"clients": n, "endpoints": outcome["rows"], "first_errors": outcome["first_errors"],
+                   "memory_mib": {"start": before, "after_1_min": minute, "end": after, "highest": peak}}
+                  for n, outcome, before, minute, after, peak in results]
+        Path(args.json).write_text(json.dumps({"seconds": args.seconds, "kinds": args.kinds, "levels": levels}, indent=1))
     problems = [p for _, outcome, *_ in results for p in outcome["first_errors"]]
     if problems:
         print("\nfirst errors:\n" + "\n".join(problems[:10]))

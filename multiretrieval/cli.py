@@ -201,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hosts.append(args.host)
     app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      allowed_hosts=hosts, allowed_origins=args.allowed_origin, checkpoint_every=args.checkpoint_every,
-                     config=_load_config(args.config) if args.config else None)
+                     config=_load_config(args.config) if args.config else None, max_concurrent=args.max_concurrent)
     print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
           + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index_dir", help="folder written by `multiretrieval index`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="key that POST/DELETE /items require (default: $MULTIRETRIEVAL_API_KEY)")
+    p.add_argument("--api-key", help="key that POST/PUT/DELETE of items require (default: $MULTIRETRIEVAL_API_KEY)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413 (default 10)")
     p.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name clients may use besides localhost/127.0.0.1 (repeatable; '*' for any)")
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
                    help="save the index folder after this many writes (each write is in the write log before it is "
                         "answered; default 1000)")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="searches that run at once (default: the usable CPUs); the rest wait their turn, first come first served")
     p.add_argument("--keep-alive", type=float, default=30.0, metavar="S",
                    help="seconds an idle connection stays open (default 30; uvicorn's 5 s closes connections that "
                         "busy clients are about to reuse, and they see a dropped request)")

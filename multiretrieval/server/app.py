@@ -8,11 +8,14 @@ every bound, is in the OpenAPI description (schemas.py).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +35,7 @@ from ..catalog import is_url, load_image
 from ..config import RetrieverConfig
 from ..errors import (CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError,
                       StorageError)
+from ..utils import usable_cpus
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
 from ..search import MODES, check_where
 from .schemas import (WRITE_FAILED, INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
@@ -42,12 +46,13 @@ from .service import Service, refuse_skipped
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 THUMBNAIL_PX = 256
+THUMBNAIL_CACHE_BYTES = 32 * 2**20  # thumbnails kept in memory (PNG bytes), least recently used out first
 
 
 def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20,
                allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None,
                checkpoint_every: int = 1000, image_urls: Literal["public", "any", "off"] = "public",
-               config: RetrieverConfig | None = None) -> FastAPI:
+               config: RetrieverConfig | None = None, max_concurrent: int | None = None) -> FastAPI:
     """Build the app for a saved index folder.
 
     Args:
@@ -63,6 +68,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             addresses that resolve to public IPs), "any", or "off".
         config: the config to serve the index with (``Retriever.load``'s: it must name the encoders
             the index was built with); default: the config saved with the index.
+        max_concurrent: searches and facet counts that run at once (default: the usable CPUs); the others wait
+            their turn, first come first served, while cheap requests (an item, /health) go ahead.
     """
     import contextlib
 
@@ -80,6 +87,14 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     upsert_path = PathParam(description="the item's id, URL-encoded (slashes allowed)", json_schema_extra=id_text)
     upsert_query = Query(description="the item's id (URL-encoded)", json_schema_extra=id_text)
     batch_model = create_model("BatchRequest", queries=(list[request_model], ...))  # its schema: batch_body
+    # CPU work admitted a few at a time: with 48 clients in 40 threads on 2 cores every search shared the cores with
+    # all the others (and a write waited for all of them to leave the index), so each took as long as the slowest.
+    # Waiting in this queue costs no CPU, and /health or an item row need not wait behind searches.
+    slots = asyncio.Semaphore(max_concurrent or usable_cpus())
+
+    async def compute(fn, *args, **kwargs):
+        async with slots:
+            return await run_in_threadpool(fn, *args, **kwargs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -158,8 +173,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             image = await run_in_threadpool(fetch_image_url, query.image_url, service.retriever.config, image_urls)
         started = time.perf_counter()
         retriever = service.retriever
-        results = await run_in_threadpool(retriever.search, image=image, **_search_arguments(query))
-        facets = await run_in_threadpool(retriever.facets, None, query.where, query.filters) if query.facets else None
+        results = await compute(retriever.search, image=image, **_search_arguments(query))
+        facets = await compute(retriever.facets, None, query.where, query.filters) if query.facets else None
         facets = _facets_for_clients(facets)
         return _search_response(query, image, results, facets, started)
 
@@ -176,7 +191,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         for query in batch.queries:
             image = await run_in_threadpool(fetch_image_url, query.image_url, retriever.config, image_urls) if query.image_url else None
             specs.append({"image": image, **_search_arguments(query)})
-        frames = await run_in_threadpool(retriever.search_batch, specs)
+        frames = await compute(retriever.search_batch, specs)
         answers = [_search_response(q, s["image"], f, None, started).body.decode() for q, s, f in zip(batch.queries, specs, frames)]
         return Response('{"results": [' + ", ".join(answers) + "]}", media_type="application/json")
 
@@ -189,15 +204,15 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         200: (dict[str, Any], "per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram}"),
         400: "an unknown column; filters that are not a JSON object (nested at most 32 levels); a filter outside the grammar",
         422: "a filter over its bounds"}))
-    def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
-               where: str | None = Query(None, description="a filter, as for POST /search"),
-               filters: str | None = Query(None, include_in_schema=False)) -> dict:  # described as JSON: openapi_extra
+    async def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
+                     where: str | None = Query(None, description="a filter, as for POST /search"),
+                     filters: str | None = Query(None, include_in_schema=False)) -> dict:  # described as JSON: openapi_extra
         """The filter columns' value counts or numeric ranges over the items matching `where` and `filters`,
         each column counted without its own filter (so its other values can still be chosen)."""
         if where is not None:
             check_where(where, service.retriever.config)
         names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
-        return _facets_for_clients(service.retriever.facets(names, where, _json_field("filters", filters)))
+        return _facets_for_clients(await compute(service.retriever.facets, names, where, _json_field("filters", filters)))
 
     def item_row(item_id: str) -> dict:
         import pandas as pd
@@ -574,13 +589,45 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
         raise RequestValidationError(exc.errors()) from exc
 
 
-@lru_cache(maxsize=2048)
 def _thumbnail(source: str, mtime: float, size: int = THUMBNAIL_PX) -> bytes:  # mtime is part of the cache key
-    image = load_image(source)
-    image.thumbnail((size, size))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+    key = (source, mtime, size)
+    data = _thumbnails.get(key)
+    if data is None:
+        image = load_image(source)
+        image.thumbnail((size, size))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = _thumbnails.put(key, buf.getvalue())
+    return data
+
+
+class _BytesCache:
+    """Least recently used values up to a total size in bytes (a count bound let 2,048 thumbnails of up to
+    ~200 KB each grow the service by hundreds of MB over a long run). Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: bytes) -> bytes:
+        with self._lock:
+            if key not in self._items and len(value) <= self.max_bytes:
+                self._items[key] = value
+                self.bytes += len(value)
+                while self.bytes > self.max_bytes:
+                    self.bytes -= len(self._items.popitem(last=False)[1])
+        return value
+
+
+_thumbnails = _BytesCache(THUMBNAIL_CACHE_BYTES)
 
 
 _logged_unreadable: set[str] = set()  # image files the log has named as missing or unreadable
