@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except MultiretrievalError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "details", None) and args.verbose:  # e.g. a refused filter's whole grammar
+            print(exc.details, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

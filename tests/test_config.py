@@ -20,6 +20,15 @@ def test_unknown_key_is_named(tmp_path):
         RetrieverConfig.from_yaml(path)
 
 
+def test_a_misspelt_key_or_section_is_answered_with_the_nearest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("fusion:\n  knd: late\n")
+    with pytest.raises(mr.ConfigError, match=r"fusion: unknown key\(s\) \['knd'\]; did you mean 'kind'\?"):
+        RetrieverConfig.from_yaml(path)
+    with pytest.raises(mr.ConfigError, match=r"override: unknown section 'catalogue'; did you mean 'catalog'\?"):
+        RetrieverConfig().with_overrides({"catalogue": {"text_columns": ["title"]}})
+
+
 def test_wrong_type_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("encoders:\n  batch_size: many\n")
