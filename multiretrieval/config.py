@@ -20,6 +20,8 @@ class CatalogConfig:
     """How catalog rows become model inputs."""
 
     text_columns: tuple[str, ...] = ("title", "description")  # joined with ". " into the item's text
+    # The column of image paths or URLs; null: found by its name (image, image_url, photo, ...) or its values (catalog.py)
+    image_column: str | None = None
     keyword_columns: tuple[str, ...] = ()  # more columns the keyword index reads besides the text columns (sku, brand)
     max_image_pixels: int = 40_000_000  # decompression-bomb guard, checked before decoding
     max_image_bytes: int = 50_000_000
