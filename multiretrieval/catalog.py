@@ -64,8 +64,8 @@ class Catalog:
     """A validated product table.
 
     Args:
-        df: one row per item; needs an ``id`` column (unique, non-empty) and at least one
-            of an image column or the text columns.
+        df: one row per item; needs an ``id`` column (unique, non-empty; ``ID`` or ``Id`` is renamed ``id``) and at
+            least one of an image column or the text columns.
         image_root: folder that relative image paths are resolved against (default: the
             current folder; :meth:`from_csv` passes the CSV's folder).
         text_columns: the columns joined into an item's text (default: title, description).
@@ -100,6 +100,9 @@ class Catalog:
         if bad_rows not in ("raise", "skip"):
             raise ValueError(f"bad_rows must be 'raise' or 'skip', got {bad_rows!r}")
         df = df.reset_index(drop=True)
+        named_id = [c for c in df.columns if isinstance(c, str) and c.strip().lower() == "id"]
+        if "id" not in df.columns and len(named_id) == 1:  # "ID", "Id": exports capitalise their headers
+            df = df.rename(columns={named_id[0]: "id"})
         self.image_column, self.image_found = find_image_column(df, text_columns, image_column)
         if self.image_column is not None and self.image_column != "image":
             df = df.rename(columns={self.image_column: "image"})
@@ -669,6 +672,7 @@ _TRUE = frozenset({"True", "TRUE", "true"})
 _FLAGS = _TRUE | {"False", "FALSE", "false"}
 _LEADING_ZERO = re.compile(r"\s*[+-]?0[0-9]")  # "007", "0042": a code whose zeros count, not a number
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_COMMA = re.compile(r"\s*[+-]?([0-9]{1,3}(\.[0-9]{3})+|[0-9]+)(,[0-9]+)?\s*")  # "39,90", "1.299,00"
 
 
 def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
@@ -676,7 +680,8 @@ def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
     (id, image, texts) and the columns named like an image column are text, "NA" and "None" included (an id "NA" is an
     id, not a gap); another column becomes numbers (or booleans) when every value is one, its missing-value words then
     missing, unless a value has a leading zero ("007", a code) or an integer does not fit int64. An empty cell is
-    missing everywhere. The separator (comma, semicolon, tab, bar) is told from the file's first lines."""
+    missing everywhere. The separator (comma, semicolon, tab, bar) is told from the file's first lines; in a file not
+    separated by commas, a column of numbers with decimal commas ("39,90", "1.299,00") is numbers too."""
     delimiter = sniff_delimiter(path)
     try:
         with warnings.catch_warnings():  # index_col=False: a first row longer than the header is not read as an index
@@ -690,7 +695,7 @@ def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CatalogError(f"{path}: cannot parse CSV: {exc}") from exc
     for column in df.columns:
-        if column in literal or image_column_name(column):
+        if column in literal or image_column_name(column) or column.strip().lower() == "id":
             continue
         values = df[column]
         given = values.notna() & ~values.isin(MISSING_WORDS)
@@ -703,6 +708,9 @@ def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
             df[column] = flags.astype(bool) if given.all() else flags
             continue
         numbers = pd.to_numeric(kept, errors="coerce")
+        if (delimiter != "," and numbers.isna().any() and kept.str.contains(",", regex=False).any()
+                and kept.str.fullmatch(_DECIMAL_COMMA).all()):  # a ;-separated export writes decimal commas
+            numbers = pd.to_numeric(kept.str.replace(".", "", regex=False).str.replace(",", ".", regex=False), errors="coerce")
         exact = numbers.dtype.kind == "i" or not kept.str.fullmatch(_INTEGER_TEXT).all()  # else an int beyond int64
         if numbers.notna().all() and exact and not kept.str.match(_LEADING_ZERO).any():
             df[column] = numbers.reindex(values.index)  # gaps where a value was missing

@@ -273,6 +273,21 @@ def test_a_csv_is_read_with_its_own_separator(tmp_path, sep):
     assert catalog.df["title"].tolist() == ["Bed, oak", "Lamp; brass"] and catalog.df["price"].tolist() == [650, 39]
 
 
+def test_an_id_column_in_capitals_is_the_id(tmp_path):
+    (tmp_path / "c.csv").write_text("ID;Title;Price\n007;Bed;650\n8;Lamp;39\n")
+    catalog = mr.Catalog.read(tmp_path / "c.csv", text_columns=["Title"])
+    assert catalog.ids == ["007", "8"] and catalog.texts() == ["Bed", "Lamp"]
+    with pytest.raises(mr.CatalogError, match=r"missing required column 'id' .*; did you mean 'Id' or 'ID'\?"):
+        mr.Catalog(pd.DataFrame({"Id": [1], "ID": [2], "title": ["x"]}))
+
+
+def test_a_semicolon_export_with_decimal_commas_gives_numbers(tmp_path):
+    (tmp_path / "c.csv").write_text("id;title;price;size\n1;Bed;650,00;160,5\n2;Sofa;1.299,90;007\n3;Lamp;39;\n")
+    catalog = mr.Catalog.read(tmp_path / "c.csv")
+    assert catalog.df["price"].tolist() == [650.0, 1299.9, 39.0]
+    assert catalog.df["size"].tolist()[:2] == ["160,5", "007"]  # a code with a leading zero keeps the column text
+
+
 def test_the_separator_that_gives_an_id_column_wins(tmp_path):
     (tmp_path / "c.csv").write_text("id;title;size, cm;image\n1;Bed;160, 200;a.png\n2;Lamp;20, 20;b.png\n")
     catalog = mr.Catalog.read(tmp_path / "c.csv")  # commas split every line in two, too: but only ';' gives an id
