@@ -30,11 +30,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class IndexReport:
     """What ``index``/``add``/``upsert`` did: counts, per-stage seconds, every skipped row with its
-    reason and every row indexed without its image (``warnings``).
+    reason, every row indexed without its image that had one (``warnings``), and where the images came from.
 
     Counts are of catalog rows: ``encoded + cached + skipped`` = the rows read (for ``upsert``:
-    the rows it had to encode, plus the rows the catalog left out); ``text_only`` of the indexed rows lost
-    their image.
+    the rows it had to encode, plus the rows the catalog left out); ``text_only`` of the indexed rows have no
+    image in the index, whatever the reason (no image column, an empty cell, an image that failed); ``images``
+    of the rows read named an image.
     """
 
     indexed: int = 0
@@ -44,10 +45,15 @@ class IndexReport:
     warnings: list[SkippedRow] = field(default_factory=list)  # rows indexed by their text, their image failing
     seconds: dict[str, float] = field(default_factory=lambda: {"hash": 0.0, "encode": 0.0, "index": 0.0})
     changes: dict[str, int] = field(default_factory=dict)  # upsert: added, replaced, updated, unchanged, removed
+    text_only: int = 0  # rows indexed without an image
+    images: int = 0  # rows read that named an image (a path or URL)
+    image_column: str | None = None  # the catalog column the images came from (None: none, or a folder's files)
+    images_note: str | None = None  # that, in words (Catalog.images_note)
 
     @property
-    def text_only(self) -> int:
-        return len(self.warnings)
+    def no_image_used(self) -> bool:
+        """Rows named images, yet every row indexed is indexed without one (each image failed)."""
+        return self.images > 0 and self.indexed == self.text_only
 
     @property
     def total_seconds(self) -> float:
@@ -63,6 +69,7 @@ class IndexReport:
     def to_dict(self) -> dict[str, Any]:
         rows = lambda found: [{"row": s.row, "id": s.id, "reason": s.reason} for s in found]  # noqa: E731
         return {"indexed": self.indexed, "encoded": self.encoded, "cached": self.cached, "text_only": self.text_only,
+                "images": self.images, "image_column": self.image_column,
                 **({"changes": dict(self.changes)} if self.changes else {}),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                 "skipped": rows(self.skipped), "warnings": rows(self.warnings)}
@@ -71,6 +78,8 @@ class IndexReport:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         lines = [f"indexed {self.indexed} items in {self.total_seconds:.1f} s ({self.items_per_second:.1f} items/s; {stages}); "
                  f"encoded {self.encoded}, from cache {self.cached}, text only {self.text_only}, skipped {len(self.skipped)}"]
+        if self.images_note:
+            lines.append(f"  {self.images_note}")
         if self.changes:
             lines.append("  " + ", ".join(f"{k} {v}" for k, v in self.changes.items()))
         lines += [f"  skipped {s}" for s in self.skipped]
@@ -133,6 +142,10 @@ class Encoded:
     arrays: dict[str, np.ndarray]  # row-aligned with ``rows``
     hashes: list[str | None] = field(default_factory=list)  # row-aligned with ``rows``; None: encode again next time
 
+    def text_only(self) -> int:
+        """How many of the encoded rows have no image."""
+        return int((~self.arrays["image_mask"][:, 0].astype(bool)).sum()) if len(self.rows) else 0
+
 
 def hash_catalog(catalog: Catalog, config: RetrieverConfig) -> list[str]:
     """Every row's content hash (pipeline.content_hash): its image file's bytes (a URL: the URL) and its text."""
@@ -154,8 +167,9 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
     from contextlib import nullcontext
 
     cfg: RetrieverConfig = embedder.config
-    report = IndexReport()
+    report = described(IndexReport(), catalog)
     sources, texts = catalog.image_sources(), catalog.texts()
+    report.images = sum(s is not None for s in sources)
     t0 = time.perf_counter()
     hashes = hashes if hashes is not None else hash_rows(sources, texts, cfg.catalog.max_image_bytes, cfg.ingest.workers)
     report.seconds["hash"] = time.perf_counter() - t0
@@ -177,7 +191,16 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
     failed = [SkippedRow(int(numbers[row]), plain(ids.iloc[row]), reason) for row, reason in sorted(result.errors.items())]
     report.skipped = sorted(catalog.dropped + failed, key=lambda s: s.row)  # with the rows the catalog left out
     report.warnings = [SkippedRow(int(numbers[row]), plain(ids.iloc[row]), reason) for row, reason in sorted(result.warnings.items())]
-    return Encoded(ok, sources, arrays, kept), report
+    encoded = Encoded(ok, sources, arrays, kept)
+    report.text_only = encoded.text_only()
+    return encoded, report
+
+
+def described(report: IndexReport, catalog: Catalog) -> IndexReport:
+    """The report with where the catalog's images come from."""
+    report.image_column = catalog.image_column if catalog.image_found != "folder" else None
+    report.images_note = catalog.images_note()
+    return report
 
 
 def ingest_rows(catalog: Catalog, rows: np.ndarray, hashes: list[str], embedder: Embedder, show_progress: bool | None = None,
@@ -187,7 +210,7 @@ def ingest_rows(catalog: Catalog, rows: np.ndarray, hashes: list[str], embedder:
     rows, and the report."""
     part = catalog.subset(rows)
     if not len(part):  # nothing new or changed: no model is loaded, no shard store opened
-        encoded, report = Encoded(np.zeros(0, np.int64), part.image_sources(), {}, []), IndexReport()
+        encoded, report = Encoded(np.zeros(0, np.int64), part.image_sources(), {}, []), described(IndexReport(), catalog)
     else:
         encoded, report = ingest(part, embedder, show_progress, cache, engine, hashes=[hashes[i] for i in rows])
     report.skipped = sorted(catalog.dropped + report.skipped, key=lambda s: s.row)

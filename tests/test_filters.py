@@ -69,8 +69,25 @@ def test_filters_outside_the_grammar_are_refused_naming_what_is_allowed_and_the_
         indexed.search(text="sofa", where=where)
     message = str(refused.value)
     assert problem in message
-    assert "A filter is one condition" in message and "LIKE" in message and "lower, upper, length" in message
     assert "Columns: id (integer), title (text), category (text)" in message and "price (number)" in message
+    assert message.endswith("What a filter may hold: docs/queries.md#filters (--verbose prints it).")
+    assert "A filter is one condition" not in message  # the grammar on demand: the error's details
+    details = refused.value.details
+    assert "A filter is one condition" in details and "LIKE" in details and "lower, upper, length" in details
+
+
+def test_a_misspelt_column_gets_a_did_you_mean_in_one_short_line(indexed):
+    """The issue's `categroy`: about 1,100 characters of grammar and no hint; now the hint, the columns and where the
+    grammar is (the whole grammar on demand: ``details``, printed by --verbose)."""
+    with pytest.raises(mr.QueryError) as refused:
+        indexed.search(text="sofa", where="categroy = 'Kitchen'")
+    message = str(refused.value)
+    assert message.startswith("where: unknown column 'categroy' in \"categroy = 'Kitchen'\"; did you mean 'category'? Columns: ")
+    assert len(message) < 400 and "\n" not in message and "docs/queries.md#filters" in message
+    with pytest.raises(mr.QueryError, match=r"filters: no column 'categroy' in this index; did you mean 'category'\? Columns: "):
+        indexed.search(text="sofa", filters={"categroy": "Kitchen"})
+    with pytest.raises(mr.QueryError, match=r"unknown column 'PRCE' in .*; did you mean 'price'\?"):
+        indexed.search(text="sofa", where="PRCE < 3")
 
 
 def test_a_refused_filter_never_reaches_duckdb(retriever_copy, monkeypatch):
