@@ -17,7 +17,7 @@ cache for later runs) or the demo item's (``reuse``: copies of an item then shar
 
 Timed, one query at a time, queries the titles of random rows (seeded), warm-up first:
 
-- keyword side: what a hybrid text query asks of the keyword index (ranking.rank_text): the BM25 top
+- keyword side: what a hybrid text query asks of the keyword index (query.searcher: Searcher.rank_text): the BM25 top
   ``search.hybrid_depth + 10``, then which of the fused keys carry the query's model codes (``having``) and
   have a keyword text (``holds``);
 - vector side: the query text's embedding, and the joint index read ``search.hybrid_depth + 10`` deep
@@ -51,7 +51,7 @@ import multiretrieval as mr  # noqa: E402
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "grey", "orange", "purple", "pink", "teal", "brown")
 MATERIALS = ("oak", "walnut", "pine", "steel", "brass", "glass", "marble", "leather", "linen", "velvet", "bamboo", "ceramic")
 FINISHES = ("matte", "glossy", "brushed", "polished", "rustic", "modern", "classic", "vintage", "slim", "compact", "large", "tall")
-PAGE = 20  # how deep a vector-only text query reads the joint index for a page of 10 (search.answer: k + TIE_DEPTH)
+PAGE = 20  # how deep a vector-only text query reads the joint index for a page of 10 (query.searcher: k + TIE_DEPTH)
 LARGE_AUTO = "PCA256,HNSW32,Refine(Flat)"  # what index.choose_factory takes above 100k items (benchmarks/upsert.py)
 
 
@@ -223,7 +223,7 @@ def main() -> None:
     else:
         r = large_retriever(args, config, base, big, source, figures)
         figures["index"] = r.indexes["joint"].factory
-        from multiretrieval.ranking import restrict, search_index
+        from multiretrieval.query.ranking import restrict, search_index
 
         items = r.collection
         with_text = restrict(items.store.with_modality("text"), len(items.store), None)

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import multiretrieval as mr  # noqa: E402
-from multiretrieval.ranking import tie_values  # noqa: E402
+from multiretrieval.query.ranking import tie_values  # noqa: E402
 from search_latency import repeated_catalog  # noqa: E402
 
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "grey", "orange", "purple", "pink", "teal", "brown")

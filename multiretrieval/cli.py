@@ -2,8 +2,9 @@
 
     multiretrieval index CATALOG|FOLDER --out DIR [--update [--prune]] [--image-column NAME] [--title-from-filename]
                                                [--config FILE] [--cache DIR] ...
-    multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--hybrid H] [--min-score S]
-                              [--weights image=0.7,text=0.3] [--not-text T] [--show out.png]
+    multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--offset N] [--sort-by COL]
+                              [--filters JSON] [--like ID] [--weights image=0.7,text=0.3] [--not-text T] [--min-score S]
+                              ... (every option of Retriever.search: query/options.py) [--show out.png]
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train] [--only NAME ...]
@@ -16,12 +17,11 @@ Heavy libraries are imported inside the commands, so --help answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
-
-MODES = ("auto", "image", "text", "fused", "zero-shot")  # kept in step with retriever.MODES (tested)
 
 
 def _load_config(path: str | None, factory: str | None = None, fusion: str | None = None, memory_gb: float | None = None):
@@ -131,12 +131,11 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from .query.options import option_names
     from .retriever import Retriever
 
     retriever = Retriever.load(args.index_dir, _load_config(args.config) if args.config else None)
-    results = retriever.search(image=args.image, text=args.text, mode=args.mode, k=args.k, where=args.where,
-                               unsafe_where=args.unsafe_where, hybrid=args.hybrid, keyword_weight=args.keyword_weight,
-                               min_score=args.min_score, weights=args.weights, not_text=args.not_text)
+    results = retriever.search(**{name: getattr(args, name) for name in option_names()})
     if args.format == "json":
         print(results.to_json(orient="records", indent=2))
     elif args.format == "csv":
@@ -154,8 +153,34 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``Retriever.search``, one flag each, generated from its declaration (query.SearchOptions):
+    the same names (``--sort-by`` for sort_by), defaults, choices and help; dicts and lists as JSON."""
+    from .query.options import declared
+
+    readers = {"int": int, "float": float, "text": str, "json": parse_json, "pairs": parse_weights}
+    for d in declared():
+        shown = "" if d.default in (None, False) else f" (default {d.default})"
+        kwargs = {"dest": d.name, "default": d.default, "help": (d.option.text() + shown).replace("%", "%%")}
+        if d.reader == "flag":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=readers[d.reader], choices=d.option.choices, metavar=d.option.metavar)
+        parser.add_argument(d.flag, **kwargs)
+
+
+def parse_json(value: str):
+    """A JSON value on the command line (``--filters '{"category": ["Kitchen"]}'``)."""
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected JSON, got {value!r}: {exc}") from None
+
+
 def parse_weights(value: str) -> dict[str, float]:
-    """``image=0.7,text=0.3`` -> {"image": 0.7, "text": 0.3} (the API checks the names and values)."""
+    """``image=0.7,text=0.3`` (or the same as JSON) -> {"image": 0.7, "text": 0.3} (the API checks the names and values)."""
+    if value.lstrip().startswith("{"):
+        return parse_json(value)
     weights = {}
     for part in value.split(","):
         name, sep, number = part.partition("=")
@@ -206,7 +231,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server import create_app
-
     from .server.guards import LOOPBACK_HOSTS
 
     api_key = args.api_key or os.environ.get("MULTIRETRIEVAL_API_KEY") or None
@@ -269,23 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("search", help="query a saved index")
+    p = sub.add_parser("search", help="query a saved index",
+                       description="Query a saved index: every option of Retriever.search, with its name (the bounds "
+                                   "shown are config.search's defaults; an index's config may set others).")
     p.add_argument("index_dir", help="folder written by `multiretrieval index`")
-    p.add_argument("--text", help="query text")
-    p.add_argument("--image", help="query image: a path or URL")
-    p.add_argument("--mode", default="auto", choices=MODES, help="default auto: image+text -> fused, image -> image, text -> text")
-    p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
-    p.add_argument("--where", help="a condition over catalog columns, e.g. \"price < 200 AND category = 'rings'\" "
-                                   "(grammar: README, Filters)")
-    p.add_argument("--unsafe-where", action="store_true", help="accept any single DuckDB expression as --where (you trust it)")
-    p.add_argument("--hybrid", choices=("rrf", "weighted", "off"),
-                   help="text queries: combine BM25 keywords and vectors by reciprocal-rank fusion (default), a weighted sum, or not")
-    p.add_argument("--keyword-weight", type=float, help="text queries: the keywords' share, 0 to 1 (default 0.5)")
-    p.add_argument("--min-score", type=float, help="leave out results scoring lower (one scale for image, text and fused "
-                                                   "queries: an item's own photo scores 1; README, Scores)")
-    p.add_argument("--weights", type=parse_weights, metavar="image=A,text=B",
-                   help="fused queries: the image and text weights, e.g. image=0.7,text=0.3 (default: the fusion's own)")
-    p.add_argument("--not-text", metavar="TEXT", help="a concept to subtract, e.g. \"metal legs\"")
+    add_search_options(p)
     p.add_argument("--show", metavar="PNG", help="also draw the query and its results into this PNG")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--config", help="YAML config; must name the encoders the index was built with")
@@ -341,9 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The command's arguments; a flag it does not have is refused naming its nearest flag."""
+    from .errors import did_you_mean
+
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser
+        while command._subparsers is not None:  # down to the (sub-)command that ran
+            chooser = command._subparsers._group_actions[0]
+            command = chooser.choices[getattr(args, chooser.dest)]
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        wrong = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), "")
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(wrong, flags) if wrong else ''}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if getattr(args, "prune", False) and not args.update:
         parser.error("--prune goes with --update")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

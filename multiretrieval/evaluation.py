@@ -48,7 +48,8 @@ import pandas as pd
 from .benchmarks import BENCH_SEED, build_benchmarks, build_exact_names, shopper_photo  # noqa: F401 (re-exported)
 from .catalog import Catalog
 from .config import RetrieverConfig
-from .search import joint_query_vectors, photo_neighbours, word_filter
+from .query.ranking import named_first, named_items
+from .query.scores import joint_query_vectors, photo_neighbours
 
 logger = logging.getLogger(__name__)
 ZERO_SHOT_KINDS = ("conse", "lit", "lit+conse")
@@ -240,7 +241,7 @@ NOT_SHIPPED = "not shipped"
 
 
 def best_scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """(n queries, n items) scores of (n, readings, d) query vectors: each item's best reading (search.joint_query_vectors)."""
+    """(n queries, n items) scores of (n, readings, d) query vectors: each item's best reading (query.scores.joint_query_vectors)."""
     return np.einsum("nrd,md->nrm", queries, items).max(1)
 
 
@@ -288,7 +289,7 @@ class _QueryFeatures:
 
     def embed(self, retriever) -> tuple[dict[str, np.ndarray], list[np.ndarray | None]]:
         """Image-only, text-only and fused query vectors under ``retriever``'s fusion, as its search ranks by them,
-        and per query the keys of the items its words name (search.word_filter; None: no filter)."""
+        and per query the keys of the items its words name (query.ranking.named_items; None: no filter)."""
         embedder = retriever.embedder
         image, text, text_mask = self._tokens_for(embedder)
         out, named = {}, [None] * len(self.photo_of)
@@ -301,25 +302,31 @@ class _QueryFeatures:
             near = photo_neighbours(f, embedder, retriever.collection) if mode == "fused" else None
             out[mode] = joint_query_vectors(f, None, embedder, retriever.collection, near=near)
             if near is not None and embedder.config.fusion.word_filter:
-                named = [word_filter(self.texts[t], n, retriever.collection) for t, n in zip(self.text_of, near[1])]
+                named = [named_items(self.texts[t], n, retriever.collection) for t, n in zip(self.text_of, near[1])]
         return out, named
 
 
 def _measure(retriever, features: _QueryFeatures, valid: list[list[int]], groups: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    ranks = {mode: ranks_of_any(sims, valid) for mode, sims in _scores(retriever, features).items()}
+    return {g: {"n": int(mask.sum()), **{mode: recall(r[mask]) for mode, r in ranks.items()}} for g, mask in groups.items()}
+
+
+def _scores(retriever, features: _QueryFeatures) -> dict[str, np.ndarray]:
+    """(queries, items) scores of each kind of query, ordered as search orders them: each item by its best reading,
+    a fused query's items its words name first, in its photo's order (query.ranking.named_first)."""
     items = retriever.vectors("joint")
     vectors, named = features.embed(retriever)
-    ranks = {}
+    out = {}
     for mode, q in vectors.items():
         sims = best_scores(q, items)
-        if mode == "fused":  # the items the words name first, in the photo's order (search.answer)
+        if mode == "fused":
             position = retriever.collection.store.rows_of
             photo = vectors["image-only"][:, 0] @ items.T
             for i, keys in enumerate(named):
                 if keys is not None:
-                    rows = position(keys)
-                    sims[i, rows] = 10.0 + photo[i, rows]
-        ranks[mode] = ranks_of_any(sims, valid)
-    return {g: {"n": int(mask.sum()), **{mode: recall(r[mask]) for mode, r in ranks.items()}} for g, mask in groups.items()}
+                    sims[i] = named_first(sims[i], photo[i], np.isin(np.arange(sims.shape[1]), position(keys)))
+        out[mode] = sims
+    return out
 
 
 def score_benchmark(folder: str | Path, config: RetrieverConfig | None = None, train: bool = True,

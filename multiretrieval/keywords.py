@@ -24,7 +24,7 @@ A few English function words ("a", "the", "of", ...) are left out of both.
 
 :func:`identifiers` picks the model codes out of a query: compounds that mix letters and digits
 (as one token: "KX-2210" -> ``kx2210``, "500ml") and numbers of four or more digits. Hybrid
-search puts the items that carry all of them first (search.py): a model code is a lookup.
+search puts the items that carry all of them first (query/ranking.py, fuse_rankings): a model code is a lookup.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def tokenize(text: str) -> list[str]:
 
 # A text's phrases: its parts between punctuation ("Armchair ottoman, blue" -> "armchair ottoman" | "blue"; a tag
 # list; a category path "animals / cats"). A fused query's words that hold all the tokens of one of an item's
-# phrases name that item's category, tag or variant (search.word_filter).
+# phrases name that item's category, tag or variant (query.ranking.named_items).
 _PHRASE_SPLIT = re.compile(r"(?:[,;:|()\[\]\n\u2013\u2014]|(?<!\d)[./]|[./](?!\d))+|\s-\s")  # not "3.5", "1/2"
 
 

@@ -1,7 +1,7 @@
 """The Retriever: a facade that wires the rooms together and delegates, one direction of data flow.
 
     catalog -> ingest.ingest (Embedder) -> Collection: ItemStore + IndexSet (FAISS per space) + KeywordIndex (BM25)
-    query   -> search.make_query -> search.run_query (Embedder, Collection) -> result rows
+    query   -> query.SearchOptions -> query.make_query -> query.Searcher (Embedder, Collection) -> result rows
     files   -> persistence.write_folder / read_folder over each component's own save and load
 
 Thread-safe: searches run concurrently; a write encodes first, then holds searches off while it changes them.
@@ -27,7 +27,9 @@ from .errors import MultiretrievalError, QueryError
 from .ingest import IndexReport, hash_catalog, ingest, ingest_rows
 from .items import ItemStore
 from .persistence import MANIFEST, FolderLock, component_folder, component_record, read_folder, write_folder
-from .search import MODES, batch_query, check_batch, check_filters, check_where, encode_inputs, joint_query_vectors, make_query, run_batch, run_query
+from .query.checks import batch_query, check_batch, check_filters, check_where, encode_inputs, make_query
+from .query.options import MODES, SearchOptions
+from .query.searcher import Searcher
 from .utils import ReadWriteLock
 
 __all__ = ["MODES", "IndexReport", "Retriever"]
@@ -48,6 +50,7 @@ class Retriever:
         self.last_report: IndexReport | None = None  # of the latest index/add/upsert; saved as index-report.json
         self.saved_note: dict[str, Any] = {}  # the note of the save this retriever was loaded from
         self._lock = ReadWriteLock()
+        self._engine: Searcher | None = None
 
     @classmethod
     def from_config(cls, path: str | Path) -> Retriever:  # a YAML config file
@@ -209,17 +212,26 @@ class Retriever:
         ``mode``: "auto" (image+text -> fused, image -> image, text -> item texts, and the images of items
         without text through the zero-shot space), "image", "text", "fused", or "zero-shot" (text against
         item images, image against item texts). ``where``: a condition over catalog columns (filters.py), applied
-        before ranking. Options (search.py): offset, min_score, weights={"image": a, "text": b}, not_text, sort_by
-        ("-price"), filters, like=ITEM_ID, vector, hybrid, keyword_weight, unsafe_where. Returns a DataFrame: rank, id,
-        score, the catalog columns (and matched, hybrid/vector/keyword/image/text scores where they apply); attrs["has_more"]."""
-        query = make_query(image, text, mode, k, where, self.config, self.embedder.count_tokens, **options)
-        return self._reading(run_query, query, self.embedder, self.collection)
+        before ranking. Options (``query.SearchOptions`` says what each takes): offset, min_score, weights={"image": a,
+        "text": b}, not_text, sort_by ("-price"), filters, like=ITEM_ID, vector, hybrid, keyword_weight, unsafe_where; an
+        unknown one is refused naming the nearest. Returns a DataFrame: rank, id, score, the catalog columns (and matched,
+        hybrid/vector/keyword/image/text scores where they apply); attrs["has_more"]."""
+        options = SearchOptions.of(image=image, text=text, mode=mode, k=k, where=where, **options)
+        query = make_query(options, self.config, self.embedder.count_tokens)
+        return self._reading(lambda: self._searcher()([query])[0])
 
     def search_batch(self, queries: list[dict[str, Any]]) -> list[pd.DataFrame]:
-        """Several searches, each a dict of ``search`` arguments; queries of one kind share an encoder pass."""
+        """Several searches, each a dict of ``search`` arguments, embedded together (one pass per encoder)."""
         check_batch(len(queries), self.config)
-        return self._reading(run_batch, [batch_query(q, self.config, self.embedder.count_tokens) for q in queries],
-                             self.embedder, self.collection)
+        checked = [batch_query(q, self.config, self.embedder.count_tokens) for q in queries]
+        return self._reading(lambda: self._searcher()(checked))
+
+    def _searcher(self) -> Searcher:
+        """The query engine over the current embedder and collection (a write may replace either); call it reading."""
+        searcher = self._engine
+        if searcher is None or searcher.embedder is not self.embedder or searcher.items is not self.collection:
+            searcher = self._engine = Searcher(self.embedder, self.collection)
+        return searcher
 
     def facets(self, columns: list[str] | None = None, where: str | None = None, filters: dict | None = None) -> dict[str, dict]:
         """Value counts (text) or min/max/histogram (numbers) over the items matching ``where`` and ``filters``
@@ -248,7 +260,7 @@ class Retriever:
         pairs have two under ``fusion.compose`` (composed on the item nearest the photo, and the words alone),
         other queries one. ``weights``: (n, 2) image/text weights of fused queries, NaN rows for the default."""
         pils, texts = encode_inputs(images, texts, "joint", self.config)
-        return self._reading(lambda: joint_query_vectors(self.embedder.features(pils, texts), weights, self.embedder, self.collection))
+        return self._reading(lambda: self._searcher().joint_vectors(pils, texts, weights))
 
     # ---------------------------------------------------------------- files
 

@@ -88,3 +88,57 @@ def test_the_graph_sees_the_imports(graph):
     assert "multiretrieval.embedder" in graph["multiretrieval.retriever"]
     assert "multiretrieval.encoders.clip" in graph["multiretrieval.embedder"]  # imported inside a method
     assert "multiretrieval.retriever" in graph["multiretrieval.server.service"]  # `from ..retriever import`
+
+
+# ---------------------------------------------------------------- the search options: one declaration (query/options.py)
+
+FACE_FILES = [PACKAGE / "cli.py", *sorted((PACKAGE / "server").rglob("*.py"))]
+
+
+def search_options() -> tuple[str, ...]:
+    from multiretrieval.query.options import option_names
+
+    return option_names()
+
+
+def test_a_search_option_is_declared_only_in_search_options():
+    """The command line's search flags and the service's request fields come from SearchOptions: a search flag
+    written out (add_argument("--offset", ...) for `multiretrieval search`) or a request field named like an option
+    (create_model(..., offset=...), a request model's `offset: int`) would drift from it."""
+    options = set(search_options())
+    flags = {"--" + name.replace("_", "-") for name in options} | {"--" + name for name in options}
+    found = []
+    for path in FACE_FILES:
+        command = None  # the sub-command whose arguments follow (cli.py: p = sub.add_parser("search", ...))
+        for node in sorted((n for n in ast.walk(ast.parse(path.read_text())) if hasattr(n, "lineno")),
+                           key=lambda n: (n.lineno, n.col_offset)):
+            where = f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+            name = getattr(node.func, "id", getattr(node.func, "attr", "")) if isinstance(node, ast.Call) else ""
+            if name == "add_parser" and node.args and isinstance(node.args[0], ast.Constant):
+                command = node.args[0].value
+            elif name == "add_argument" and command in ("search", None):
+                found += [f"{where}: the flag {a.value!r}" for a in node.args if isinstance(a, ast.Constant) and a.value in flags]
+            elif name == "create_model":
+                found += [f"{where}: request field {k.arg!r}" for k in node.keywords if k.arg in options]
+            elif isinstance(node, ast.ClassDef) and node.name.endswith("Request"):
+                found += [f"{where}: field {f.target.id!r} of {node.name}" for f in node.body
+                          if isinstance(f, ast.AnnAssign) and isinstance(f.target, ast.Name) and f.target.id in options]
+    assert not found, "search options declared outside query/options.py (SearchOptions): " + "; ".join(found)
+
+
+def test_the_modes_and_hybrid_methods_are_named_once():
+    """MODES and HYBRID_METHODS are spelled out in query/options.py only: a list of them anywhere else (a tuple, a
+    Literal, argparse choices) is a second declaration that can drift."""
+    from multiretrieval.query.options import HYBRID_METHODS, MODES
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "query" / "options.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                words = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                for name, names in (("MODES", MODES), ("HYBRID_METHODS", HYBRID_METHODS)):
+                    if len(words & set(names)) >= max(3, len(names) - 1):  # ("image", "text", "fused") is not MODES
+                        found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {name} spelled out")
+    assert not found, "; ".join(found)

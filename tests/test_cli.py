@@ -15,7 +15,8 @@ def test_help_does_not_import_the_heavy_libraries():
 
 
 def test_cli_modes_match_the_api():
-    assert cli.MODES == MODES
+    search = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["search"]._actions if a.dest == "mode")
+    assert tuple(search.choices) == MODES
 
 
 def test_index_then_search(fixtures, tmp_path, capsys):

@@ -16,7 +16,8 @@ from multiretrieval.config import RetrieverConfig
 from multiretrieval.embedder import FEATURES
 from multiretrieval.filters import compile_filter
 from multiretrieval.items import ItemStore
-from multiretrieval.search import check_batch, check_k, make_query
+from multiretrieval.query import SearchOptions
+from multiretrieval.query.checks import check_batch, check_k, make_query
 
 CROSS_JOIN = "(SELECT sum(a.range * b.range) FROM range(200000) a, range(200000) b) > 0"  # ran for minutes before
 
@@ -254,12 +255,12 @@ def store_of(frame: pd.DataFrame) -> ItemStore:
 def test_structured_filters_bounds_come_from_the_config_and_name_the_column_the_count_and_the_setting(indexed):
     config = RetrieverConfig().with_overrides({"search": {"max_filter_values": 3, "max_filter_columns": 2}})
     kitchen = {"category": ["Kitchen", "Bathroom", "Lights"]}
-    assert make_query(None, "a sink", "auto", 10, None, config, filters=kitchen).filters == kitchen
+    assert make_query(SearchOptions(text="a sink", filters=kitchen), config).filters == kitchen
     with pytest.raises(mr.LimitError, match=r"filters\['category'\] lists 4 values; a filter may list at most 3 values per "
                                             r"column \(search.max_filter_values\)"):
-        make_query(None, "a sink", "auto", 10, None, config, filters={"category": [*kitchen["category"], "Bedroom"]})
+        make_query(SearchOptions(text="a sink", filters={"category": [*kitchen["category"], "Bedroom"]}), config)
     with pytest.raises(mr.LimitError, match=r"filters name 3 columns; a query may filter at most 2 \(search.max_filter_columns\)"):
-        make_query(None, "a sink", "auto", 10, None, config, filters={"category": "Kitchen", "price": {"min": 1}, "id": 575})
+        make_query(SearchOptions(text="a sink", filters={"category": "Kitchen", "price": {"min": 1}, "id": 575}), config)
     over = {"category": [f"c{i}" for i in range(5001)]}  # the defaults, through the API: searches, batches and facets
     for ask in (lambda: indexed.search(text="a sink", filters=over), lambda: indexed.search_batch([{"text": "a sink", "filters": over}]),
                 lambda: indexed.facets(["price"], filters=over)):

@@ -11,7 +11,8 @@ import pytest
 
 import multiretrieval as mr
 from multiretrieval.keywords import KeywordIndex, tokenize
-from multiretrieval.ranking import RRF_K, zero_shot_scale
+from multiretrieval.query.ranking import RRF_K
+from multiretrieval.query.scores import zero_shot_scale
 
 DEMO = "data/demo/catalog.csv"
 
@@ -177,7 +178,7 @@ def test_the_zero_shot_scale_does_not_depend_on_the_order_items_came_in(mixed):
 def test_an_item_without_words_is_judged_by_its_vector_rank_alone():
     """A photo with no text cannot match keywords: its vector rank counts whole, so it is not pushed
     below every item that shares a word with the query."""
-    from multiretrieval.ranking import Hits, fuse_rankings
+    from multiretrieval.query.ranking import Hits, fuse_rankings
 
     vector = Hits(np.array([1, 2, 3]), np.array([0.6, 0.5, 0.4], np.float32), np.array(["image", "text", "text"], dtype=object))
     keyword = Hits(np.array([2, 3]), np.array([3.0, 2.0], np.float32))
@@ -192,7 +193,7 @@ def test_an_item_without_words_is_judged_by_its_vector_rank_alone():
 
 def test_when_no_item_holds_a_query_word_the_vector_ranking_stands():
     """"a bed" over a catalog without the word: an untitled photo third by vectors stays third, not first."""
-    from multiretrieval.ranking import Hits, fuse_rankings
+    from multiretrieval.query.ranking import Hits, fuse_rankings
 
     vector = Hits(np.array([2, 3, 1]), np.array([0.54, 0.32, 0.21], np.float32), np.array(["text", "text", "image"], dtype=object))
     none = Hits(np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -233,7 +234,7 @@ def test_listings_that_score_alike_come_back_in_one_order_whatever_order_they_we
 def test_a_ranking_is_read_through_the_ties_at_its_depth():
     """The items tied with a ranking's last one (to 1e-6) come too: which of several equally scored listings
     enter the fusion must not depend on the order the index holds them in."""
-    from multiretrieval.ranking import Hits, through_ties
+    from multiretrieval.query.ranking import Hits, through_ties
 
     hits = Hits(np.array([5, 3, 9, 4, 7]), np.array([0.9, 0.8, 0.8 + 1e-8, 0.8, 0.7], np.float32))
     assert through_ties(hits, 2).keys.tolist() == [5, 3, 9, 4]

@@ -213,7 +213,7 @@ def test_attention_fusion_scores_on_the_same_scale(retriever_copy, catalog):
     import torch
 
     from multiretrieval.fusion import AttentionFusion
-    from multiretrieval.ranking import fusion_calibration
+    from multiretrieval.query.scores import fusion_calibration
 
     r = retriever_copy
     # The fused score itself: the word filter would order an item its own words name by its photo alone.

@@ -37,10 +37,11 @@ from ..errors import (CatalogError, ConfigError, ImageError, ImageLimitError, It
                       StorageError)
 from ..utils import usable_cpus
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
-from ..search import MODES, check_where
+from ..query.checks import check_where
+from ..query.options import MODES, declared
 from .schemas import (WRITE_FAILED, INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
                       RemoveResponse, SearchResponse, UpsertResponse, batch_body, item_body, json_query_parameter, new_item_id,
-                      responses, search_body, search_request_model)
+                      responses, search_body, search_request_model, unknown_fields)
 from .service import Service, refuse_skipped
 
 logger = logging.getLogger(__name__)
@@ -185,8 +186,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         404: "a `like` names an item that is not in the index", 413: upload,
         422: f"more than {bounds.max_batch} searches, or a search over a bound (as for POST /search)"}))
     async def search_batch(request: Request) -> Response:
-        """Several searches in one request; queries of one kind share an encoder pass. Photos by `image_url` only."""
-        batch = _validate(batch_model, parse_json("request body", await request.body()))
+        """Several searches in one request, embedded together (one pass per encoder). Photos by `image_url` only."""
+        batch = _validate(batch_model, parse_json("request body", await request.body()), tuple(request_model.model_fields))
         retriever, started, specs = service.retriever, time.perf_counter(), []
         for query in batch.queries:
             image = await run_in_threadpool(fetch_image_url, query.image_url, retriever.config, image_urls) if query.image_url else None
@@ -386,15 +387,13 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
 
 
 def _search_arguments(query: Any) -> dict[str, Any]:
-    """The Retriever.search arguments of a request (the photo aside)."""
-    options = {name: getattr(query, name) for name in ("offset", "min_score", "sort_by", "like", "vector", "filters",
-                                                        "hybrid", "keyword_weight", "weights", "not_text")}
-    return {"text": query.text, "mode": query.mode, "k": query.k, "where": query.where,
-            **{name: value for name, value in options.items() if value is not None}}  # like=0 is an item
+    """The Retriever.search arguments of a request (the photo aside): every option the request model serves."""
+    values = {d.name: getattr(query, d.name) for d in declared() if d.option.served}
+    return {name: value for name, value in values.items() if value is not None}  # like=0 is an item
 
 
 def _search_response(query: Any, image, results, facets, started: float) -> Response:
-    from ..search import resolve_mode
+    from ..query.checks import resolve_mode
 
     mode = resolve_mode(image, query.text, query.mode, query.like, query.vector)
     took = round((time.perf_counter() - started) * 1e3, 1)
@@ -487,7 +486,7 @@ async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, 
     content_type = request.headers.get("content-type", "")
     text_fields = _text_fields(model)
     if content_type.startswith("application/json"):
-        return _validate(model, parse_json("request body", await request.body())), None
+        return _validate(model, parse_json("request body", await request.body()), tuple(model.model_fields)), None
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await _form(request)
         # A form's field holds the field's JSON value (5, true, {"price": ...}) or, for a text field, the text itself;
@@ -499,7 +498,7 @@ async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, 
         upload = form.get("image")
         image = await upload.read() if upload is not None and hasattr(upload, "read") else None
         await form.close()
-        return _validate(model, fields), (image or None)
+        return _validate(model, fields, (*model.model_fields, "image")), (image or None)
     raise _HTTPError(415, "send JSON (text queries) or multipart/form-data (with an image)")
 
 
@@ -581,12 +580,13 @@ class _Utf8FormParser(FormParser):
         self._items[-1] = (name, _utf8_field(name, unquote_to_bytes(bytes(self._field_value).replace(b"+", b" "))))
 
 
-def _validate(model: type[BaseModel], data: Any) -> Any:
-    """Strictly: JSON values carry their types (true is not 1, "5" is not 5), and a form's fields come as JSON values."""
+def _validate(model: type[BaseModel], data: Any, known: tuple[str, ...] = ()) -> Any:
+    """Strictly: JSON values carry their types (true is not 1, "5" is not 5), and a form's fields come as JSON values.
+    ``known``: the search's fields, which an unknown one's error names the nearest of."""
     try:
         return model.model_validate(data, strict=True)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from exc
+        raise RequestValidationError(unknown_fields(exc.errors(), known)) from exc
 
 
 def _thumbnail(source: str, mtime: float, size: int = THUMBNAIL_PX) -> bytes:  # mtime is part of the cache key

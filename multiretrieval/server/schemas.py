@@ -6,7 +6,8 @@ index's bounds (``search:`` in its config).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import dataclasses
+from typing import Annotated, Any, Literal, Union, get_args
 
 from fastapi import Path as PathParam
 from fastapi import Query
@@ -14,22 +15,18 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from ..catalog import RESERVED_COLUMNS
 from ..config import SearchConfig
-from ..search import MODES
+from ..errors import did_you_mean
+from ..query.options import NOT_BLANK, Bound, Declared, Filters, Range, declared, is_union
 
-Mode = Literal["auto", "image", "text", "fused", "zero-shot"]
-# A query text, once stripped, is not empty: a character Python's str.strip keeps (JSON Schema's \s is another set).
-NOT_BLANK = "[^\\t\\n\\r\\u000b\\u000c\\u001c-\\u001f \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 ItemId = Annotated[str, PathParam(description="the item's catalog id, URL-encoded (slashes allowed)", examples=["575"],
                                   json_schema_extra={"pattern": NOT_BLANK})]
 ItemIdQuery = Annotated[str, Query(description="the item's catalog id (any string, URL-encoded)", examples=["575"],
                                    json_schema_extra={"pattern": NOT_BLANK})]
 INTEGER_TEXT = "^(0|-?[1-9][0-9]{0,17})$"  # the text of an integer id (18 digits fit 64 bits; "007" is a code, text)
 QUERY_INPUTS = ("text", "like", "vector", "image_url")  # a search needs one of these (a form may upload `image` instead)
-FLOAT32_MAX = 3.4028234663852886e38
 # Inputs a search takes one of: a vector alone (nothing to subtract from it); like (an item) with words, not with a photo.
 EXCLUSIVE_INPUTS = (("vector", "text"), ("vector", "like"), ("vector", "image_url"), ("vector", "not_text"), ("like", "image_url"))
-JSON_FORM_FIELDS = ("filters", "vector", "weights")  # structured values travel as JSON text in a form
-assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
+JSON_FORM_FIELDS = tuple(d.name for d in declared() if d.option.served and d.structured)  # JSON text in a form
 
 
 def _integral(value: Any) -> Any:
@@ -38,68 +35,46 @@ def _integral(value: Any) -> Any:
 
 # An integer as JSON Schema has it: 5.0 is the integer 5 (pydantic's strict int refuses it).
 Integer = Annotated[int, BeforeValidator(_integral)]
-Range = dict[Literal["min", "max"], float | None]  # a filter's range of numbers
 
 
 def search_request_model(bounds: SearchConfig, vector_dim: int | None = None) -> type[BaseModel]:
-    """The search request's fields, with the index's bounds (``search:`` in its config) in the schema;
-    ``vector_dim``: the joint space's dimensions, which a query vector has."""
-    dims = {} if vector_dim is None else {"minItems": vector_dim, "maxItems": vector_dim}
-    float32 = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}  # a vector's values are float32
+    """The search request: every served option of ``SearchOptions`` (query/options.py, its one declaration), with the
+    index's bounds (``search:`` in its config) in the schema, plus ``image_url`` and ``facets``; ``vector_dim``: the
+    joint space's dimensions, which a query vector has. Lengths are in the schema but checked by the query stage
+    (make_query), whose 422 names the setting and whose 400 says what is wrong with a text that is not valid Unicode.
+    A field that is none of these is refused naming the nearest (``unknown_fields``)."""
+    context = {**dataclasses.asdict(bounds), "vector_dim": vector_dim}
+    fields = {d.name: (_request_type(d.type, bounds), _request_field(d, bounds, context)) for d in declared() if d.option.served}
     return create_model(
-        "SearchRequest",
-        # Lengths are in the schema but checked by the query stage (make_query), whose 422 names the setting
-        # and whose 400 says what is wrong with a text that is not valid Unicode.
-        text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars, "pattern": NOT_BLANK},
-                                examples=["a washing machine"],
-                                description=(f"query text: at most {bounds.max_text_chars:,} characters (search.max_text_chars) "
-                                             f"and {bounds.max_text_tokens:,} word pieces (search.max_text_tokens); "
-                                             "over either: 422"))),
-        mode=(Mode, "auto"),
-        k=(Integer, Field(10, ge=1, json_schema_extra={"maximum": bounds.max_k},
-                      description=f"number of results, 1 to {bounds.max_k:,} (search.max_k)")),
-        where=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_where_chars, "pattern": NOT_BLANK},
-                                 examples=["price < 500 AND category = 'Kitchen'"], description=(
-            "filter: one condition over catalog columns (columns, literals, comparisons, AND/OR/NOT, arithmetic, "
-            "IN lists, BETWEEN, LIKE/ILIKE, IS NULL, CAST and a few scalar functions; README, \"Filters\"). "
-            f"At most {bounds.max_where_chars:,} characters (search.max_where_chars); outside the grammar: 400; "
-            f"still running after {bounds.filter_timeout_s:g} s (search.filter_timeout_s): 422"))),
-        hybrid=(Literal["rrf", "weighted", "off"] | None, Field(None, description=(
-            "text queries: how BM25 keywords and vectors combine: reciprocal-rank fusion (default), a weighted sum, or not"))),
-        keyword_weight=(float | None, Field(None, ge=0, le=1, description="text queries: the keywords' share, 0 to 1 (default 0.5)")),
-        offset=(Integer, Field(0, ge=0, description=f"results to skip (paging); k + offset at most {bounds.max_k:,}")),
-        filters=(_filters_type(bounds) | None, Field(
-            None, description=("column -> values (any of them), one value, or a range {min, max}; ANDed with `where` "
-                               f"(no SQL needed). At most {bounds.max_filter_columns:,} columns (search.max_filter_columns) "
-                               f"and {bounds.max_filter_values:,} values per list (search.max_filter_values); over either: 422"),
-            examples=[{"category": ["Kitchen"], "price": {"min": 10, "max": 500}}])),
-        sort_by=(str | None, Field(None, description=f"a column, 'price' or '-price' (descending): reorders the "
-                                                     f"{bounds.sort_candidates} most relevant items (search.sort_candidates)")),
-        min_score=(float | None, Field(None, description=(
-            "leave out results scoring lower. One scale for image, text and fused queries: the weighted mean of the "
-            "cosines of the parts the query has (an item's own photo as a photo query scores 1); zero-shot scores are "
-            "the zero-shot space's cosines (README, \"Scores\")"))),
-        weights=(dict[str, float] | None, Field(None, examples=[{"image": 0.7, "text": 0.3}], json_schema_extra={
-            "propertyNames": {"enum": ["image", "text"]}, "additionalProperties": {"type": "number", "minimum": 0},
-            "allOf": [{"anyOf": [{"required": [name], "properties": {name: {"exclusiveMinimum": 0}}}  # not both 0
-                                 for name in ("image", "text")]}]},
-            description=("fused queries (a photo and words, or `like` an item): the image and text weights, non-negative and "
-                         "not both 0; the score becomes (image * cos_image + text * cos_text) / (image + text). "
-                         "Another key, a negative weight, both 0, or a query that is not fused: 400"))),
-        not_text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars, "pattern": NOT_BLANK},
-                                    examples=["metal legs"],
-                                    description=(f"a concept to subtract: the score loses {bounds.not_text_weight:g} "
-                                                 "(search.not_text_weight) times this text's own score as a text query. "
-                                                 "Bounded as `text`; empty: 400; with `vector`: 400"))),
-        like=(str | Integer | None, Field(None, description="an item id: items like it, from its stored vectors "
-                                                         "(with `text`: its photo plus these words)")),
-        vector=(list[float] | None, Field(None, json_schema_extra={"items": float32, **(dims or {"minItems": 1})},
-                                          description="a query vector in the joint space (as Retriever.encode gives)")),
+        "SearchRequest", **fields,
         image_url=(str | None, Field(None, description="a photo to fetch from a public http(s) address",
                                      json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]"})),
         facets=(bool, Field(False, description="also return the filter columns' counts over the items matching where + filters")),
-        __config__=ConfigDict(json_schema_extra={"anyOf": _one_of_present(QUERY_INPUTS), "allOf": _apart(EXCLUSIVE_INPUTS)}),
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"anyOf": _one_of_present(QUERY_INPUTS), "allOf": _apart(EXCLUSIVE_INPUTS)}),
     )
+
+
+def _request_field(d: Declared, bounds: SearchConfig, context: dict[str, Any]) -> Any:
+    """A declared option as a request field: its default, limits, JSON Schema keywords (bounds at the index's
+    values; one whose value is unknown left out), examples and description (with what the service answers)."""
+    o = d.option
+    extra = {key: (context[v.name] if context.get(v.name) is not None else v.default) if isinstance(v, Bound) else v
+             for key, v in o.schema.items()}
+    extra = {key: v for key, v in extra.items() if v is not None}
+    return Field(d.default, ge=o.minimum, le=o.maximum, json_schema_extra=extra or None, examples=list(o.examples) or None,
+                 description=o.text(bounds, status=True))
+
+
+def _request_type(tp: Any, bounds: SearchConfig) -> Any:
+    """A declared type as the request model reads it: an int as JSON Schema's integer (5.0 is 5), the structured
+    filters with their bounds in the schema."""
+    if tp is int:
+        return Integer
+    if tp == Filters:
+        return _filters_type(bounds)
+    if is_union(tp):
+        return Union[tuple(_request_type(t, bounds) for t in get_args(tp))]  # noqa: UP007 - built from a tuple
+    return tp
 
 
 def _filters_type(bounds: SearchConfig) -> Any:
@@ -107,6 +82,17 @@ def _filters_type(bounds: SearchConfig) -> Any:
     values = Annotated[list[str | float | bool], Field(json_schema_extra={"maxItems": bounds.max_filter_values})]
     return Annotated[dict[str, values | Range | str | float | bool],
                      Field(json_schema_extra={"maxProperties": bounds.max_filter_columns})]
+
+
+def unknown_fields(errors: list[dict[str, Any]], known: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Validation errors with each unknown field's message naming the nearest known one (a did-you-mean)."""
+    out = []
+    for e in errors:
+        if e.get("type") == "extra_forbidden" and e.get("loc"):
+            name = str(e["loc"][-1])
+            e = {**e, "msg": f"unknown search field {name!r}{did_you_mean(name, known)}"}
+        out.append(e)
+    return out
 
 
 class ErrorResponse(BaseModel):
@@ -171,7 +157,7 @@ def search_body(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {**schema, "description": f"a search{inputs})"}},
         "multipart/form-data": {"schema": {
-            "type": "object", "properties": form, "anyOf": _one_of_present((*QUERY_INPUTS, "image")),
+            "type": "object", "properties": form, "additionalProperties": False, "anyOf": _one_of_present((*QUERY_INPUTS, "image")),
             "allOf": _apart((*EXCLUSIVE_INPUTS, ("image", "vector"), ("image", "like"), ("image", "image_url"))),
             "description": f"a search with an uploaded photo{inputs}, or `image`; not both)"},
                                 "encoding": {**{name: {"contentType": "application/json"} for name in JSON_FORM_FIELDS},

@@ -93,6 +93,23 @@ def test_unknown_mode_is_422(client):
     assert client.post("/search", json={"text": "sofa", "k": 0}).status_code == 422
 
 
+def test_an_unknown_field_is_422_naming_the_nearest(client, fixtures):
+    """A misspelt option was ignored (the search ran without it); now it is refused naming the nearest field, in a JSON
+    body, a form and a batch, and the schema says no other field is taken."""
+    r = client.post("/search", json={"text": "a bed", "ofset": 2})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"] == "unknown search field 'ofset'; did you mean 'offset'?"
+    photo = (fixtures / "images" / "bed1.png").read_bytes()
+    r = client.post("/search", files={"image": ("bed.png", photo, "image/png")}, data={"text": "a bed", "sortby": "price"})
+    assert r.status_code == 422 and "did you mean 'sort_by'?" in r.json()["detail"][0]["msg"]
+    r = client.post("/search/batch", json={"queries": [{"text": "a bed"}, {"text": "a bed", "not_txt": "legs"}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-3:] == ["queries", 1, "not_txt"]
+    assert "did you mean 'not_text'?" in r.json()["detail"][0]["msg"]
+    body = client.get("/openapi.json").json()["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"]["additionalProperties"] is False
+    assert body["multipart/form-data"]["schema"]["additionalProperties"] is False
+
+
 def test_empty_query_and_wrong_content_type(client):
     assert client.post("/search", json={"text": "  "}).status_code == 400
     assert client.post("/search", json={}).status_code == 400

@@ -1,5 +1,7 @@
-"""How rankings meet: one index's top-k, a text query's ranking over texts and images, the zero-shot
-merge onto the joint space's scale, and the fusion of vector and keyword (BM25) rankings.
+"""How rankings meet, each rule in one place: an index's top-k (``search_index``), the best of several readings
+(``best_reading``), the merge of two spaces onto one scale (``merge_spaces``), the fusion of vector and keyword
+(BM25) rankings (``fuse_rankings``), ties (``tie_values`` and what reads them), the items a fused query's words
+name ranked first (``named_items``, ``named_first``), and the page's order (``ties_in_id_order``, ``sort_results``).
 
 Text queries in modes auto and text are hybrid by default: the vector ranking is combined
 with BM25 over the item texts (keywords.py) by reciprocal-rank fusion (``hybrid="rrf"``), or
@@ -11,28 +13,26 @@ an item that is second in both rankings beat the one that carries the exact code
 orders the results (``hybrid_score``); each result's ``score`` stays the joint space's
 (fusion.py: cos(text) for a text query, also for items only the keywords found), so a score
 means the same whether a query was hybrid or not and ``min_score`` is one threshold everywhere.
-
-Where scores of different spaces meet, one function (``merge_spaces``) puts them on one scale;
-``fusion_calibration`` measures what a trained fusion needs to put its queries on it.
+Pure functions over arrays; the score readings they rank by are scores.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
-from .keywords import identifiers
+from ..errors import QueryError
+from ..utils import l2_normalize
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from ..collection import Collection
 
 TIE_DEPTH = 10  # results read past a page or a ranking's depth, so that a few listings tied with its last one are all seen
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009): a rank r counts 1 / (60 + r)
-CALIBRATION_SAMPLE = 1000  # items (with both an image and a text) the zero-shot scale is measured on
-CALIBRATION_MIN = 20  # fewer such items: zero-shot scores are taken as they are
+WORD_MATCH_LEAD = 10.0  # added to the photo's score of the items a fused query's words name: above every other score
 
 
 @dataclass
@@ -104,53 +104,6 @@ def restrict(subset: np.ndarray, everything: int, allowed: np.ndarray | None) ->
     return subset if allowed is None else np.intersect1d(subset, allowed, assume_unique=True)
 
 
-def rank_text(query, vector: np.ndarray, embedder, items: Collection, allowed: np.ndarray | None, depth: int
-              ) -> tuple[Hits, dict[str, np.ndarray]]:
-    """A text query's ranking (``vector``: its joint-space vector): item texts in the joint space, the
-    images of items without text in the zero-shot space (auto mode), merged on one scale, then
-    combined with the keyword ranking (hybrid). Returns the hits (in hybrid order, each with its
-    joint-space score) and, when hybrid, each hit's ``vector_score``, ``keyword_score`` and
-    ``hybrid_score`` (the value the order comes from) columns."""
-    store, indexes, config = items.store, items.indexes, embedder.config
-    hybrid = query.hybrid != "off" and query.keyword_weight > 0 and len(items.keywords) > 0
-    depth = max(depth, config.search.hybrid_depth) if hybrid else depth
-    with_text = store.with_modality("text")
-    fetch = depth + TIE_DEPTH if hybrid else depth
-    ranked = search_index(indexes["joint"], vector, fetch, restrict(with_text, len(store), allowed), "text")
-    image_only = store.with_modality("image only") if query.auto else np.zeros(0, np.int64)
-    if len(image_only):
-        clip = embedder.embed(texts=[query.text], space="clip")
-        if query.not_text is not None:
-            clip = clip - negative_vectors([query.not_text], "clip", embedder, items)
-        pictures = search_index(indexes["clip_image"], clip, fetch, restrict(image_only, len(store), allowed), "image")
-        scale = zero_shot_scale(embedder, items) if len(ranked.keys) and len(pictures.keys) else (1.0, 0.0)
-        ranked = merge_spaces(ranked, pictures, scale)
-    if not hybrid:
-        return ranked, {}
-    # Each ranking is read to its depth-th item and the items tied with it (listings sharing a title), so
-    # which of them enter the fusion does not depend on the order they were indexed in.
-    ranked = through_ties(ranked, depth)
-    words = through_ties(Hits(*items.keywords.search(query.text, depth + TIE_DEPTH, allowed)), depth)
-    fused, vector_scores, keyword_scores = fuse_rankings(ranked, words, query.hybrid, query.keyword_weight,
-                                                         lambda found: items.keywords.having(identifiers(query.text), found),
-                                                         items.keywords.holds)
-    scores = vector_scores.copy()
-    missing = np.isnan(scores)  # found by the keywords alone: its joint-space score, from its stored features
-    if missing.any():
-        scores[missing] = embedder.item_vectors(store.features, store.rows_of(fused.keys[missing])) @ vector[0]
-    ranked = Hits(fused.keys, scores.astype(np.float32), fused.matched)
-    return ranked, {"vector_score": vector_scores, "keyword_score": keyword_scores, "hybrid_score": fused.scores}
-
-
-def negative_vectors(texts: list[str], space: str, embedder, items: Collection) -> np.ndarray:
-    """beta (``search.not_text_weight``) times each text's vector as a text query of the space ("joint" or "clip"):
-    what a query's ``not_text`` subtracts."""
-    beta = embedder.config.search.not_text_weight
-    if space == "clip":
-        return beta * embedder.embed(texts=texts, space="clip")
-    return beta * embedder.query_vectors(embedder.features(None, texts), calibration=fusion_calibration(embedder, items))
-
-
 def merge_spaces(text: Hits, image: Hits, scale: tuple[float, float]) -> Hits:
     """One ranking of items matched by their text (joint space) and items matched by their image
     (zero-shot space), on the joint space's scale: a zero-shot score s counts as a * s + b.
@@ -163,70 +116,6 @@ def merge_spaces(text: Hits, image: Hits, scale: tuple[float, float]) -> Hits:
     matched = np.concatenate([text.matched, image.matched])
     order = np.argsort(-scores, kind="stable")
     return Hits(keys[order], scores[order], matched[order])
-
-
-def fusion_calibration(embedder, items: Collection) -> dict:
-    """What the fusion needs to put single-modality queries on the score scale (fusion.py, ``calibrate``):
-    nothing for late fusion; for a trained one, measured on up to 1,000 of the catalog's items with
-    both an image and a text (picked by a hash of their id, as for ``zero_shot_scale``). Cached
-    until the items change."""
-    if getattr(embedder.fusion, "kind", "late") == "late":
-        return {}
-    key = (items.store.version, id(embedder.fusion))
-
-    def measure() -> dict:
-        store = items.store
-        keys = calibration_sample(items, 1)
-        if not len(keys):
-            return {}
-        rows = store.rows_of(keys)
-        return embedder.calibration({name: value[rows] for name, value in store.features.items()})
-
-    return items.memo("fusion_calibration", key, measure)
-
-
-def calibration_sample(items: Collection, least: int) -> np.ndarray:
-    """Keys of up to CALIBRATION_SAMPLE items with both an image and a text, chosen by a hash of their
-    id (the same items whatever order they came in); none when fewer than ``least`` have both."""
-    store = items.store
-    both = np.intersect1d(store.with_modality("text"), store.with_modality("image"))
-    if len(both) < least:
-        return np.zeros(0, np.int64)
-    ids = store.table["id"].to_numpy()[store.rows_of(both)]
-    order = np.argsort([hashlib.sha256(str(i).encode()).hexdigest() for i in ids], kind="stable")
-    return np.sort(both[order[:CALIBRATION_SAMPLE]])
-
-
-def zero_shot_scale(embedder, items: Collection) -> tuple[float, float]:
-    """The affine map (a, b) that puts zero-shot text->image scores on the joint space's text->text scale.
-
-    Measured on the catalog's own items that have both an image and a text (up to 1,000, picked
-    by a hash of their id, so the same items give the same map however they were added): each
-    item's text is a query in both spaces, against the *other* items' texts (joint space, as a
-    text query is answered) and against their images (zero-shot space). The map makes the mean
-    and the standard deviation of the two score distributions equal (z-score matching): an image
-    that stands out from the others as much as a text does gets the same score. With fewer than
-    20 such items the zero-shot scores stay as they are, (1, 0). Cached until the items change.
-    """
-    key = (items.store.version, id(embedder.fusion))
-    return items.memo("zero_shot_scale", key, lambda: _measure_scale(embedder, items))
-
-
-def _measure_scale(embedder, items: Collection) -> tuple[float, float]:
-    store, indexes = items.store, items.indexes
-    keys = calibration_sample(items, CALIBRATION_MIN)
-    if not len(keys):
-        return 1.0, 0.0
-    rows = store.rows_of(keys)
-    features = {name: value[rows] for name, value in store.features.items()}
-    items_joint = embedder.item_vectors(features)
-    features["image_mask"] = np.zeros_like(features["image_mask"])  # the texts alone, as text queries
-    joint = embedder.query_vectors(features, calibration=fusion_calibration(embedder, items)) @ items_joint.T
-    zero_shot = indexes.vectors("clip_text", keys) @ indexes.vectors("clip_image", keys).T
-    others = ~np.eye(len(keys), dtype=bool)
-    j, z = joint[others], zero_shot[others]
-    a = float(j.std() / max(z.std(), 1e-6))
-    return a, float(j.mean() - a * z.mean())
 
 
 def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact=None, has_keywords=None
@@ -276,3 +165,65 @@ def _positions(ranked: np.ndarray, keys: np.ndarray) -> np.ndarray:
     order = np.argsort(ranked, kind="stable")
     at = np.minimum(np.searchsorted(ranked[order], keys), len(ranked) - 1)
     return np.where(ranked[order][at] == keys, order[at], -1)
+
+
+def named_items(text: str, near: np.ndarray, items: Collection) -> np.ndarray | None:
+    """Among the photo's nearest items (``near``), the keys of those the words name: items with a phrase (a
+    category, a tag, a variant's colour: ``Collection.phrase_keys``) whose tokens all appear in the words or that
+    holds all the words. None when none of them, or every item of the catalog, has one. Only the photo's nearest:
+    a word that is also some far item's phrase ("blue" in "Blue pine under snow", "cool" in a clip-art title)
+    names nothing the photo resembles."""
+    named = items.phrase_keys(text)
+    if len(named) == len(items.store):
+        return None
+    chosen = np.intersect1d(near[near >= 0], named)
+    return chosen if len(chosen) else None
+
+
+def named_first(scores: np.ndarray, photo_scores: np.ndarray, named: np.ndarray) -> np.ndarray:
+    """A fused query's ranking values under the word filter: the items its words name (``named``, a mask) first,
+    in the order of its photo alone (``photo_scores``), then the others by ``scores``."""
+    return np.where(named, WORD_MATCH_LEAD + photo_scores, scores)
+
+
+def named_hits_first(hits: Hits, first: Hits) -> Hits:
+    """``hits`` with the items of ``first`` (the named items, as the photo alone ranks them) ahead of the rest,
+    each keeping its own score: the photo's for the named, the query's for the others."""
+    rest = ~np.isin(hits.keys, first.keys)
+    keys = np.r_[first.keys, hits.keys[rest]]
+    scores = np.r_[first.scores, hits.scores[rest]].astype(np.float32)
+    matched = np.r_[first.matched, hits.matched[rest]]
+    order = np.argsort(-named_first(scores, scores, np.arange(len(keys)) < len(first.keys)), kind="stable")
+    return Hits(keys[order], scores[order], matched[order])
+
+
+def same_text_as(keys: np.ndarray, store) -> np.ndarray:
+    """Keys of the items whose text is that of one of ``keys`` (their text vectors equal): for "this, but X"
+    on an item (``like`` + words), duplicates of the item itself, which differ from it by nothing the
+    words could name; they score by the words alone, not by the item's text plus the words."""
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    text = store.features["text_tokens"][:, 0]
+    own = l2_normalize(text[store.rows_of(keys)])
+    same = (text @ own.T).max(1) >= 0.999 * np.linalg.norm(text, axis=1)  # cosine >= 0.999, without a normalised copy
+    return store.keys[same & store.features["text_mask"][:, 0]]
+
+
+def ties_in_id_order(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Results that score alike (``tie_values``; ``column`` orders the frame, best first) put in id order: the
+    same catalog answers the same page whatever order its rows were indexed in (an index returns equal scores
+    in its own insertion order)."""
+    if len(frame) < 2:
+        return frame
+    values = tie_values(frame[column].to_numpy())
+    run = np.r_[0, np.cumsum(values[1:] != values[:-1])]  # runs of equal neighbours; the order between runs stays
+    if run[-1] == len(values) - 1:  # no two alike
+        return frame
+    return frame.iloc[np.lexsort((frame["id"].astype(str).to_numpy(), run))]
+
+
+def sort_results(frame: pd.DataFrame, column: str, descending: bool) -> pd.DataFrame:
+    """Results reordered by a catalog column (stable: equal values keep their relevance order; empty ones last)."""
+    if column not in frame.columns or column == "rank":
+        raise QueryError(f"sort_by: no column {column!r}; sortable columns: {[c for c in frame.columns if c != 'rank']}")
+    return frame.sort_values(column, ascending=not descending, kind="stable", na_position="last")
