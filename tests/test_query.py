@@ -206,6 +206,19 @@ def test_the_table_of_options_has_every_option_with_its_bound_at_the_index_value
     assert all(row.count(" | ") == 4 for row in rows.values())  # a "|" in a help is escaped
 
 
+def test_the_docs_table_of_options_is_the_rendered_one():
+    """The pages that hold the table (after the marker ``<!-- search-options -->``; Queries and scores does) hold it as
+    options_table renders it: an option added, renamed or re-bounded in SearchOptions changes the docs with it."""
+    from pathlib import Path
+
+    marker = "<!-- search-options -->\n"
+    pages = [p for p in sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md")) if marker in p.read_text()]
+    assert "queries.md" in [p.name for p in pages]
+    for page in pages:
+        text = page.read_text().split(marker, 1)[1]
+        assert text.startswith(options_table()), f"{page.name}: the table of options differs from options_table()"
+
+
 # ---------------------------------------------------------------- evaluation ranks as search does
 
 def test_evaluation_orders_fused_queries_as_search_does(indexed, fixtures):
