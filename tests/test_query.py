@@ -172,6 +172,25 @@ def test_the_command_line_pages_sorts_filters_and_finds_more_like_an_item(indexe
         assert [row["id"] for row in shown] == expected["id"].tolist() and [row["rank"] for row in shown] == expected["rank"].tolist()
 
 
+@pytest.mark.parametrize("value", ["", "price", "-price", "price desc", " price  ASC ", "price\u3000desc", "price\tDeSc\n",
+                                   "0 0", "a b c", "   ", "price desc x", "price\ndesc\nx"])
+def test_the_schema_states_the_sort_key_grammar(value):
+    """The service's schema says which sort_by values the query stage reads: the fuzz test's generated "0 0" was a
+    request the schema called valid and the service refused (400)."""
+    import re
+
+    from multiretrieval.query.checks import _sort_key
+    from multiretrieval.server.schemas import search_request_model
+
+    pattern = search_request_model(SearchConfig()).model_json_schema()["properties"]["sort_by"]["pattern"]
+    try:
+        _sort_key(value)
+        read = True
+    except mr.QueryError:
+        read = False
+    assert bool(re.search(pattern, value)) == read
+
+
 # ---------------------------------------------------------------- an unknown option: did you mean
 
 def test_an_unknown_option_names_the_nearest_in_python(indexed):

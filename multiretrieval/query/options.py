@@ -27,6 +27,9 @@ Range = dict[Literal["min", "max"], float | None]  # a filter's range of numbers
 Filters = dict[str, list[str | float | bool] | Range | str | float | bool]  # column -> values, one value or a range
 # A query text, once stripped, is not empty: a character Python's str.strip keeps (JSON Schema's \s is another set).
 NOT_BLANK = "[^\\t\\n\\r\\u000b\\u000c\\u001c-\\u001f \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+BLANK = "[" + NOT_BLANK[2:]  # the characters str.split splits at
+# A sort key as checks._sort_key reads it: nothing, one word ("price", "-price"), or a word then asc or desc.
+SORT_KEY = f"^({BLANK}*{NOT_BLANK}+({BLANK}+([Aa][Ss][Cc]|[Dd][Ee][Ss][Cc]))?{BLANK}*)?$"
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32 = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}  # a query vector's values are float32
 
@@ -117,7 +120,8 @@ class SearchOptions:
                                      examples=({"category": ["Kitchen"], "price": {"min": 10, "max": 500}},),
                                      status="; over either: 422", metavar="JSON")
     sort_by: str | None = option(None, "a column: 'price', '-price' or 'price desc' (descending) reorders the "
-                                       "{sort_candidates} most relevant items (search.sort_candidates), or offset + k if more")
+                                       "{sort_candidates} most relevant items (search.sort_candidates), or offset + k if more",
+                                 schema={"pattern": SORT_KEY})
     min_score: float | None = option(None, "leave out results scoring lower. One scale for image, text and fused queries: "
                                            "the weighted mean of the cosines of the parts the query has (an item's own photo "
                                            "as a photo query scores 1); zero-shot scores are the zero-shot space's cosines "
