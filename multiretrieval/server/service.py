@@ -23,10 +23,10 @@ from typing import Any
 from ..config import RetrieverConfig
 from ..errors import CatalogError, IndexLoadError, StorageError
 from ..filters import compile_filter
-from ..persistence import FolderLock, journal_path
+from ..persistence import FolderLock, journal_path, remove_temporary_files, uploads_path, write_durably
 from ..retriever import Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
-from .journal import Journal, remove_temporary_files, write_durably
+from .journal import Journal
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Service:
         self.index_dir = Path(index_dir).resolve()
         self.config = config  # None: the config saved with the index (Retriever.load)
         # Uploaded images and the write log live beside the index folder: a save replaces the folder itself.
-        self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
+        self.uploads = uploads_path(self.index_dir)
         self.checkpoint_every = max(1, checkpoint_every)
         self._write_lock = threading.Lock()
         self.write_error: str | None = None  # why the last write could not be stored; None once one is
