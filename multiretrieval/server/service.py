@@ -1,7 +1,7 @@
 """The service's state: one retriever shared by every request, its micro-batched encoders, the write
 log, and the uploads folder.
 
-One retriever serves every request: searches run concurrently, writes (add, upsert, remove)
+One retriever serves every request: searches run concurrently, writes (add, upsert, update, remove)
 change it in place, one at a time (the retriever's readers-writer lock lets a search see the
 index before or after a write, never half of it). A write is acknowledged once it is applied
 and appended to the write log (``INDEX_DIR.journal``, fsync'ed); the index folder is saved
@@ -150,7 +150,8 @@ class Service:
 
 
 def apply(record: dict, retriever: Retriever) -> Any:
-    """Carry out one logged write on a retriever: add, upsert (rows of catalog columns) or remove (ids)."""
+    """Carry out one logged write on a retriever: add, upsert (rows of catalog columns), update (an id and the columns
+    it changes) or remove (ids)."""
     import pandas as pd
 
     op = record["op"]
@@ -158,6 +159,8 @@ def apply(record: dict, retriever: Retriever) -> Any:
         return retriever.add(pd.DataFrame(record["rows"]))
     if op == "upsert":
         return retriever.upsert(pd.DataFrame(record["rows"]))
+    if op == "update":
+        return retriever.update(record["id"], **record["fields"])
     if op == "remove":
         return retriever.remove(record["ids"])
     raise ValueError(f"unknown write {op!r}")
