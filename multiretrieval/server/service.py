@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RetrieverConfig
-from ..errors import CatalogError, IndexLoadError, StorageError
+from ..errors import CatalogError, ImageError, IndexLoadError, StorageError
 from ..filters import compile_filter
 from ..persistence import FolderLock, journal_path, remove_temporary_files, uploads_path, write_durably
 from ..retriever import Retriever
@@ -83,7 +83,16 @@ class Service:
         """Apply the logged writes that the saved folder does not hold yet, in order."""
         for record in records:
             try:
-                apply(record, self.retriever)
+                try:
+                    apply(record, self.retriever)
+                except ImageError:
+                    if record.get("op") != "update" or "image" not in record["fields"]:
+                        raise
+                    # Its photo was readable when logged; a later write replaced it (its upload deleted) or its file
+                    # was removed since: the other values still stand.
+                    logger.warning("replaying write %d of %s: its photo %s is gone; applying its other values",
+                                   record["seq"], self.journal.path, record["fields"]["image"])
+                    apply({**record, "fields": {k: v for k, v in record["fields"].items() if k != "image"}}, self.retriever)
             except Exception as exc:  # noqa: BLE001 - logged writes were valid when made; go on with the rest
                 logger.warning("replaying write %d (%s) of %s: %s", record["seq"], record.get("op"), self.journal.path, exc)
         if records:

@@ -196,3 +196,24 @@ def test_serve_takes_the_image_folders(folder, fixtures, tmp_path, monkeypatch, 
     with TestClient(served["app"], base_url=LOCAL) as client:
         assert client.patch("/items/575", json={"image": "bed1.png"}).json()["changed"] == ["image"]
 
+
+def test_a_patch_whose_photo_a_later_write_replaced_is_replayed_with_its_other_values(folder):
+    """The write log names an upload that a later write's photo replaced (and the server deleted): a restart still
+    applies the rest of the first write."""
+    with TestClient(create_app(folder, checkpoint_every=100), base_url=LOCAL) as client:
+        first = client.patch("/items/575", data={"metadata": json.dumps({"price": 3, "title": "Front loader KX-9"})},
+                             files={"image": ("p.png", png_bytes((40, 40), (200, 200, 0)), "image/png")})
+        assert first.status_code == 200, first.text
+        second = client.patch("/items/575", files={"image": ("p.png", png_bytes((40, 40), (0, 200, 200)), "image/png")})
+        assert second.status_code == 200 and len(list(folder.with_name("idx.uploads").iterdir())) == 1  # the first photo went
+        service = client.app.state.service
+        vector = service.retriever.vectors("joint", [575])
+        service.folder_lock.release()  # as if its process had died: the writes are in the log only
+        restarted = Service(folder)
+        try:
+            item = restarted.retriever.get(575)
+            assert (item["price"], item["title"]) == (3, "Front loader KX-9")
+            np.testing.assert_allclose(restarted.retriever.vectors("joint", [575]), vector, atol=1e-5)
+        finally:
+            restarted.close()
+            service.folder_lock.acquire()
