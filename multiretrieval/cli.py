@@ -215,7 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hosts.append(args.host)
     app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      allowed_hosts=hosts, allowed_origins=args.allowed_origin, checkpoint_every=args.checkpoint_every,
-                     config=_load_config(args.config) if args.config else None, max_concurrent=args.max_concurrent)
+                     config=_load_config(args.config) if args.config else None, max_concurrent=args.max_concurrent,
+                     image_folders=args.image_folder)
     print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
           + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index_dir", help="folder written by `multiretrieval index`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="key that POST/PUT/DELETE of items require (default: $MULTIRETRIEVAL_API_KEY)")
+    p.add_argument("--api-key", help="key that POST/PUT/PATCH/DELETE of items require (default: $MULTIRETRIEVAL_API_KEY)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413 (default 10)")
     p.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name clients may use besides localhost/127.0.0.1 (repeatable; '*' for any)")
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", type=float, default=30.0, metavar="S",
                    help="seconds an idle connection stays open (default 30; uvicorn's 5 s closes connections that "
                         "busy clients are about to reuse, and they see a dropped request)")
+    p.add_argument("--image-folder", action="append", metavar="DIR",
+                   help="a folder whose image files a write (PATCH /items/ID with an `image` path) may name (repeatable; "
+                        "default: none, and image paths are refused)")
     p.add_argument("--config", help="YAML config (search bounds, display, ...); must name the encoders the index was built with "
                                     "(default: the config saved with the index)")
     p.set_defaults(func=cmd_serve)

@@ -88,6 +88,34 @@ class IndexReport:
 
 
 @dataclass
+class UpdateReport:
+    """What ``Retriever.update`` did to one item: the columns whose values changed ("image": its photo, given anew),
+    and whether its image or text changed, so that it was encoded again (else its row changed in place, or nothing
+    did). ``warnings``: as in IndexReport (a new text with a photo that is no longer readable keeps its indexed vectors)."""
+
+    id: Any
+    changed: list[str] = field(default_factory=list)
+    reencoded: bool = False
+    warnings: list[SkippedRow] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def unchanged(self) -> bool:
+        """Nothing was written: every value given was the item's already."""
+        return not self.changed and not self.reencoded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": plain(self.id), "changed": list(self.changed), "reencoded": self.reencoded,
+                "warnings": [{"row": w.row, "id": w.id, "reason": w.reason} for w in self.warnings],
+                "seconds": round(self.seconds, 3)}
+
+    def __str__(self) -> str:
+        what = ("encoded again" if self.reencoded else "updated in place") if not self.unchanged else "unchanged"
+        lines = [f"item {plain(self.id)!r}: {what}" + (f"; changed: {', '.join(self.changed)}" if self.changed else "")]
+        return "\n".join(lines + [f"  warning {w}" for w in self.warnings])
+
+
+@dataclass
 class PipelineResult:
     hashes: list[str]
     errors: dict[int, str]  # catalog row -> reason it was skipped
