@@ -269,8 +269,14 @@ class ItemStore:
     def _duck_type(self, column: str) -> str | None:
         """A column's DuckDB type in the filter table (e.g. TIMESTAMP, DATE, BOOLEAN, VARCHAR)."""
         if self._duck_types is None:
-            rows = self._connection().execute("SELECT column_name, data_type FROM information_schema.columns "
-                                              "WHERE table_name = 'catalog'").fetchall()
+            # A cursor of its own: the shared connection refuses a second thread's call while it answers one (the
+            # page's first search and facet count, both filtered, ask at once).
+            cursor = self._connection().cursor()
+            try:
+                rows = cursor.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                      "WHERE table_name = 'catalog'").fetchall()
+            finally:
+                cursor.close()
             self._duck_types = dict(rows)
         return self._duck_types.get(column)
 
