@@ -599,13 +599,16 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
 def _thumbnail(source: str, mtime: float, size: int = THUMBNAIL_PX) -> bytes:  # mtime is part of the cache key
     key = (source, mtime, size)
     data = _thumbnails.get(key)
-    if data is None:
-        image = load_image(source)
-        image.thumbnail((size, size))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = _thumbnails.put(key, buf.getvalue())
-    return data
+    return data if data is not None else _thumbnails.put(key, render_thumbnail(source, size))
+
+
+def render_thumbnail(source: str, size: int = THUMBNAIL_PX) -> bytes:
+    """A PNG of the image at most `size` pixels on its longer side (uncached)."""
+    image = load_image(source)
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class _BytesCache:
