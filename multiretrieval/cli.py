@@ -7,7 +7,7 @@
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train] [--only NAME ...]
-    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--config FILE]
+    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--config FILE] [--no-access-log]
     multiretrieval demo [--catalog CSV] [--out DIR]
 
 Heavy libraries are imported inside the commands, so --help answers at once.
@@ -222,8 +222,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
         print("note: requests must name this machine as localhost or 127.0.0.1 unless --allowed-host NAME "
               "(the name clients use, or '*') is given")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=args.keep_alive)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=_serve_logging(not args.no_access_log), log_level=None,
+                access_log=not args.no_access_log, timeout_keep_alive=args.keep_alive)
     return 0
+
+
+def _serve_logging(access: bool) -> dict:
+    """uvicorn's logging: its own messages from warnings up, and (``access``) one line per request on stdout
+    (client, request line, status): uvicorn's log_level would set both at once."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["uvicorn"]["level"] = config["loggers"]["uvicorn.error"]["level"] = "WARNING"
+    config["loggers"]["uvicorn.access"]["level"] = "INFO" if access else "WARNING"
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: none, and image paths are refused)")
     p.add_argument("--config", help="YAML config (search bounds, display, ...); must name the encoders the index was built with "
                                     "(default: the config saved with the index)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not log each request (by default one line a request on stdout: client, method, path, status)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cache", help="manage a folder of encoded shards")

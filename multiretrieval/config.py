@@ -153,9 +153,16 @@ class DisplayConfig:
 
     title: str = "title"  # the product's name
     price: str | None = "price"  # shown as the price, and offered for sorting, when the catalog has it
+    currency: str | None = None  # the prices' ISO 4217 code (EUR, USD, JPY): shown with the shopper's number format
     brand: str | None = None  # shown under the name, e.g. "brand" or "creator"
     columns: tuple[str, ...] = ()  # more columns shown on result cards (default: none)
     facets: tuple[str, ...] = ()  # columns offered as filters (default: chosen from the columns' types and values)
+
+    def __post_init__(self) -> None:
+        if self.currency is not None:
+            if not (len(self.currency) == 3 and self.currency.isascii() and self.currency.isalpha()):
+                raise ConfigError(f"currency: expected an ISO 4217 code of three letters (EUR, USD, JPY), got {self.currency!r}")
+            object.__setattr__(self, "currency", self.currency.upper())
 
 
 @dataclass(frozen=True)
@@ -229,4 +236,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a section's own check (display.currency), named where it is
+        raise ConfigError(f"{where}.{exc}") from None

@@ -100,6 +100,11 @@ class Retriever:
         """The resolved image path or URL of every indexed item (None where it has none), by id."""
         return self._reading(self.store.image_sources)
 
+    def has_image(self, ids: list[Any]) -> np.ndarray:
+        """Whether each item was indexed with its photo: False where it has none, where its photo could not be read
+        (it is searched by its text), and for an id not in the index."""
+        return self._reading(self.store.has_image, list(ids))
+
     def _reading(self, read, *args):
         with self._lock.reading():
             return read(*args)

@@ -132,7 +132,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         display = retriever.config.display
         return {"items": len(retriever), "modes": list(MODES),
                 "display": {"title": display.title, "price": display.price if display.price in items else None,
-                            "brand": display.brand if display.brand in items else None,
+                            "currency": display.currency, "brand": display.brand if display.brand in items else None,
                             "columns": [c for c in display.columns if c in items]},
                 "facets": retriever.facet_columns(),
                 "columns": {c: ("number" if items[c].dtype.kind in "iuf" else "text") for c in items.columns}}
@@ -181,7 +181,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         results = await compute(retriever.search, image=image, **_search_arguments(query))
         facets = await compute(retriever.facets, None, query.where, query.filters) if query.facets else None
         facets = _facets_for_clients(facets)
-        return _search_response(query, image, results, facets, started)
+        return _search_response(query, image, results, facets, started, retriever)
 
     @app.post("/search/batch", response_model=None, openapi_extra=batch_body(request_model, bounds.max_batch),
               responses=responses({
@@ -197,7 +197,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             image = await run_in_threadpool(fetch_image_url, query.image_url, retriever.config, image_urls) if query.image_url else None
             specs.append({"image": image, **_search_arguments(query)})
         frames = await compute(retriever.search_batch, specs)
-        answers = [_search_response(q, s["image"], f, None, started).body.decode() for q, s, f in zip(batch.queries, specs, frames)]
+        answers = [_search_response(q, s["image"], f, None, started, retriever).body.decode()
+                   for q, s, f in zip(batch.queries, specs, frames)]
         return Response('{"results": [' + ", ".join(answers) + "]}", media_type="application/json")
 
     facet_filters = "column -> values or {min, max}, as `filters` for POST /search"
@@ -206,7 +207,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     @app.get("/facets", response_model=None, openapi_extra=json_query_parameter("filters", filters_schema, facet_filters),
              responses=responses({
-        200: (dict[str, Any], "per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram}"),
+        200: (dict[str, Any], ("per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram, "
+                               "quantiles}: min, max and the 101 quantiles (percentiles 0 to 100, values of the column) over "
+                               "all items, the histogram's counts over the matching ones")),
         400: "an unknown column; filters that are not a JSON object (nested at most 32 levels); a filter outside the grammar",
         422: "a filter over its bounds"}))
     async def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
@@ -222,7 +225,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     def item_row(item_id: str) -> dict:
         import pandas as pd
 
-        row = _for_clients(pd.DataFrame([service.retriever.get(item_id)]))
+        row = _for_clients(pd.DataFrame([service.retriever.get(item_id)]), service.retriever)
         return json.loads(row.to_json(orient="records"))[0]  # NaN -> null
 
     def item_thumbnail(item_id: str, size: int = THUMBNAIL_PX) -> Response:
@@ -551,15 +554,16 @@ def _search_arguments(query: Any) -> dict[str, Any]:
             **{name: value for name, value in options.items() if value is not None}}  # like=0 is an item
 
 
-def _search_response(query: Any, image, results, facets, started: float) -> Response:
+def _search_response(query: Any, image, results, facets, started: float, retriever) -> Response:
     from ..search import resolve_mode
 
     mode = resolve_mode(image, query.text, query.mode, query.like, query.vector)
     took = round((time.perf_counter() - started) * 1e3, 1)
     # The rows serialised once by pandas (NaN -> null), not converted to dicts and back.
-    head = {"mode": mode, "count": len(results), "offset": query.offset, "has_more": bool(results.attrs.get("has_more")),
-            "took_ms": took, "facets": facets}
-    body = json.dumps(head, default=str)[:-1] + f', "results": {_for_clients(results).to_json(orient="records")}}}'
+    head = {"mode": mode, "count": len(results), "total": results.attrs.get("total"), "offset": query.offset,
+            "has_more": bool(results.attrs.get("has_more")), "took_ms": took, "facets": facets}
+    rows = _for_clients(results, retriever).to_json(orient="records")
+    body = json.dumps(head, default=str)[:-1] + f', "results": {rows}}}'
     return Response(body, media_type="application/json")
 
 
@@ -569,12 +573,15 @@ def _integer_ids(ids) -> bool:
     return pd.api.types.is_integer_dtype(ids.dtype)
 
 
-def _for_clients(rows):
+def _for_clients(rows, retriever):
     """Catalog rows as clients see them: an image file by its name only (GET /items/ID/image serves the photo;
-    the server's folders, the uploads folder among them, are none of their business), an image URL as it is."""
+    the server's folders, the uploads folder among them, are none of their business), an image URL as it is, and
+    null where the item has no photo to show (none, or one that could not be read when it was indexed), so that a
+    page asks for no thumbnail that is not there."""
     if "image" not in rows.columns:
         return rows
-    return rows.assign(image=[_shown_image(v) for v in rows["image"]])
+    photo = retriever.has_image(rows["id"].tolist()) if len(rows) else []
+    return rows.assign(image=[_shown_image(v) if shown else None for v, shown in zip(rows["image"], photo)])
 
 
 def _facets_for_clients(counts: dict | None) -> dict | None:

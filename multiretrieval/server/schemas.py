@@ -115,11 +115,19 @@ class ErrorResponse(BaseModel):
 
 class SearchResponse(BaseModel):
     mode: str = Field(description="the mode that ran (auto resolved; 'vector' for a vector query)")
-    count: int
+    count: int = Field(description="results in this answer")
+    total: int | None = Field(description=(
+        "the items the search matches, every page together: those the filters (where, filters) let through that the "
+        "mode compares (every item; for text-only and zero-shot image queries those with a text, for zero-shot text "
+        "queries those with a photo), the `like` item left out. With min_score, those scoring at least that, where the "
+        "ranking read settles it (it read every item, or its last score is below the floor; never for a text query "
+        "whose ranking was read only in part); null otherwise"))
     offset: int
     has_more: bool = Field(description="another page follows")
     took_ms: float
-    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (text queries: matched; "
+    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (`image`: the photo's file "
+                                                      "name or address, null where the item has none to show: none "
+                                                      "given, or one unreadable when indexed; text queries: matched; "
                                                       "hybrid: vector_score, keyword_score; fused: image_score, text_score, "
                                                       "word_match: the words name the item's category, tag or colour)")
     facets: dict[str, Any] | None = Field(None, description="when asked for: the filter columns' counts or ranges")
