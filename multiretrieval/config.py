@@ -44,6 +44,13 @@ class EncoderConfig:
     batch_size: int = 32
     max_text_tokens: int = 128
     runtime: str = "auto"  # torch | onnx (ONNX Runtime, ~4x faster images on CPU) | auto (onnx when installed)
+    # int8: ONNX Runtime on a CPU with int8 dot products runs the image CNN's int8 export where a calibration table
+    # ships for its weights (encoders/quantize.py); fp32 elsewhere (PyTorch, GPUs, other CPUs). The text encoder runs fp32.
+    precision: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("int8", "fp32"):
+            raise ConfigError(f"encoders.precision: {self.precision!r} is not one of 'int8', 'fp32'")
 
 
 @dataclass(frozen=True)
