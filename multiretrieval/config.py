@@ -110,7 +110,7 @@ class IndexConfig:
 class IngestConfig:
     """The indexing pipeline (pipeline.py): reader threads, shard size, engine."""
 
-    workers: int = 2  # threads that hash, decode and resize images ahead of the encoder
+    workers: int = 0  # threads that hash, decode and resize images ahead of the encoder; 0: a third of the cores, at least 2
     shard_size: int = 1024  # items per shard of encoded arrays (a multiple of encoders.batch_size)
     engine: str = "local"  # local | ray (Ray Data map_batches over model-holding actors)
     ray_actors: int = 2  # ray: encoder actors (one per node's worth of cores is a good start)
