@@ -128,6 +128,9 @@ def run(embedder: Embedder, rows: list[Row], store: ShardStore, shard_size: int 
     elif todo:
         from .encoders.runtime import on_gpu
 
+        with clock("load"):
+            embedder.image_encoder.open_bulk()
+            embedder.text_encoder.open_bulk()
         runtime = embedder.image_encoder.runtime
         threads = plan_threads(workers, runtime, runtime == "onnx" and on_gpu())
         encoder = ShardEncoder(embedder, show_progress=show_progress, threads=threads, clock=clock)

@@ -189,6 +189,11 @@ class ImageEncoder:
         (ONNX Runtime's bulk session: runtime.OnnxModule)."""
         return self._tokens(*self._network(np.ascontiguousarray(batch, np.float32), bulk=True), grid)
 
+    def open_bulk(self) -> None:
+        """Open the session of :meth:`forward_bulk` now (a pipeline counts it as loading the model, not as encoding)."""
+        if self._onnx is not None:
+            _ = self._onnx.bulk_session  # made on first use
+
     @staticmethod
     def _tokens(fmap: np.ndarray, probs: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
         tokens = [fmap.mean(axis=(2, 3), dtype=np.float64)[:, None]]

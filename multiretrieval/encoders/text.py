@@ -222,6 +222,11 @@ class TextEncoder:
         session: runtime.OnnxModule)."""
         return self._tokens(texts, chunks, bulk=True)
 
+    def open_bulk(self) -> None:
+        """Open the session of :meth:`forward_bulk` now (a pipeline counts it as loading the model, not as encoding)."""
+        if self._onnx is not None:
+            _ = self._onnx.bulk_session  # made on first use
+
     def _tokens(self, texts: Sequence[str], chunks: int, bulk: bool) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = self.pieces([t[: self.max_chars] for t in texts])
         states = self._network(ids, mask, bulk)
