@@ -169,3 +169,16 @@ def test_batches_encoded_at_once_give_the_vectors_of_one_batch_at_a_time(catalog
         texts = catalog.texts()
         np.testing.assert_allclose(features["text_tokens"][:, 0], np.concatenate([r.text_encoder.forward([t])[0][:, 0] for t in texts]),
                                    atol=1e-5)
+
+
+def test_where_onnx_runtime_offers_a_gpu_the_pipeline_plans_for_it(indexed, monkeypatch):
+    """No config change: the sessions take CUDA first (runtime.providers), and the pipeline then encodes two image
+    batches at once (one copies while the other runs) with a reader per core but one."""
+    from multiretrieval.encoders import runtime
+    from multiretrieval.pipeline import ShardEncoder, Threads, cpu_budget, plan_threads
+
+    assert ShardEncoder(indexed.embedder).threads == plan_threads(cores=cpu_budget())  # the CPU's plan
+    monkeypatch.setattr(runtime, "providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ShardEncoder(indexed.embedder).threads == Threads(read=max(2, cpu_budget() - 1), image=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a Ray actor's share
+    assert cpu_budget() == 1
