@@ -8,7 +8,7 @@ All on the same real catalog, each measured --runs times, the rows interleaved w
   2 intra-op threads, on pre-decoded, pre-resized tensors in batches of 32: the reference. ``--eager`` adds eager
   PyTorch;
 - pipeline: what a user runs, in a fresh process: ``Retriever()`` (model loading included) then ``index`` of the
-  catalog from an empty shard cache, at ``encoders.precision`` int8 (the default) and fp32; the last run's index
+  catalog from an empty shard cache, at ``encoders.precision`` int8 and fp32 (the default); the last run's index
   report gives the seconds per stage;
 - naive loop (``--naive``): one item at a time: decode, resize, image forward, text forward, zero-shot vectors.
 

@@ -45,8 +45,10 @@ class EncoderConfig:
     max_text_tokens: int = 128
     runtime: str = "auto"  # torch | onnx (ONNX Runtime, ~4x faster images on CPU) | auto (onnx when installed)
     # int8: ONNX Runtime on a CPU with int8 dot products runs the image CNN's int8 export where a calibration table
-    # ships for its weights (encoders/quantize.py); fp32 elsewhere (PyTorch, GPUs, other CPUs). The text encoder runs fp32.
-    precision: str = "int8"
+    # ships for its weights (encoders/quantize.py; ~2x faster images, mean cosine 0.998 to fp32); fp32 elsewhere
+    # (PyTorch, GPUs, other CPUs). The text encoder runs fp32. Not the default: compared with an fp32 run, int8 moved
+    # some `evaluate` figures by more than 0.01 (benchmarks/compare_evaluations.py).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.precision not in ("int8", "fp32"):

@@ -2,7 +2,7 @@
 
 ``get_image_encoder("efficientnet-lite0")`` and ``get_text_encoder("minilm-l6")`` load the
 packaged offline defaults; loaded encoders are shared within a process. The image encoder's ``precision``
-defaults to fp32 here (training and scripts); a retriever passes its config's ``encoders.precision`` (default int8).
+defaults to fp32 here (training and scripts); a retriever passes its config's ``encoders.precision``.
 """
 
 from __future__ import annotations

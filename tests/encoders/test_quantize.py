@@ -38,14 +38,14 @@ def test_int8_image_encoder_stays_within_its_stated_cosine_of_fp32(images):
 
 
 def test_precision_config_round_trips(tmp_path):
-    assert mr.RetrieverConfig().encoders.precision == "int8"
-    assert mr.RetrieverConfig.from_yaml("configs/default.yaml").encoders.precision == "int8"
-    cfg = mr.RetrieverConfig().with_overrides({"encoders": {"precision": "fp32"}})
+    assert mr.RetrieverConfig().encoders.precision == "fp32"
+    assert mr.RetrieverConfig.from_yaml("configs/default.yaml").encoders.precision == "fp32"
+    cfg = mr.RetrieverConfig().with_overrides({"encoders": {"precision": "int8"}})
     path = tmp_path / "c.yaml"
     import yaml
 
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    assert mr.RetrieverConfig.from_yaml(path).encoders.precision == "fp32"
+    assert mr.RetrieverConfig.from_yaml(path).encoders.precision == "int8"
     with pytest.raises(mr.ConfigError, match="encoders.precision: 'int4' is not one of 'int8', 'fp32'"):
         mr.RetrieverConfig().with_overrides({"encoders": {"precision": "int4"}})
     with pytest.raises(mr.ConfigError, match="unknown encoder precision 'int4'"):
@@ -110,13 +110,12 @@ def test_a_table_that_does_not_fit_the_graph_leaves_fp32(tmp_path, monkeypatch, 
 
 def test_fp32_and_int8_items_never_share_cached_shards(catalog, tmp_path):
     """The precision is part of the shard store's fingerprint: an fp32 run does not reuse int8 vectors."""
-    fp32 = mr.RetrieverConfig().with_overrides({"encoders": {"precision": "fp32"}})
-    first = mr.Retriever(fp32)
+    first = mr.Retriever()
     assert first.index(catalog, show_progress=False, cache=tmp_path).encoded == len(catalog)
     assert first.image_encoder.precision == "fp32"
-    default = mr.Retriever()
-    report = default.index(catalog, show_progress=False, cache=tmp_path)
-    if default.image_encoder.precision == "fp32":
+    int8 = mr.Retriever(mr.RetrieverConfig().with_overrides({"encoders": {"precision": "int8"}}))
+    report = int8.index(catalog, show_progress=False, cache=tmp_path)
+    if int8.image_encoder.precision == "fp32":
         assert report.cached == len(catalog)  # no int8 here: the same vectors, from the cache
     else:
         assert report.encoded == len(catalog) and len(list(tmp_path.iterdir())) == 2
