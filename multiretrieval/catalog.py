@@ -1,17 +1,24 @@
 """The catalog and the reader stage: validate rows, decode images, build item texts.
 
-A catalog is a table with a unique ``id`` column and, per item, an ``image`` (a path
-relative to ``image_root``, an absolute path or an http(s) URL) and/or text columns
-(``title``, ``description`` by default). Every other column is metadata, returned with
-search results and usable in ``where=`` filters.
+A catalog is a table with a unique ``id`` column and, per item, an image (a path relative
+to ``image_root``, an absolute path or an http(s) URL) and/or text columns (``title``,
+``description`` by default). Every other column is metadata, returned with search results and
+usable in ``where=`` filters.
 
-Sources: a CSV, parquet, JSON or JSON Lines file (relative image paths are taken relative to
-the file's folder), a DataFrame, or a folder of images (:meth:`Catalog.from_folder`: id = the
-image's path relative to the folder, optional sidecar metadata).
+The image column is the one named by ``image_column=`` (``catalog.image_column``), else the one
+whose name says so (``image``, ``image_url``, ``photo``, ``Image Src``, ...: IMAGE_COLUMN_NAMES),
+else the one whose values are paths or URLs of image files; it is renamed ``image`` (the name
+results, the service and the stored rows use), and ``Catalog.image_column`` keeps the name it had.
+
+Sources: a CSV (``,`` ``;`` tab or ``|`` separated), Excel (with openpyxl/xlrd), parquet, JSON or
+JSON Lines file (relative image paths are taken relative to the file's folder), a DataFrame, or a
+folder of images (:meth:`Catalog.from_folder`: id = the image's path relative to the folder,
+optional sidecar metadata).
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import io
 import json
@@ -23,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -30,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import CatalogConfig
 from .downloads import download
-from .errors import CatalogError, ImageError, ImageLimitError
+from .errors import CatalogError, ImageError, ImageLimitError, did_you_mean
 
 ImageInput = Union[str, Path, bytes, Image.Image]
 
@@ -43,14 +51,21 @@ _URL_PREFIXES = ("http://", "https://")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".avif", ".heic", ".heif")
 SIDECAR_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json")  # metadata beside the images, joined by file name
 SIDECAR_KEYS = ("file_name", "file", "filename", "path")  # the sidecar column naming the image
+# Names an image column goes by in shop exports, compared lower-cased with spaces, dots and hyphens as "_"
+# ("Image URL", "image-link", "Image Src" (Shopify), "image_link" (Google Merchant feeds)).
+IMAGE_COLUMN_NAMES = ("image", "image_url", "image_path", "image_link", "image_src", "image_file", "imageurl", "img",
+                      "img_url", "img_src", "img_path", "photo", "photo_url", "photo_path", "picture", "picture_url",
+                      "thumbnail", "thumbnail_url", "main_image", "main_image_url")
+CSV_DELIMITERS = (",", ";", "\t", "|")  # tried on a CSV's head: the one giving a consistent table wins
+EXCEL_SUFFIXES = (".xlsx", ".xlsm", ".xls")
 
 
 class Catalog:
     """A validated product table.
 
     Args:
-        df: one row per item; needs an ``id`` column (unique, non-empty) and at least one
-            of ``image`` or the text columns.
+        df: one row per item; needs an ``id`` column (unique, non-empty; ``ID`` or ``Id`` is renamed ``id``) and at
+            least one of an image column or the text columns.
         image_root: folder that relative image paths are resolved against (default: the
             current folder; :meth:`from_csv` passes the CSV's folder).
         text_columns: the columns joined into an item's text (default: title, description).
@@ -58,10 +73,17 @@ class Catalog:
             repeated id (its first row stays) or neither image nor text, each listed in
             ``dropped`` with its reason (``index``, ``add`` and ``upsert`` read files this way and
             report them).
+        image_column: the column of image paths or URLs (``catalog.image_column``). Default: found
+            (``image_found`` says how): a column named ``image`` (as always), else the one column
+            named like an image (IMAGE_COLUMN_NAMES, any case: ``image_url``, ``photo``, ``Image
+            Src``, ...), else the one column whose values are paths or URLs of image files (.jpg,
+            .png, ...; a text column never), else none (every item is indexed by its text). The
+            column is renamed ``image`` in ``df``, what results show; ``image_column`` keeps its name.
 
     Raises:
         CatalogError: naming the rows and the reason, for a missing ``id`` column, no image
-            or text column at all, and (``bad_rows="raise"``) an empty or duplicate id, or a row
+            or text column at all, an ``image_column`` the table lacks, two columns that both look
+            like the image column, and (``bad_rows="raise"``) an empty or duplicate id, or a row
             with neither image nor text.
     """
 
@@ -71,12 +93,19 @@ class Catalog:
         image_root: str | Path | None = None,
         text_columns: tuple[str, ...] | list[str] = CatalogConfig.text_columns,
         bad_rows: str = "raise",
+        image_column: str | None = CatalogConfig.image_column,
     ) -> None:
         if not isinstance(df, pd.DataFrame):
             raise CatalogError(f"expected a pandas DataFrame, got {type(df).__name__}")
         if bad_rows not in ("raise", "skip"):
             raise ValueError(f"bad_rows must be 'raise' or 'skip', got {bad_rows!r}")
         df = df.reset_index(drop=True)
+        named_id = [c for c in df.columns if isinstance(c, str) and c.strip().lower() == "id"]
+        if "id" not in df.columns and len(named_id) == 1:  # "ID", "Id": exports capitalise their headers
+            df = df.rename(columns={named_id[0]: "id"})
+        self.image_column, self.image_found = find_image_column(df, text_columns, image_column)
+        if self.image_column is not None and self.image_column != "image":
+            df = df.rename(columns={self.image_column: "image"})
         self.row_numbers = np.arange(len(df))  # each item's row in the table read: what reports name
         self.dropped: list[SkippedRow] = []  # bad_rows="skip": the rows left out, and why
         if bad_rows == "skip" and "id" in df.columns:  # before the ids are coerced: a gap makes integer ids floats
@@ -87,23 +116,52 @@ class Catalog:
         self.image_root = Path(image_root).resolve() if image_root is not None else Path.cwd()
         self.text_columns = tuple(c for c in text_columns if c in self.df.columns)
         self._validate(bad_rows)
+        if self.image_found != "folder" and logger.isEnabledFor(logging.INFO):
+            logger.info("%s", self.images_note())
+
+    def images_note(self) -> str | None:
+        """Where this catalog's images come from, in one line (None for a folder: its files)."""
+        how = {"given": "as named", "name": "found by its name",
+               "content": "found by its values: paths or URLs of image files"}.get(self.image_found)
+        if self.image_found == "folder":
+            return None
+        if self.image_column is None:
+            urls = _url_columns(self.df)
+            hint = f" (column {urls[0]!r} holds web addresses: if they are images, name it)" if urls else ""
+            return f"no image column: every item is indexed by its text; name it with --image-column / catalog.image_column{hint}"
+        return f"images from column {self.image_column!r} ({how})"
 
     @classmethod
     def from_csv(cls, path: str | Path, **kwargs: Any) -> Catalog:
-        """Read a CSV; relative image paths are taken relative to the CSV's folder."""
-        path = Path(path)
-        if not path.is_file():
-            raise CatalogError(f"{path}: catalog file not found")
-        df = read_csv_cells(path, ("id", "image", *kwargs.get("text_columns", CatalogConfig.text_columns)))
+        """Read a CSV (comma, semicolon, tab or bar separated: told from its first lines); relative image paths are
+        taken relative to the CSV's folder."""
+        path = _existing_file(path)
+        kind = file_kind(path)
+        if kind != "text":
+            raise CatalogError(f"{path}: {_KIND_WORDS[kind]}, not a CSV: read it with Catalog.read (which reads "
+                               f"{'Excel workbooks' if kind in ('xlsx', 'xls') else 'parquet'} too)")
+        named = kwargs.get("image_column")
+        df = read_csv_cells(path, ("id", "image", *([named] if named else []),
+                                   *kwargs.get("text_columns", CatalogConfig.text_columns)))
+        kwargs.setdefault("image_root", path.resolve().parent)
+        return cls(df, **kwargs)
+
+    @classmethod
+    def from_excel(cls, path: str | Path, sheet: str | int | None = None, **kwargs: Any) -> Catalog:
+        """Read a sheet of an Excel workbook (.xlsx, .xlsm with openpyxl; .xls with xlrd: optional packages, and the
+        error says which to install); ``sheet``: a name or a position (default: the first, logged when there are
+        more). Relative image paths are taken relative to the workbook's folder."""
+        path = _existing_file(path)
+        named = kwargs.get("image_column")
+        df = read_excel_cells(path, ("id", "image", *([named] if named else []),
+                                     *kwargs.get("text_columns", CatalogConfig.text_columns)), sheet)
         kwargs.setdefault("image_root", path.resolve().parent)
         return cls(df, **kwargs)
 
     @classmethod
     def from_parquet(cls, path: str | Path, **kwargs: Any) -> Catalog:
         """Read a parquet file; relative image paths are taken relative to its folder."""
-        path = Path(path)
-        if not path.is_file():
-            raise CatalogError(f"{path}: catalog file not found")
+        path = _existing_file(path)
         try:
             df = pd.read_parquet(path)
             if "id" in df.columns and df["id"].dtype.kind == "f":  # integer ids with a gap: read them again as written
@@ -119,9 +177,7 @@ class Catalog:
     def from_jsonl(cls, path: str | Path, **kwargs: Any) -> Catalog:
         """Read JSON Lines (one object per line) or a JSON array of objects (``.json``);
         relative image paths are taken relative to the file's folder."""
-        path = Path(path)
-        if not path.is_file():
-            raise CatalogError(f"{path}: catalog file not found")
+        path = _existing_file(path)
         df = _read_json_records(path)
         kwargs.setdefault("image_root", path.resolve().parent)
         return cls(df, **kwargs)
@@ -136,7 +192,7 @@ class Catalog:
                 and HEIC/HEIF when pillow-heif is installed). Hidden files and folders are left out.
             recursive: also the images in subfolders (ids like ``lamps/desk.jpg``).
             title_from_filename: a ``title`` from the file name ("desk_lamp-02.jpg" -> "desk lamp 02").
-            kwargs: passed to the constructor (``text_columns``).
+            kwargs: passed to the constructor (``text_columns``; not ``image_column``: the images are the files).
 
         Metadata can sit beside the images in ``metadata.csv``, ``metadata.jsonl`` or
         ``metadata.json`` (in the folder or, when recursive, any subfolder), one row per image,
@@ -149,9 +205,11 @@ class Catalog:
             CatalogError: the folder does not exist or holds no image, or a metadata file is
                 malformed (naming the file, the row and the reason).
         """
+        if kwargs.pop("image_column", None) not in (None, "image"):
+            raise CatalogError(f"{folder}: a folder's images are its files; image_column names a column of a catalog file")
         root = Path(folder).expanduser()
         if not root.is_dir():
-            raise CatalogError(f"{folder}: not a folder" if root.exists() else f"{folder}: folder not found")
+            raise CatalogError(f"{folder}: not a folder" if root.exists() else not_found(folder, folder=True))
         root = root.resolve()
         images, sidecars = _walk_folder(root, recursive)
         if not images:
@@ -164,32 +222,51 @@ class Catalog:
         for sidecar in sidecars:
             df = _join_sidecar(df, root, sidecar, kwargs.get("text_columns", CatalogConfig.text_columns))
         kwargs.setdefault("image_root", root)
-        return cls(df, **kwargs)
+        catalog = cls(df, image_column="image", **kwargs)
+        catalog.image_found = "folder"
+        return catalog
 
     @classmethod
     def of(cls, source: Catalog | pd.DataFrame | str | Path, text_columns: tuple[str, ...] | list[str],
-           bad_rows: str = "raise") -> Catalog:
-        """A catalog as given, or read from a DataFrame or a file, with these text columns (``bad_rows``: as for the
-        constructor)."""
+           bad_rows: str = "raise", image_column: str | None = None) -> Catalog:
+        """A catalog as given, or read from a DataFrame or a file, with these text columns and image column (``bad_rows``,
+        ``image_column``: as for the constructor; a folder's images are its files)."""
         if isinstance(source, Catalog):
             return source
         if isinstance(source, pd.DataFrame):
-            return cls(source, text_columns=text_columns, bad_rows=bad_rows)
-        return cls.read(source, text_columns=text_columns, bad_rows=bad_rows)
+            return cls(source, text_columns=text_columns, bad_rows=bad_rows, image_column=image_column)
+        return cls.read(source, text_columns=text_columns, bad_rows=bad_rows, image_column=image_column)
 
     @classmethod
     def read(cls, path: str | Path, **kwargs: Any) -> Catalog:
-        """A catalog from a path: a folder of images (:meth:`from_folder`), or a file by its
-        suffix: parquet (.parquet, .pq), JSON Lines (.jsonl, .ndjson), JSON (.json), CSV otherwise."""
+        """A catalog from a path: a folder of images (:meth:`from_folder`; ``image_column`` does not apply), or a file
+        by what it holds (an Excel workbook or a parquet file is known by its first bytes, whatever its name), else by
+        its suffix: Excel (.xlsx, .xlsm, .xls), parquet (.parquet, .pq), JSON Lines (.jsonl, .ndjson), JSON (.json),
+        CSV otherwise."""
+        given = path
         path = Path(path).expanduser()
         suffix = path.suffix.lower()
         if path.is_dir():
+            kwargs.pop("image_column", None)
             return cls.from_folder(path, **kwargs)
-        if suffix in IMAGE_EXTENSIONS and path.is_file():
+        if not path.exists():
+            raise CatalogError(not_found(given))
+        if not path.is_file():  # a FIFO or a device would block its first read
+            raise CatalogError(f"{path}: not a regular file")
+        if suffix in IMAGE_EXTENSIONS:
             raise CatalogError(f"{path}: an image, not a catalog: give the folder it is in ({path.parent}), or a CSV "
                                "that lists it")
-        if suffix in (".parquet", ".pq"):
+        kind = file_kind(path)
+        if kind in ("xlsx", "xls"):
+            if suffix not in EXCEL_SUFFIXES:
+                logger.warning("%s: an Excel workbook, whatever its name says: read as one", path)
+            return cls.from_excel(path, **kwargs)
+        if kind == "zip":
+            raise CatalogError(f"{path}: a zip archive, not a catalog: unzip it, or export the table as CSV")
+        if kind == "parquet" or suffix in (".parquet", ".pq"):
             return cls.from_parquet(path, **kwargs)
+        if suffix in EXCEL_SUFFIXES:  # named like a workbook, but not one
+            raise CatalogError(f"{path}: named {suffix} but not an Excel workbook (its first bytes say otherwise)")
         if suffix in (".jsonl", ".ndjson", ".json"):
             return cls.from_jsonl(path, **kwargs)
         return cls.from_csv(path, **kwargs)
@@ -201,6 +278,7 @@ class Catalog:
         part = Catalog.__new__(Catalog)  # rows of a valid catalog are valid: not coerced again ("8" of "x", "8" stays text)
         part.df = self.df.iloc[rows].reset_index(drop=True)
         part.image_root, part.text_columns = self.image_root, self.text_columns
+        part.image_column, part.image_found = self.image_column, self.image_found
         part.row_numbers, part.dropped = self.row_numbers[rows], []
         return part
 
@@ -227,7 +305,8 @@ class Catalog:
     def _validate(self, bad_rows: str) -> None:
         df = self.df
         if "id" not in df.columns:
-            raise CatalogError(f"missing required column 'id' (columns: {list(df.columns)})")
+            near = did_you_mean("id", [c for c in df.columns if isinstance(c, str)])
+            raise CatalogError(f"missing required column 'id' (columns: {list(df.columns)}){near}")
         reserved = [c for c in df.columns if c in RESERVED_COLUMNS]
         if reserved:
             raise CatalogError(f"column name(s) {reserved} are reserved: search results add columns of these names; rename them")
@@ -237,8 +316,9 @@ class Catalog:
                                "(column names must be strings); rename them")
         if "image" not in df.columns and not self.text_columns:
             raise CatalogError(
-                f"no 'image' column and none of the text columns {list(CatalogConfig.text_columns)}: "
-                f"an item needs an image or a text (columns: {list(df.columns)})"
+                f"no image column and none of the text columns {list(CatalogConfig.text_columns)}: "
+                f"an item needs an image or a text (columns: {list(df.columns)}); name the image column with "
+                "image_column= (--image-column, catalog.image_column) or the text columns with catalog.text_columns"
             )
         empty = [i for i, v in enumerate(df["id"]) if _is_empty(v)]
         keys = df["id"].astype(str)
@@ -266,6 +346,143 @@ class Catalog:
             raise CatalogError(f"duplicate id {first!r} in rows {_rows(rows)} ({int(dup.sum())} rows share an id)")
         if bare:
             raise CatalogError(f"row(s) {_rows(bare)} (id {plain(df['id'].iloc[bare[0]])!r}...): neither image nor text")
+
+
+def image_column_name(name: Any) -> bool:
+    """Whether a column's name says it holds the images ("image_url", "Image URL", "Photo", ...)."""
+    return isinstance(name, str) and re.sub(r"[\s.\-]+", "_", name.strip().lower()) in IMAGE_COLUMN_NAMES
+
+
+def find_image_column(df: pd.DataFrame, text_columns: tuple[str, ...] | list[str] = (), named: str | None = None
+                      ) -> tuple[str | None, str | None]:
+    """The image column of a table and how it was found: ("image_url", "given" | "name" | "content"), or (None, None).
+
+    ``named`` (given by the caller) must be a column. Otherwise a column called ``image`` wins (as it always has), then
+    the one column with an image's name (:func:`image_column_name`), then the one column whose sampled values are
+    nearly all paths or URLs of image files; the id and text columns are never taken. Two candidates of one rank are
+    a CatalogError naming both, as is a named column that is missing."""
+    columns = [c for c in df.columns if isinstance(c, str)]
+    if named:
+        if named in columns:
+            chosen = named
+        else:
+            by_name = [c for c in columns if c.strip().lower() == named.strip().lower()]
+            if len(by_name) != 1:
+                raise CatalogError(f"image_column {named!r} is not a column{did_you_mean(named, columns)} (columns: {columns})")
+            chosen = by_name[0]
+        if chosen == "id":
+            raise CatalogError("image_column 'id': the id column cannot be the image column")
+        if chosen != "image" and "image" in columns:
+            raise CatalogError(f"image_column {chosen!r}, but the table has a column 'image' too, the name the image column "
+                               "is stored and shown under: rename or drop that column")
+        return chosen, "given"
+    if "image" in columns:
+        return "image", "name"
+    by_name = [c for c in columns if image_column_name(c)]
+    if len(by_name) > 1:
+        raise CatalogError(f"columns {by_name} all look like the image column: name the one that holds the images with "
+                           "image_column= (--image-column, catalog.image_column)")
+    if by_name:
+        return by_name[0], "name"
+    skip = {"id", *text_columns}
+    by_content = [c for c in columns if c not in skip and _share(df[c], _image_reference) >= 0.9]
+    if len(by_content) > 1:
+        raise CatalogError(f"columns {by_content} all hold paths or URLs of image files: name the one that holds the "
+                           "items' images with image_column= (--image-column, catalog.image_column)")
+    return (by_content[0], "content") if by_content else (None, None)
+
+
+def _sample(values: pd.Series, n: int = 100) -> list[str] | None:
+    """Up to ``n`` non-empty values spread over a column, as text; None for a column that is not of text."""
+    if values.dtype.kind not in "OSU" and not pd.api.types.is_string_dtype(values.dtype):
+        return None
+    picks = np.unique(np.linspace(0, len(values) - 1, min(len(values), 5 * n)).astype(int)) if len(values) else []
+    given = [v for v in values.iloc[picks].tolist() if not _is_empty(v)][:n] if len(picks) else []
+    if not given or not all(isinstance(v, str) for v in given):
+        return None
+    return [v.strip() for v in given]
+
+
+def _share(values: pd.Series, test) -> float:
+    sample = _sample(values)
+    return sum(map(test, sample)) / len(sample) if sample else 0.0
+
+
+def _image_reference(value: str) -> bool:
+    """A path or an http(s) URL of an image file (by its extension): one reference, no prose around it."""
+    if len(value) > 2048 or "\n" in value or "\t" in value:
+        return False
+    if is_url(value):
+        if any(c.isspace() for c in value):
+            return False
+        value = urlsplit(value).path
+    return value.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _url_columns(df: pd.DataFrame) -> list[str]:
+    """Columns whose values are web addresses (perhaps images without an extension: named in the no-image note)."""
+    return [c for c in df.columns if isinstance(c, str) and c != "id"
+            and _share(df[c], lambda v: is_url(v) and not any(ch.isspace() for ch in v)) >= 0.9]
+
+
+def not_found(given: str | Path, folder: bool = False) -> str:
+    """"PATH: folder not found" (a path that ends with a slash or has no suffix, or ``folder``) or "PATH: catalog file
+    not found", with the names in its parent folder that come close, or the nearest parent that is missing."""
+    text = os.fspath(given)
+    path = Path(text).expanduser()
+    what = "folder" if folder or text.endswith(("/", os.sep)) or not path.suffix else "catalog file"
+    message = f"{text}: {what} not found"
+    parent = path.parent
+    if not parent.is_dir():
+        missing = parent
+        while not missing.parent.is_dir() and missing.parent != missing:
+            missing = missing.parent
+        return f"{message} (there is no folder {missing})"
+    try:
+        names = [p.name for p in parent.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return message
+    stems: dict[str, list[str]] = {}  # compared without suffixes: "products.csv" is near "products.xlsx", not "notes.csv"
+    for name in names:
+        stems.setdefault(Path(name).stem.lower(), []).append(name)
+    near = [n for stem in difflib.get_close_matches(Path(path.name).stem.lower(), list(stems), n=3, cutoff=0.6)
+            for n in sorted(stems[stem])]
+    if not near:
+        return message
+    shown = [os.path.join(os.path.dirname(text.rstrip("/" + os.sep)), n) for n in near[:3]]
+    return f"{message}; did you mean {' or '.join(shown)}?"
+
+
+def _existing_file(path: str | Path) -> Path:
+    given, path = path, Path(path).expanduser()
+    if not path.is_file():
+        raise CatalogError(f"{path}: not a file" if path.exists() else not_found(given))
+    return path
+
+
+# A catalog file's first bytes: what it holds, whatever its name says.
+_MAGIC = ((b"PK\x03\x04", "zip"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "xls"), (b"PAR1", "parquet"))
+_KIND_WORDS = {"xlsx": "an Excel workbook (.xlsx)", "xls": "an Excel 97-2003 workbook (.xls)", "zip": "a zip archive",
+               "parquet": "a parquet file"}
+
+
+def file_kind(path: Path) -> str:
+    """"xlsx", "xls", "parquet", "zip" (another zip archive) or "text", from the file's first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), "text")
+    if kind == "zip":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                kind = "xlsx" if any(n.startswith("xl/") for n in z.namelist()) else "zip"
+        except zipfile.BadZipFile:
+            pass
+    return kind
 
 
 def load_image(source: ImageInput, max_pixels: int = CatalogConfig.max_image_pixels,
@@ -455,23 +672,30 @@ _TRUE = frozenset({"True", "TRUE", "true"})
 _FLAGS = _TRUE | {"False", "FALSE", "false"}
 _LEADING_ZERO = re.compile(r"\s*[+-]?0[0-9]")  # "007", "0042": a code whose zeros count, not a number
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_COMMA = re.compile(r"\s*[+-]?([0-9]{1,3}(\.[0-9]{3})+|[0-9]+)(,[0-9]+)?\s*")  # "39,90", "1.299,00"
 
 
 def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
     """A CSV's table with each cell as the file writes it, where pandas' guesses would lose it: the ``literal`` columns
-    (id, image, texts) are text, "NA" and "None" included (an id "NA" is an id, not a gap); another column becomes
-    numbers (or booleans) when every value is one, its missing-value words then missing, unless a value has a leading
-    zero ("007", a code) or an integer does not fit int64. An empty cell is missing everywhere."""
+    (id, image, texts) and the columns named like an image column are text, "NA" and "None" included (an id "NA" is an
+    id, not a gap); another column becomes numbers (or booleans) when every value is one, its missing-value words then
+    missing, unless a value has a leading zero ("007", a code) or an integer does not fit int64. An empty cell is
+    missing everywhere. The separator (comma, semicolon, tab, bar) is told from the file's first lines; in a file not
+    separated by commas, a column of numbers with decimal commas ("39,90", "1.299,00") is numbers too."""
+    delimiter = sniff_delimiter(path)
     try:
         with warnings.catch_warnings():  # index_col=False: a first row longer than the header is not read as an index
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
+            df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
     except pd.errors.ParserWarning:
-        raise CatalogError(f"{path}: {_long_row(path)}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: {_long_row(path, delimiter)}") from None
+    except UnicodeDecodeError:
+        raise CatalogError(f"{path}: not UTF-8 text ({_bad_byte(path)}): save it as \"CSV UTF-8\" (or give an Excel "
+                           "workbook as it is)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CatalogError(f"{path}: cannot parse CSV: {exc}") from exc
     for column in df.columns:
-        if column in literal:
+        if column in literal or image_column_name(column) or column.strip().lower() == "id":
             continue
         values = df[column]
         given = values.notna() & ~values.isin(MISSING_WORDS)
@@ -484,23 +708,104 @@ def read_csv_cells(path: Path, literal: tuple[str, ...]) -> pd.DataFrame:
             df[column] = flags.astype(bool) if given.all() else flags
             continue
         numbers = pd.to_numeric(kept, errors="coerce")
+        if (delimiter != "," and numbers.isna().any() and kept.str.contains(",", regex=False).any()
+                and kept.str.fullmatch(_DECIMAL_COMMA).all()):  # a ;-separated export writes decimal commas
+            numbers = pd.to_numeric(kept.str.replace(".", "", regex=False).str.replace(",", ".", regex=False), errors="coerce")
         exact = numbers.dtype.kind == "i" or not kept.str.fullmatch(_INTEGER_TEXT).all()  # else an int beyond int64
         if numbers.notna().all() and exact and not kept.str.match(_LEADING_ZERO).any():
             df[column] = numbers.reindex(values.index)  # gaps where a value was missing
     return df
 
 
-def _long_row(path: Path) -> str:
+def _bad_byte(path: Path) -> str:
+    """Where a file stops being UTF-8: "byte 0xe9 on line 2"."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte 0x{data[exc.start]:02x} on line {line}"
+    return "a byte that is not UTF-8"
+
+
+def sniff_delimiter(path: Path, head_bytes: int = 1 << 16) -> str:
+    """The separator of a CSV, from its first ``head_bytes``: of comma, semicolon, tab and bar, the one that splits the
+    header into more than one column, preferring one that gives an ``id`` column, then rows as wide as the header,
+    then more columns. A comma when none splits the header (a one-column file)."""
+    import csv
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(head_bytes)
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    text = head.decode("utf-8-sig", errors="replace")
+    if len(head) == head_bytes and "\n" in text:  # the last line may be cut
+        text = text[: text.rindex("\n") + 1]
+    best, best_key = ",", None
+    for delimiter in CSV_DELIMITERS:
+        try:
+            rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if r]
+        except csv.Error:
+            continue
+        if not rows or len(rows[0]) < 2:
+            continue
+        width = len(rows[0])
+        even = sum(len(r) == width for r in rows[1:]) / (len(rows) - 1) if len(rows) > 1 else 1.0
+        key = ("id" in {c.strip().lower() for c in rows[0]}, even, width)
+        if best_key is None or key > best_key:
+            best, best_key = delimiter, key
+    return best
+
+
+def read_excel_cells(path: Path, literal: tuple[str, ...], sheet: str | int | None = None) -> pd.DataFrame:
+    """A sheet of an Excel workbook as a table (the first sheet unless ``sheet`` names one): the ``literal`` columns and
+    those named like an image column as text, numbers and dates as the workbook types them, an empty cell missing."""
+    kind = file_kind(path)
+    engine = {"xls": "xlrd"}.get(kind, "openpyxl")
+    try:
+        __import__(engine)
+    except ImportError:
+        raise CatalogError(f"{path}: {_KIND_WORDS.get(kind, 'an Excel workbook')}; reading it needs the package {engine}: "
+                           f"pip install {engine} (or save the sheet as \"CSV UTF-8\")") from None
+    try:
+        with pd.ExcelFile(path, engine=engine) as book:
+            names = book.sheet_names
+            if sheet is None and len(names) > 1:
+                logger.warning("%s: reading its first sheet %r of %d (%s); sheet= names another", path, names[0], len(names),
+                               ", ".join(map(repr, names)))
+            df = pd.read_excel(book, sheet_name=0 if sheet is None else sheet, keep_default_na=False, na_values=[""])
+    except (ValueError, KeyError, IndexError, OSError) as exc:
+        raise CatalogError(f"{path}: cannot read the workbook: {exc}") from exc
+    df = df.dropna(how="all").reset_index(drop=True)  # rows a sheet's formatting left behind
+    df.columns = [str(c) if not isinstance(c, str) else c for c in df.columns]
+    for column in df.columns:
+        if column in literal or image_column_name(column):
+            if column == "id" and df[column].dtype.kind in "if":
+                continue  # integer ids, typed as numbers by the workbook
+            df[column] = pd.Series([None if _is_empty(v) else _cell_text(v) for v in df[column]], dtype=object, index=df.index)
+    return df
+
+
+def _cell_text(value: Any) -> str:
+    """A workbook cell as text: 7.0 (how a sheet may store 7) as "7"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _long_row(path: Path, delimiter: str = ",") -> str:
     """Which row of a CSV has more fields than its header, in words."""
     import csv
 
     with open(path, newline="", encoding="utf-8-sig") as f:
-        records = (fields for fields in csv.reader(f) if fields)
+        records = (fields for fields in csv.reader(f, delimiter=delimiter) if fields)
         header = next(records)
         for row, fields in enumerate(records):
             if len(fields) > len(header):
+                sign = {",": "comma", ";": "semicolon", "\t": "tab", "|": "bar"}[delimiter]
                 return (f"row {row} has {len(fields)} fields, the header {len(header)} ({', '.join(header)}): "
-                        "a value with a comma needs quotes")
+                        f"a value with a {sign} needs quotes")
     return "a row has more fields than the header"
 
 
@@ -684,13 +989,18 @@ def conform_rows(new: pd.DataFrame, existing: pd.DataFrame) -> pd.DataFrame:
     """
     out = new.copy()
     for column in new.columns:
-        if column == "id" or column not in existing.columns or column.startswith("_") or existing[column].isna().all():
+        if column == "id" or column not in existing.columns or column.startswith("_"):
+            continue
+        first = existing[column].first_valid_index()
+        if first is None:
             continue  # a column with no value yet has no type to keep: the new values give it one
         want = existing[column].dtype
+        if want == object and isinstance(existing[column].loc[first], (bool, np.bool_)):
+            want = np.dtype(bool)  # booleans that some rows lack (NaN) make an object column: still booleans
         values = new[column]
         if pd.api.types.is_bool_dtype(want):
             bad = [i for i, v in enumerate(values) if not _is_empty(v) and not isinstance(v, (bool, np.bool_))]
-            cast = values
+            cast = pd.Series([None if _is_empty(v) else v for v in values], dtype=object, index=values.index)  # "" is no value
         elif pd.api.types.is_numeric_dtype(want):
             cast = pd.to_numeric(values, errors="coerce")
             bad = [i for i, (v, c) in enumerate(zip(values, cast)) if not _is_empty(v) and pd.isna(c)]

@@ -1,6 +1,7 @@
 """Command-line interface, one sub-command per API call, with the API's argument names.
 
-    multiretrieval index CATALOG|FOLDER --out DIR [--update [--prune]] [--title-from-filename] [--config FILE] [--cache DIR] ...
+    multiretrieval index CATALOG|FOLDER --out DIR [--update [--prune]] [--image-column NAME] [--title-from-filename]
+                                               [--config FILE] [--cache DIR] ...
     multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--hybrid H] [--min-score S]
                               [--weights image=0.7,text=0.3] [--not-text T] [--show out.png]
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
@@ -65,10 +66,16 @@ def _index(args: argparse.Namespace, lock) -> int:
     config = _load_config(args.config, args.factory, args.fusion, args.memory_gb)
     source = Path(args.catalog).expanduser()
     if source.is_dir():
+        if args.image_column:
+            print(f"error: --image-column names a column of a catalog file; {args.catalog} is a folder, whose images are "
+                  "its files", file=sys.stderr)
+            return 2
         catalog = Catalog.from_folder(source, recursive=not args.no_recursive, title_from_filename=args.title_from_filename,
                                       text_columns=config.catalog.text_columns)
     else:  # a bad row is reported with the rows that fail to encode, not a stop
-        catalog = Catalog.read(source, text_columns=config.catalog.text_columns, bad_rows="skip")
+        catalog = Catalog.read(args.catalog, text_columns=config.catalog.text_columns, bad_rows="skip",
+                               image_column=args.image_column or config.catalog.image_column)
+        print(f"{args.catalog}: {catalog.images_note()}", file=sys.stderr)  # before the models load: a wrong guess shows at once
     if not len(catalog) and not catalog.dropped:  # before the models load; with --prune it would empty the index
         print(f"error: {args.catalog} has no rows; {args.out} is as it was", file=sys.stderr)
         return 1
@@ -96,6 +103,13 @@ def _index(args: argparse.Namespace, lock) -> int:
     if rows and len(report.skipped) == rows:  # a nightly file of nothing but bad rows: a job must hear of it
         print(f"error: no row of {args.catalog} could be used (all {rows} skipped); the index is as it was", file=sys.stderr)
         return 1
+    if report.no_image_used:  # saved, but answers text queries only: a job must hear of it too
+        first = next(iter(report.warnings or report.skipped), None)
+        outcome = (f"the {report.indexed} items indexed are indexed by their text only, and image queries will not find "
+                   "them" if report.indexed else "no item was indexed with a new image")
+        print(f"error: none of the {report.images} images could be used{f' (first: {first})' if first else ''}; {outcome}",
+              file=sys.stderr)
+        return 3
     return 0
 
 
@@ -162,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
     if overrides:
         config = config.with_overrides({"training": overrides})
-    catalog = Catalog.read(args.catalog, text_columns=config.catalog.text_columns)
+    catalog = Catalog.read(args.catalog, text_columns=config.catalog.text_columns, image_column=config.catalog.image_column)
     report = fit(catalog, args.out, config, show_progress=not args.no_progress, resume=not args.no_resume)
     last = report["history"][-1] if report["history"] else {}
     print(f"trained on {report['train_items']} items ({report['val_items']} held out), {len(report['history'])} epochs; "
@@ -201,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hosts.append(args.host)
     app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      allowed_hosts=hosts, allowed_origins=args.allowed_origin, checkpoint_every=args.checkpoint_every,
-                     config=_load_config(args.config) if args.config else None)
+                     config=_load_config(args.config) if args.config else None, max_concurrent=args.max_concurrent)
     print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
           + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
@@ -216,9 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("index", help="index a catalog (CSV, parquet, JSON Lines) or a folder of images, and save it")
-    p.add_argument("catalog", help="catalog file (columns id, image, title, description, metadata...) or a folder of images "
+    p = sub.add_parser("index", help="index a catalog (CSV, Excel, parquet, JSON Lines) or a folder of images, and save it",
+                       epilog="exit status: 0 indexed and saved; 1 nothing usable: no row could be indexed (the index at "
+                              "--out is as it was), or it could not be written; 2 refused before indexing: the catalog or "
+                              "the config is malformed (a missing column, a file that is not a table), or a service's writes "
+                              "are not saved yet; 3 indexed and saved, but none of the images the catalog names could be "
+                              "used: every item is indexed by its text only (the first reason is printed).")
+    p.add_argument("catalog", help="catalog file (columns id, image, title, description, metadata...; CSV separated by "
+                                   "commas, semicolons, tabs or bars; .xlsx with openpyxl) or a folder of images "
                                    "(id = the path in the folder; metadata.csv/.jsonl beside them joins by file_name)")
+    p.add_argument("--image-column", metavar="NAME",
+                   help="the column of image paths or URLs (default: catalog.image_column, else found by its name: image, "
+                        "image_url, photo, ..., or by its values; the choice is printed)")
     p.add_argument("--out", required=True, help="folder to save the index to (replaced atomically)")
     p.add_argument("--update", action="store_true", help="upsert into the index at --out, if there is one: encode only new "
                                                          "and changed items, change the index in place")
@@ -283,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index_dir", help="folder written by `multiretrieval index`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="key that POST/DELETE /items require (default: $MULTIRETRIEVAL_API_KEY)")
+    p.add_argument("--api-key", help="key that POST/PUT/DELETE of items require (default: $MULTIRETRIEVAL_API_KEY)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413 (default 10)")
     p.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name clients may use besides localhost/127.0.0.1 (repeatable; '*' for any)")
@@ -292,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
                    help="save the index folder after this many writes (each write is in the write log before it is "
                         "answered; default 1000)")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="searches that run at once (default: the usable CPUs); the rest wait their turn, first come first served")
     p.add_argument("--keep-alive", type=float, default=30.0, metavar="S",
                    help="seconds an idle connection stays open (default 30; uvicorn's 5 s closes connections that "
                         "busy clients are about to reuse, and they see a dropped request)")
@@ -336,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except MultiretrievalError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "details", None) and args.verbose:  # e.g. a refused filter's whole grammar
+            print(exc.details, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class CatalogConfig:
     """How catalog rows become model inputs."""
 
     text_columns: tuple[str, ...] = ("title", "description")  # joined with ". " into the item's text
+    # The column of image paths or URLs; null: found by its name (image, image_url, photo, ...) or its values (catalog.py)
+    image_column: str | None = None
     keyword_columns: tuple[str, ...] = ()  # more columns the keyword index reads besides the text columns (sku, brand)
     max_image_pixels: int = 40_000_000  # decompression-bomb guard, checked before decoding
     max_image_bytes: int = 50_000_000
@@ -203,7 +205,7 @@ class RetrieverConfig:
         merged = self.to_dict()
         for section, values in overrides.items():
             if section not in merged or not isinstance(values, dict):
-                raise ConfigError(f"override: unknown section {section!r}")
+                raise ConfigError(f"override: unknown section {section!r}{did_you_mean(section, merged)}")
             merged[section].update(values)
         return RetrieverConfig.from_dict(merged, source="override")
 
@@ -215,7 +217,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+        near = did_you_mean(unknown[0], fields) if len(unknown) == 1 else ""
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{near + ' Allowed' if near else '; allowed'}: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         default = getattr(cls(), name)

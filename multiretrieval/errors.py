@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, choices: Iterable[str], quote: bool = True) -> str:
+    """"; did you mean 'category'?" for a misspelt name among ``choices`` (the same name in another case first, else
+    difflib's nearest), or "" when none is near."""
+    options = [c for c in choices if isinstance(c, str)]
+    same = [c for c in options if c.lower() == str(name).lower() and c != name]
+    if not same:
+        import difflib
+
+        by_lower = {c.lower(): c for c in options}
+        same = [by_lower[c] for c in difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)]
+    if not same:
+        return ""
+    shown = [repr(c) if quote else c for c in same]
+    return f"; did you mean {' or '.join(shown)}?"
+
 
 class MultiretrievalError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -33,7 +51,14 @@ class ConfigError(MultiretrievalError, ValueError):
 
 
 class QueryError(MultiretrievalError, ValueError):
-    """A query is invalid: empty text, unknown mode, bad k, a malformed filter, wrong dimension."""
+    """A query is invalid: empty text, unknown mode, bad k, a malformed filter, wrong dimension.
+
+    ``details``: more than the one-line message, where there is more to say (a refused filter: the whole grammar);
+    the command line prints it with --verbose."""
+
+    def __init__(self, message: str = "", details: str | None = None) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class LimitError(QueryError):

@@ -6,8 +6,9 @@ lists, BETWEEN, LIKE/ILIKE, IS [NOT] NULL, CAST to plain types and a short list 
 functions. The SQL that DuckDB runs is printed here from the checked tree, fully
 parenthesised, so it holds exactly the constructs that were checked (sqlglot's own printer
 may rewrite a call into others). Subqueries, table functions, settings, system functions,
-placeholders and everything else are refused with a QueryError that lists what is allowed
-and the catalog's columns.
+placeholders and everything else are refused with a QueryError of one short line: the problem
+(an unknown column with the nearest names: "did you mean 'category'?"), the catalog's columns and
+where the grammar is written; the whole grammar is the error's ``details`` (``--verbose`` prints it).
 
     compile_filter("price < 200 AND lower(title) LIKE '%ring%'", {"price": "number", "title": "text"})
     -> '(("price" < 200) AND (lower("title") LIKE \\'%ring%\\'))'
@@ -33,7 +34,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import QueryError
+from .errors import QueryError, did_you_mean
 
 MAX_DEPTH = 24  # parentheses (calls included) nested in a filter; sqlglot's parser recurses ~25 frames per level
 
@@ -51,6 +52,7 @@ GRAMMAR = ("A filter is one condition over the catalog's columns, made of: colum
            f"(date parts: {', '.join(DATE_PARTS)}). Not allowed: subqueries, table functions, other functions, settings, "
            f"placeholders, a second statement")
 
+GRAMMAR_DOCS = "docs/queries.md#filters"
 SUBQUERY = "a subquery (SELECT, UNION, EXISTS)"
 _NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _PLAIN_TYPE = re.compile(r"[A-Z][A-Z0-9_ ]*(\(\d+,\s*\d+\))?")  # a column's DuckDB type a list of texts may be cast to
@@ -86,7 +88,9 @@ def compile_filters(filters: Mapping[Any, Any], columns: Mapping[str, str] | Non
         raise QueryError(f"filters must map columns to values or ranges, got {type(filters).__name__}")
     unknown = [c for c in filters if columns is not None and c not in columns]
     if unknown:
-        raise QueryError(f"filters: no column {_short(unknown[0])} in this index; columns: {describe_columns(columns or {})}")
+        near = did_you_mean(str(unknown[0]), [c for c in columns or {} if not c.startswith("_")])
+        raise QueryError(f"filters: no column {_short(unknown[0])} in this index"
+                         f"{near + ' Columns: ' if near else '; columns: '}{describe_columns(columns or {})}")
     checked: dict[Any, list[tuple[str, Any]]] = {}  # column -> (operator, parameter): all checked before any SQL
     for column, wanted in filters.items():
         if column == leave_out:
@@ -158,9 +162,12 @@ def describe_columns(columns: Mapping[str, str]) -> str:
     return ", ".join(f"{_quote_if_needed(name)} ({kind})" for name, kind in columns.items())
 
 
-def refusal(where: str, problem: str, columns: Mapping[str, str]) -> QueryError:
+def refusal(where: str, problem: str, columns: Mapping[str, str], hint: str = "") -> QueryError:
+    """The one-line error of a refused filter: the problem (``hint``: "; did you mean ...?" after it), the columns,
+    where the grammar is written (``details``: the grammar)."""
     shown = where if len(where) <= 200 else where[:200] + "..."
-    return QueryError(f"where: {problem} in {shown!r}. {GRAMMAR}. Columns: {describe_columns(columns)}.")
+    return QueryError(f"where: {problem} in {shown!r}{hint or '.'} Columns: {describe_columns(columns)}. "
+                      f"What a filter may hold: {GRAMMAR_DOCS} (--verbose prints it).", details=GRAMMAR + ".")
 
 
 class _NoCommandWarnings(logging.Filter):
@@ -178,7 +185,8 @@ def _parse(where: str, columns: Mapping[str, str]):
         quiet.addFilter(_NoCommandWarnings())
 
     if not isinstance(where, str) or not where.strip():
-        raise QueryError(f"where: the filter is empty. {GRAMMAR}. Columns: {describe_columns(columns)}.")
+        raise QueryError(f"where: the filter is empty. Columns: {describe_columns(columns)}. What a filter may hold: "
+                         f"{GRAMMAR_DOCS} (--verbose prints it).", details=GRAMMAR + ".")
     if _paren_depth(where) > MAX_DEPTH:
         raise refusal(where, f"parentheses or calls nested more than {MAX_DEPTH} deep", columns)
     try:
@@ -249,8 +257,8 @@ class _Printer:
                                 exp.Hour: "hour", exp.Minute: "minute", exp.Second: "second", exp.Length: "length",
                                 exp.Trim: "trim", exp.Floor: "floor", exp.Ceil: "ceil"}
 
-    def refuse(self, problem: str) -> QueryError:
-        return refusal(self.where, problem, self.columns)
+    def refuse(self, problem: str, hint: str = "") -> QueryError:
+        return refusal(self.where, problem, self.columns, hint)
 
     def sql(self, node, depth: int) -> str:
         if depth > 4 * MAX_DEPTH:  # operators without parentheses (NOT NOT ..., - - ...)
@@ -296,7 +304,7 @@ class _Printer:
             raise self.refuse(f"{node.sql(dialect='duckdb')!r}, which is not a column name")
         name = self.by_lower.get(node.this.name.lower())
         if name is None:
-            raise self.refuse(f"unknown column {node.this.name!r}")
+            raise self.refuse(f"unknown column {node.this.name!r}", did_you_mean(node.this.name, self.by_lower.values()))
         return _quote(name)
 
     def literal(self, node) -> str:

@@ -32,12 +32,13 @@ REPORT_STAGES = ("hash", *STAGES, "index")  # load models, read/decode, image, t
 
 @dataclass
 class IndexReport:
-    """What ``index``/``add``/``upsert`` did: counts, seconds, every skipped row with its
-    reason and every row indexed without its image (``warnings``).
+    """What ``index``/``add``/``upsert`` did: counts, per-stage seconds, every skipped row with its
+    reason, every row indexed without its image that had one (``warnings``), and where the images came from.
 
     Counts are of catalog rows: ``encoded + cached + skipped`` = the rows read (for ``upsert``:
-    the rows it had to encode, plus the rows the catalog left out); ``text_only`` of the indexed rows lost
-    their image.
+    the rows it had to encode, plus the rows the catalog left out); ``text_only`` of the indexed rows have no
+    image in the index, whatever the reason (no image column, an empty cell, an image that failed); ``images``
+    of the rows read named an image.
 
     ``seconds``: per stage (REPORT_STAGES): hashing the rows, loading the models, reading (decoding and resizing
     images), image encoding, text encoding, zero-shot vectors, writing shards, building the index. A stage's
@@ -54,10 +55,15 @@ class IndexReport:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(REPORT_STAGES, 0.0))
     encoding: float = 0.0  # wall-clock seconds from loading the models to the encoded arrays
     changes: dict[str, int] = field(default_factory=dict)  # upsert: added, replaced, updated, unchanged, removed
+    text_only: int = 0  # rows indexed without an image
+    images: int = 0  # rows read that named an image (a path or URL)
+    image_column: str | None = None  # the catalog column the images came from (None: none, or a folder's files)
+    images_note: str | None = None  # that, in words (Catalog.images_note)
 
     @property
-    def text_only(self) -> int:
-        return len(self.warnings)
+    def no_image_used(self) -> bool:
+        """Rows named images, yet every row indexed is indexed without one (each image failed)."""
+        return self.images > 0 and self.indexed == self.text_only
 
     @property
     def elapsed(self) -> float:
@@ -78,6 +84,7 @@ class IndexReport:
     def to_dict(self) -> dict[str, Any]:
         rows = lambda found: [{"row": s.row, "id": s.id, "reason": s.reason} for s in found]  # noqa: E731
         return {"indexed": self.indexed, "encoded": self.encoded, "cached": self.cached, "text_only": self.text_only,
+                "images": self.images, "image_column": self.image_column,
                 **({"changes": dict(self.changes)} if self.changes else {}), "elapsed": round(self.elapsed, 3),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                 "skipped": rows(self.skipped), "warnings": rows(self.warnings)}
@@ -87,6 +94,8 @@ class IndexReport:
         lines = [f"indexed {self.indexed} items in {self.elapsed:.1f} s ({self.items_per_second:.1f} items/s); "
                  f"encoded {self.encoded}, from cache {self.cached}, text only {self.text_only}, skipped {len(self.skipped)}",
                  f"  seconds per stage (reading and encoding overlap): {stages}"]
+        if self.images_note:
+            lines.append(f"  {self.images_note}")
         if self.changes:
             lines.append("  " + ", ".join(f"{k} {v}" for k, v in self.changes.items()))
         lines += [f"  skipped {s}" for s in self.skipped]
@@ -159,6 +168,10 @@ class Encoded:
     arrays: dict[str, np.ndarray]  # row-aligned with ``rows``
     hashes: list[str | None] = field(default_factory=list)  # row-aligned with ``rows``; None: encode again next time
 
+    def text_only(self) -> int:
+        """How many of the encoded rows have no image."""
+        return int((~self.arrays["image_mask"][:, 0].astype(bool)).sum()) if len(self.rows) else 0
+
 
 def hash_catalog(catalog: Catalog, config: RetrieverConfig) -> list[str]:
     """Every row's content hash (pipeline.content_hash): its image file's bytes (a URL: the URL) and its text."""
@@ -180,8 +193,9 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
     from contextlib import nullcontext
 
     cfg: RetrieverConfig = embedder.config
-    report = IndexReport()
+    report = described(IndexReport(), catalog)
     sources, texts = catalog.image_sources(), catalog.texts()
+    report.images = sum(s is not None for s in sources)
     t0 = time.perf_counter()
     if hashes is None:
         hashes = hash_rows(sources, texts, cfg.catalog.max_image_bytes, plan_threads(cfg.ingest.workers).read)
@@ -206,7 +220,16 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
     failed = [SkippedRow(int(numbers[row]), plain(ids.iloc[row]), reason) for row, reason in sorted(result.errors.items())]
     report.skipped = sorted(catalog.dropped + failed, key=lambda s: s.row)  # with the rows the catalog left out
     report.warnings = [SkippedRow(int(numbers[row]), plain(ids.iloc[row]), reason) for row, reason in sorted(result.warnings.items())]
-    return Encoded(ok, sources, arrays, kept), report
+    encoded = Encoded(ok, sources, arrays, kept)
+    report.text_only = encoded.text_only()
+    return encoded, report
+
+
+def described(report: IndexReport, catalog: Catalog) -> IndexReport:
+    """The report with where the catalog's images come from."""
+    report.image_column = catalog.image_column if catalog.image_found != "folder" else None
+    report.images_note = catalog.images_note()
+    return report
 
 
 def ingest_rows(catalog: Catalog, rows: np.ndarray, hashes: list[str], embedder: Embedder, show_progress: bool | None = None,
@@ -216,7 +239,7 @@ def ingest_rows(catalog: Catalog, rows: np.ndarray, hashes: list[str], embedder:
     rows, and the report."""
     part = catalog.subset(rows)
     if not len(part):  # nothing new or changed: no model is loaded, no shard store opened
-        encoded, report = Encoded(np.zeros(0, np.int64), part.image_sources(), {}, []), IndexReport()
+        encoded, report = Encoded(np.zeros(0, np.int64), part.image_sources(), {}, []), described(IndexReport(), catalog)
     else:
         encoded, report = ingest(part, embedder, show_progress, cache, engine, hashes=[hashes[i] for i in rows])
     report.skipped = sorted(catalog.dropped + report.skipped, key=lambda s: s.row)

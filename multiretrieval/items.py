@@ -55,7 +55,7 @@ class ItemStore:
         """Drop what is derived from the rows: the DuckDB copy and the result-row layout."""
         self._duck = None
         self._duck_types: dict[str, str] | None = None
-        self._columns: tuple[np.ndarray, pd.DataFrame] | None = None
+        self._columns: tuple[np.ndarray, dict[tuple[str, ...], pd.DataFrame]] | None = None  # keys; layouts by added columns
         self._ids: dict[str, int] | None = None
         self._modality: dict[str, np.ndarray] = {}
         self._facets: dict[tuple, Any] = {}  # facets per (columns, where, filters), and the facet columns: asked per query
@@ -356,8 +356,9 @@ class ItemStore:
         con.execute("SET lock_configuration = true")
         return con
 
-    def results(self, keys: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-        """Result rows in the given order: rank, id, score, then the catalog columns."""
+    def results(self, keys: np.ndarray, scores: np.ndarray, columns: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+        """Result rows in the given order: rank, id, score, ``columns`` (name -> a value per row, in their order:
+        matched, the hybrid scores), then the catalog columns."""
         if self._columns is None:
             # Cached once per change of the rows, laid out as results are: rank, id, score,
             # catalog columns, with text as plain objects (taking rows of pandas' arrow-backed
@@ -366,12 +367,21 @@ class ItemStore:
             table = table.astype({c: object for c, dtype in table.dtypes.items() if isinstance(dtype, pd.StringDtype)})
             table.insert(0, "rank", 0)
             table.insert(2, "score", np.float32(0))
-            self._columns = (self.keys, table)
-        item_keys, table = self._columns
-        frame = table.take(np.searchsorted(item_keys, keys))
+            self._columns = (self.keys, {(): table})
+        item_keys, layouts = self._columns
+        columns = columns or {}
+        names = tuple(columns)
+        if names not in layouts:  # the added columns laid out once too: a column set on rows taken costs less than an insert
+            table = layouts[()].copy(deep=False)
+            for at, name in enumerate(names, start=3):
+                table.insert(at, name, np.float32(0))
+            layouts[names] = table
+        frame = layouts[names].take(np.searchsorted(item_keys, keys))
         frame.index = pd.RangeIndex(len(frame))
         frame["rank"] = np.arange(1, len(frame) + 1)
         frame["score"] = np.asarray(scores, np.float32)
+        for name, values in columns.items():
+            frame[name] = values
         return frame
 
     # ---------------------------------------------------------------- files

@@ -246,11 +246,10 @@ def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact
     """
     if not len(keyword.keys):
         weight = 0.0
-    keys = np.array(list(dict.fromkeys([*vector.keys.tolist(), *keyword.keys.tolist()])), np.int64)
-    v_at = {k: i for i, k in enumerate(vector.keys.tolist())}
-    k_at = {k: i for i, k in enumerate(keyword.keys.tolist())}
-    v_pos = np.array([v_at.get(k, -1) for k in keys.tolist()])
-    k_pos = np.array([k_at.get(k, -1) for k in keys.tolist()])
+    # Every item once: the vector ranking's, then the keyword ranking's others (each ranking names an item once).
+    keys = np.concatenate([vector.keys, keyword.keys[~np.isin(keyword.keys, vector.keys)]]).astype(np.int64)
+    v_pos = np.r_[np.arange(len(vector.keys)), np.full(len(keys) - len(vector.keys), -1)]
+    k_pos = _positions(keyword.keys, keys)
     v_score = np.where(v_pos >= 0, vector.scores[np.maximum(v_pos, 0)] if len(vector.keys) else 0, np.nan).astype(np.float32)
     k_score = np.where(k_pos >= 0, keyword.scores[np.maximum(k_pos, 0)] if len(keyword.keys) else 0, np.nan).astype(np.float32)
     v_rank = np.where(v_pos >= 0, tied_ranks(vector.scores)[np.maximum(v_pos, 0)] if len(vector.keys) else 0, -1)
@@ -265,6 +264,15 @@ def fuse_rankings(vector: Hits, keyword: Hits, method: str, weight: float, exact
         fused = (1 - w) * np.where(v_rank >= 0, v_score, floor) + w * np.where(k_rank >= 0, k_score / max(best, 1e-12), 0.0)
     if exact is not None and len(keys):
         fused = fused + exact(keys)
-    matched = np.array([vector.matched[v] if v >= 0 else "text" for v in v_pos.tolist()], dtype=object)
+    matched = np.concatenate([np.asarray(vector.matched, dtype=object), np.full(len(keys) - len(vector.keys), "text", dtype=object)])
     order = np.argsort(-fused, kind="stable")  # ties keep the vector ranking's order (answers put them in id order)
     return Hits(keys[order], fused[order].astype(np.float32), matched[order]), v_score[order], k_score[order]
+
+
+def _positions(ranked: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Each key's position in ``ranked`` (distinct keys), -1 where it is not there."""
+    if not len(ranked):
+        return np.full(len(keys), -1)
+    order = np.argsort(ranked, kind="stable")
+    at = np.minimum(np.searchsorted(ranked[order], keys), len(ranked) - 1)
+    return np.where(ranked[order][at] == keys, order[at], -1)

@@ -109,7 +109,7 @@ class Retriever:
         what was held once every row is encoded. ``cache``: shards kept for re-runs and resumes; ``engine``: "local" | "ray".
         Rows that cannot be indexed (an empty or repeated id, neither image nor text, an image that fails with no text)
         are left out and listed in ``report.skipped`` with the reason."""
-        catalog = Catalog.of(catalog, self.config.catalog.text_columns, "skip")
+        catalog = self._catalog(catalog)
         ItemStore().check_columns(list(catalog.df.columns), self.config.catalog)  # a new index: catalog.max_columns
         return self._ingest(catalog, show_progress, cache, engine, replace=True)
 
@@ -117,10 +117,19 @@ class Retriever:
             cache: str | Path | None = None, engine: str | None = None) -> IndexReport:
         """Encode and add more items (``cache``, ``engine``: as for ``index``); rows that fail are reported and skipped.
         Raises CatalogError when an id is already indexed (see ``upsert``), or an id or a value does not fit the indexed ones."""
-        catalog = Catalog.of(catalog, self.config.catalog.text_columns, "skip")
+        catalog = self._catalog(catalog)
         with self._lock.reading():
             self.store.conform(catalog, bounds=self.config.catalog)  # refuse before encoding; checked again when committed
         return self._ingest(catalog, show_progress, cache, engine, replace=False)
+
+    def _catalog(self, source: Catalog | pd.DataFrame | str | Path) -> Catalog:
+        """A write's catalog: as given, or read with the config's text and image columns, bad rows skipped (reported).
+        A DataFrame without the configured image column is read as any other (the service's items: their upload is
+        their ``image``; an item may have none)."""
+        named = self.config.catalog.image_column
+        if isinstance(source, pd.DataFrame) and named not in source.columns:
+            named = None
+        return Catalog.of(source, self.config.catalog.text_columns, "skip", named)
 
     def _ingest(self, catalog: Catalog, show_progress, cache, engine, replace: bool, embedder: Embedder | None = None) -> IndexReport:
         # The retriever changes only after every row is encoded: an error or Ctrl-C midway leaves it as it was.
@@ -134,10 +143,11 @@ class Retriever:
             if len(encoded.rows) or replace:
                 collection.commit(catalog, encoded, embedder)
             self.embedder, self.collection = embedder, collection
-        return self._reported(report, len(encoded.rows), t0)
+        return self._reported(report, encoded, t0)
 
-    def _reported(self, report: IndexReport, indexed: int, t0: float) -> IndexReport:
-        report.indexed, report.seconds["index"] = indexed, time.perf_counter() - t0
+    def _reported(self, report: IndexReport, encoded, t0: float) -> IndexReport:
+        report.indexed, report.seconds["index"] = len(encoded.rows), time.perf_counter() - t0
+        report.text_only = encoded.text_only()  # of the rows committed (an upsert keeps some rows' indexed images)
         self.last_report = report
         logger.info("%s", report)
         return report
@@ -147,7 +157,7 @@ class Retriever:
         """Change only what changed: new ids added, changed content (image bytes or URL, text) encoded again, metadata
         changed in place, the rest untouched; ``prune``: ids missing from the catalog removed. Indexes change in place
         (rebuilt only when the automatic kind changes with the size); ``report.changes`` counts each kind."""
-        catalog, t0 = Catalog.of(catalog, self.config.catalog.text_columns, "skip"), time.perf_counter()
+        catalog, t0 = self._catalog(catalog), time.perf_counter()
         hashes = hash_catalog(catalog, self.config)  # reads every image file: outside the lock
         with self._lock.reading():
             self.store.conform(catalog, allow_existing=True, bounds=self.config.catalog)
@@ -160,7 +170,7 @@ class Retriever:
             self.store.check_columns(list(catalog.df.columns), self.config.catalog)  # again: another write may have added some
             if len(encoded.rows) or self.indexes:
                 report.changes = self.collection.apply_upsert(plan, catalog, part, encoded, self.embedder, plan.encode[kept])
-        return self._reported(report, len(encoded.rows), t1)
+        return self._reported(report, encoded, t1)
 
     def remove(self, ids: Any) -> int:
         """Remove items by catalog id. Unknown ids raise ItemNotFoundError and nothing is removed."""

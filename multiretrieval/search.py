@@ -525,10 +525,9 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
     keep = ~np.isin(hits.keys, skip)
     if query.min_score is not None:
         keep &= hits.scores >= query.min_score
-    frame = store.results(hits.keys[keep], hits.scores[keep])
-    for at, (name, values) in enumerate([("matched", hits.matched), *columns.items()], start=3):
-        if query.mode in ("text", "zero-shot") and query.like is None:
-            frame.insert(at, name, values[keep])
+    shown = query.mode in ("text", "zero-shot") and query.like is None
+    frame = store.results(hits.keys[keep], hits.scores[keep],
+                          {name: values[keep] for name, values in [("matched", hits.matched), *columns.items()]} if shown else None)
     frame.index = hits.keys[keep]  # each row's key, until the page is cut
     frame = ties_in_id_order(frame, "hybrid_score" if "hybrid_score" in frame.columns else "score")
     if query.sort_by:

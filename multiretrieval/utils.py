@@ -114,3 +114,13 @@ class _Side:
 def stable_hash(text: str) -> int:
     """The first 32 bits of sha256(text): the same in every run and process, unlike hash() (splits, folds, seeds)."""
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the machine's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

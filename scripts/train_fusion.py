@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--cross-validate", action="store_true", help="print the cross-validation table (the only action)")
     parser.add_argument("--work", type=Path, default=None, help="cached views, fold fusions and fold benchmarks (default: a temporary folder)")
     args = parser.parse_args()
-    if not args.cross_validate:  # no pretrained fusion ships (README, "Why the attention fusion is not the default")
+    if not args.cross_validate:  # no pretrained fusion ships (docs/results.md, "Why the attention fusion is not the default")
         parser.error("nothing to do: pass --cross-validate")
     config = RetrieverConfig()
     with tempfile.TemporaryDirectory() as tmp:

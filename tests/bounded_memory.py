@@ -77,7 +77,7 @@ def fuzz(max_examples: int = 40) -> None:
     from multiretrieval.catalog import MAX_CANVAS_SIDE, load_image
     from multiretrieval.encoders import get_image_encoder
     from multiretrieval.encoders.clip import bounded_preprocess
-    from multiretrieval.server.app import _thumbnail
+    from multiretrieval.server.app import render_thumbnail
     from multiretrieval.training import augment_image, style_view
     from multiretrieval.visualize import THUMB, _paste
 
@@ -95,7 +95,7 @@ def fuzz(max_examples: int = 40) -> None:
         assert image.size == size
         assert encoder.preprocess(image).shape == (3, encoder.image_size, encoder.image_size)
         assert clip_preprocess(image).shape == (3, 224, 224)
-        thumb = Image.open(io.BytesIO(_thumbnail.__wrapped__(str(path), 0.0, 256)))
+        thumb = Image.open(io.BytesIO(render_thumbnail(str(path), 256)))
         assert max(thumb.size) <= 256
         _paste(sheet, image, 0, 0)
         rng = np.random.default_rng(0)

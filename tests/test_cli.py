@@ -95,3 +95,79 @@ def test_serve_loads_the_index_with_the_given_config(indexed, tmp_path, monkeypa
         assert client.get("/info").json()["display"]["brand"] == "creator"
         assert client.post("/search", json={"text": "a bed", "k": 3}).status_code == 200
         assert client.post("/search", json={"text": "a bed", "k": 4}).status_code == 422
+
+
+def shop_export(folder, header: str, rows: list[str], sep: str = ","):
+    """A shop's export beside two of the fixture photos (bed1.png, desk_lamp1.png)."""
+    from pathlib import Path
+
+    images = Path(__file__).parent / "fixtures" / "images"
+    for name in ("bed1.png", "desk_lamp1.png"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(images / name)
+    path = folder / "export.csv"
+    path.write_text("\n".join([header, *rows]).replace(",", sep) + "\n")
+    return path
+
+
+def test_index_announces_the_image_column_it_found_and_indexes_its_images(tmp_path, monkeypatch, capsys):
+    """Issue 31: `id,title,description,price,category,image_url` (here semicolon-separated, indexed from another
+    directory) was indexed by its texts alone, silently."""
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    path = shop_export(shop, "id,title,description,price,category,image_url",
+                       ["1,Bed,double bed,650,Bedroom,bed1.png", "2,Desk lamp,for reading,39,Office,desk_lamp1.png"], sep=";")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["index", "shop/export.csv", "--out", "idx", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "shop/export.csv: images from column 'image_url' (found by its name)" in captured.err
+    assert "text only 0, skipped 0" in captured.out and "images from column 'image_url'" in captured.out
+    assert cli.main(["search", "idx", "--image", str(path.parent / "desk_lamp1.png"), "--k", "1", "--format", "json"]) == 0
+    hit = json.loads(capsys.readouterr().out)[0]
+    assert hit["id"] == 2 and hit["score"] > 0.99 and hit["image"] == "desk_lamp1.png"
+
+
+def test_index_takes_the_image_column_named_and_says_when_there_is_none(tmp_path, capsys):
+    path = shop_export(tmp_path, "id,title,main,alt", ["1,Bed,bed1.png,desk_lamp1.png"])
+    assert cli.main(["index", str(path), "--out", str(tmp_path / "idx"), "--image-column", "alt", "--no-progress"]) == 0
+    assert "images from column 'alt' (as named)" in capsys.readouterr().err
+    from multiretrieval import Retriever
+
+    assert Retriever.load(tmp_path / "idx").image_source(1) == str(tmp_path / "desk_lamp1.png")
+    text = shop_export(tmp_path, "id,title,price", ["1,Bed,650", "2,Lamp,39"])
+    assert cli.main(["index", str(text), "--out", str(tmp_path / "idx2"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert ("no image column: every item is indexed by its text; name it with --image-column / catalog.image_column"
+            in captured.err) and "text only 2" in captured.out
+    assert cli.main(["index", str(tmp_path), "--out", str(tmp_path / "idx3"), "--image-column", "photo"]) == 2
+    assert "a folder, whose images are its files" in capsys.readouterr().err
+
+
+def test_an_index_whose_every_image_failed_exits_3_with_one_line(tmp_path, capsys):
+    path = shop_export(tmp_path, "id,title,image_url", ["1,Bed,gone/bed.png", "2,Lamp,gone/lamp.png"])
+    assert cli.main(["index", str(path), "--out", str(tmp_path / "idx"), "--no-progress"]) == 3
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [(f"error: none of the 2 images could be used (first: row 0 (id 1): indexed by its text only: "
+                       f"{tmp_path}/gone/bed.png: file not found); the 2 items indexed are indexed by their text only, and "
+                       "image queries will not find them")]
+    assert "saved to" in captured.out  # the texts are indexed and saved
+    with pytest.raises(SystemExit):
+        cli.main(["index", "--help"])
+    assert "3 indexed and saved, but none of the images" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_missing_folder_is_named_as_a_folder_with_what_is_near(tmp_path, capsys):
+    (tmp_path / "photos_2024").mkdir()
+    assert cli.main(["index", f"{tmp_path}/photos/", "--out", str(tmp_path / "idx")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}/photos/: folder not found; did you mean {tmp_path}/photos_2024?\n"
+
+
+def test_a_refused_filter_is_one_line_and_verbose_adds_the_grammar(indexed, tmp_path, capsys):
+    indexed.save(tmp_path / "idx")
+    args = ["search", str(tmp_path / "idx"), "--text", "sofa", "--where", "categroy = 'Kitchen'"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'category'?" in err and "A filter is one condition" not in err
+    assert cli.main(["-v", *args]) == 2
+    assert "A filter is one condition over the catalog's columns" in capsys.readouterr().err

@@ -20,6 +20,22 @@ def test_unknown_key_is_named(tmp_path):
         RetrieverConfig.from_yaml(path)
 
 
+def test_a_misspelt_key_or_section_is_answered_with_the_nearest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("catalog:\n  image_colum: image_url\n")
+    with pytest.raises(mr.ConfigError, match=r"catalog: unknown key\(s\) \['image_colum'\]; did you mean 'image_column'\?"):
+        RetrieverConfig.from_yaml(path)
+    with pytest.raises(mr.ConfigError, match=r"override: unknown section 'catalogue'; did you mean 'catalog'\?"):
+        RetrieverConfig().with_overrides({"catalogue": {"image_column": "x"}})
+
+
+def test_the_image_column_is_a_catalog_setting(tmp_path):
+    assert RetrieverConfig().catalog.image_column is None  # found by name or values
+    path = tmp_path / "c.yaml"
+    path.write_text("catalog:\n  image_column: Image URL\n")
+    assert RetrieverConfig.from_yaml(path).catalog.image_column == "Image URL"
+
+
 def test_wrong_type_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("encoders:\n  batch_size: many\n")

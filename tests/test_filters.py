@@ -69,8 +69,25 @@ def test_filters_outside_the_grammar_are_refused_naming_what_is_allowed_and_the_
         indexed.search(text="sofa", where=where)
     message = str(refused.value)
     assert problem in message
-    assert "A filter is one condition" in message and "LIKE" in message and "lower, upper, length" in message
     assert "Columns: id (integer), title (text), category (text)" in message and "price (number)" in message
+    assert message.endswith("What a filter may hold: docs/queries.md#filters (--verbose prints it).")
+    assert "A filter is one condition" not in message  # the grammar on demand: the error's details
+    details = refused.value.details
+    assert "A filter is one condition" in details and "LIKE" in details and "lower, upper, length" in details
+
+
+def test_a_misspelt_column_gets_a_did_you_mean_in_one_short_line(indexed):
+    """The issue's `categroy`: about 1,100 characters of grammar and no hint; now the hint, the columns and where the
+    grammar is (the whole grammar on demand: ``details``, printed by --verbose)."""
+    with pytest.raises(mr.QueryError) as refused:
+        indexed.search(text="sofa", where="categroy = 'Kitchen'")
+    message = str(refused.value)
+    assert message.startswith("where: unknown column 'categroy' in \"categroy = 'Kitchen'\"; did you mean 'category'? Columns: ")
+    assert len(message) < 400 and "\n" not in message and "docs/queries.md#filters" in message
+    with pytest.raises(mr.QueryError, match=r"filters: no column 'categroy' in this index; did you mean 'category'\? Columns: "):
+        indexed.search(text="sofa", filters={"categroy": "Kitchen"})
+    with pytest.raises(mr.QueryError, match=r"unknown column 'PRCE' in .*; did you mean 'price'\?"):
+        indexed.search(text="sofa", where="PRCE < 3")
 
 
 def test_a_refused_filter_never_reaches_duckdb(retriever_copy, monkeypatch):
@@ -157,17 +174,18 @@ def test_query_bounds_come_from_the_config_and_name_their_setting(indexed, tmp_p
     assert indexed.config.search == RetrieverConfig().search  # the session's retriever keeps its own
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_COLUMNS = {"x": "text", "title": "text", "price": "number", "width cm": "number", "ts": "timestamp", "a": "text",
+QUERIES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "queries.md"
+FILTER_TABLE_COLUMNS = {"x": "text", "title": "text", "price": "number", "width cm": "number", "ts": "timestamp", "a": "text",
                   "b": "text"}
 
 
-def readme_filter_examples() -> list[str]:
-    """Every example of the README's "Filters" table as a whole filter over README_COLUMNS ("x" where the README
-    writes x): operators between two comparisons, literals and types tested with IS NULL, [NOT] both ways."""
-    section = README.read_text().split("\n### Filters\n", 1)[1].split("\n#", 1)[0]
+def docs_filter_examples() -> list[str]:
+    """Every example of the "Filters" table of the docs (docs/queries.md) as a whole filter over FILTER_TABLE_COLUMNS
+    ("x" where the table writes x): operators between two comparisons, literals and types tested with IS NULL,
+    [NOT] both ways."""
+    section = QUERIES_PAGE.read_text().split("\n## Filters\n", 1)[1].split("\n#", 1)[0]
     rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ") and "`" in line]
-    assert len(rows) >= 10, "the README's Filters table was not found"
+    assert len(rows) >= 10, "the Filters table of docs/queries.md was not found"
     filters = []
     for label, cell in rows:
         snippets = re.findall(r"`([^`]+)`", cell)
@@ -195,15 +213,15 @@ def readme_filter_examples() -> list[str]:
                      if s in ("lower", "upper", "length", "trim") else "coalesce(price, 0)" if s == "coalesce" else f"{s}(price)")
                     + " IS NULL" for s in snippets]
         else:
-            raise AssertionError(f"the README's Filters table has a row {label!r} this test has no template for")
+            raise AssertionError(f"the Filters table of docs/queries.md has a row {label!r} this test has no template for")
         filters += [m.replace("[NOT] ", n) for m in made for n in ("", "NOT ")]
     return list(dict.fromkeys(filters))
 
 
-def test_every_example_of_the_readme_filters_section_compiles_and_runs():
+def test_every_example_of_the_docs_filters_table_compiles_and_runs():
     import duckdb
 
-    examples = readme_filter_examples()
+    examples = docs_filter_examples()
     assert "ts > TIMESTAMP '2024-01-31 10:00'" not in examples  # (the table's literal is tested with IS NULL)
     assert "TIMESTAMP '2024-01-31 10:00' IS NULL" in examples and "CAST(x AS TIMESTAMP) IS NULL" in examples
     con = duckdb.connect()  # no rows: DuckDB binds every name, type and function of the printed SQL, converts no value
@@ -212,14 +230,15 @@ def test_every_example_of_the_readme_filters_section_compiles_and_runs():
     refused = []
     for where in examples:
         try:
-            con.execute(f"SELECT count(*) FROM catalog WHERE {compile_filter(where, README_COLUMNS)}").fetchall()
+            con.execute(f"SELECT count(*) FROM catalog WHERE {compile_filter(where, FILTER_TABLE_COLUMNS)}").fetchall()
         except (mr.QueryError, duckdb.Error) as exc:
             refused.append(f"{where}: {str(exc)[:100]}")
     assert not refused, '\n'.join(refused)
     con.execute("INSERT INTO catalog VALUES ('a', 'Ring', 12.5, 3, TIMESTAMP '2024-01-31 10:00', 'a', 'b')")
     for where, count in (("ts > TIMESTAMP '2024-01-31 09:00'", 1), ("ts = CAST('2024-01-31 10:00' AS TIMESTAMP)", 1),
                          ("ts < TRY_CAST(x AS TIMESTAMP)", 0), ("ts > DATETIME '2024-02-01'", 0)):
-        assert con.execute(f"SELECT count(*) FROM catalog WHERE {compile_filter(where, README_COLUMNS)}").fetchone() == (count,)
+        sql = compile_filter(where, FILTER_TABLE_COLUMNS)
+        assert con.execute(f"SELECT count(*) FROM catalog WHERE {sql}").fetchone() == (count,)
 
 
 def store_of(frame: pd.DataFrame) -> ItemStore:

@@ -43,8 +43,8 @@ def test_keyword_index_adds_removes_filters_saves(tmp_path):
     assert again.search("velmora", 5)[0].tolist() == k.search("velmora", 5)[0].tolist()
     again.remove(np.array([13, 99]))
     assert len(again) == 2 and 13 not in again.search("sofa", 5)[0].tolist()
-    (tmp_path / "kw" / "keywords.sqlite").write_bytes(b"not a database")
-    with pytest.raises(mr.IndexLoadError, match="keywords.sqlite"):
+    (tmp_path / "kw" / "keywords.npz").write_bytes(b"not an index")
+    with pytest.raises(mr.IndexLoadError, match="keywords.npz"):
         KeywordIndex.load(tmp_path / "kw", k.describe())
 
 

@@ -126,7 +126,7 @@ def test_fit_zero_shot_is_repeatable_and_its_weights_load_as_the_lit_space(catal
 
 
 def test_style_views_are_seeded_and_a_fit_can_train_on_them_with_the_text_projection_locked(catalog, tmp_path):
-    """The candidates scripts/train_zero_shot.py --cross-validate-recipes compares with the recipe (README, "Zero-shot")."""
+    """The candidates scripts/train_zero_shot.py --cross-validate-recipes compares with the recipe (docs/results.md, "How the zero-shot recipe was chosen")."""
     from multiretrieval.encoders.clip import load_lit_weights
     from multiretrieval.training import encode_catalog, encode_style_views, fit_zero_shot
 

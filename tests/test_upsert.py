@@ -219,3 +219,17 @@ def test_cli_update_prune_and_cache_prune(catalog, fixtures, tmp_path, capsys):
     assert cli(["index", str(tmp_path / "three.csv"), "--out", str(out), "--cache", str(tmp_path / "idx.cache"),
                 "--config", str(cfg), "--no-progress"]) == 0
     assert len(mr.Retriever.load(out)) == 3
+
+
+def test_a_boolean_column_that_some_items_lack_takes_only_booleans(retriever_copy, tmp_path):
+    """True in a new column (NaN for the other items: an object column), then 'True', was taken as the column's
+    text, and every save failed on the mixed column from then on; an empty string stayed '' among the booleans."""
+    r = retriever_copy
+    r.add(pd.DataFrame([{"id": 9001, "title": "a gift box", "gift": True}]), show_progress=False)
+    with pytest.raises(mr.CatalogError, match="column 'gift' holds 'True', but its indexed values are of type bool"):
+        r.add(pd.DataFrame([{"id": 9002, "title": "a ribbon", "gift": "True"}]), show_progress=False)
+    r.upsert(pd.DataFrame([{"id": 9003, "title": "a card", "gift": ""}, {"id": 9004, "title": "a bow", "gift": False}]),
+             show_progress=False)
+    r.save(tmp_path / "saved")
+    gifts = mr.Retriever.load(tmp_path / "saved").items.set_index("id")["gift"]
+    assert gifts[9001] == True and gifts[9004] == False and pd.isna(gifts[9003])  # noqa: E712 - numpy booleans

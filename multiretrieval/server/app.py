@@ -8,43 +8,51 @@ every bound, is in the OpenAPI description (schemas.py).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import FormParser, MultiPartParser
 
 from ..catalog import is_url, load_image
 from ..config import RetrieverConfig
 from ..errors import (CatalogError, ConfigError, ImageError, ImageLimitError, ItemNotFoundError, LimitError, QueryError,
                       StorageError)
+from ..utils import usable_cpus
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
 from ..search import MODES, check_where
-from .schemas import (ADD_BODY, WRITE_FAILED, AddResponse, BatchResponse, HealthResponse, ItemId, RemoveResponse, SearchResponse,
-                      UpsertResponse, responses, search_body, search_request_model)
+from .schemas import (WRITE_FAILED, INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
+                      RemoveResponse, SearchResponse, UpsertResponse, batch_body, item_body, json_query_parameter, new_item_id,
+                      responses, search_body, search_request_model)
 from .service import Service, refuse_skipped
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 THUMBNAIL_PX = 256
+THUMBNAIL_CACHE_BYTES = 32 * 2**20  # thumbnails kept in memory (PNG bytes), least recently used out first
 
 
 def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20,
                allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None,
                checkpoint_every: int = 1000, image_urls: Literal["public", "any", "off"] = "public",
-               config: RetrieverConfig | None = None) -> FastAPI:
+               config: RetrieverConfig | None = None, max_concurrent: int | None = None) -> FastAPI:
     """Build the app for a saved index folder.
 
     Args:
@@ -60,6 +68,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             addresses that resolve to public IPs), "any", or "off".
         config: the config to serve the index with (``Retriever.load``'s: it must name the encoders
             the index was built with); default: the config saved with the index.
+        max_concurrent: searches and facet counts that run at once (default: the usable CPUs); the others wait
+            their turn, first come first served, while cheap requests (an item, /health) go ahead.
     """
     import contextlib
 
@@ -70,10 +80,21 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     faiss.omp_set_num_threads(1)
     service = Service(index_dir, checkpoint_every, config)
     bounds = service.retriever.config.search
-    request_model = search_request_model(bounds)
-    batch_model = create_model("BatchRequest", queries=(list[request_model], Field(
-        json_schema_extra={"maxItems": bounds.max_batch},
-        description=f"at most {bounds.max_batch} searches (search.max_batch); photos by image_url only")))
+    request_model = search_request_model(bounds, service.retriever.indexes["joint"].dim)
+    integer_ids, text_columns = _integer_ids(service.retriever.items["id"]), service.retriever.config.catalog.text_columns
+    add_body, upsert_body = item_body(new_item_id(integer_ids), text_columns), item_body(None, text_columns)
+    id_text = {"pattern": INTEGER_TEXT if integer_ids else NOT_BLANK}  # the id an upsert may name
+    upsert_path = PathParam(description="the item's id, URL-encoded (slashes allowed)", json_schema_extra=id_text)
+    upsert_query = Query(description="the item's id (URL-encoded)", json_schema_extra=id_text)
+    batch_model = create_model("BatchRequest", queries=(list[request_model], ...))  # its schema: batch_body
+    # CPU work admitted a few at a time: with 48 clients in 40 threads on 2 cores every search shared the cores with
+    # all the others (and a write waited for all of them to leave the index), so each took as long as the slowest.
+    # Waiting in this queue costs no CPU, and /health or an item row need not wait behind searches.
+    slots = asyncio.Semaphore(max_concurrent or usable_cpus())
+
+    async def compute(fn, *args, **kwargs):
+        async with slots:
+            return await run_in_threadpool(fn, *args, **kwargs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,8 +138,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     upload = f"request body over {max_upload_bytes:,} bytes (--max-upload-mb)"
     pixels = f"an image over {service.retriever.config.catalog.max_image_pixels:,} pixels (catalog.max_image_pixels)"
     key = {401: "missing or wrong X-API-Key", 403: "a cross-origin request", **WRITE_FAILED}  # what every write may answer
-    bad_row = ("metadata that is not a JSON object of catalog columns; an id of another kind; a value whose type does not fit "
-               "its column; a column named like an internal one; a file that is not an image; an item without image or text")
+    bad_row = ("metadata that is not a JSON object of catalog columns (UTF-8, nested at most 32 levels); an id of another kind; "
+               "a value that is an object or a list, or whose type does not fit its column; a column named like an internal "
+               "one; a file that is not an image; an item without image or text")
 
     @app.get("/health", response_model=None, responses=responses({
         200: (HealthResponse, "status (ok, or degraded while writes cannot be stored), item count, micro-batching")}))
@@ -131,7 +153,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     @app.post("/search", openapi_extra=search_body(request_model), responses=responses({
         200: (SearchResponse, "the results"),
-        400: "malformed JSON or form; an empty query; a text that is not valid Unicode; a file that is not an image; "
+        400: "malformed JSON or form (JSON nested over 32 levels, a form field that is not UTF-8); an empty query; both an "
+             "`image` file and an `image_url`; a text that is not valid Unicode; a file that is not an image; "
              "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses; "
              "weights with another key than image and text, a negative weight, both 0, or on a query that is not fused; "
              "an empty not_text, or one with a vector",
@@ -144,52 +167,58 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         """A search as JSON, or as multipart form with a photo (field `image`) and the same fields (`filters`,
         `vector` and `weights` as JSON text). Each result's thumbnail is at GET /items/{id}/image (the id URL-encoded)."""
         query, image = await _parse_search(request, request_model)
+        if image is not None and query.image_url:
+            raise _HTTPError(400, "give the photo once: an uploaded `image` or an `image_url`, not both")
         if image is None and query.image_url:
             image = await run_in_threadpool(fetch_image_url, query.image_url, service.retriever.config, image_urls)
         started = time.perf_counter()
         retriever = service.retriever
-        results = await run_in_threadpool(retriever.search, image=image, **_search_arguments(query))
-        facets = await run_in_threadpool(retriever.facets, None, query.where, query.filters) if query.facets else None
+        results = await compute(retriever.search, image=image, **_search_arguments(query))
+        facets = await compute(retriever.facets, None, query.where, query.filters) if query.facets else None
+        facets = _facets_for_clients(facets)
         return _search_response(query, image, results, facets, started)
 
-    @app.post("/search/batch", response_model=None, openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": batch_model.model_json_schema()}}}}, responses=responses({
+    @app.post("/search/batch", response_model=None, openapi_extra=batch_body(request_model, bounds.max_batch),
+              responses=responses({
         200: (BatchResponse, "one answer per search, in order"), 403: "a cross-origin request",
+        400: "malformed JSON (nested over 32 levels included); a search refused as by POST /search",
         404: "a `like` names an item that is not in the index", 413: upload,
         422: f"more than {bounds.max_batch} searches, or a search over a bound (as for POST /search)"}))
     async def search_batch(request: Request) -> Response:
         """Several searches in one request; queries of one kind share an encoder pass. Photos by `image_url` only."""
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise _HTTPError(400, f"request body is not valid JSON: {exc}") from exc
-        batch = _validate(batch_model, body, strict=True)
+        batch = _validate(batch_model, parse_json("request body", await request.body()))
         retriever, started, specs = service.retriever, time.perf_counter(), []
         for query in batch.queries:
             image = await run_in_threadpool(fetch_image_url, query.image_url, retriever.config, image_urls) if query.image_url else None
             specs.append({"image": image, **_search_arguments(query)})
-        frames = await run_in_threadpool(retriever.search_batch, specs)
+        frames = await compute(retriever.search_batch, specs)
         answers = [_search_response(q, s["image"], f, None, started).body.decode() for q, s, f in zip(batch.queries, specs, frames)]
         return Response('{"results": [' + ", ".join(answers) + "]}", media_type="application/json")
 
-    @app.get("/facets", response_model=None, responses=responses({
+    facet_filters = "column -> values or {min, max}, as `filters` for POST /search"
+
+    filters_schema = request_model.model_json_schema()["properties"]["filters"]
+
+    @app.get("/facets", response_model=None, openapi_extra=json_query_parameter("filters", filters_schema, facet_filters),
+             responses=responses({
         200: (dict[str, Any], "per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram}"),
-        400: "an unknown column; filters that are not a JSON object; a filter outside the grammar",
+        400: "an unknown column; filters that are not a JSON object (nested at most 32 levels); a filter outside the grammar",
         422: "a filter over its bounds"}))
-    def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
-               where: str | None = Query(None, description="a filter, as for POST /search"),
-               filters: str | None = Query(None, description="JSON: column -> values or {min, max}, as for POST /search")) -> dict:
+    async def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
+                     where: str | None = Query(None, description="a filter, as for POST /search"),
+                     filters: str | None = Query(None, include_in_schema=False)) -> dict:  # described as JSON: openapi_extra
         """The filter columns' value counts or numeric ranges over the items matching `where` and `filters`,
         each column counted without its own filter (so its other values can still be chosen)."""
         if where is not None:
             check_where(where, service.retriever.config)
         names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
-        return service.retriever.facets(names, where, _json_field("filters", filters))
+        return _facets_for_clients(await compute(service.retriever.facets, names, where, _json_field("filters", filters)))
 
     def item_row(item_id: str) -> dict:
         import pandas as pd
 
-        return json.loads(pd.DataFrame([service.retriever.get(item_id)]).to_json(orient="records"))[0]  # NaN -> null
+        row = _for_clients(pd.DataFrame([service.retriever.get(item_id)]))
+        return json.loads(row.to_json(orient="records"))[0]  # NaN -> null
 
     def item_thumbnail(item_id: str, size: int = THUMBNAIL_PX) -> Response:
         source = service.retriever.image_source(item_id)
@@ -249,22 +278,23 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
                                 404: "an id with a line break, which no path carries: use PUT /item?id="})
 
     @app.get("/item", response_model=None, responses=row_answers)
-    def get_item_by_query(id: str) -> dict:  # noqa: A002 - the query parameter is called id
+    def get_item_by_query(id: ItemIdQuery) -> dict:  # noqa: A002 - the query parameter is called id
         """An item's catalog row; the id as a query parameter (any string, URL-encoded)."""
         return item_row(id)
 
     @app.get("/item/image", response_class=Response, responses=image_answers)
-    def item_image_by_query(id: str, size: int = size_query) -> Response:  # noqa: A002
+    def item_image_by_query(id: ItemIdQuery, size: int = size_query) -> Response:  # noqa: A002
         """An item's photo as a PNG of at most `size` px (256 by default); the id as a query parameter."""
         return item_thumbnail(id, size)
 
     @app.delete("/item", dependencies=[Depends(require_key)], response_model=None, responses=remove_answers)
-    async def delete_item_by_query(id: str) -> dict:  # noqa: A002
+    async def delete_item_by_query(id: ItemIdQuery) -> dict:  # noqa: A002
         """Remove an item; the id as a query parameter."""
         return await delete(id)
 
-    @app.put("/item", dependencies=[Depends(require_key)], openapi_extra=ADD_BODY, response_model=None, responses=upsert_answers)
-    async def upsert_item_by_query(request: Request, id: str) -> dict:  # noqa: A002
+    @app.put("/item", dependencies=[Depends(require_key)], openapi_extra=upsert_body, response_model=None,
+             responses=upsert_answers)
+    async def upsert_item_by_query(request: Request, id: str = upsert_query) -> dict:  # noqa: A002
         """Add or replace an item (see PUT /items/{id}); the id as a query parameter."""
         return await add_or_upsert(request, "upsert", id)
 
@@ -287,16 +317,16 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             return FileResponse(STATIC / "index.html", headers=vary)  # the page shows the product view for /items/ID
         return JSONResponse(row, headers=vary)
 
-    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=ADD_BODY,
+    @app.post("/items", dependencies=[Depends(require_key)], status_code=201, openapi_extra=add_body,
               response_model=None, responses=responses({
                   201: (AddResponse, "added"), **key, 400: bad_row + "; an id already indexed", 413: f"{upload}; {pixels}"}))
     async def add_item(request: Request) -> dict:
         """Add one item: multipart with `metadata` (a JSON object with id, title, ...) and an optional `image` file."""
         return await add_or_upsert(request, "add")
 
-    @app.put("/items/{item_id:path}", dependencies=[Depends(require_key)], openapi_extra=ADD_BODY, response_model=None,
+    @app.put("/items/{item_id:path}", dependencies=[Depends(require_key)], openapi_extra=upsert_body, response_model=None,
              responses=upsert_answers)
-    async def upsert_item(request: Request, item_id: ItemId) -> dict:
+    async def upsert_item(request: Request, item_id: str = upsert_path) -> dict:
         """Add or replace one item (multipart `metadata` and optional `image`, as for POST /items): a new id is
         added, a changed image or text is encoded again, changed metadata alone is updated in place. Without an
         `image` file an indexed item keeps its photo."""
@@ -329,12 +359,17 @@ def _item_path(request: Request, decoded: str) -> tuple[str, bool]:
 async def _item_upload(request: Request, service: Service, item_id: str | None) -> tuple[dict, Path | None]:
     """The catalog row of an add/upsert request (its image saved under a name of ours), checked."""
     form = await _form(request)
-    try:
-        metadata = json.loads(form.get("metadata") or "")
-    except ValueError as exc:
-        raise _HTTPError(400, f"metadata: not a JSON object: {exc}") from exc
+    text = form.get("metadata") or ""
+    if not isinstance(text, str):
+        raise _HTTPError(400, "metadata: a form field of JSON text, not a file")
+    metadata = parse_json("metadata", text)
     if not isinstance(metadata, dict) or "image" in metadata:
         raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
+    nested = next((c for c, v in metadata.items() if isinstance(v, (dict, list))), None)
+    if nested is not None:  # a new column would take it, and the next save would fail on it
+        kind = "object" if isinstance(metadata[nested], dict) else "list"
+        raise _HTTPError(400, f"metadata: column {nested!r} holds a JSON {kind}; a catalog value is a text, a number, a boolean "
+                              "or null")
     if item_id is not None:
         if "id" in metadata and str(metadata["id"]) != item_id:
             raise _HTTPError(400, f"metadata: id {metadata['id']!r} differs from the id in the URL, {item_id!r}")
@@ -343,6 +378,7 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
     path = None
     if upload is not None and hasattr(upload, "read"):
         data = await upload.read()
+        await form.close()
         load_image(data)  # refuse a bad image before anything is written
         path = service.store_upload(data)  # the name is ours, never the client's; on disk before the write is logged
         metadata["image"] = str(path)
@@ -354,7 +390,7 @@ def _search_arguments(query: Any) -> dict[str, Any]:
     options = {name: getattr(query, name) for name in ("offset", "min_score", "sort_by", "like", "vector", "filters",
                                                         "hybrid", "keyword_weight", "weights", "not_text")}
     return {"text": query.text, "mode": query.mode, "k": query.k, "where": query.where,
-            **{name: value for name, value in options.items() if value not in (None, 0)}}
+            **{name: value for name, value in options.items() if value is not None}}  # like=0 is an item
 
 
 def _search_response(query: Any, image, results, facets, started: float) -> Response:
@@ -365,17 +401,62 @@ def _search_response(query: Any, image, results, facets, started: float) -> Resp
     # The rows serialised once by pandas (NaN -> null), not converted to dicts and back.
     head = {"mode": mode, "count": len(results), "offset": query.offset, "has_more": bool(results.attrs.get("has_more")),
             "took_ms": took, "facets": facets}
-    body = json.dumps(head, default=str)[:-1] + f', "results": {results.to_json(orient="records")}}}'
+    body = json.dumps(head, default=str)[:-1] + f', "results": {_for_clients(results).to_json(orient="records")}}}'
     return Response(body, media_type="application/json")
 
 
+def _integer_ids(ids) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_integer_dtype(ids.dtype)
+
+
+def _for_clients(rows):
+    """Catalog rows as clients see them: an image file by its name only (GET /items/ID/image serves the photo;
+    the server's folders, the uploads folder among them, are none of their business), an image URL as it is."""
+    if "image" not in rows.columns:
+        return rows
+    return rows.assign(image=[_shown_image(v) for v in rows["image"]])
+
+
+def _facets_for_clients(counts: dict | None) -> dict | None:
+    if counts and "values" in counts.get("image", {}):  # file names, as in the rows
+        counts["image"]["values"] = [{**v, "value": _shown_image(v["value"])} for v in counts["image"]["values"]]
+    return counts
+
+
+def _shown_image(value: Any) -> Any:
+    if not isinstance(value, str) or is_url(value):
+        return value
+    return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]  # a Windows path too
+
+
 def _json_field(name: str, value: str | None) -> Any:
-    if value in (None, ""):
-        return None
+    return None if value in (None, "") else parse_json(name, value)
+
+
+MAX_JSON_DEPTH = 32  # the deepest request the API defines (a batch's price range) nests 5 levels
+
+
+def parse_json(name: str, text: str | bytes) -> Any:
+    """JSON a client sent (``name``: the body or field, for the errors), nested at most MAX_JSON_DEPTH levels:
+    every JSON the app reads comes through here. Python's parser recurses, so deeper nesting would be a
+    RecursionError (a 500 from 2 KB of brackets) here or in whatever walks the value next."""
+    too_deep = _HTTPError(400, f"{name}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(value)
+        value = json.loads(text, parse_constant=_not_json)  # NaN, Infinity: Python's extension, not JSON
+    except RecursionError:
+        raise too_deep from None
     except ValueError as exc:
         raise _HTTPError(400, f"{name}: not valid JSON: {exc}") from exc
+    level, containers = 1, [value]
+    while containers:
+        containers = [v for c in containers for v in (c.values() if isinstance(c, dict) else c if isinstance(c, list) else ())
+                      if isinstance(v, (dict, list))]
+        level += bool(containers)
+        if level > MAX_JSON_DEPTH:
+            raise too_deep
+    return value
 
 
 def fetch_image_url(url: str, config, policy: str) -> bytes:
@@ -388,55 +469,168 @@ def fetch_image_url(url: str, config, policy: str) -> bytes:
 
     if policy == "off":
         raise _HTTPError(400, "image_url is turned off on this server; upload the photo instead")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - read for its check: a port out of range is a ValueError
+    except ValueError as exc:  # "http://[" (an IPv6 address not closed)
+        raise _HTTPError(400, f"image_url: not a valid address: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _HTTPError(400, f"image_url must be an http(s) address, got {url!r}")
+        raise _HTTPError(400, f"image_url: must be an http(s) address with a host name, got {url!r}")
     cat = config.catalog
-    return downloads.download(url, cat.max_image_bytes, cat.download_timeout_s, downloads.PUBLIC if policy == "public" else None)
+    try:
+        return downloads.download(url, cat.max_image_bytes, cat.download_timeout_s, downloads.PUBLIC if policy == "public" else None)
+    except ImageError as exc:  # named as the field the client sent
+        raise type(exc)(f"image_url: {exc}") from exc
 
 
 async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:
     content_type = request.headers.get("content-type", "")
+    text_fields = _text_fields(model)
     if content_type.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise _HTTPError(400, f"request body is not valid JSON: {exc}") from exc
-        return _validate(model, body, strict=True), None
+        return _validate(model, parse_json("request body", await request.body())), None
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await _form(request)
+        # A form's field holds the field's JSON value (5, true, {"price": ...}) or, for a text field, the text itself;
+        # validated as strictly as a JSON body then (a form's "yes" is no boolean, as JSON's "yes" is not).
         fields = {k: v for k, v in form.items() if k != "image" and v != ""}
-        for name in ("filters", "vector", "weights"):  # structured fields travel as JSON text in a form
-            if isinstance(fields.get(name), str):
-                fields[name] = _json_field(name, fields[name])
+        for name, value in fields.items():
+            if isinstance(value, str) and name not in text_fields:
+                fields[name] = _form_value(name, value)
         upload = form.get("image")
         image = await upload.read() if upload is not None and hasattr(upload, "read") else None
+        await form.close()
         return _validate(model, fields), (image or None)
     raise _HTTPError(415, "send JSON (text queries) or multipart/form-data (with an image)")
 
 
+@lru_cache(maxsize=8)
+def _text_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of a request model that take a string (a form gives them as they are)."""
+    def takes_text(schema: dict) -> bool:
+        return schema.get("type") == "string" or any(takes_text(option) for option in schema.get("anyOf", ()))
+
+    return frozenset(name for name, schema in model.model_json_schema()["properties"].items() if takes_text(schema))
+
+
+def _form_value(name: str, text: str) -> Any:
+    """A form field that is not text: its JSON value. A null, or a number's or boolean's text that is not one,
+    stays text, which validation then refuses naming the field."""
+    if name in JSON_FORM_FIELDS:
+        value = parse_json(name, text)
+    else:
+        try:
+            value = json.loads(text, parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            return text
+        if isinstance(value, (dict, list)):
+            return text
+    return text if value is None else value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _form(request: Request):
+    """The request's form (multipart or URL-encoded; empty for another body), its text fields UTF-8: Starlette
+    reads a field that is not as Latin-1, and a search text or stored metadata would silently become mojibake."""
+    from starlette.datastructures import FormData
+    from starlette.formparsers import MultiPartException
+
+    content_type = request.headers.get("content-type", "")
+    parser = (_Utf8MultiPartParser if content_type.startswith("multipart/form-data") else
+              _Utf8FormParser if content_type.startswith("application/x-www-form-urlencoded") else None)
+    if parser is None:
+        return FormData()
     try:
-        return await request.form()
-    except Exception as exc:  # starlette raises several parser errors
+        return await parser(request.headers, request.stream()).parse()
+    except MultiPartException as exc:
+        raise _HTTPError(400, f"malformed form data: {exc.message}") from exc
+    except Exception as exc:  # python-multipart raises several parser errors
         raise _HTTPError(400, f"malformed form data: {exc}") from exc
 
 
-def _validate(model: type[BaseModel], data: Any, strict: bool = False) -> Any:
-    """``strict`` for JSON, whose values carry their types (true is not 1); a form's fields are all text."""
+def _utf8_field(name: str, data: bytes) -> str:
+    from starlette.formparsers import MultiPartException
+
     try:
-        return model.model_validate(data, strict=strict)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MultiPartException(f"form field {name!r} is not UTF-8 text (byte {data[exc.start]:#04x} at {exc.start}); "
+                                 "send form fields as UTF-8") from None
+
+
+class _Utf8MultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, its text fields decoded as UTF-8 or refused."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            return super().on_part_end()
+        self.items.append((part.field_name, _utf8_field(part.field_name, bytes(part.data))))
+
+
+class _Utf8FormParser(FormParser):
+    """Starlette's URL-encoded form parser, its fields (%-escapes included) decoded as UTF-8 or refused."""
+
+    def on_field_end(self) -> None:
+        from urllib.parse import unquote_to_bytes
+
+        super().on_field_end()  # counts the field; decodes it as Latin-1 and its %-escapes leniently
+        name = self._items[-1][0]
+        self._items[-1] = (name, _utf8_field(name, unquote_to_bytes(bytes(self._field_value).replace(b"+", b" "))))
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    """Strictly: JSON values carry their types (true is not 1, "5" is not 5), and a form's fields come as JSON values."""
+    try:
+        return model.model_validate(data, strict=True)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
 
 
-@lru_cache(maxsize=2048)
 def _thumbnail(source: str, mtime: float, size: int = THUMBNAIL_PX) -> bytes:  # mtime is part of the cache key
+    key = (source, mtime, size)
+    data = _thumbnails.get(key)
+    return data if data is not None else _thumbnails.put(key, render_thumbnail(source, size))
+
+
+def render_thumbnail(source: str, size: int = THUMBNAIL_PX) -> bytes:
+    """A PNG of the image at most `size` pixels on its longer side (uncached)."""
     image = load_image(source)
     image.thumbnail((size, size))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+class _BytesCache:
+    """Least recently used values up to a total size in bytes (a count bound let 2,048 thumbnails of up to
+    ~200 KB each grow the service by hundreds of MB over a long run). Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: bytes) -> bytes:
+        with self._lock:
+            if key not in self._items and len(value) <= self.max_bytes:
+                self._items[key] = value
+                self.bytes += len(value)
+                while self.bytes > self.max_bytes:
+                    self.bytes -= len(self._items.popitem(last=False)[1])
+        return value
+
+
+_thumbnails = _BytesCache(THUMBNAIL_CACHE_BYTES)
 
 
 _logged_unreadable: set[str] = set()  # image files the log has named as missing or unreadable

@@ -9,30 +9,56 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from pydantic import BaseModel, Field, create_model
+from fastapi import Query
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
+from ..catalog import RESERVED_COLUMNS
 from ..config import SearchConfig
 from ..search import MODES
 
 Mode = Literal["auto", "image", "text", "fused", "zero-shot"]
-ItemId = Annotated[str, PathParam(description="the item's catalog id, URL-encoded (slashes allowed)", examples=["575"])]
+# A query text, once stripped, is not empty: a character Python's str.strip keeps (JSON Schema's \s is another set).
+NOT_BLANK = "[^\\t\\n\\r\\u000b\\u000c\\u001c-\\u001f \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+ItemId = Annotated[str, PathParam(description="the item's catalog id, URL-encoded (slashes allowed)", examples=["575"],
+                                  json_schema_extra={"pattern": NOT_BLANK})]
+ItemIdQuery = Annotated[str, Query(description="the item's catalog id (any string, URL-encoded)", examples=["575"],
+                                   json_schema_extra={"pattern": NOT_BLANK})]
+INTEGER_TEXT = "^(0|-?[1-9][0-9]{0,17})$"  # the text of an integer id (18 digits fit 64 bits; "007" is a code, text)
+QUERY_INPUTS = ("text", "like", "vector", "image_url")  # a search needs one of these (a form may upload `image` instead)
+FLOAT32_MAX = 3.4028234663852886e38
+# Inputs a search takes one of: a vector alone (nothing to subtract from it); like (an item) with words, not with a photo.
+EXCLUSIVE_INPUTS = (("vector", "text"), ("vector", "like"), ("vector", "image_url"), ("vector", "not_text"), ("like", "image_url"))
+JSON_FORM_FIELDS = ("filters", "vector", "weights")  # structured values travel as JSON text in a form
 assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
 
 
-def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
-    """The search request's fields, with the index's bounds (``search:`` in its config) in the schema."""
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema has it: 5.0 is the integer 5 (pydantic's strict int refuses it).
+Integer = Annotated[int, BeforeValidator(_integral)]
+Range = dict[Literal["min", "max"], float | None]  # a filter's range of numbers
+
+
+def search_request_model(bounds: SearchConfig, vector_dim: int | None = None) -> type[BaseModel]:
+    """The search request's fields, with the index's bounds (``search:`` in its config) in the schema;
+    ``vector_dim``: the joint space's dimensions, which a query vector has."""
+    dims = {} if vector_dim is None else {"minItems": vector_dim, "maxItems": vector_dim}
+    float32 = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}  # a vector's values are float32
     return create_model(
         "SearchRequest",
         # Lengths are in the schema but checked by the query stage (make_query), whose 422 names the setting
         # and whose 400 says what is wrong with a text that is not valid Unicode.
-        text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars}, examples=["a washing machine"],
+        text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars, "pattern": NOT_BLANK},
+                                examples=["a washing machine"],
                                 description=(f"query text: at most {bounds.max_text_chars:,} characters (search.max_text_chars) "
                                              f"and {bounds.max_text_tokens:,} word pieces (search.max_text_tokens); "
                                              "over either: 422"))),
         mode=(Mode, "auto"),
-        k=(int, Field(10, ge=1, json_schema_extra={"maximum": bounds.max_k},
+        k=(Integer, Field(10, ge=1, json_schema_extra={"maximum": bounds.max_k},
                       description=f"number of results, 1 to {bounds.max_k:,} (search.max_k)")),
-        where=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_where_chars},
+        where=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_where_chars, "pattern": NOT_BLANK},
                                  examples=["price < 500 AND category = 'Kitchen'"], description=(
             "filter: one condition over catalog columns (columns, literals, comparisons, AND/OR/NOT, arithmetic, "
             "IN lists, BETWEEN, LIKE/ILIKE, IS NULL, CAST and a few scalar functions; README, \"Filters\"). "
@@ -41,7 +67,7 @@ def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
         hybrid=(Literal["rrf", "weighted", "off"] | None, Field(None, description=(
             "text queries: how BM25 keywords and vectors combine: reciprocal-rank fusion (default), a weighted sum, or not"))),
         keyword_weight=(float | None, Field(None, ge=0, le=1, description="text queries: the keywords' share, 0 to 1 (default 0.5)")),
-        offset=(int, Field(0, ge=0, description=f"results to skip (paging); k + offset at most {bounds.max_k:,}")),
+        offset=(Integer, Field(0, ge=0, description=f"results to skip (paging); k + offset at most {bounds.max_k:,}")),
         filters=(_filters_type(bounds) | None, Field(
             None, description=("column -> values (any of them), one value, or a range {min, max}; ANDed with `where` "
                                f"(no SQL needed). At most {bounds.max_filter_columns:,} columns (search.max_filter_columns) "
@@ -54,26 +80,32 @@ def search_request_model(bounds: SearchConfig) -> type[BaseModel]:
             "cosines of the parts the query has (an item's own photo as a photo query scores 1); zero-shot scores are "
             "the zero-shot space's cosines (README, \"Scores\")"))),
         weights=(dict[str, float] | None, Field(None, examples=[{"image": 0.7, "text": 0.3}], json_schema_extra={
-            "propertyNames": {"enum": ["image", "text"]}, "additionalProperties": {"type": "number", "minimum": 0}},
+            "propertyNames": {"enum": ["image", "text"]}, "additionalProperties": {"type": "number", "minimum": 0},
+            "allOf": [{"anyOf": [{"required": [name], "properties": {name: {"exclusiveMinimum": 0}}}  # not both 0
+                                 for name in ("image", "text")]}]},
             description=("fused queries (a photo and words, or `like` an item): the image and text weights, non-negative and "
                          "not both 0; the score becomes (image * cos_image + text * cos_text) / (image + text). "
                          "Another key, a negative weight, both 0, or a query that is not fused: 400"))),
-        not_text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars}, examples=["metal legs"],
+        not_text=(str | None, Field(None, json_schema_extra={"maxLength": bounds.max_text_chars, "pattern": NOT_BLANK},
+                                    examples=["metal legs"],
                                     description=(f"a concept to subtract: the score loses {bounds.not_text_weight:g} "
                                                  "(search.not_text_weight) times this text's own score as a text query. "
                                                  "Bounded as `text`; empty: 400; with `vector`: 400"))),
-        like=(str | int | None, Field(None, description="an item id: items like it, from its stored vectors "
+        like=(str | Integer | None, Field(None, description="an item id: items like it, from its stored vectors "
                                                          "(with `text`: its photo plus these words)")),
-        vector=(list[float] | None, Field(None, description="a query vector in the joint space (as Retriever.encode gives)")),
-        image_url=(str | None, Field(None, description="a photo to fetch from a public http(s) address")),
+        vector=(list[float] | None, Field(None, json_schema_extra={"items": float32, **(dims or {"minItems": 1})},
+                                          description="a query vector in the joint space (as Retriever.encode gives)")),
+        image_url=(str | None, Field(None, description="a photo to fetch from a public http(s) address",
+                                     json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]"})),
         facets=(bool, Field(False, description="also return the filter columns' counts over the items matching where + filters")),
+        __config__=ConfigDict(json_schema_extra={"anyOf": _one_of_present(QUERY_INPUTS), "allOf": _apart(EXCLUSIVE_INPUTS)}),
     )
 
 
 def _filters_type(bounds: SearchConfig) -> Any:
     """The structured filters' type, its bounds in the schema only (the query stage's 422 names the setting)."""
     values = Annotated[list[str | float | bool], Field(json_schema_extra={"maxItems": bounds.max_filter_values})]
-    return Annotated[dict[str, values | dict[str, float | None] | str | float | bool],
+    return Annotated[dict[str, values | Range | str | float | bool],
                      Field(json_schema_extra={"maxProperties": bounds.max_filter_columns})]
 
 
@@ -127,15 +159,106 @@ class RemoveResponse(BaseModel):
 
 
 def search_body(model: type[BaseModel]) -> dict:
+    """POST /search's body: the request as JSON, or as a form whose fields hold the same values (a form's empty field
+    counts as absent; `filters`, `vector` and `weights` as JSON, like every field that is not text) plus a photo."""
     schema = model.model_json_schema()
-    form = {name: {k: v for k, v in field.items() if k != "default"} for name, field in schema["properties"].items()}
-    for name in ("filters", "vector", "weights"):  # structured values travel as JSON text in a form
-        form[name] = {"type": "string", "description": f"JSON, as `{name}` in the JSON body"}
-    for name in ("text", "where", "not_text"):  # a form field is a string, never null
-        form[name] = {"type": "string", **{k: v for k, v in form[name].items() if k in ("maxLength", "description", "examples")}}
+    form: dict[str, Any] = {}
+    for name, field in schema["properties"].items():
+        field = _not_null({k: v for k, v in field.items() if k != "default"})
+        form[name] = field if name in JSON_FORM_FIELDS else {"anyOf": [field, {"const": ""}], **_doc(field)}
     form["image"] = {"type": "string", "format": "binary", "description": "a photo (JPEG, PNG, WebP, ...)"}
-    return {"requestBody": {"content": {"application/json": {"schema": schema},
-                                        "multipart/form-data": {"schema": {"type": "object", "properties": form}}}}}
+    inputs = "; a search needs `text`, `like`, `vector` or a photo (`image_url`"  # closed by each
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {**schema, "description": f"a search{inputs})"}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "properties": form, "anyOf": _one_of_present((*QUERY_INPUTS, "image")),
+            "allOf": _apart((*EXCLUSIVE_INPUTS, ("image", "vector"), ("image", "like"), ("image", "image_url"))),
+            "description": f"a search with an uploaded photo{inputs}, or `image`; not both)"},
+                                "encoding": {**{name: {"contentType": "application/json"} for name in JSON_FORM_FIELDS},
+                                             "image": {"contentType": "image/*"}}}}}}
+
+
+def batch_body(model: type[BaseModel], max_batch: int) -> dict:
+    """POST /search/batch's body: searches as for POST /search, inline (a `$ref` into the model's own `$defs`
+    would point nowhere in the OpenAPI document)."""
+    query = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["queries"], "title": "BatchRequest", "properties": {"queries": {
+            "type": "array", "items": query, "maxItems": max_batch,
+            "description": f"at most {max_batch} searches (search.max_batch); photos by image_url only"}}}}}}}
+
+
+def json_query_parameter(name: str, schema: dict, description: str) -> dict:
+    """An optional query parameter whose value is JSON (OpenAPI: a parameter with `content`, not `schema`)."""
+    return {"parameters": [{"name": name, "in": "query", "required": False, "description": description,
+                            "content": {"application/json": {"schema": _not_null(schema)}}}]}
+
+
+def item_body(id_schema: dict | None, text_columns: tuple[str, ...]) -> dict:
+    """POST/PUT /items' body: `metadata` (the item's catalog columns as JSON) and an optional `image` file.
+    ``id_schema``: the id in `metadata` (POST); None where the id is in the path (PUT), which `metadata` may repeat."""
+    columns: dict[str, Any] = {"type": "object", "propertyNames": {
+        "not": {"anyOf": [{"pattern": "^_"}, {"enum": ["image", *RESERVED_COLUMNS]}]},
+        "description": "a catalog column: not `image` (upload the file), not starting with '_', not a result column"},
+        "additionalProperties": {"type": ["string", "number", "boolean", "null"]}}
+    if id_schema is not None:
+        columns = {**columns, "required": ["id"], "properties": {"id": id_schema}}
+    # a text column's value counts unless empty (null, or a string of white space; a number is its text)
+    empty = {"anyOf": [{"type": "null"}, {"type": "string", "not": {"pattern": NOT_BLANK}}]}
+    texts = [{"required": [c], "properties": {c: {"not": empty}}} for c in text_columns]
+    # A new item needs a photo or a text; PUT without a photo keeps the indexed item's (whether it has one: the index's).
+    needs = {"anyOf": [{"required": ["image"]}, *([{"properties": {"metadata": {"anyOf": texts}}}] if texts else [])]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["metadata"], "properties": {
+            "metadata": {**columns, "description": "the item's catalog columns: id, title, description, metadata columns; "
+                                                   "each value fits its column's type among the indexed items (400 otherwise)",
+                         "examples": [{**({"id": 9001} if id_schema is not None else {}), "title": "a desk lamp",
+                                       "category": "Lights", "price": 25.0}]},
+            "image": {"type": "string", "format": "binary", "description": "the item's photo (JPEG, PNG, WebP, ...)"}},
+            **(needs if id_schema is not None else {})},
+        "encoding": {"metadata": {"contentType": "application/json"}, "image": {"contentType": "image/*"}}}}}}
+
+
+def new_item_id(integer_ids: bool) -> dict:
+    """The JSON Schema of a new item's id: of the kind the index's ids are."""
+    if integer_ids:
+        # 2**63 - 1024: the largest float below 2**63 (validators may compare bounds as floats)
+        return {"anyOf": [{"type": "integer", "minimum": -(2**63) + 1024, "maximum": 2**63 - 1024},
+                          {"type": "string", "pattern": INTEGER_TEXT}],
+                "description": "an integer, as the index's ids are (or its text)"}
+    return {"anyOf": [{"type": "string", "pattern": NOT_BLANK}, {"type": "integer"}],
+            "description": "a string (an integer is taken as its text)"}
+
+
+def _one_of_present(names: tuple[str, ...]) -> list[dict]:
+    return [{"required": [name], **_given(name)} for name in names]
+
+
+def _apart(pairs: tuple[tuple[str, str], ...]) -> list[dict]:
+    """Each pair of fields not both given."""
+    return [{"not": {"required": [a, b], "properties": {**_given(a)["properties"], **_given(b)["properties"]}}} for a, b in pairs]
+
+
+def _given(name: str) -> dict:
+    """A field that is there: not null, nor a form's empty field (as if absent); a file part is there."""
+    return {"properties": {} if name == "image" else {name: {"not": {"enum": [None, ""]}}}}
+
+
+def _not_null(field: dict) -> dict:
+    """A field's schema without its null option (a form field, or a query parameter, is there or not)."""
+    options = [o for o in field.get("anyOf", []) if o != {"type": "null"}]
+    if len(options) == len(field.get("anyOf", [])):
+        return field
+    rest = {k: v for k, v in field.items() if k != "anyOf"}
+    if len(options) > 1:
+        return {**rest, "anyOf": options}
+    if set(rest) & set(options[0]):  # both constrain one keyword: keep both
+        return {**_doc(rest), "allOf": [options[0], {k: v for k, v in rest.items() if k not in _doc(rest)}]}
+    return {**rest, **options[0]}
+
+
+def _doc(field: dict) -> dict:
+    return {k: v for k, v in field.items() if k in ("title", "description", "examples")}
 
 
 def responses(described: dict[int, Any]) -> dict[int | str, dict]:
@@ -158,8 +281,3 @@ WRITE_FAILED = {  # a write that could not be stored changed nothing: the index,
     507: "the disk (or quota) is full: the write was not stored; GET /health reports it until a write is stored again",
     500: "the write could not be stored for another reason of the disk (an I/O error, a read-only filesystem), named in detail"}
 
-
-ADD_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["metadata"], "properties": {
-    "metadata": {"type": "string", "description": "JSON object: id, title, description, metadata columns",
-                 "examples": ['{"id": 9001, "title": "a desk lamp", "category": "Lights", "price": 25.0}']},
-    "image": {"type": "string", "format": "binary"}}}}}}}
