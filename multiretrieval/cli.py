@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (encoders, zero-shot weights, training settings)")
     p.add_argument("--no-train", action="store_true", help="skip training the attention fusion")
     p.add_argument("--only", nargs="+", metavar="NAME",
-                   help="run only these benchmarks: tuxpaint, unseen, sweethome3d, exact_names, composed, fused, "
+                   help="run only these benchmarks: tuxpaint, unseen, sweethome3d, exact_names, regions, composed, fused, "
                         "composed/<data set>, fused/<data set> (default: all found)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -95,3 +95,29 @@ def test_the_cli_searches_by_a_crop(indexed, fixtures, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)[0]["title"] == "Smart car"
     assert cli.main(["search", str(tmp_path / "idx"), "--image", str(tmp_path / "scene.png"), "--crop", "0.6,0,0.2,1"]) != 0
     assert "crop is inverted: x1 = 0.2 is less than x0 = 0.6" in capsys.readouterr().err
+
+
+def test_the_regions_benchmark_builds_scenes_and_measures_crops_and_region_vectors(fixtures, tmp_path):
+    import pandas as pd
+
+    from multiretrieval.benchmarks import build_regions
+    from multiretrieval.evaluation import REGION_VARIANTS, evaluate
+
+    catalog = pd.read_csv(fixtures / "catalog.csv")
+    counts = build_regions(catalog, fixtures, tmp_path / "bench" / "regions", scenes=4)
+    assert counts == {"regions_items": 8, "regions_scenes": 4}
+    scenes = pd.read_csv(tmp_path / "bench" / "regions" / "scenes.csv")
+    for items, boxes in zip(scenes["items"], scenes["boxes"]):
+        items, boxes = json.loads(items), json.loads(boxes)
+        assert 2 <= len(items) == len(boxes) <= 6 and len(set(items)) == len(items)
+        assert all(0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 384 for x0, y0, x1, y1 in boxes)
+    again = build_regions(catalog, fixtures, tmp_path / "again", scenes=4)  # seeded: the same scenes
+    assert counts == again and (tmp_path / "again" / "scenes" / "3.png").read_bytes() == (
+        tmp_path / "bench" / "regions" / "scenes" / "3.png").read_bytes()
+
+    results = evaluate(tmp_path / "bench", tmp_path / "report", only=["regions"], show_progress=False)["regions"]
+    assert results["crop"]["queries"] == 4 and set(results["scenes"]) == {"queries", *REGION_VARIANTS}
+    crop = results["crop"]
+    assert crop["crop around the item"]["R@1"] >= crop["whole scene"]["R@1"]
+    assert results["scenes"]["whole image"]["vectors"] == 1 and results["scenes"][REGION_VARIANTS[1]]["vectors"] == 14
+    assert "## A part of a photo" in (tmp_path / "report" / "report.md").read_text()
