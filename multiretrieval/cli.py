@@ -7,7 +7,7 @@
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train] [--only NAME ...]
-    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--config FILE]
+    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--config FILE] [--no-access-log]
     multiretrieval demo [--catalog CSV] [--out DIR]
 
 Heavy libraries are imported inside the commands, so --help answers at once.
@@ -225,14 +225,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hosts.append(args.host)
     app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      allowed_hosts=hosts, allowed_origins=args.allowed_origin, checkpoint_every=args.checkpoint_every,
-                     config=_load_config(args.config) if args.config else None, max_concurrent=args.max_concurrent)
+                     config=_load_config(args.config) if args.config else None, max_concurrent=args.max_concurrent,
+                     image_folders=args.image_folder)
     print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
           + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
         print("note: requests must name this machine as localhost or 127.0.0.1 unless --allowed-host NAME "
               "(the name clients use, or '*') is given")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=args.keep_alive)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=_serve_logging(not args.no_access_log), log_level=None,
+                access_log=not args.no_access_log, timeout_keep_alive=args.keep_alive)
     return 0
+
+
+def _serve_logging(access: bool) -> dict:
+    """uvicorn's logging: its own messages from warnings up, and (``access``) one line per request on stdout
+    (client, request line, status): uvicorn's log_level would set both at once."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["uvicorn"]["level"] = config["loggers"]["uvicorn.error"]["level"] = "WARNING"
+    config["loggers"]["uvicorn.access"]["level"] = "INFO" if access else "WARNING"
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index_dir", help="folder written by `multiretrieval index`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="key that POST/PUT/DELETE of items require (default: $MULTIRETRIEVAL_API_KEY)")
+    p.add_argument("--api-key", help="key that POST/PUT/PATCH/DELETE of items require (default: $MULTIRETRIEVAL_API_KEY)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413 (default 10)")
     p.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name clients may use besides localhost/127.0.0.1 (repeatable; '*' for any)")
@@ -332,8 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", type=float, default=30.0, metavar="S",
                    help="seconds an idle connection stays open (default 30; uvicorn's 5 s closes connections that "
                         "busy clients are about to reuse, and they see a dropped request)")
+    p.add_argument("--image-folder", action="append", metavar="DIR",
+                   help="a folder whose image files a write (PATCH /items/ID with an `image` path) may name (repeatable; "
+                        "default: none, and image paths are refused)")
     p.add_argument("--config", help="YAML config (search bounds, display, ...); must name the encoders the index was built with "
                                     "(default: the config saved with the index)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not log each request (by default one line a request on stdout: client, method, path, status)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cache", help="manage a folder of encoded shards")

@@ -15,7 +15,7 @@ column (sort_by), structured filters (column -> values or range), "more like thi
 item's stored features (like; with a text: its photo plus the words), a given vector, the
 hybrid settings, a fused query's own modality weights (weights), a concept to subtract
 (not_text), the part of the photo to search by (crop), and unsafe_where for trusted callers. A result frame's ``attrs["has_more"]``
-says whether another page follows.
+says whether another page follows, and ``attrs["total"]`` how many items match in all (``count_matches``).
 
 Scores share one scale in the joint space (fusion.py): a query's score against an item is the
 weighted mean of the cosines of the parts the query has: cos(image) for an image query (an
@@ -510,6 +510,7 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
     if query.sort_by:
         depth = max(depth, embedder.config.search.sort_candidates)
     named = None  # the items a fused query's words name (word_filter), ranked first by its photo
+    ordered = None  # the ranking read best-first by score, where there is one (an item it did not read scores lower)
     if query.mode == "text" and query.like is None:
         hits, columns = rank_text(query, vector, embedder, items, allowed, depth)
     else:
@@ -523,6 +524,7 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
         else:
             hits = best_reading(index, vector, depth, allowed, lambda keys: embedder.item_vectors(store.features, store.rows_of(keys)),
                                 same_text_as(skip, store))
+        ordered = hits
         if named is not None:  # the named items first, as the photo orders them; then the rest as before
             rest = ~np.isin(hits.keys, first.keys)
             hits = Hits(np.r_[first.keys, hits.keys[rest]], np.r_[first.scores, hits.scores[rest]].astype(np.float32),
@@ -556,7 +558,31 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
         page.insert(4, "text_score", text_part)
         page.insert(5, "word_match", by_photo)
     page.attrs["has_more"] = len(frame) > query.offset + query.k
+    page.attrs["total"] = count_matches(query, space, allowed, store, skip, hits, ordered, len(frame))
     return page
+
+
+def count_matches(query: Query, space: str, allowed: np.ndarray | None, store, skip: np.ndarray, hits: Hits,
+                  ordered: Hits | None, kept: int) -> int | None:
+    """How many items a query matches in all, every page together: the items it ranks (those the filters let through
+    that have what its mode compares: a text for a text-only or zero-shot image query, an image for a zero-shot text
+    query; every item otherwise), the ``like`` item left out. With ``min_score``, those of them scoring at least that,
+    counted where the ranking settles it (``kept``: the ranked items that passed): it read every item, or it is one
+    best-first ranking (not a text query's, whose keyword and zero-shot parts rank apart) whose last score falls
+    below the floor. Otherwise None: counting them would score every item."""
+    if query.mode == "text" and query.like is None:
+        subset = store.keys if query.auto else store.with_modality("text")  # rank_text: texts, and images where no text
+    elif space in ("clip_image", "clip_text"):
+        subset = store.with_modality("image" if space == "clip_image" else "text")
+    else:
+        subset = store.keys  # the joint space holds every item
+    pool = restrict(subset, len(store), allowed)
+    ranked = len(store) if pool is None else len(pool)
+    if query.min_score is None:
+        return ranked - int(np.isin(skip, pool).sum() if pool is not None else len(skip))
+    if len(np.unique(hits.keys)) >= ranked or (ordered is not None and len(ordered.scores) and ordered.scores[-1] < query.min_score):
+        return kept
+    return None
 
 
 def ties_in_id_order(frame: pd.DataFrame, column: str) -> pd.DataFrame:

@@ -1,10 +1,12 @@
 // The shop's search page: a search bar (words, a photo, or both), filters, sorting, "show more",
 // and a product view at /items/ID. The whole search lives in the URL, so reload, Back and
 // shared links work; an uploaded photo is kept in sessionStorage for the browser session.
+// ?debug=1 in the address shows what shoppers do not need: each result's score and the time a search took.
 "use strict";
 
 const PAGE = 24;
 const $ = (id) => document.getElementById(id);
+const DEBUG = new URLSearchParams(location.search).get("debug") === "1";  // kept in every address the page makes
 let info = { display: { title: "title" }, facets: [], columns: {} };
 let photo = null; // { blob, name, url } of the query photo
 let state = emptyState();
@@ -50,6 +52,7 @@ function searchUrl(s) {
   if (s.pages > 1) p.set("pages", String(s.pages));
   if (s.photo) p.set("photo", "1");
   if (s.photo && s.crop) p.set("crop", s.crop);
+  if (DEBUG) p.set("debug", "1");
   const query = p.toString();
   return "/" + (query ? "?" + query : "");
 }
@@ -204,7 +207,10 @@ async function runSearch(append = false) {
                       state.min !== "" && "lower the minimum score"].filter(Boolean);
       $("status").replaceChildren("No products match" + (loosen.length ? `: ${loosen.join(", or ")}.` : "."));
     } else {
-      $("status").replaceChildren(`${shown}${data.has_more ? "+" : ""} products`, muted(` · ${Math.round(data.took_ms)} ms`));
+      // The total counts every page; where the server could not count it (a score floor it did not reach), what is shown.
+      const total = typeof data.total === "number" ? data.total : null;
+      $("status").replaceChildren(total !== null ? products(total) : `${products(shown)}${data.has_more ? "+" : ""}`);
+      if (DEBUG) $("status").append(muted(` · ${Math.round(data.took_ms)} ms`));
       if (data.mode === "fused") $("status").append(contributionLegend());
     }
     if (data.facets) renderFacets(data.facets);
@@ -263,10 +269,34 @@ function muted(text) {
   return el("span", "muted", text);
 }
 
+function products(n) {
+  return `${n.toLocaleString()} ${n === 1 ? "product" : "products"}`;
+}
+
+let moneyFormat = null;
+function money(value) {
+  // In the shop's currency (display.currency), as the shopper's browser writes amounts; without one, a plain number.
+  if (!moneyFormat) {
+    const currency = info.display.currency;
+    try {
+      moneyFormat = currency ? new Intl.NumberFormat(undefined, { style: "currency", currency })
+        : new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+    } catch {  // a code this browser does not know
+      moneyFormat = new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+    }
+  }
+  return moneyFormat.format(value);
+}
+
 function price(item) {
   const column = info.display.price;
   const value = column ? item[column] : null;
-  return typeof value === "number" ? value.toLocaleString(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 }) : "";
+  return typeof value === "number" ? money(value) : "";
+}
+
+function hasPhoto(item) {
+  // The server leaves `image` empty where an item has no photo to show: no thumbnail is asked for.
+  return item.image !== null && item.image !== undefined && item.image !== "";
 }
 
 function titleOf(item) {
@@ -289,28 +319,38 @@ function productLink(id) {
   return "/items/" + encodeURIComponent(id);
 }
 
+function productPage(id) {
+  return productLink(id) + (DEBUG ? "?debug=1" : "");
+}
+
 function card(item, mode) {
   const li = el("li", "card");
   const link = el("a");
-  link.href = productLink(item.id);
+  link.href = productPage(item.id);
   link.addEventListener("click", (e) => {
     if (e.ctrlKey || e.metaKey || e.shiftKey) return; // a new tab gets the product page from the server
     e.preventDefault();
     go(link.href);
   });
-  const img = el("img");
-  img.src = productLink(item.id) + "/image";
-  img.alt = titleOf(item);
-  img.loading = "lazy";
-  img.addEventListener("load", () => img.classList.add("loaded"));
-  img.addEventListener("error", () => img.replaceWith(el("span", "no-photo", "No photo")));  // none, or its file is gone
-  link.append(img, el("span", "title", titleOf(item)));
+  if (hasPhoto(item)) {
+    const img = el("img");
+    img.src = productLink(item.id) + "/image";
+    img.alt = titleOf(item);
+    img.loading = "lazy";
+    img.addEventListener("load", () => img.classList.add("loaded"));
+    img.addEventListener("error", () => img.replaceWith(el("span", "no-photo", "No photo")));  // its file is gone since
+    link.append(img);
+  } else link.append(el("span", "no-photo", "No photo"));
+  link.append(el("span", "title", titleOf(item)));
   if (info.display.brand && item[info.display.brand]) link.append(el("span", "muted small", item[info.display.brand]));
   const extra = (info.display.columns || []).map((c) => item[c]).filter((v) => v !== null && v !== undefined && v !== "");
   if (extra.length) link.append(el("span", "muted small", extra.join(" · ")));
   const line = el("span", "line");
-  line.append(el("span", "price", price(item)), el("span", "score", item.score.toFixed(2)));
-  line.lastChild.title = "how well it matches (1 = the same product)";
+  line.append(el("span", "price", price(item)));
+  if (DEBUG) {
+    line.append(el("span", "score", item.score.toFixed(2)));
+    line.lastChild.title = "how well it matches (1 = the same product)";
+  }
   link.append(line);
   li.append(link);
   if (mode === "fused" && item.image_score !== undefined) li.append(contributionBar(item));
@@ -327,14 +367,17 @@ function contributionLegend() {
 function contributionBar(item) {
   if (item.word_match) {  // first because the words name it, then ordered by the photo: a share bar would say "photo only"
     const note = el("div", "contrib named small", "✓ matches your words");
-    note.title = `the words name it (its category, tag or colour); ordered by the photo ${item.image_score.toFixed(2)}`;
+    note.title = "the words name it (its category, tag or colour)"
+      + (DEBUG ? `; ordered by the photo ${item.image_score.toFixed(2)}` : "");
     return note;
   }
   const photoPart = Math.max(item.image_score, 0), wordsPart = Math.max(item.text_score, 0);
   const total = photoPart + wordsPart || 1;
   const bar = el("div", "contrib");
   bar.setAttribute("role", "img");
-  bar.setAttribute("aria-label", `matched by the photo ${item.image_score.toFixed(2)}, by the words ${item.text_score.toFixed(2)}`);
+  const share = Math.round(100 * photoPart / total);
+  bar.setAttribute("aria-label", DEBUG ? `matched by the photo ${item.image_score.toFixed(2)}, by the words ${item.text_score.toFixed(2)}`
+    : `matched ${share}% by the photo, ${100 - share}% by the words`);
   bar.title = bar.getAttribute("aria-label");
   const a = el("span", "by-photo"); a.style.width = (100 * photoPart / total) + "%";
   const b = el("span", "by-words"); b.style.width = (100 * wordsPart / total) + "%";
@@ -400,57 +443,149 @@ function valuesFacet(group, column, facet) {
   }
 }
 
+function rangeStops(facet) {
+  // The slider's positions: the column's distinct quantiles (from /facets), so that each step passes about as many
+  // products wherever it is (prices from 19 to 42,324 with a median of 77: a linear slider spends its whole width on
+  // a few expensive items). Without quantiles, 100 even steps.
+  const values = (facet.quantiles || []).filter((v) => typeof v === "number");
+  const stops = values.length > 1 ? [...new Set(values)] : Array.from({ length: 101 }, (_, i) => facet.min + (facet.max - facet.min) * i / 100);
+  if (stops[0] > facet.min) stops.unshift(facet.min);
+  if (stops[stops.length - 1] < facet.max) stops.push(facet.max);
+  return stops;
+}
+
+function rangeText(column, value) {
+  if (column === info.display.price) return money(value);
+  return value.toLocaleString(undefined, { maximumFractionDigits: 2 });
+}
+
+function currencySymbol() {
+  if (!info.display.currency) return "";
+  try {
+    const parts = new Intl.NumberFormat(undefined, { style: "currency", currency: info.display.currency }).formatToParts(0);
+    return parts.find((part) => part.type === "currency")?.value || "";
+  } catch { return ""; }
+}
+
 function rangeFacet(group, column, facet) {
+  // Two boxes to type a bound in, and a two-thumb slider on the quantile scale; either sets the filter.
   const chosen = state.filters[column] || {};
-  const step = facet.max - facet.min > 20 ? 1 : (facet.max - facet.min) / 100;
-  const inputs = {};
+  const stops = rangeStops(facet);
+  const last = stops.length - 1;
+  const at = (value, end) => {  // the slider position of a bound: the stop at or inside it
+    if (end === "min") { const i = stops.findIndex((s) => s >= value); return i < 0 ? last : i; }
+    for (let i = last; i >= 0; i--) if (stops[i] <= value) return i;
+    return 0;
+  };
+  const name = label(column);
+  const unit = column === info.display.price ? currencySymbol() : "";
+  const boxes = el("div", "range-boxes");
+  const dual = el("div", "dual");
+  const fill = el("span", "fill");
+  dual.append(el("span", "track"), fill);
+  const box = {}, slider = {};
   for (const end of ["min", "max"]) {
-    const row = el("label", "range");
-    const slider = el("input");
-    slider.type = "range";
-    slider.min = Math.floor(facet.min);
-    slider.max = Math.ceil(facet.max);
-    slider.step = step;
-    slider.value = chosen[end] ?? (end === "min" ? slider.min : slider.max);
-    slider.setAttribute("aria-label", `${label(column)}, ${end === "min" ? "from" : "up to"}`);
-    const shown = el("output", "", String(chosen[end] ?? slider.value));  // the filter's own bound, even off the slider
-    slider.addEventListener("input", () => { shown.textContent = slider.value; });
-    slider.addEventListener("change", () => {
-      const lo = Number(inputs.min.value), hi = Number(inputs.max.value);
-      const range = {};
-      if (lo > facet.min) range.min = Math.min(lo, hi);
-      if (hi < facet.max) range.max = Math.max(lo, hi);
-      if (Object.keys(range).length) state.filters[column] = range; else delete state.filters[column];
-      filtersChanged();
-    });
-    inputs[end] = slider;
-    row.append(el("span", "muted small", end === "min" ? "from" : "to"), slider, shown);
-    group.append(row);
+    const field = el("label", "bound");
+    const input = el("input");
+    input.type = "number";
+    input.inputMode = "decimal";
+    input.step = "any";
+    input.dataset.end = end;
+    input.placeholder = (end === "min" ? facet.min : facet.max).toLocaleString(undefined, { maximumFractionDigits: 2, useGrouping: false });
+    input.value = chosen[end] ?? "";
+    input.setAttribute("aria-label", `${name}, ${end === "min" ? "from" : "up to"}`);
+    if (unit) field.append(el("span", "unit", unit));
+    field.append(input);
+    box[end] = input;
+    boxes.append(field);
+    if (end === "min") boxes.append(el("span", "muted", "–"));
+
+    const range = el("input");
+    range.type = "range";
+    range.min = 0;
+    range.max = last;
+    range.step = 1;
+    range.value = chosen[end] !== undefined ? at(chosen[end], end) : (end === "min" ? 0 : last);
+    range.setAttribute("aria-label", `${name}, ${end === "min" ? "from" : "up to"} (slider)`);
+    slider[end] = range;
+    dual.append(range);
   }
+  const show = () => {  // the thumbs' values where the shopper sees them: the boxes, the fill, what a screen reader says
+    const lo = Number(slider.min.value), hi = Number(slider.max.value);
+    fill.style.left = (100 * Math.min(lo, hi) / last) + "%";
+    fill.style.width = (100 * Math.abs(hi - lo) / last) + "%";
+    for (const end of ["min", "max"]) slider[end].setAttribute("aria-valuetext", rangeText(column, stops[Number(slider[end].value)]));
+    slider.min.style.zIndex = lo > last / 2 ? 3 : 1;  // both thumbs at the top end: the lower one stays reachable
+  };
+  const apply = (lo, hi) => {
+    const range = {};
+    if (lo !== null && hi !== null && lo > hi) [lo, hi] = [hi, lo];
+    if (lo !== null && lo > facet.min) range.min = lo;
+    if (hi !== null && hi < facet.max) range.max = hi;
+    if (Object.keys(range).length) state.filters[column] = range; else delete state.filters[column];
+    filtersChanged();
+  };
+  for (const end of ["min", "max"]) {
+    slider[end].addEventListener("input", () => {
+      const i = Number(slider[end].value);
+      box[end].value = i === (end === "min" ? 0 : last) ? "" : stops[i];
+      show();
+    });
+    slider[end].addEventListener("change", () => {
+      const lo = Number(slider.min.value), hi = Number(slider.max.value);
+      apply(stops[Math.min(lo, hi)], stops[Math.max(lo, hi)]);
+    });
+    const typed = () => {
+      const read = (input) => (input.value.trim() === "" || !Number.isFinite(Number(input.value)) ? null : Number(input.value));
+      const lo = read(box.min), hi = read(box.max);
+      const before = state.filters[column] || {};
+      if ((lo ?? undefined) === before.min && (hi ?? undefined) === before.max) return;  // nothing new
+      apply(lo, hi);
+    };
+    box[end].addEventListener("change", typed);
+    box[end].addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); typed(); } });
+  }
+  show();
+  group.append(boxes, dual);
 }
 
 // ---------------------------------------------------------------- the product view
 
-async function showProduct(id) {
-  window.scrollTo(0, 0);
+let productSeq = 0;  // answers for a product the shopper has left are dropped
+
+function clearProduct() {
+  // Nothing of the last product stays on the page while the next one loads: its words in "This, but…", its rows.
+  $("product-image").onload = null;
+  $("product-image").removeAttribute("src");
+  for (const part of ["product-title", "product-brand", "product-price"]) $(part).textContent = "";
+  $("product-details").replaceChildren();
+  $("but-text").value = "";
+  $("but-heading").textContent = "";
   $("but-section").hidden = true;
+  for (const row of ["but-row", "looks-row", "described-row"]) $(row).replaceChildren();
+}
+
+async function showProduct(id) {
+  const seq = ++productSeq;
+  window.scrollTo(0, 0);
+  clearProduct();
   $("back").href = history.state?.back || lastSearch || "/";
   let item;
   try {
     item = await fetchJson(productLink(id));
   } catch (err) {
-    $("product-title").textContent = err.message;
+    if (seq === productSeq) $("product-title").textContent = err.message;
     return;
   }
+  if (seq !== productSeq) return;
   document.title = titleOf(item);
-  const hasPhoto = item.image !== null && item.image !== undefined && item.image !== "";
+  const photo = hasPhoto(item);
   for (const part of ["product-image", "but-form", "looks-section"]) $(part).hidden = false;
   $("product-no-photo").hidden = true;
   // "Looks like this" once the photo shows: an item whose file is gone has none to search by (noPhoto hides the row).
-  $("looks-row").replaceChildren();
-  $("product-image").onload = hasPhoto ? () => fillRow("looks-row", { like: id, mode: "image", k: 8 }) : null;
-  if (hasPhoto) $("product-image").src = productLink(id) + "/image?size=512";
-  else { $("product-image").removeAttribute("src"); noPhoto(); }
+  $("product-image").onload = photo ? () => fillRow("looks-row", { like: id, mode: "image", k: 8 }, seq) : null;
+  if (photo) $("product-image").src = productLink(id) + "/image?size=512";
+  else noPhoto();
   $("product-image").alt = titleOf(item);
   $("product-title").textContent = titleOf(item);
   $("product-brand").textContent = info.display.brand ? (item[info.display.brand] || "") : "";
@@ -463,18 +598,19 @@ async function showProduct(id) {
     });
   $("product-details").replaceChildren(...rows);
   $("but-form").dataset.id = id;
-  fillRow("described-row", { like: id, mode: "text", k: 8 });
+  fillRow("described-row", { like: id, mode: "text", k: 8 }, seq);
 }
 
-async function fillRow(rowId, fields) {
+async function fillRow(rowId, fields, seq) {
   const row = $(rowId);
   row.replaceChildren(el("li", "muted", "…"));
   try {
     const data = await fetchJson("/search", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(fields) });
+    if (seq !== productSeq) return;
     row.replaceChildren(...data.results.map((item) => card(item, data.mode)));
     if (!data.results.length) row.replaceChildren(el("li", "muted", "Nothing like it yet."));
   } catch (err) {
-    row.replaceChildren(el("li", "muted", err.message));
+    if (seq === productSeq) row.replaceChildren(el("li", "muted", err.message));
   }
 }
 
@@ -484,7 +620,7 @@ $("but-form").addEventListener("submit", (e) => {
   if (!words) return;
   $("but-heading").textContent = `This, but ${words}`;
   $("but-section").hidden = false;
-  fillRow("but-row", { like: $("but-form").dataset.id, text: words, k: 8 });
+  fillRow("but-row", { like: $("but-form").dataset.id, text: words, k: 8 }, productSeq);
 });
 
 function noPhoto() {
