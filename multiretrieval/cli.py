@@ -3,7 +3,7 @@
     multiretrieval index CATALOG|FOLDER --out DIR [--update [--prune]] [--image-column NAME] [--title-from-filename]
                                                [--config FILE] [--cache DIR] ...
     multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--hybrid H] [--min-score S]
-                              [--weights image=0.7,text=0.3] [--not-text T] [--show out.png]
+                              [--weights image=0.7,text=0.3] [--not-text T] [--crop x0,y0,x1,y1] [--show out.png]
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train] [--only NAME ...]
@@ -136,7 +136,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     retriever = Retriever.load(args.index_dir, _load_config(args.config) if args.config else None)
     results = retriever.search(image=args.image, text=args.text, mode=args.mode, k=args.k, where=args.where,
                                unsafe_where=args.unsafe_where, hybrid=args.hybrid, keyword_weight=args.keyword_weight,
-                               min_score=args.min_score, weights=args.weights, not_text=args.not_text)
+                               min_score=args.min_score, weights=args.weights, not_text=args.not_text, crop=args.crop)
     if args.format == "json":
         print(results.to_json(orient="records", indent=2))
     elif args.format == "csv":
@@ -149,9 +149,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         from .visualize import SheetRow, contact_sheet
 
         label = " + ".join(p for p in (f"image: {args.image}" if args.image else "", f'text: "{args.text}"' if args.text else "") if p)
-        query_image = load_image(args.image) if args.image else None
+        from .regions import crop_image
+
+        query_image = crop_image(load_image(args.image), args.crop) if args.image else None
         print(f"contact sheet: {contact_sheet([SheetRow(label, results, query_image)], retriever.image_source, args.show)}")
     return 0
+
+
+def parse_crop(value: str) -> tuple[float, ...]:
+    """``0.1,0.2,0.6,0.9`` -> (0.1, 0.2, 0.6, 0.9) (the API checks the box against the photo)."""
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 (numbers), got {value!r}") from None
 
 
 def parse_weights(value: str) -> dict[str, float]:
@@ -301,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=parse_weights, metavar="image=A,text=B",
                    help="fused queries: the image and text weights, e.g. image=0.7,text=0.3 (default: the fusion's own)")
     p.add_argument("--not-text", metavar="TEXT", help="a concept to subtract, e.g. \"metal legs\"")
+    p.add_argument("--crop", type=parse_crop, metavar="x0,y0,x1,y1",
+                   help="search by this part of --image: fractions of its width and height (all from 0 to 1), else pixels")
     p.add_argument("--show", metavar="PNG", help="also draw the query and its results into this PNG")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--config", help="YAML config; must name the encoders the index was built with")
@@ -312,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (encoders, zero-shot weights, training settings)")
     p.add_argument("--no-train", action="store_true", help="skip training the attention fusion")
     p.add_argument("--only", nargs="+", metavar="NAME",
-                   help="run only these benchmarks: tuxpaint, unseen, sweethome3d, exact_names, composed, fused, "
+                   help="run only these benchmarks: tuxpaint, unseen, sweethome3d, exact_names, regions, composed, fused, "
                         "composed/<data set>, fused/<data set> (default: all found)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .catalog import Catalog, ImageInput, plain
+from .catalog import Catalog, ImageInput, load_image, plain
 from .collection import Collection
 from .config import RetrieverConfig
 from .embedder import Embedder
@@ -341,7 +341,8 @@ class Retriever:
         without text through the zero-shot space), "image", "text", "fused", or "zero-shot" (text against
         item images, image against item texts). ``where``: a condition over catalog columns (filters.py), applied
         before ranking. Options (search.py): offset, min_score, weights={"image": a, "text": b}, not_text, sort_by
-        ("-price"), filters, like=ITEM_ID, vector, hybrid, keyword_weight, unsafe_where. Returns a DataFrame: rank, id,
+        ("-price"), filters, like=ITEM_ID, vector, hybrid, keyword_weight, unsafe_where, crop=(x0, y0, x1, y1) (the part of the
+        photo to search by: fractions of its width and height when all are in [0, 1], else pixels). Returns a DataFrame: rank, id,
         score, the catalog columns (and matched, hybrid/vector/keyword/image/text scores where they apply); attrs["has_more"]."""
         query = make_query(image, text, mode, k, where, self.config, self.embedder.count_tokens, **options)
         return self._reading(run_query, query, self.embedder, self.collection)
@@ -351,6 +352,15 @@ class Retriever:
         check_batch(len(queries), self.config)
         return self._reading(run_batch, [batch_query(q, self.config, self.embedder.count_tokens) for q in queries],
                              self.embedder, self.collection)
+
+    def salient_box(self, image: ImageInput) -> tuple[float, float, float, float]:
+        """The photo's most salient region, (x0, y0, x1, y1) as fractions of its width and height: where the image
+        encoder's activations concentrate (regions.py), a default box for ``search(image=..., crop=...)``."""
+        from .regions import salient_box
+
+        cat = self.config.catalog
+        pil = load_image(image, cat.max_image_pixels, cat.max_image_bytes, cat.download_timeout_s)
+        return salient_box(pil, self.embedder.image_encoder)
 
     def facets(self, columns: list[str] | None = None, where: str | None = None, filters: dict | None = None) -> dict[str, dict]:
         """Value counts (text) or min/max/histogram (numbers) over the items matching ``where`` and ``filters``

@@ -14,7 +14,7 @@ Options: paging (offset), a score floor (min_score), sorting the most relevant i
 column (sort_by), structured filters (column -> values or range), "more like this" from an
 item's stored features (like; with a text: its photo plus the words), a given vector, the
 hybrid settings, a fused query's own modality weights (weights), a concept to subtract
-(not_text), and unsafe_where for trusted callers. A result frame's ``attrs["has_more"]``
+(not_text), the part of the photo to search by (crop), and unsafe_where for trusted callers. A result frame's ``attrs["has_more"]``
 says whether another page follows, and ``attrs["total"]`` how many items match in all (``count_matches``).
 
 Scores share one scale in the joint space (fusion.py): a query's score against an item is the
@@ -55,6 +55,7 @@ from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .fusion import compose_text
 from .ranking import TIE_DEPTH, Hits, best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values
+from .regions import crop_image
 from .utils import l2_normalize
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 MODES = ("auto", "image", "text", "fused", "zero-shot")
 HYBRID = ("rrf", "weighted", "off")
 OPTIONS = ("offset", "min_score", "sort_by", "filters", "like", "vector", "hybrid", "keyword_weight", "weights", "not_text",
-           "unsafe_where")
+           "unsafe_where", "crop")
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def make_query(image: ImageInput | None, text: str | None, mode: str, k: int, wh
     these words), ``vector`` (a joint-space vector, as ``encode`` gives), ``hybrid`` ("rrf",
     "weighted", "off") and ``keyword_weight`` (0..1) for text queries, ``weights`` ({"image": a,
     "text": b}, non-negative, not both 0: a fused query's score is (a cos_image + b cos_text) / (a + b)),
-    ``not_text`` (a text whose concept is subtracted), ``unsafe_where`` (any DuckDB expression:
+    ``not_text`` (a text whose concept is subtracted), ``crop`` ((x0, y0, x1, y1): the part of the photo to search by,
+    fractions of its width and height when all are in [0, 1], else pixels; regions.crop_box), ``unsafe_where`` (any DuckDB expression:
     trusted callers only).
     """
     unknown = sorted(set(options) - set(OPTIONS))
@@ -126,8 +128,12 @@ def make_query(image: ImageInput | None, text: str | None, mode: str, k: int, wh
         if resolved == "vector":
             raise QueryError("not_text needs a query text, image or like=ITEM_ID to subtract from, not a vector")
         not_text = check_text(not_text, config, count_tokens, "not_text")
+    crop = options.get("crop")
+    if crop is not None and image is None:
+        raise QueryError("crop cuts the query photo, and this query has none: give image=... with it")
     cat = config.catalog
     pil = load_image(image, cat.max_image_pixels, cat.max_image_bytes, cat.download_timeout_s) if image is not None else None
+    pil = crop_image(pil, crop) if crop is not None else pil
     return Query(pil, text, resolved, k, where, bool(options.get("unsafe_where", False)),
                  auto=mode == "auto" and resolved == "text" and like is None, hybrid=hybrid, keyword_weight=float(weight),
                  offset=int(offset), min_score=_min_score(options.get("min_score")), sort_by=_sort_key(options.get("sort_by")),

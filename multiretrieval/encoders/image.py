@@ -155,9 +155,10 @@ class ImageEncoder:
                     return cls(name, int8_facts, runtime, model=model, export=int8[0], build=build)
         return cls(name, facts, runtime, model=model, export=export, build=build)
 
-    def preprocess(self, image) -> np.ndarray:
+    def preprocess(self, image, size: int | None = None) -> np.ndarray:
         """RGB PIL image -> normalised float32 array (3, size, size): pad to a white square (keeps the whole product),
-        resize. An image over ``MAX_CANVAS_SIDE`` px a side is shrunk first, so the square stays bounded whatever its shape."""
+        resize (to ``size``, default the network's input). An image over ``MAX_CANVAS_SIDE`` px a side is shrunk first,
+        so the square stays bounded whatever its shape."""
         from PIL import Image
 
         from ..catalog import shrink_to
@@ -169,7 +170,8 @@ class ImageEncoder:
             square = Image.new("RGB", (side, side), (255, 255, 255))
             square.paste(image, ((side - w) // 2, (side - h) // 2))
             image = square
-        pixels = np.asarray(image.resize((self.image_size, self.image_size), Image.BICUBIC), dtype=np.uint8)
+        size = size or self.image_size
+        pixels = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.uint8)
         pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # channels first: contiguous look-ups are 5x faster
         x = np.empty(pixels.shape, np.float32)
         for c in range(3):
@@ -228,6 +230,19 @@ class ImageEncoder:
     def forward_images(self, images: Sequence, grid: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Decoded RGB PIL images -> :meth:`forward` of their preprocessed batch."""
         return self.forward(np.stack([self.preprocess(image) for image in images]), grid)
+
+    def feature_maps(self, images: Sequence, tiles: int = 1) -> np.ndarray:
+        """Decoded RGB PIL images -> the last feature maps (n, dim, tiles * h, tiles * w) of their padded squares
+        (``preprocess``): where in a photo the network sees what (regions.py reads its salient region from it).
+        ``tiles`` > 1: the square at ``tiles`` times the input size, cut into tiles x tiles inputs whose maps are laid
+        side by side: a map that many times finer (a 7 x 7 map cannot tell a small product from its surroundings)."""
+        size = self.image_size
+        batch = np.stack([self.preprocess(image, size * tiles) for image in images])  # (n, 3, T, T)
+        n = len(batch)
+        cut = batch.reshape(n, 3, tiles, size, tiles, size).transpose(0, 2, 4, 1, 3, 5).reshape(n * tiles * tiles, 3, size, size)
+        fmap = self._network(np.ascontiguousarray(cut))[0]
+        _, d, h, w = fmap.shape
+        return fmap.reshape(n, tiles, tiles, d, h, w).transpose(0, 3, 1, 4, 2, 5).reshape(n, d, tiles * h, tiles * w)
 
     def encode(self, images: Sequence, batch_size: int = 32, show_progress: bool | None = None,
                normalize: bool = True) -> np.ndarray:

@@ -39,8 +39,8 @@ from ..utils import usable_cpus
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
 from ..search import MODES, check_where
 from .schemas import (WRITE_FAILED, INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
-                      PatchResponse, RemoveResponse, SearchResponse, UpsertResponse, batch_body, item_body, json_query_parameter,
-                      new_item_id, patch_body, responses, search_body, search_request_model)
+                      PatchResponse, RemoveResponse, SalientResponse, SearchResponse, UpsertResponse, batch_body, item_body, json_query_parameter,
+                      new_item_id, patch_body, responses, salient_body, search_body, search_request_model)
 from .service import Service, refuse_skipped
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
              "`image` file and an `image_url`; a text that is not valid Unicode; a file that is not an image; "
              "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses; "
              "weights with another key than image and text, a negative weight, both 0, or on a query that is not fused; "
-             "an empty not_text, or one with a vector",
+             "an empty not_text, or one with a vector; a crop without a photo, or one not 4 numbers, empty, inverted or "
+             "outside the photo",
         403: "a cross-origin request", 404: "`like` names an item that is not in the index",
         413: f"{upload}; {pixels}", 415: "a body that is neither JSON nor a form",
         422: f"a field over its bound (k over {bounds.max_k:,}, a text over {bounds.max_text_chars:,} characters or "
@@ -200,6 +201,33 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         answers = [_search_response(q, s["image"], f, None, started, retriever).body.decode()
                    for q, s, f in zip(batch.queries, specs, frames)]
         return Response('{"results": [' + ", ".join(answers) + "]}", media_type="application/json")
+
+    @app.post("/salient", response_model=None, openapi_extra=salient_body(), responses=responses({
+        200: (SalientResponse, "the box"), 400: "no photo and no `like`, both, or a file that is not an image",
+        403: "a cross-origin request", 404: "`like` names an item that is not in the index, or one without a photo",
+        413: f"{upload}; {pixels}", 415: "a body that is neither JSON nor a form"}))
+    async def salient(request: Request) -> dict:
+        """The most salient region of a photo (where the image encoder's activations concentrate), the page's default
+        box for a search by a part of it (`crop`): an uploaded `image` (form) or an item's photo (JSON {"like": ID})."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("application/json"):
+            body = parse_json("request body", await request.body())
+            if not isinstance(body, dict) or set(body) != {"like"} or not isinstance(body["like"], (str, int)):
+                raise _HTTPError(400, 'send {"like": ITEM_ID} as JSON, or a form with the photo in `image`')
+            image = service.retriever.image_source(body["like"])
+            if image is None:
+                raise _HTTPError(404, f"item {body['like']!r} has no photo")
+        elif content_type.startswith("multipart/form-data"):
+            form = await _form(request)
+            upload = form.get("image")
+            image = await upload.read() if upload is not None and hasattr(upload, "read") else None
+            await form.close()
+            if not image:
+                raise _HTTPError(400, "image: the form has no photo in its `image` field")
+        else:
+            raise _HTTPError(415, 'send {"like": ITEM_ID} as JSON, or multipart/form-data with the photo in `image`')
+        box = await compute(service.retriever.salient_box, image)
+        return {"box": list(box)}
 
     facet_filters = "column -> values or {min, max}, as `filters` for POST /search"
 
@@ -549,7 +577,7 @@ def _check_image(source: bytes | str, config, field: str, shown: str | None = No
 def _search_arguments(query: Any) -> dict[str, Any]:
     """The Retriever.search arguments of a request (the photo aside)."""
     options = {name: getattr(query, name) for name in ("offset", "min_score", "sort_by", "like", "vector", "filters",
-                                                        "hybrid", "keyword_weight", "weights", "not_text")}
+                                                        "hybrid", "keyword_weight", "weights", "not_text", "crop")}
     return {"text": query.text, "mode": query.mode, "k": query.k, "where": query.where,
             **{name: value for name, value in options.items() if value is not None}}  # like=0 is an item
 

@@ -28,7 +28,7 @@ QUERY_INPUTS = ("text", "like", "vector", "image_url")  # a search needs one of 
 FLOAT32_MAX = 3.4028234663852886e38
 # Inputs a search takes one of: a vector alone (nothing to subtract from it); like (an item) with words, not with a photo.
 EXCLUSIVE_INPUTS = (("vector", "text"), ("vector", "like"), ("vector", "image_url"), ("vector", "not_text"), ("like", "image_url"))
-JSON_FORM_FIELDS = ("filters", "vector", "weights")  # structured values travel as JSON text in a form
+JSON_FORM_FIELDS = ("filters", "vector", "weights", "crop")  # structured values travel as JSON text in a form
 assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
 
 
@@ -97,6 +97,11 @@ def search_request_model(bounds: SearchConfig, vector_dim: int | None = None) ->
                                           description="a query vector in the joint space (as Retriever.encode gives)")),
         image_url=(str | None, Field(None, description="a photo to fetch from a public http(s) address",
                                      json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]"})),
+        crop=(list[float] | None, Field(None, json_schema_extra={"minItems": 4, "maxItems": 4, "items": {"minimum": 0}},
+                                        examples=[[0.1, 0.2, 0.6, 0.9]], description=(
+            "search by a part of the photo (`image` or `image_url`): [x0, y0, x1, y1], fractions of its width and height "
+            "when all are from 0 to 1, else pixels; POST /salient gives its most salient box. An empty, inverted or "
+            "outside box, or a crop without a photo: 400"))),
         facets=(bool, Field(False, description="also return the filter columns' counts over the items matching where + filters")),
         __config__=ConfigDict(json_schema_extra={"anyOf": _one_of_present(QUERY_INPUTS), "allOf": _apart(EXCLUSIVE_INPUTS)}),
     )
@@ -131,6 +136,22 @@ class SearchResponse(BaseModel):
                                                       "hybrid: vector_score, keyword_score; fused: image_score, text_score, "
                                                       "word_match: the words name the item's category, tag or colour)")
     facets: dict[str, Any] | None = Field(None, description="when asked for: the filter columns' counts or ranges")
+
+
+class SalientResponse(BaseModel):
+    box: list[float] = Field(description="[x0, y0, x1, y1], fractions of the photo's width and height: its most salient "
+                                         "region, a starting box for POST /search's `crop`", examples=[[0.1, 0.2, 0.6, 0.9]])
+
+
+def salient_body() -> dict:
+    """POST /salient's body: a form with the photo, or JSON naming an item whose photo it is."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["like"], "additionalProperties": False, "properties": {
+            "like": {"anyOf": [{"type": "string", "pattern": NOT_BLANK}, {"type": "integer"}],
+                     "description": "an item id: the box of its photo"}}}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary", "description": "a photo (JPEG, PNG, WebP, ...)"}}},
+            "encoding": {"image": {"contentType": "image/*"}}}}}}
 
 
 class BatchResponse(BaseModel):

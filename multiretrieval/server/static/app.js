@@ -15,7 +15,7 @@ let searchSeq = 0; // answers to superseded searches are dropped
 let lastSearch = null; // the results page a product view goes back to
 
 function emptyState() {
-  return { q: "", mode: "auto", sort: "", filters: {}, where: "", min: "", img: "", pages: 1, photo: false };
+  return { q: "", mode: "auto", sort: "", filters: {}, where: "", min: "", img: "", pages: 1, photo: false, crop: "" };
 }
 
 // ---------------------------------------------------------------- the URL holds the state
@@ -36,6 +36,7 @@ function stateFromUrl() {
   s.img = p.get("img") || "";
   s.pages = Math.max(1, Math.min(20, parseInt(p.get("pages") || "1", 10) || 1));
   s.photo = p.get("photo") === "1";
+  s.crop = parseCrop(p.get("crop")) ? p.get("crop") : "";  // a part of the photo (see "a part of the photo" below)
   return s;
 }
 
@@ -50,6 +51,7 @@ function searchUrl(s) {
   if (s.img) p.set("img", s.img);
   if (s.pages > 1) p.set("pages", String(s.pages));
   if (s.photo) p.set("photo", "1");
+  if (s.photo && s.crop) p.set("crop", s.crop);
   if (DEBUG) p.set("debug", "1");
   const query = p.toString();
   return "/" + (query ? "?" + query : "");
@@ -100,6 +102,7 @@ function acceptFile(file) {
     return;
   }
   setPhoto(file, file.name);
+  state.crop = "";  // a new photo: the whole of it, until a part is chosen
   const reader = new FileReader(); // kept for this browser session: reload and Back keep the photo
   reader.onload = () => {
     try { sessionStorage.setItem("photo", JSON.stringify({ name: file.name, data: reader.result })); } catch { /* too large to keep */ }
@@ -137,6 +140,7 @@ function fillForm() {
   $("min-score").value = state.min;
   $("image-url").value = state.img;
   if (state.where || state.min || state.img || state.mode !== "auto") $("advanced").open = true;
+  markCrop();
 }
 
 function submitSearch() {
@@ -187,6 +191,7 @@ async function runSearch(append = false) {
     where: state.where || undefined, filters: Object.keys(state.filters).length ? state.filters : undefined,
     sort_by: state.sort || undefined, min_score: state.min === "" ? undefined : Number(state.min),
     image_url: !photo && state.img ? state.img : undefined, facets: !append,
+    crop: photo && state.crop ? parseCrop(state.crop) : undefined,
   };
   $("status").textContent = "Searching…";
   try {
@@ -628,6 +633,160 @@ function noPhoto() {
 $("product-image").addEventListener("error", noPhoto);
 
 $("back").addEventListener("click", (e) => { e.preventDefault(); go($("back").getAttribute("href")); });
+
+// ---------------------------------------------------------------- a part of the photo (crop)
+// The shopper drags a box over their photo, or a product's (mouse, pen or touch: pointer events), and searches by
+// that part; the box starts on the photo's most salient region (POST /salient). The box is fractions of the photo,
+// [x0, y0, x1, y1], as the API's `crop` takes it; the URL keeps it (crop=x0,y0,x1,y1) with the photo.
+
+const MIN_SIDE = 0.04; // the smallest box, as a share of the photo's width and height
+const cropper = { box: [0, 0, 1, 1], item: null, drag: null, touched: false };
+
+function parseCrop(text) {
+  const v = String(text || "").split(",").map(Number);
+  return v.length === 4 && v.every((x) => Number.isFinite(x) && x >= 0 && x <= 1) && v[0] < v[2] && v[1] < v[3] ? v : null;
+}
+
+function markCrop() {
+  const button = $("crop-open");
+  button.classList.toggle("on", !!state.crop);
+  button.setAttribute("aria-pressed", String(!!state.crop));
+  button.title = state.crop ? "Searching a part of the photo: change it" : "Search a part of the photo";
+}
+
+const clamp = (v, lo = 0, hi = 1) => Math.min(hi, Math.max(lo, v));
+
+function setBox(box) {
+  let [x0, y0, x1, y1] = box.map((v) => clamp(v));
+  if (x1 - x0 < MIN_SIDE) { x1 = clamp(x0 + MIN_SIDE); x0 = x1 - MIN_SIDE; }
+  if (y1 - y0 < MIN_SIDE) { y1 = clamp(y0 + MIN_SIDE); y0 = y1 - MIN_SIDE; }
+  cropper.box = [x0, y0, x1, y1];
+  const style = $("crop-box").style;
+  style.left = 100 * x0 + "%"; style.top = 100 * y0 + "%";
+  style.width = 100 * (x1 - x0) + "%"; style.height = 100 * (y1 - y0) + "%";
+  $("crop-box").dataset.box = cropper.box.map((v) => v.toFixed(3)).join(",");
+}
+
+async function openCrop(imageUrl, salientRequest, current) {
+  cropper.touched = false;
+  $("crop-stage").dataset.ready = "";
+  $("crop-image").src = imageUrl;
+  $("crop-dialog").hidden = false;
+  document.body.classList.add("modal-open");
+  setBox(current || [0, 0, 1, 1]);
+  $("crop-box").focus();
+  if (!current) {  // the most salient region, unless the shopper has moved the box meanwhile
+    const data = await fetchJson("/salient", salientRequest).catch(() => null);
+    if (data && !cropper.touched && !$("crop-dialog").hidden) setBox(data.box);
+  }
+  $("crop-stage").dataset.ready = "1";
+}
+
+function closeCrop() {
+  $("crop-dialog").hidden = true;
+  cropper.drag = null;
+  document.body.classList.remove("modal-open");
+}
+
+function pointAt(e) {
+  const r = $("crop-stage").getBoundingClientRect();
+  return [clamp((e.clientX - r.left) / r.width), clamp((e.clientY - r.top) / r.height)];
+}
+
+function dragged(drag, p) {
+  const dx = p[0] - drag.start[0], dy = p[1] - drag.start[1];
+  let [x0, y0, x1, y1] = drag.box;
+  if (drag.kind === "move") {
+    const w = x1 - x0, h = y1 - y0;
+    x0 = clamp(x0 + dx, 0, 1 - w); y0 = clamp(y0 + dy, 0, 1 - h);
+    return [x0, y0, x0 + w, y0 + h];
+  }
+  if (drag.kind === "draw") {
+    return [Math.min(drag.start[0], p[0]), Math.min(drag.start[1], p[1]), Math.max(drag.start[0], p[0]), Math.max(drag.start[1], p[1])];
+  }
+  if (drag.corner.includes("w")) x0 = Math.min(x0 + dx, x1 - MIN_SIDE); else x1 = Math.max(x1 + dx, x0 + MIN_SIDE);
+  if (drag.corner.includes("n")) y0 = Math.min(y0 + dy, y1 - MIN_SIDE); else y1 = Math.max(y1 + dy, y0 + MIN_SIDE);
+  return [x0, y0, x1, y1];
+}
+
+const stage = $("crop-stage");
+stage.addEventListener("pointerdown", (e) => {
+  if (e.pointerType === "mouse" && e.button !== 0) return;
+  e.preventDefault();  // no text selection, no image drag, no scrolling under a finger
+  const p = pointAt(e), corner = e.target.dataset.corner;
+  const kind = corner ? "corner" : e.target === $("crop-box") ? "move" : "draw";  // outside the box: draw a new one
+  cropper.drag = { kind, corner, start: p, box: kind === "draw" ? [...p, ...p] : cropper.box.slice(), pointer: e.pointerId };
+  cropper.touched = true;
+  stage.setPointerCapture(e.pointerId);
+});
+stage.addEventListener("pointermove", (e) => {
+  if (!cropper.drag || e.pointerId !== cropper.drag.pointer) return;
+  e.preventDefault();
+  setBox(dragged(cropper.drag, pointAt(e)));
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  stage.addEventListener(type, (e) => {
+    if (cropper.drag && e.pointerId === cropper.drag.pointer) cropper.drag = null;
+  });
+}
+$("crop-box").addEventListener("keydown", (e) => {  // arrows move the box; with Shift they resize it
+  const step = 0.02, moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+  if (!moves[e.key]) return;
+  e.preventDefault();
+  cropper.touched = true;
+  const [dx, dy] = moves[e.key];
+  const drag = e.shiftKey ? { kind: "corner", corner: "se", start: [0, 0], box: cropper.box } : { kind: "move", start: [0, 0], box: cropper.box };
+  setBox(dragged(drag, [dx, dy]));
+});
+
+function applyCrop(box) {
+  const whole = !box || (box[0] <= 0.001 && box[1] <= 0.001 && box[2] >= 0.999 && box[3] >= 0.999);
+  const text = whole ? "" : box.map((v) => v.toFixed(3)).join(",");
+  const item = cropper.item;
+  closeCrop();
+  if (item === null) {
+    state.crop = text;
+    state.pages = 1;
+    go(searchUrl(state));
+  } else searchItemPart(item, text);
+}
+
+async function searchItemPart(id, text) {
+  // A product's photo becomes the query photo, as if uploaded (kept for the session), cut to the box.
+  const response = await fetch(productLink(id) + "/image?size=1024").catch(() => null);
+  if (!response || !response.ok) { $("product-title").textContent = "We could not read this product's photo."; return; }
+  const blob = await response.blob();
+  const name = `${$("product-title").textContent || "product"}.png`;
+  setPhoto(blob, name);
+  const reader = new FileReader();
+  reader.onload = () => {
+    try { sessionStorage.setItem("photo", JSON.stringify({ name, data: reader.result })); } catch { /* too large to keep */ }
+  };
+  reader.readAsDataURL(blob);
+  state = emptyState();
+  state.photo = true;
+  state.crop = text;
+  go(searchUrl(state));
+}
+
+$("crop-open").addEventListener("click", () => {
+  if (!photo) return;
+  const form = new FormData();
+  form.append("image", photo.blob, photo.name);
+  cropper.item = null;
+  openCrop(photo.url, { method: "POST", body: form }, parseCrop(state.crop));
+});
+$("product-crop").addEventListener("click", () => {
+  const id = $("but-form").dataset.id;
+  cropper.item = id;
+  openCrop(productLink(id) + "/image?size=1024",
+           { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ like: id }) }, null);
+});
+$("crop-search").addEventListener("click", () => applyCrop(cropper.box));
+$("crop-whole").addEventListener("click", () => applyCrop(null));
+$("crop-close").addEventListener("click", closeCrop);
+$("crop-dialog").addEventListener("click", (e) => { if (e.target === $("crop-dialog")) closeCrop(); });
+document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !$("crop-dialog").hidden) closeCrop(); });
 
 // ---------------------------------------------------------------- start
 
