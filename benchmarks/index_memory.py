@@ -57,10 +57,10 @@ def main() -> None:
         seconds = time.perf_counter() - t0
     done.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    bounds, edge = {}, t0
-    for stage, secs in report.seconds.items():
-        bounds[stage] = (edge, edge + secs)
-        edge += secs
+    # Hashing, the pipeline (reading, encoding and writing overlap) and building the index follow each other.
+    s = report.seconds
+    bounds = {"hash": (t0, t0 + s["hash"]), "encode": (t0 + s["hash"], t0 + s["hash"] + report.encoding),
+              "index": (t0 + report.elapsed - s["index"], t0 + report.elapsed)}
     held = sum(a.nbytes for a in r.features().values())
     index_bytes = {name: ix.faiss_index.ntotal * ix.dim * 4 for name, ix in r.indexes.by_space.items()}
     print(f"\n{report.indexed:,} items indexed in {seconds:.0f} s ({report.indexed / seconds:.1f} items/s)")

@@ -112,7 +112,8 @@ def requests_for(kinds: list[str], photo: bytes, ids: list[str], read_only: bool
     """Endpoint name -> a function (client, i) -> awaitable response."""
     def write(http, i):
         metadata = json.dumps({"title": f"soak item, version {i}", "price": i % 500})
-        return http.put(f"/items/{900_000_000 + i % WRITTEN_IDS}",  # a number: fits an index of integer ids or of texts files={"image": ("q.png", photo, "image/png")},
+        # a number: fits an index of integer ids or of texts
+        return http.put(f"/items/{900_000_000 + i % WRITTEN_IDS}", files={"image": ("q.png", photo, "image/png")},
                         data={"metadata": metadata})
 
     every = {
@@ -239,6 +240,7 @@ def main() -> None:
         levels = [{"clients": n, "endpoints": outcome["rows"], "first_errors": outcome["first_errors"],
                    "memory_mib": {"start": before, "after_1_min": minute, "end": after, "highest": peak}}
                   for n, outcome, before, minute, after, peak in results]
+        levels[-1]["memory_every_10s_mib"] = [round(v / 2**20) for v in memory.samples[::10]]  # of the whole run
         Path(args.json).write_text(json.dumps({"seconds": args.seconds, "kinds": args.kinds, "levels": levels}, indent=1))
     problems = [p for _, outcome, *_ in results for p in outcome["first_errors"]]
     if problems:

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # Public names load on first access, so `import multiretrieval` and `multiretrieval --help` stay fast.
 _EXPORTS = {
     "Catalog": "catalog", "load_image": "catalog", "RetrieverConfig": "config",
-    "Retriever": "retriever", "IndexReport": "ingest", "Embedder": "embedder",
+    "Retriever": "retriever", "IndexReport": "ingest", "UpdateReport": "ingest", "Embedder": "embedder",
     **{name: "errors" for name in (
         "CatalogError", "ConfigError", "ImageError", "ImageLimitError", "IndexBusyError", "IndexLoadError", "ItemNotFoundError",
         "LimitError", "ModelUnavailableError", "MultiretrievalError", "QueryError", "StorageError")},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ def build_benchmarks(root: str | Path, out: str | Path, composed: bool = True, s
         for name, c in {**build_fused(items, out, excluded, show_progress=show_progress),
                         **build_composed(items, out, excluded, show_progress=show_progress)}.items():
             counts[name] = {k: c[k] for k in ("catalog", "queries", "heldout_categories", "excluded_near_duplicates")}
+    counts.update(build_regions(df, sh, out / "regions"))
     return counts
 
 
@@ -662,3 +664,87 @@ def build_fused(items: pd.DataFrame, out: str | Path, excluded: set[str] = froze
                                  **{k: sum(q["kind"] == k for q in queries) for k in ("category", "tag", "vague")}}
         (folder / "split.json").write_text(json.dumps(counts[f"fused/{ds}"], indent=1))
     return counts
+
+
+# ---------------------------------------------------------------- regions: products in scenes (issue 33)
+
+REGION_SEED = 20261124  # the scenes; differs from every other benchmark's and training seed
+REGION_SCENES = 300
+SCENE_SIZE = (512, 384)
+
+
+def build_regions(catalog: pd.DataFrame, image_root: str | Path, out: str | Path, scenes: int = REGION_SCENES) -> dict[str, int]:
+    """regions/: scenes of 2-6 of the catalog's product renders (RGBA) pasted at random sizes (70-190 px) and places on a
+    room-like background (a wall and a floor of random tones, with noise), overlapping little, and
+
+    - catalog.csv: the items (id, image relative to regions/, title, category), as ``catalog`` has them;
+    - scenes.csv: scene id, image (scenes/N.png), items (JSON ids, in pasting order) and boxes (JSON [x0, y0, x1, y1]
+      pixels of each item's visible pixels);
+    - queries.csv: per scene, one item (``target``) and a crop around it, jittered (``crop``: JSON pixels): the box
+      widened by 5-25 % of its size on each side and shifted by up to 10 %, within the scene.
+
+    ``image_root``: the folder ``catalog``'s image paths are relative to. Seeded: the same catalog gives the same files."""
+    from PIL import Image
+
+    out, image_root = Path(out), Path(image_root)
+    (out / "scenes").mkdir(parents=True, exist_ok=True)
+    relative = [os.path.relpath(image_root / p, out) for p in catalog["image"]]  # e.g. ../sweethome3d/images/...
+    catalog[["id", "title", "category"]].assign(image=relative).to_csv(out / "catalog.csv", index=False)
+    ids = catalog["id"].to_numpy()
+    width, height = SCENE_SIZE
+    rows, queries = [], []
+    for n in range(scenes):
+        rng = np.random.default_rng([REGION_SEED, n])
+        canvas = _room(rng, width, height)
+        chosen = rng.choice(len(ids), size=int(rng.integers(2, 7)), replace=False)
+        placed: list[tuple[int, int, int, int]] = []
+        items = []
+        for row in chosen:
+            rgba = open_rgba(image_root / catalog["image"].iloc[row])
+            side = int(rng.integers(70, 191))
+            rgba = rgba.resize((side, side), Image.BICUBIC)
+            visible = rgba.getchannel("A").getbbox() or (0, 0, side, side)
+            for _ in range(60):  # a place where it hides little of the others and they little of it
+                x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+                box = (x + visible[0], y + visible[1], x + visible[2], y + visible[3])
+                if all(_overlap(box, other) < 0.15 for other in placed):
+                    break
+            else:
+                continue
+            canvas.paste(rgba, (x, y), rgba)
+            placed.append(box)
+            items.append(int(ids[row]))
+        path = out / "scenes" / f"{n}.png"
+        canvas.save(path)
+        rows.append({"scene": n, "image": f"scenes/{n}.png", "items": json.dumps(items), "boxes": json.dumps(placed)})
+        pick = int(rng.integers(0, len(items)))
+        x0, y0, x1, y1 = placed[pick]
+        w, h = x1 - x0, y1 - y0
+        grow = rng.uniform(0.05, 0.25, 4) * np.array([w, h, w, h])
+        shift = rng.uniform(-0.1, 0.1, 2) * np.array([w, h])
+        crop = [max(0, round(x0 - grow[0] + shift[0])), max(0, round(y0 - grow[1] + shift[1])),
+                min(width, round(x1 + grow[2] + shift[0])), min(height, round(y1 + grow[3] + shift[1]))]
+        queries.append({"scene": n, "image": f"scenes/{n}.png", "target": items[pick], "crop": json.dumps(crop)})
+    pd.DataFrame(rows).to_csv(out / "scenes.csv", index=False)
+    pd.DataFrame(queries).to_csv(out / "queries.csv", index=False)
+    return {"regions_items": len(catalog), "regions_scenes": len(rows)}
+
+
+def _room(rng: np.random.Generator, width: int, height: int):
+    """A background: a wall and a floor of random soft tones meeting at a random height, with a little noise."""
+    from PIL import Image
+
+    wall, floor = rng.integers(120, 246, 3), rng.integers(60, 200, 3)
+    horizon = int(rng.integers(height // 3, 2 * height // 3))
+    pixels = np.empty((height, width, 3), np.float32)
+    pixels[:horizon], pixels[horizon:] = wall, floor
+    pixels += rng.normal(0, 6, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    """The share of the smaller box that the other covers."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return w * h / smaller if smaller else 0.0

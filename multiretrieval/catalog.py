@@ -114,6 +114,7 @@ class Catalog:
             df, self.row_numbers = df[~empty].reset_index(drop=True), self.row_numbers[~empty]
         self.df = _coerce_ids(df.copy(), self.row_numbers)
         self.image_root = Path(image_root).resolve() if image_root is not None else Path.cwd()
+        self.sources: list[str | None] | None = None  # rows read back from an index: their images as resolved then
         self.text_columns = tuple(c for c in text_columns if c in self.df.columns)
         self._validate(bad_rows)
         if self.image_found != "folder" and logger.isEnabledFor(logging.INFO):
@@ -280,6 +281,7 @@ class Catalog:
         part.image_root, part.text_columns = self.image_root, self.text_columns
         part.image_column, part.image_found = self.image_column, self.image_found
         part.row_numbers, part.dropped = self.row_numbers[rows], []
+        part.sources = None if self.sources is None else [self.sources[r] for r in rows]
         return part
 
     def __len__(self) -> int:
@@ -297,7 +299,9 @@ class Catalog:
         return [_join_text(row) for row in self.df[list(self.text_columns)].itertuples(index=False)]
 
     def image_sources(self) -> list[str | None]:
-        """Each item's image reference resolved against ``image_root``; None where it has none."""
+        """Each item's image reference resolved against ``image_root`` (or as ``sources`` gives it); None where it has none."""
+        if self.sources is not None:
+            return list(self.sources)
         if "image" not in self.df.columns:
             return [None] * len(self)
         return [None if _is_empty(v) else _resolve(str(v).strip(), self.image_root) for v in self.df["image"]]

@@ -2,13 +2,13 @@
 
     multiretrieval index CATALOG|FOLDER --out DIR [--update [--prune]] [--image-column NAME] [--title-from-filename]
                                                [--config FILE] [--cache DIR] ...
-    multiretrieval search DIR [--text T] [--image PATH] [--mode M] [--k N] [--where COND] [--offset N] [--sort-by COL]
-                              [--filters JSON] [--like ID] [--weights image=0.7,text=0.3] [--not-text T] [--min-score S]
-                              ... (every option of Retriever.search: query/options.py) [--show out.png]
+    multiretrieval search DIR [--text T] [--image PATH] [--crop x0,y0,x1,y1] [--mode M] [--k N] [--where COND] [--offset N]
+                              [--sort-by COL] [--filters JSON] [--like ID] [--weights image=0.7,text=0.3] [--not-text T]
+                              [--min-score S] ... (every option of Retriever.search: query/options.py) [--show out.png]
     multiretrieval cache prune INDEX_DIR... [--cache DIR] [--dry-run]
     multiretrieval train CATALOG --out DIR [--config FILE] [--epochs N] [--seed S]
     multiretrieval evaluate BENCH_DIR --out DIR [--config FILE] [--no-train] [--only NAME ...]
-    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--config FILE]
+    multiretrieval serve DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--config FILE] [--no-access-log]
     multiretrieval demo [--catalog CSV] [--out DIR]
 
 Heavy libraries are imported inside the commands, so --help answers at once.
@@ -148,7 +148,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         from .visualize import SheetRow, contact_sheet
 
         label = " + ".join(p for p in (f"image: {args.image}" if args.image else "", f'text: "{args.text}"' if args.text else "") if p)
-        query_image = load_image(args.image) if args.image else None
+        from .regions import crop_image
+
+        query_image = crop_image(load_image(args.image), args.crop) if args.image else None
         print(f"contact sheet: {contact_sheet([SheetRow(label, results, query_image)], retriever.image_source, args.show)}")
     return 0
 
@@ -158,7 +160,7 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     the same names (``--sort-by`` for sort_by), defaults, choices and help; dicts and lists as JSON."""
     from .query.options import declared
 
-    readers = {"int": int, "float": float, "text": str, "json": parse_json, "pairs": parse_weights}
+    readers = {"int": int, "float": float, "text": str, "json": parse_json, "pairs": parse_weights, "numbers": parse_numbers}
     for d in declared():
         shown = "" if d.default in (None, False) else f" (default {d.default})"
         kwargs = {"dest": d.name, "default": d.default, "help": (d.option.text() + shown).replace("%", "%%")}
@@ -175,6 +177,17 @@ def parse_json(value: str):
         return json.loads(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected JSON, got {value!r}: {exc}") from None
+
+
+def parse_numbers(value: str) -> list[float]:
+    """``0.1,0.2,0.6,0.9`` (or the same as a JSON list) -> [0.1, 0.2, 0.6, 0.9], as the service gets them (the API
+    checks how many and what they are)."""
+    if value.lstrip().startswith("["):
+        return parse_json(value)
+    try:
+        return [float(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {value!r}") from None
 
 
 def parse_weights(value: str) -> dict[str, float]:
@@ -239,14 +252,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hosts.append(args.host)
     app = create_app(args.index_dir, api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      allowed_hosts=hosts, allowed_origins=args.allowed_origin, checkpoint_every=args.checkpoint_every,
-                     config=_load_config(args.config) if args.config else None, max_concurrent=args.max_concurrent)
+                     config=_load_config(args.config) if args.config else None, max_concurrent=args.max_concurrent,
+                     image_folders=args.image_folder)
     print(f"serving {args.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)"
           + ("" if api_key else "; write endpoints are open: set --api-key or MULTIRETRIEVAL_API_KEY"))
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:  # noqa: S104
         print("note: requests must name this machine as localhost or 127.0.0.1 unless --allowed-host NAME "
               "(the name clients use, or '*') is given")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=args.keep_alive)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=_serve_logging(not args.no_access_log), log_level=None,
+                access_log=not args.no_access_log, timeout_keep_alive=args.keep_alive)
     return 0
+
+
+def _serve_logging(access: bool) -> dict:
+    """uvicorn's logging: its own messages from warnings up, and (``access``) one line per request on stdout
+    (client, request line, status): uvicorn's log_level would set both at once."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["uvicorn"]["level"] = config["loggers"]["uvicorn.error"]["level"] = "WARNING"
+    config["loggers"]["uvicorn.access"]["level"] = "INFO" if access else "WARNING"
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (encoders, zero-shot weights, training settings)")
     p.add_argument("--no-train", action="store_true", help="skip training the attention fusion")
     p.add_argument("--only", nargs="+", metavar="NAME",
-                   help="run only these benchmarks: tuxpaint, unseen, sweethome3d, exact_names, composed, fused, "
+                   help="run only these benchmarks: tuxpaint, unseen, sweethome3d, exact_names, regions, composed, fused, "
                         "composed/<data set>, fused/<data set> (default: all found)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -318,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index_dir", help="folder written by `multiretrieval index`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="key that POST/PUT/DELETE of items require (default: $MULTIRETRIEVAL_API_KEY)")
+    p.add_argument("--api-key", help="key that POST/PUT/PATCH/DELETE of items require (default: $MULTIRETRIEVAL_API_KEY)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger request bodies get 413 (default 10)")
     p.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name clients may use besides localhost/127.0.0.1 (repeatable; '*' for any)")
@@ -332,8 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", type=float, default=30.0, metavar="S",
                    help="seconds an idle connection stays open (default 30; uvicorn's 5 s closes connections that "
                         "busy clients are about to reuse, and they see a dropped request)")
+    p.add_argument("--image-folder", action="append", metavar="DIR",
+                   help="a folder whose image files a write (PATCH /items/ID with an `image` path) may name (repeatable; "
+                        "default: none, and image paths are refused)")
     p.add_argument("--config", help="YAML config (search bounds, display, ...); must name the encoders the index was built with "
                                     "(default: the config saved with the index)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not log each request (by default one line a request on stdout: client, method, path, status)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cache", help="manage a folder of encoded shards")

@@ -46,6 +46,15 @@ class EncoderConfig:
     batch_size: int = 32
     max_text_tokens: int = 128
     runtime: str = "auto"  # torch | onnx (ONNX Runtime, ~4x faster images on CPU) | auto (onnx when installed)
+    # int8: ONNX Runtime on a CPU with int8 dot products runs the image CNN's int8 export where a calibration table
+    # ships for its weights (encoders/quantize.py; ~2x faster images, mean cosine 0.998 to fp32); fp32 elsewhere
+    # (PyTorch, GPUs, other CPUs). The text encoder runs fp32. Not the default: compared with an fp32 run, int8 moved
+    # some `evaluate` figures by more than 0.01 (benchmarks/compare_evaluations.py).
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("int8", "fp32"):
+            raise ConfigError(f"encoders.precision: {self.precision!r} is not one of 'int8', 'fp32'")
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ class IndexConfig:
 class IngestConfig:
     """The indexing pipeline (pipeline.py): reader threads, shard size, engine."""
 
-    workers: int = 2  # threads that hash, decode and resize images ahead of the encoder
+    workers: int = 0  # threads that hash, decode and resize images ahead of the encoder; 0: a third of the cores, at least 2
     shard_size: int = 1024  # items per shard of encoded arrays (a multiple of encoders.batch_size)
     engine: str = "local"  # local | ray (Ray Data map_batches over model-holding actors)
     ray_actors: int = 2  # ray: encoder actors (one per node's worth of cores is a good start)
@@ -153,9 +162,16 @@ class DisplayConfig:
 
     title: str = "title"  # the product's name
     price: str | None = "price"  # shown as the price, and offered for sorting, when the catalog has it
+    currency: str | None = None  # the prices' ISO 4217 code (EUR, USD, JPY): shown with the shopper's number format
     brand: str | None = None  # shown under the name, e.g. "brand" or "creator"
     columns: tuple[str, ...] = ()  # more columns shown on result cards (default: none)
     facets: tuple[str, ...] = ()  # columns offered as filters (default: chosen from the columns' types and values)
+
+    def __post_init__(self) -> None:
+        if self.currency is not None:
+            if not (len(self.currency) == 3 and self.currency.isascii() and self.currency.isalpha()):
+                raise ConfigError(f"currency: expected an ISO 4217 code of three letters (EUR, USD, JPY), got {self.currency!r}")
+            object.__setattr__(self, "currency", self.currency.upper())
 
 
 @dataclass(frozen=True)
@@ -229,4 +245,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a section's own check (display.currency), named where it is
+        raise ConfigError(f"{where}.{exc}") from None

@@ -52,7 +52,7 @@ class Embedder:
                 from .encoders import get_image_encoder
 
                 enc = self.config.encoders
-                self._image = self._checked("image", get_image_encoder(enc.image, enc.image_weights, enc.runtime))
+                self._image = self._checked("image", get_image_encoder(enc.image, enc.image_weights, enc.runtime, enc.precision))
             return self._image
 
     @property
@@ -183,14 +183,18 @@ class Embedder:
     # ---------------------------------------------------------------- identity and files
 
     def fingerprint(self) -> dict[str, Any]:
-        """Everything that changes an item's stored arrays (the runtime does not: ~1e-5)."""
+        """Everything that changes an item's stored arrays (the runtime does not: ~1e-5; the image encoder's precision
+        does: int8 moves its vectors by ~2e-3 of cosine)."""
         cfg = self.config
         enc = cfg.encoders
-        return {"image": [enc.image, enc.image_weights], "text": [enc.text, enc.text_weights, enc.max_text_tokens],
-                "image_grid": self.fusion.image_grid, "text_chunks": self.fusion.text_chunks,
-                "zero_shot": self.zero_shot.fingerprint,
-                "limits": [cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes],
-                "text_when_image_fails": cfg.catalog.text_when_image_fails, "format": 2}  # 2: shards record warnings and retries
+        out = {"image": [enc.image, enc.image_weights], "text": [enc.text, enc.text_weights, enc.max_text_tokens],
+               "image_grid": self.fusion.image_grid, "text_chunks": self.fusion.text_chunks,
+               "zero_shot": self.zero_shot.fingerprint,
+               "limits": [cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes],
+               "text_when_image_fails": cfg.catalog.text_when_image_fails, "format": 2}  # 2: shards record warnings and retries
+        if self.image_encoder.precision != "fp32":  # fp32 shards keep the fingerprint they had before precisions existed
+            out["precision"] = [self.image_encoder.precision, self.image_encoder.key]  # the key names the int8 recipe
+        return out
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of the models: encoder names and widths, fusion, zero-shot space."""

@@ -78,7 +78,7 @@ def selected(name: str, only: list[str] | tuple[str, ...] | None) -> bool:
 
 def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None = None, train: bool = True,
              show_progress: bool | None = None, only: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run every benchmark under ``bench`` (or those ``only`` names: tuxpaint, unseen, sweethome3d, exact_names, composed,
+    """Run every benchmark under ``bench`` (or those ``only`` names: tuxpaint, unseen, sweethome3d, exact_names, regions, composed,
     fused, composed/<data set>, fused/<data set>); write report.md, results.json and recall_at_k.png to ``out``."""
     bench, out = Path(bench), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +93,8 @@ def evaluate(bench: str | Path, out: str | Path, config: RetrieverConfig | None 
         results.update(_sweethome3d(bench / "sweethome3d", config, out, train, show_progress))
     if (bench / "exact_names" / "catalog.csv").is_file() and selected("exact_names", only):
         results["exact_names"] = exact_names(bench / "exact_names", config, show_progress)
+    if (bench / "regions" / "scenes.csv").is_file() and selected("regions", only):
+        results["regions"] = regions_benchmark(bench / "regions", config, show_progress)
     for kind in ("composed", "fused"):
         for folder in sorted(p.parent for p in (bench / kind).glob("*/catalog.csv")):
             name = f"{kind}/{folder.name}"
@@ -420,6 +422,66 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- report
 
+REGION_VARIANTS = ("whole image", "+ 2x2 and 3x3 grids", "+ salient boxes and 2x2 grid (6)")
+
+
+def regions_benchmark(folder: str | Path, config: RetrieverConfig | None = None, show_progress=None) -> dict[str, Any]:
+    """The regions benchmark (benchmarks.build_regions): (a) scene cropped around one item -> that item, against the whole
+    scene, through ``search(crop=...)``; (b) an item's own photo -> the scenes that contain it, each scene scored by its
+    best vector: the whole image's alone, or with region vectors (REGION_VARIANTS). R@1 and R@10."""
+    from .catalog import load_image
+    from .regions import crop_image, region_boxes
+    from .retriever import Retriever
+
+    folder = Path(folder)
+    config = config or RetrieverConfig()
+    items = pd.read_csv(folder / "catalog.csv")
+    scenes = pd.read_csv(folder / "scenes.csv")
+    queries = pd.read_csv(folder / "queries.csv")
+    r = Retriever(config)
+    r.index(Catalog(items[["id", "image"]], image_root=folder, text_columns=()), show_progress=show_progress)
+    photos = {row.scene: load_image(folder / row.image) for row in scenes.itertuples()}
+
+    def ranks(specs: list[dict], targets: list[int]) -> np.ndarray:
+        found = []
+        for start in range(0, len(specs), config.search.max_batch):
+            found += r.search_batch(specs[start:start + config.search.max_batch])
+        return np.array([1 + ids.index(t) if t in ids else np.inf for t, ids in zip(targets, (f["id"].tolist() for f in found))])
+
+    targets = queries["target"].tolist()
+    crop = {"queries": len(queries)}
+    for name, with_crop in (("whole scene", False), ("crop around the item", True)):
+        specs = [{"image": photos[q.scene], "mode": "image", "k": 10, **({"crop": json.loads(q.crop)} if with_crop else {})}
+                 for q in queries.itertuples()]
+        found = ranks(specs, targets)
+        crop[name] = {"R@1": float(np.mean(found <= 1)), "R@10": float(np.mean(found <= 10))}
+
+    encoder = r.embedder.image_encoder
+    contains = [set(json.loads(s)) for s in scenes["items"]]
+    wanted = sorted(set().union(*contains))
+    paths = dict(zip(items["id"], items["image"]))
+    query_vectors = encoder.encode([load_image(folder / paths[i]) for i in wanted], show_progress=show_progress)
+    grids = [(c / g, r_ / g, (c + 1) / g, (r_ + 1) / g) for g in (2, 3) for r_ in range(g) for c in range(g)]
+    scene_images = [photos[n] for n in scenes["scene"]]
+    out: dict[str, Any] = {"queries": len(wanted)}
+    best = query_vectors @ encoder.encode(scene_images, show_progress=show_progress).T  # (queries, scenes)
+    for variant in REGION_VARIANTS:
+        crops, owner = [], []
+        for n, image in enumerate(scene_images):
+            boxes = [] if variant == REGION_VARIANTS[0] else grids if variant == REGION_VARIANTS[1] else region_boxes(image, encoder, 6)
+            crops += [crop_image(image, b) for b in boxes]
+            owner += [n] * len(boxes)
+        scores = best.copy()
+        if crops:
+            region_scores = query_vectors @ encoder.encode(crops, show_progress=show_progress).T
+            np.maximum.at(scores.T, np.array(owner), region_scores.T)  # each scene: its best vector
+        relevant = np.array([[i in c for c in contains] for i in wanted])
+        top = np.where(relevant, scores, -np.inf).max(1)
+        rank = 1 + (np.where(relevant, -np.inf, scores) > top[:, None]).sum(1)
+        out[variant] = {"R@1": float(np.mean(rank <= 1)), "R@10": float(np.mean(rank <= 10)), "vectors": 1 + len(crops) / len(scene_images)}
+    return {"items": len(items), "scenes_count": len(scenes), "crop": crop, "scenes": out}
+
+
 def report_markdown(results: dict[str, Any]) -> str:
     lines = ["# multiretrieval evaluation", ""]
     tux = results.get("tuxpaint_zero_shot")
@@ -460,9 +522,25 @@ def report_markdown(results: dict[str, Any]) -> str:
             m = names[method]
             lines.append(f"| {method} | {m['R@1']:.3f} | {m['R@10']:.3f} | " + " | ".join(f"{m[f'R@1 {k}']:.3f}" for k in kinds) + " |")
         lines.append("")
+    lines += _regions_markdown(results.get("regions"))
     lines += _composed_and_fused_markdown(results)
     lines.append(f"Run time: {results.get('seconds', 0):.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _regions_markdown(regions: dict[str, Any] | None) -> list[str]:
+    if not regions:
+        return []
+    crop, scenes = regions["crop"], regions["scenes"]
+    lines = [f"## A part of a photo (regions: {regions['items']} sweethome3d items, {regions['scenes_count']} scenes of 2-6 of them)", "",
+             (f"(a) Scene -> one of its items ({crop['queries']} queries, image mode): the scene cropped around the item "
+              "(jittered) against the whole scene."), "", "| query | R@1 | R@10 |", "|---|---|---|"]
+    lines += [f"| {name} | {m['R@1']:.3f} | {m['R@10']:.3f} |" for name, m in crop.items() if name != "queries"]
+    lines += ["", (f"(b) An item's own photo -> the scenes that contain it ({scenes['queries']} queries; a scene scores its best "
+                   "vector; image-encoder cosines, as late fusion's image scores)."), "",
+              "| scene vectors | R@1 | R@10 | vectors per scene |", "|---|---|---|---|"]
+    lines += [f"| {name} | {m['R@1']:.3f} | {m['R@10']:.3f} | {m['vectors']:.1f} |" for name, m in scenes.items() if name != "queries"]
+    return lines + [""]
 
 
 def _r(m: dict[str, float]) -> str:

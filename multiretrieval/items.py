@@ -35,6 +35,7 @@ IMAGE_SOURCE = "_image_source"  # the item's image path or URL, resolved at inde
 HASH_DTYPE = "S64"  # a sha256 in hex; b"" where unknown
 HASHES_FILE = "hashes.npy"
 FACET_CACHE = 256  # distinct (columns, where, filters) combinations kept; cleared when the rows change
+QUANTILES = 100  # a numeric facet's quantiles: its values at every 1/QUANTILES of the items, for a slider on that scale
 
 
 class ItemStore:
@@ -202,6 +203,14 @@ class ItemStore:
     def image_sources(self) -> pd.Series:
         return pd.Series(self.table[IMAGE_SOURCE].to_numpy(), index=self.table["id"].to_numpy(), name="image_source")
 
+    def has_image(self, ids: list[Any]) -> np.ndarray:
+        """Whether each item was indexed with its photo (False where it has none, where its photo could not be read,
+        and for an id not in the index)."""
+        positions = self.id_positions()
+        rows = np.array([positions.get(str(i), -1) for i in ids], np.int64)
+        found = rows >= 0
+        return found & self.features["image_mask"][np.where(found, rows, 0), 0] if len(self) else np.zeros(len(ids), bool)
+
     def catalog(self, text_columns: tuple[str, ...]) -> Catalog:
         """The stored rows as a catalog again, images at their resolved sources (for training)."""
         return Catalog(self.public().assign(image=self.table[IMAGE_SOURCE].to_numpy()), text_columns=text_columns)
@@ -260,8 +269,14 @@ class ItemStore:
     def _duck_type(self, column: str) -> str | None:
         """A column's DuckDB type in the filter table (e.g. TIMESTAMP, DATE, BOOLEAN, VARCHAR)."""
         if self._duck_types is None:
-            rows = self._connection().execute("SELECT column_name, data_type FROM information_schema.columns "
-                                              "WHERE table_name = 'catalog'").fetchall()
+            # A cursor of its own: the shared connection refuses a second thread's call while it answers one (the
+            # page's first search and facet count, both filtered, ask at once).
+            cursor = self._connection().cursor()
+            try:
+                rows = cursor.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                      "WHERE table_name = 'catalog'").fetchall()
+            finally:
+                cursor.close()
             self._duck_types = dict(rows)
         return self._duck_types.get(column)
 
@@ -275,8 +290,10 @@ class ItemStore:
         each column's counts leaving out its own filter (so other values of it can still be added):
 
         - text, booleans: ``{"kind": "values", "values": [{"value": v, "count": n}, ...]}``, the ``top`` most frequent;
-        - numbers: ``{"kind": "range", "min", "max", "histogram": {"edges": [...], "counts": [...]}}``, the
-          min/max over all items (a slider keeps its scale), the counts over the matching ones.
+        - numbers: ``{"kind": "range", "min", "max", "histogram": {"edges": [...], "counts": [...]}, "quantiles": [...]}``,
+          the min/max over all items (a slider keeps its scale), the counts over the matching ones, and the
+          QUANTILES + 1 quantiles over all items (the 0th is the min, the last the max; each a value of the column):
+          a slider on that scale moves by a share of the products, whatever the spread of the values.
 
         ``columns`` default: ``facet_columns()``; ``timeout_s``: each filter's time limit (see ``filter``).
         """
@@ -311,7 +328,7 @@ class ItemStore:
         if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
             lo, hi = cur.execute(f"SELECT min({q}), max({q}) FROM catalog").fetchone()  # noqa: S608
             if lo is None:
-                return {"kind": "range", "min": None, "max": None, "histogram": {"edges": [], "counts": []}}
+                return {"kind": "range", "min": None, "max": None, "histogram": {"edges": [], "counts": []}, "quantiles": []}
             width = (hi - lo) / bins or 1.0
             rows = cur.execute(f"SELECT least(floor(({q} - ?) / ?), ?) AS b, count(*) FROM catalog "  # noqa: S608
                                f"WHERE {q} IS NOT NULL AND {scope} GROUP BY b", [lo, width, bins - 1]).fetchall()
@@ -319,10 +336,22 @@ class ItemStore:
             for b, n in rows:
                 counts[int(b)] = int(n)
             return {"kind": "range", "min": plain(lo), "max": plain(hi),
-                    "histogram": {"edges": [float(lo + i * width) for i in range(bins + 1)], "counts": counts}}
+                    "histogram": {"edges": [float(lo + i * width) for i in range(bins + 1)], "counts": counts},
+                    "quantiles": self._quantiles(cur, column)}
         rows = cur.execute(f"SELECT {q} AS v, count(*) AS n FROM catalog WHERE {q} IS NOT NULL AND {scope} "  # noqa: S608
                            f"GROUP BY v ORDER BY n DESC, v LIMIT ?", [top]).fetchall()
         return {"kind": "values", "values": [{"value": plain(v), "count": int(n)} for v, n in rows]}
+
+    def _quantiles(self, cur, column: str) -> list[Any]:
+        """A numeric column's QUANTILES + 1 quantiles over all items, kept until the rows change (they do not depend
+        on the filters, and sorting a million values takes a quarter of a second)."""
+        key = ("quantiles", column)
+        if key not in self._facets:
+            q = '"' + column.replace('"', '""') + '"'
+            points = [i / QUANTILES for i in range(QUANTILES + 1)]
+            values = cur.execute(f"SELECT quantile_disc({q}, ?) FROM catalog", [points]).fetchone()[0]  # noqa: S608
+            self._facets[key] = [plain(v) for v in values or []]
+        return list(self._facets[key])
 
     def facet_columns(self, limit: int = 6, max_values: int = 50) -> list[str]:
         """Columns worth offering as filters when the config names none: numbers, and text with

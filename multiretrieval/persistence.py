@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,6 +156,14 @@ def journal_path(folder: Path) -> Path:
     acknowledged and has not saved into the folder yet."""
     folder = Path(folder)
     return folder.with_name(folder.name + ".journal")
+
+
+def uploads_path(folder: Path) -> Path:
+    """The folder beside an index folder that keeps the photos given to its items as files of bytes
+    (``INDEX_DIR.uploads``: the service's uploads, ``Retriever.update(image=bytes)``): a save replaces the index
+    folder itself, so they cannot live inside it."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".uploads")
 
 
 class FolderLock:
@@ -373,3 +382,46 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def write_durably(path: Path, data: bytes, what: str = "the file") -> None:
+    """Write a file and fsync it and its folder: it survives a crash once this returns. StorageError when it cannot
+    (naming ``what``): then neither the file nor a temporary copy is left."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # two requests may bring one photo
+    try:
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+            fsync_folder(path.parent.parent)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_folder(path.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {what} {path}: {error_reason(exc)}", exc.errno) from exc
+
+
+def remove_temporary_files(folder: Path) -> None:
+    """Delete the temporary files of ``write_durably`` in ``folder`` that a killed process left (``.NAME.PID-THREAD.tmp``)."""
+    for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+        logger.info("removing %s, left by an interrupted write", path)
+        path.unlink(missing_ok=True)
+
+
+def error_reason(exc: OSError) -> str:
+    """An OSError's reason in words ("no space left on device")."""
+    return (exc.strerror or str(exc)).lower() if exc.errno is not None else str(exc)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names in a folder durable (a file created, replaced or removed there)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -2,14 +2,19 @@
 
 1. **Hash.** Every row gets a content hash: its image file's bytes (a URL: the URL) and its
    text. Rows whose hash is already in the shard store cost nothing more.
-2. **Read.** Worker threads decode and resize images (PIL and the tensor conversion release
-   the GIL) a few batches ahead of the encoder, in row order.
-3. **Encode.** Images in batches of ``encoders.batch_size``; texts sorted by length within
-   a shard (less padding), then put back in row order; zero-shot vectors from the same outputs.
+2. **Read.** Reader threads decode and resize images (PIL and numpy release the GIL) a few
+   batches ahead of the encoder, in row order.
+3. **Encode.** Images in batches of ``encoders.batch_size``, several batches at once (one per
+   core on ONNX Runtime's bulk session, runtime.OnnxModule), while one more thread encodes the
+   shard's texts, sorted by length (less padding) and put back in row order; zero-shot vectors
+   from the same outputs. How many threads of each: :func:`plan_threads`.
 4. **Write.** Every ``shard_size`` new items become one shard: a folder of ``.npy`` arrays
    plus ``items.parquet`` (hash, error, warning, retry), renamed into place when complete. A
    run killed midway restarts from its last complete shard, with the same batches, so it ends
    with the same vectors as an uninterrupted run.
+
+Each stage's seconds are counted (:class:`StageClock`, summed over its threads: reading, image
+and text encoding overlap) for the index report.
 
 An item whose image fails but which has a text is encoded by its text alone (a *warning*,
 not an error) unless ``catalog.text_when_image_fails`` is off. A row whose image is a URL
@@ -30,9 +35,12 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +68,68 @@ class Row:
     hash: str
     source: str | None  # image path or URL
     text: str | None
+
+
+STAGES = ("load", "read", "image", "text", "zero_shot", "write")  # the pipeline's stages, as the index report names them
+
+
+class StageClock:
+    """Seconds spent in each stage, summed over the threads that run it (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+@dataclass(frozen=True)
+class Threads:
+    """How the pipeline spreads over the CPU: reader threads, and image batches encoded at once."""
+
+    read: int
+    image: int
+
+
+def cpu_budget() -> int:
+    """The cores the pipeline may use: the process's CPUs, or fewer where OMP_NUM_THREADS says so (a Ray actor's)."""
+    from .encoders.runtime import usable_cores
+
+    cores = usable_cores()
+    try:
+        return max(1, min(cores, int(os.environ["OMP_NUM_THREADS"])))
+    except (KeyError, ValueError):
+        return cores
+
+
+def plan_threads(workers: int = 0, runtime: str = "onnx", gpu: bool = False, cores: int | None = None) -> Threads:
+    """Threads for ``cores`` (default: ``cpu_budget``). ``workers`` (config ``ingest.workers``) > 0 fixes the readers.
+
+    On a CPU with ONNX Runtime, as many image batches at once as the cores hold bulk runs (runtime.bulk_threads:
+    one core each up to 4 cores, two above): the image network is ~70 % of the work, and runs of one thread never
+    wait for each other; the readers (a third of the cores, at least 2: ~25 % of the work, mostly outside the GIL)
+    and the text thread share the cores with them (their threads sleep when idle, none spins). On a GPU the images
+    are encoded two batches at once (one copies while the other runs) and decoding is the work: a reader per core
+    but one. Eager PyTorch parallelises inside one batch, so it runs one."""
+    from .encoders.runtime import bulk_threads
+
+    cores = cores or cpu_budget()
+    if gpu:
+        return Threads(read=workers or max(2, cores - 1), image=2)
+    read = workers or max(2, cores // 3)
+    if runtime != "onnx":
+        return Threads(read=read, image=1)
+    return Threads(read=read, image=max(1, cores // bulk_threads(cores)))
 
 
 # ---------------------------------------------------------------- 1. hash
@@ -282,13 +352,15 @@ def prune_store(root: str | Path, referenced: set[str], dry_run: bool = False) -
 class ShardEncoder:
     """Reads and encodes rows with an embedder's models; one instance per process (or Ray actor).
 
-    Local files are decoded by the caller's thread pool a few batches ahead of the encoder; image
+    Local files are decoded by the caller's thread pool (``threads.read`` threads) ahead of the encoder; image
     URLs are fetched (and decoded) by a pool of ``catalog.download_workers`` threads through a
     :class:`~multiretrieval.downloads.Downloader` (retries, backoff, a per-host limit), up to
-    four times that many ahead.
+    four times that many ahead. ``threads.image`` image batches are encoded at once while one thread encodes the
+    texts; ``clock`` counts each stage's seconds.
     """
 
-    def __init__(self, embedder: Embedder, prefetch_batches: int = 3, show_progress: bool | None = False) -> None:
+    def __init__(self, embedder: Embedder, prefetch_batches: int = 3, show_progress: bool | None = False,
+                 threads: Threads | None = None, clock: StageClock | None = None) -> None:
         from .downloads import Downloader
 
         self.embedder = embedder
@@ -296,21 +368,28 @@ class ShardEncoder:
         self.batch_size = cfg.encoders.batch_size
         self.max_pixels, self.max_bytes = cfg.catalog.max_image_pixels, cfg.catalog.max_image_bytes
         self.text_fallback = cfg.catalog.text_when_image_fails
-        self.prefetch = prefetch_batches * self.batch_size
+        if threads is None:
+            from .encoders.runtime import on_gpu
+
+            runtime = embedder.image_encoder.runtime
+            threads = plan_threads(cfg.ingest.workers, runtime, runtime == "onnx" and on_gpu())
+        self.threads, self.clock = threads, clock or StageClock()
+        self.prefetch = max(prefetch_batches, threads.image + 1) * self.batch_size  # a batch ready for every runner
         self.downloader = Downloader(cfg.catalog)
         self.download_workers = max(1, cfg.catalog.download_workers)
         self.show_progress = show_progress
 
     def _read(self, source: str):
-        try:
-            data = self.downloader.fetch(source) if is_url(source) else source
-            image = load_image(data, self.max_pixels, self.max_bytes)
-            return image, self.embedder.image_encoder.preprocess(image)
-        except ImageError as exc:
-            message = str(exc)
-            if is_url(source) and not message.startswith(source):  # decoding downloaded bytes: name the URL
-                exc = ImageError(f"{source}: {message.removeprefix('image bytes: ')}", transient=exc.transient)
-            return exc
+        with self.clock("read"):
+            try:
+                data = self.downloader.fetch(source) if is_url(source) else source
+                image = load_image(data, self.max_pixels, self.max_bytes)
+                return image, self.embedder.image_encoder.preprocess(image)
+            except ImageError as exc:
+                message = str(exc)
+                if is_url(source) and not message.startswith(source):  # decoding downloaded bytes: name the URL
+                    exc = ImageError(f"{source}: {message.removeprefix('image bytes: ')}", transient=exc.transient)
+                return exc
 
     def _decoded(self, pool: ThreadPoolExecutor, rows: list[Row], on_download: Callable[[], None]) -> Iterator[tuple[int, Any]]:
         """(index in rows, decoded or ImageError) for rows with an image, in order, read ahead."""
@@ -355,43 +434,70 @@ class ShardEncoder:
             return self._encode(rows, pool, on_items, lambda: bar.update(1))
 
     def _encode(self, rows: list[Row], pool: ThreadPoolExecutor, on_items, on_download) -> tuple[Outcomes, dict[str, np.ndarray]]:
-        e = self.embedder
+        e, clock = self.embedder, self.clock
         image_enc, text_enc, fusion, zero_shot = e.image_encoder, e.text_encoder, e.fusion, e.zero_shot
         n = len(rows)
         out = e.empty_arrays(n)
         outcomes = Outcomes.empty(n)
+        text_errors = [None if r.text is None else text_problem(r.text) for r in rows]
+        with_text = sorted((i for i in range(n) if rows[i].text is not None and text_errors[i] is None),
+                           key=lambda i: -len(rows[i].text))
+        stop, counted = threading.Event(), threading.Lock()
 
-        def flush(batch: list[tuple[int, Any]]) -> None:
+        def encode_texts() -> None:
+            for start in range(0, len(with_text), self.batch_size):
+                if stop.is_set():
+                    return
+                idx = with_text[start:start + self.batch_size]
+                texts = [rows[i].text for i in idx]
+                with clock("text"):
+                    tokens, mask = text_enc.forward_bulk(texts, fusion.text_chunks)
+                out["text_tokens"][idx], out["text_mask"][idx] = tokens, mask
+                with clock("zero_shot"):
+                    out["clip_text"][idx] = zero_shot.text_batch(texts, tokens[:, 0])
+
+        def encode_images(batch: list[tuple[int, Any]]) -> None:
             idx = [i for i, _ in batch]
-            tokens, probs = image_enc.forward(np.stack([t for _, (_, t) in batch]), fusion.image_grid)
+            with clock("image"):
+                tokens, probs = image_enc.forward_bulk(np.stack([t for _, (_, t) in batch]), fusion.image_grid)
             out["image_tokens"][idx], out["image_mask"][idx] = tokens, True
-            out["clip_image"][idx] = zero_shot.image_batch([p for _, (p, _) in batch], tokens[:, 0], probs)
+            with clock("zero_shot"):
+                out["clip_image"][idx] = zero_shot.image_batch([p for _, (p, _) in batch], tokens[:, 0], probs)
             if on_items:
-                on_items(len(batch))
+                with counted:
+                    on_items(len(batch))
 
-        batch: list[tuple[int, Any]] = []
-        for i, value in self._decoded(pool, rows, on_download):
-            if isinstance(value, ImageError):
-                self._image_failed(i, rows[i], value, outcomes)
-                continue
-            batch.append((i, value))
-            if len(batch) == self.batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
+        text_pool = ThreadPoolExecutor(1, thread_name_prefix="encode-text")
+        image_pool = ThreadPoolExecutor(self.threads.image, thread_name_prefix="encode-image")
+        try:
+            texts_done = text_pool.submit(encode_texts)
+            running: deque[Future] = deque()
+            batch: list[tuple[int, Any]] = []
+            for i, value in self._decoded(pool, rows, on_download):
+                if isinstance(value, ImageError):
+                    self._image_failed(i, rows[i], value, outcomes)
+                    continue
+                batch.append((i, value))
+                if len(batch) == self.batch_size:
+                    running.append(image_pool.submit(encode_images, batch))
+                    batch = []
+                    while len(running) > self.threads.image:  # at most one batch waits for a runner
+                        running.popleft().result()
+            if batch:
+                running.append(image_pool.submit(encode_images, batch))
+            for future in running:
+                future.result()
+            texts_done.result()
+        finally:
+            stop.set()  # an error or Ctrl-C: the text thread stops after its batch
+            image_pool.shutdown(wait=True, cancel_futures=True)
+            text_pool.shutdown(wait=True)
 
         for i, row in enumerate(rows):
             if outcomes.errors[i] is None and row.text is not None:
-                outcomes.errors[i] = text_problem(row.text)
-        with_text = sorted((i for i in range(n) if outcomes.errors[i] is None and rows[i].text is not None),
-                           key=lambda i: -len(rows[i].text))
-        for start in range(0, len(with_text), self.batch_size):
-            idx = with_text[start:start + self.batch_size]
-            texts = [rows[i].text for i in idx]
-            tokens, mask = text_enc.forward(texts, fusion.text_chunks)
-            out["text_tokens"][idx], out["text_mask"][idx] = tokens, mask
-            out["clip_text"][idx] = zero_shot.text_batch(texts, tokens[:, 0])
+                outcomes.errors[i] = text_errors[i]
+            elif outcomes.errors[i] is not None and row.text is not None:  # its image failed, no text fallback
+                out["text_tokens"][i], out["text_mask"][i], out["clip_text"][i] = 0, False, 0
         return outcomes, out
 
     def _image_failed(self, i: int, row: Row, error: ImageError, outcomes: Outcomes) -> None:

@@ -1,7 +1,7 @@
 """Take the README's picture of the search page (docs/images/search-page.png).
 
     multiretrieval index data/demo/catalog.csv --out /tmp/demo-index --config configs/demo.yaml
-    python scripts/screenshot_search_page.py /tmp/demo-index [--query "a lamp"] [--out docs/images/search-page.png]
+    python scripts/screenshot_search_page.py /tmp/demo-index [--query "a lamp"] [--filters JSON] [--out docs/images/search-page.png]
 
 Starts `multiretrieval serve INDEX` on a free loopback port, searches in headless Chromium (Debian's
 package, driven by Playwright, as tests/server/test_browser.py does) and saves the visible part of the page.
@@ -10,6 +10,7 @@ package, driven by Playwright, as tests/server/test_browser.py does) and saves t
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlencode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("index_dir")
     parser.add_argument("--query", default="a lamp")
+    parser.add_argument("--filters", default='{"category": ["Lights"], "price": {"max": 100}}',
+                        help="the page's filters, as JSON (column -> values or {min, max}); '{}' for none")
     parser.add_argument("--out", default=str(ROOT / "docs" / "images" / "search-page.png"))
     parser.add_argument("--width", type=int, default=1200)
     parser.add_argument("--height", type=int, default=800)
@@ -54,7 +58,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cli = shutil.which("multiretrieval") or str(Path(sys.executable).with_name("multiretrieval"))
-    server = subprocess.Popen([cli, "serve", args.index_dir, "--port", str(port)])
+    server = subprocess.Popen([cli, "serve", args.index_dir, "--port", str(port), "--no-access-log"])
     try:
         wait_until_up(url, server)
         with sync_playwright() as p:
@@ -63,7 +67,8 @@ def main() -> None:
                                         args=["--no-sandbox", "--disable-gpu", "--no-first-run",
                                               "--disable-background-networking"])
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
-            page.goto(url)
+            filters = json.loads(args.filters)
+            page.goto(url + "/" + (("?" + urlencode({"f": json.dumps(filters)})) if filters else ""))
             page.fill("#query-text", args.query)
             page.keyboard.press("Enter")
             page.wait_for_function("document.getElementById('results').children.length > 0 "

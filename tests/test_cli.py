@@ -98,6 +98,42 @@ def test_serve_loads_the_index_with_the_given_config(indexed, tmp_path, monkeypa
         assert client.post("/search", json={"text": "a bed", "k": 4}).status_code == 422
 
 
+@pytest.mark.parametrize("flags,logged", [([], True), (["--no-access-log"], False)])
+def test_serve_logs_each_request_unless_told_not_to(indexed, tmp_path, monkeypatch, capfd, flags, logged):
+    """uvicorn as serve runs it: one line a request on stdout (it ran with log_level="warning", which kept its access
+    log quiet), none with --no-access-log; uvicorn's own start-up chatter stays below warnings either way."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    indexed.save(tmp_path / "idx")
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    assert cli.main(["serve", str(tmp_path / "idx"), *flags]) == 0
+    app = served.pop("app")
+    del served["host"], served["port"]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, **served))  # what uvicorn.run would start, on a free port
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if server.started:
+            break
+        time.sleep(0.1)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{sock.getsockname()[1]}/health?probe=1").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    out, err = capfd.readouterr()
+    assert ('"GET /health?probe=1 HTTP/1.1" 200' in out) is logged, out
+    assert "Uvicorn running" not in out + err
+
+
 def shop_export(folder, header: str, rows: list[str], sep: str = ","):
     """A shop's export beside two of the fixture photos (bed1.png, desk_lamp1.png)."""
     from pathlib import Path

@@ -43,6 +43,16 @@ def test_wrong_type_is_named(tmp_path):
         RetrieverConfig.from_yaml(path)
 
 
+def test_the_currency_is_a_display_setting_checked_as_a_code(tmp_path):
+    assert RetrieverConfig().display.currency is None  # plain numbers
+    assert RetrieverConfig.from_yaml("configs/demo.yaml").display.currency == "EUR"
+    assert RetrieverConfig().with_overrides({"display": {"currency": "jpy"}}).display.currency == "JPY"
+    path = tmp_path / "c.yaml"
+    path.write_text("display:\n  currency: euro\n")
+    with pytest.raises(mr.ConfigError, match=r"c.yaml.display.currency: expected an ISO 4217 code .* got 'euro'"):
+        RetrieverConfig.from_yaml(path)
+
+
 def test_overrides_replace_single_values():
     cfg = RetrieverConfig().with_overrides({"index": {"factory": "HNSW32"}})
     assert cfg.index.factory == "HNSW32" and cfg.fusion == RetrieverConfig().fusion

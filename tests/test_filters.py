@@ -153,6 +153,30 @@ def test_a_slow_filter_is_interrupted_at_the_time_limit_and_the_store_stays_usab
         store.filter(slow_filter(), 0.3)  # and is interrupted again
 
 
+def test_a_structured_filter_compiles_while_another_thread_queries_the_filter_table(retriever_copy):
+    """The column types a structured filter reads, asked while another call runs on the filter table's connection:
+    the search page's first search and facet count, both filtered, come at once, and both looked the types up on
+    the shared connection, which refuses a second thread's call (ResourceInUseException, a 500) while it answers one."""
+    connection = retriever_copy.store._connection()
+    running, release = threading.Event(), threading.Event()
+
+    def hold(x: int) -> int:  # the other query, held while this thread filters
+        running.set()
+        release.wait(60)
+        return x
+
+    connection.create_function("hold", hold, ["BIGINT"], "BIGINT")
+    other = threading.Thread(target=lambda: connection.execute("SELECT hold(1)").fetchall())  # as the other lookup did
+    other.start()
+    try:
+        assert running.wait(60)
+        kitchen = retriever_copy.facets(["price"], filters={"category": ["Kitchen"]})["price"]  # a list of texts: typed
+        assert sum(kitchen["histogram"]["counts"]) == int((retriever_copy.items["category"] == "Kitchen").sum())
+    finally:
+        release.set()
+        other.join(60)
+
+
 def test_query_bounds_come_from_the_config_and_name_their_setting(indexed, tmp_path):
     bounds = {"max_k": 5, "max_text_tokens": 4, "max_where_chars": 20, "max_batch": 3}
     config = RetrieverConfig().with_overrides({"search": bounds})

@@ -128,3 +128,57 @@ def test_a_catalog_whose_every_row_fails_indexes_nothing_and_says_why(tmp_path):
     report = r.index(pd.DataFrame({"id": [1, 2], "image": [str(tmp_path / "a.png"), str(tmp_path / "b.png")]}), show_progress=False)
     assert report.indexed == 0 and len(r) == 0
     assert [s.id for s in report.skipped] == [1, 2] and all("file not found" in s.reason for s in report.skipped)
+
+
+def test_the_index_report_gives_seconds_for_every_stage(catalog, tmp_path):
+    r = mr.Retriever(mr.RetrieverConfig().with_overrides(SMALL))
+    report = r.index(catalog, show_progress=False, cache=tmp_path)
+    assert list(report.seconds) == ["hash", "load", "read", "image", "text", "zero_shot", "write", "index"]
+    assert all(report.seconds[stage] > 0 for stage in ("hash", "read", "image", "text", "zero_shot", "write", "index"))
+    assert report.elapsed >= report.seconds["hash"] + report.seconds["index"] + report.seconds["load"]
+    assert report.items_per_second == pytest.approx(len(catalog) / report.elapsed)
+    assert list(report.to_dict()["seconds"]) == list(report.seconds)
+    text = str(report)
+    for stage in ("hash", "load", "read", "image", "text", "zero-shot", "write", "index"):
+        assert f"{stage} " in text
+
+
+def test_the_thread_plan_fills_the_cores():
+    from multiretrieval.pipeline import Threads, plan_threads
+
+    assert plan_threads(cores=2) == Threads(read=2, image=2)  # one-thread image runs, one per core
+    assert plan_threads(cores=16) == Threads(read=5, image=8)  # two-thread runs above 4 cores
+    assert plan_threads(workers=3, cores=16).read == 3
+    assert plan_threads(runtime="torch", cores=16) == Threads(read=5, image=1)  # PyTorch splits one batch itself
+    assert plan_threads(gpu=True, cores=16) == Threads(read=15, image=2)  # the GPU encodes; decoding is the work
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_batches_encoded_at_once_give_the_vectors_of_one_batch_at_a_time(catalog, precision):
+    """Four image batches run concurrently beside the text thread: each item's vectors are those its batch gets alone."""
+    cfg = mr.RetrieverConfig().with_overrides({**SMALL, "encoders": {"batch_size": 2, "precision": precision}})
+    r = mr.Retriever(cfg)
+    r.index(catalog, show_progress=False)
+    features = r.features()
+    from multiretrieval.catalog import load_image
+
+    images = [r.image_encoder.preprocess(load_image(s)) for s in catalog.image_sources()]
+    alone = np.concatenate([r.image_encoder.forward(np.stack(images[s:s + 2]))[0] for s in range(0, len(images), 2)])
+    np.testing.assert_allclose(features["image_tokens"], alone, atol=1e-5)
+    if precision == "fp32":  # int8 text quantises each batch's activations by its own range: compared in test_quantize
+        texts = catalog.texts()
+        np.testing.assert_allclose(features["text_tokens"][:, 0], np.concatenate([r.text_encoder.forward([t])[0][:, 0] for t in texts]),
+                                   atol=1e-5)
+
+
+def test_where_onnx_runtime_offers_a_gpu_the_pipeline_plans_for_it(indexed, monkeypatch):
+    """No config change: the sessions take CUDA first (runtime.providers), and the pipeline then encodes two image
+    batches at once (one copies while the other runs) with a reader per core but one."""
+    from multiretrieval.encoders import runtime
+    from multiretrieval.pipeline import ShardEncoder, Threads, cpu_budget, plan_threads
+
+    assert ShardEncoder(indexed.embedder).threads == plan_threads(cores=cpu_budget())  # the CPU's plan
+    monkeypatch.setattr(runtime, "providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ShardEncoder(indexed.embedder).threads == Threads(read=max(2, cpu_budget() - 1), image=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a Ray actor's share
+    assert cpu_budget() == 1

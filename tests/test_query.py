@@ -108,7 +108,8 @@ CLI_SAMPLES = {
     "filters": (['{"category": ["Kitchen"], "price": {"max": 200}}'], {"category": ["Kitchen"], "price": {"max": 200}}),
     "sort_by": (["price desc"], "price desc"), "min_score": (["0.25"], 0.25),
     "weights": (["image=0.7,text=0.3"], {"image": 0.7, "text": 0.3}), "not_text": (["metal legs"], "metal legs"),
-    "like": (["56"], "56"), "vector": (["[0.5, 0.25]"], [0.5, 0.25]), "unsafe_where": ([], True),
+    "like": (["56"], "56"), "vector": (["[0.5, 0.25]"], [0.5, 0.25]), "crop": (["0.5,0,1,1"], [0.5, 0.0, 1.0, 1.0]),
+    "unsafe_where": ([], True),
 }
 
 

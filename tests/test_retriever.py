@@ -306,7 +306,7 @@ def test_a_failed_reindex_keeps_what_was_indexed(retriever_copy, catalog, monkey
         calls.append(1)
         raise KeyboardInterrupt  # a user pressing Ctrl-C midway
 
-    monkeypatch.setattr(r.image_encoder, "forward", failing_forward)
+    monkeypatch.setattr(r.image_encoder, "forward_bulk", failing_forward)  # the pipeline's image runners call it
     with pytest.raises(KeyboardInterrupt):
         r.index(catalog, show_progress=False)
     monkeypatch.undo()

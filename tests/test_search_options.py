@@ -143,3 +143,58 @@ def test_structured_filters_quote_names_and_pass_values_as_parameters():
     assert compile_filters({"n": "2", "x": {"min": " 1.5"}}, {"n": "integer", "x": "number"}) == ('"n" = ? AND "x" >= ?', [2, 1.5])
     dates = compile_filters({"day": ["2024-01-31"]}, {"day": "timestamp"}, lambda column: "TIMESTAMP")
     assert dates == ('"day" IN (SELECT unnest(CAST(? AS TIMESTAMP[])))', [["2024-01-31"]])  # texts compared as literals are
+
+
+def test_facets_give_a_numeric_columns_quantiles_over_all_items(indexed):
+    """A slider on the quantile scale moves by shares of the products: the facet gives the 101 percentiles (values of
+    the column), over all items whatever the filters, as min and max are."""
+    prices = indexed.items["price"].to_numpy()
+    quantiles = indexed.facets(["price"])["price"]["quantiles"]
+    assert len(quantiles) == 101 and quantiles[0] == prices.min() and quantiles[-1] == prices.max()
+    assert quantiles == sorted(quantiles) and set(quantiles) <= set(prices.tolist())
+    for p, value in enumerate(quantiles):  # at least p% of the items cost at most that, and at most p% less
+        assert (prices < value).mean() <= p / 100 <= (prices <= value).mean()
+    assert indexed.facets(["price"], filters={"category": ["Kitchen"]})["price"]["quantiles"] == quantiles
+
+
+@pytest.fixture(scope="module")
+def mixed(catalog, fixtures):
+    """The fixture items, 24 listings without a photo and 3 photos without a text: more items than a short page's
+    ranking reads, and items that a zero-shot or text-only query does not compare."""
+    import pandas as pd
+
+    rows = catalog.df.assign(image=catalog.image_sources())
+    texts = pd.DataFrame({"id": range(1000, 1024), "title": [f"Oak dining chair no. {i}" for i in range(24)],
+                          "category": ["Kitchen", "Office"] * 12, "price": [10.0 * (i + 1) for i in range(24)]})
+    photos = pd.DataFrame({"id": [2000, 2001, 2002], "category": ["Bedroom"] * 3,
+                           "image": [str(fixtures / "images" / n) for n in ("bed1.png", "desk_lamp1.png", "smart-car.png")]})
+    retriever = mr.Retriever()
+    report = retriever.index(pd.concat([rows, texts, photos], ignore_index=True), show_progress=False)
+    assert report.indexed == 35 and not report.skipped
+    return retriever
+
+
+def test_a_search_counts_the_items_it_matches_on_every_page(mixed, fixtures):
+    """attrs["total"]: the items the query ranks (those the filters let through that have what its mode compares;
+    the `like` item left out), however short the page; paging to the end gives exactly that many."""
+    items = mixed.items
+    photo = fixtures / "images" / "bed1.png"
+    kitchen = int((items["category"] == "Kitchen").sum())
+    cases = [({"text": "a chair"}, 35), ({"text": "a chair", "mode": "text"}, 32),  # items with a text
+             ({"text": "a chair", "mode": "zero-shot"}, 11), ({"image": photo, "mode": "zero-shot"}, 32),  # photos; texts
+             ({"image": photo}, 35), ({"image": photo, "text": "blue"}, 35), ({"like": 575}, 34), ({"like": 575, "text": "blue"}, 34),
+             ({"text": "a chair", "filters": {"category": ["Kitchen"]}}, kitchen), ({"text": "a chair", "where": "price < 100"}, 10)]
+    for query, expected in cases:
+        assert mixed.search(k=2, **query).attrs["total"] == expected, query
+        assert len(mixed.search(k=1000, **query)) == expected, query
+
+
+def test_with_a_score_floor_the_count_is_exact_where_the_ranking_settles_it(mixed, fixtures):
+    photo = fixtures / "images" / "bed1.png"
+    everything = mixed.search(image=photo, k=35)
+    floor = float(everything["score"].iloc[4])
+    # an image query's ranking is read best first: its last read item scores under the floor, and so does every other
+    assert mixed.search(image=photo, k=2, min_score=floor).attrs["total"] == int((everything["score"] >= floor).sum())
+    assert mixed.search(image=photo, k=2, min_score=-1.0).attrs["total"] is None  # all it read pass: the rest uncounted
+    assert mixed.search(text="a chair", k=2, hybrid="off", min_score=0.9).attrs["total"] is None  # a text query's: no bound
+    assert mixed.search(text="a chair", k=100, min_score=-1.0).attrs["total"] == 35  # it read every item

@@ -1,4 +1,4 @@
-"""No sequence of index / add / remove / save / load loses or duplicates an item (hypothesis, stateful).
+"""No sequence of index / add / remove / update / save / load loses or duplicates an item (hypothesis, stateful).
 
 The retriever is checked after every step against a plain model: a dict of id -> which version of
 the item it holds. Each version's joint vector comes from a reference retriever that indexed all of
@@ -117,6 +117,16 @@ class RetrieverModel(RuleBasedStateMachine):
     def upsert(self, chosen):
         self.retriever.upsert(self.rows(chosen), prune=False)  # new ids added, changed ones re-encoded, the rest kept
         self.model.update(chosen)
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data())
+    def update(self, data):
+        item = data.draw(st.sampled_from(sorted(self.model)))
+        version = data.draw(st.integers(0, 1))
+        row = VERSIONS[(item, version)]
+        report = self.retriever.update(item, title=row["title"], price=row["price"])  # the other values stay
+        assert report.reencoded == (version != self.model[item])  # a new title: encoded again
+        self.model[item] = version
 
     @invariant()
     def same_items_each_once(self):

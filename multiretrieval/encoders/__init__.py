@@ -1,7 +1,8 @@
 """Pretrained encoders, looked up by name in registries.
 
 ``get_image_encoder("efficientnet-lite0")`` and ``get_text_encoder("minilm-l6")`` load the
-packaged offline defaults; loaded encoders are shared within a process.
+packaged offline defaults; loaded encoders are shared within a process. The image encoder's ``precision``
+defaults to fp32 here (training and scripts); a retriever passes its config's ``encoders.precision``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ __all__ = ["IMAGE_ENCODERS", "TEXT_ENCODERS", "ImageEncoder", "TextEncoder", "ge
 
 
 @functools.lru_cache(maxsize=8)
-def get_image_encoder(name: str, weights: str | None = None, runtime: str = "auto") -> ImageEncoder:
-    return ImageEncoder.load(name, weights, runtime)
+def get_image_encoder(name: str, weights: str | None = None, runtime: str = "auto", precision: str = "fp32") -> ImageEncoder:
+    return ImageEncoder.load(name, weights, runtime, precision)
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ class ConSE:
 
     kind = "conse"
     _label_cache: dict[tuple, np.ndarray] = {}  # per text model and template: shared by retrievers
+    _label_lock = threading.Lock()  # the pipeline's image threads ask at once: computed (or read) once
 
     def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_template: str = "{}",
                  temperature: float = 1.0) -> None:
@@ -72,9 +74,10 @@ class ConSE:
         thousand texts through the text encoder would cost every start a second or more."""
         enc = self.text_encoder
         key = (enc.key, enc.runtime, enc.max_tokens, self.label_template)
-        if key not in self._label_cache:
-            self._label_cache[key] = _label_embeddings(enc, self.label_template)
-        return self._label_cache[key]
+        with self._label_lock:
+            if key not in self._label_cache:
+                self._label_cache[key] = _label_embeddings(enc, self.label_template)
+            return self._label_cache[key]
 
     def embed_image_probs(self, probs: np.ndarray) -> np.ndarray:
         """ImageNet probabilities (n, 1000) -> text-space embeddings (n, dim), L2-normalised: the top_k labels' text

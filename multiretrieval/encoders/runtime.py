@@ -14,7 +14,12 @@ runs the encoder with ONNX Runtime alone and never imports torch, timm or transf
 Models that come from the hub (no local weight files) are keyed by their loaded weights, so
 they load through PyTorch each time.
 
-Sessions run on the GPU where ONNX Runtime offers CUDA (onnxruntime-gpu), else on the CPU.
+Config ``encoders.precision`` (int8 | fp32): on a CPU that runs int8 exactly, the image CNN runs from an int8
+version of its export where a calibration table ships for its weights (quantize.py), made from the fp32 export once
+and cached beside it under a key of the fp32 export's, the calibration table's sha256 and the onnxruntime version.
+
+Sessions run on the GPU where ONNX Runtime offers CUDA (onnxruntime-gpu), else on the CPU. A GPU runs fp32 (ONNX
+Runtime's CUDA provider has no int8 convolutions).
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnx")
+PRECISIONS = ("int8", "fp32")
 OPSET = 17
-EXPORT_FORMAT = 2  # part of every export key: bump it when the exported graphs or their sidecars change
+# Part of every export key: bump it when the exported graphs or their sidecars change.
+# 3: the image CNN's TensorFlow "same" padding is fixed for its input size (no shape arithmetic in the graph).
+EXPORT_FORMAT = 3
 DIGESTS = "file-digests.json"
 
 
@@ -50,6 +58,20 @@ def resolve_runtime(runtime: str) -> str:
         have = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
         return "onnx" if have else "torch"
     return runtime
+
+
+def resolve_precision(precision: str, runtime: str) -> str:
+    """The precision the image encoder runs at: "int8" only on ONNX Runtime on a CPU that runs int8 exactly
+    (quantize.int8_fast), else "fp32" (an encoder without a calibration table for its weights runs fp32 too)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown encoder precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if precision == "fp32" or runtime != "onnx":
+        return "fp32"
+    from .quantize import int8_fast
+
+    if "CUDAExecutionProvider" in providers() or not int8_fast():
+        return "fp32"
+    return "int8"
 
 
 def cache_dir() -> Path:
@@ -128,7 +150,7 @@ class Export:
     """
 
     def __init__(self, tag: str, key: str) -> None:
-        self.folder = cache_dir() / "onnx"
+        self.folder, self.key = cache_dir() / "onnx", key
         self.stem = f"{tag.replace('/', '_').replace(':', '_')}-{key}-opset{OPSET}"
         self.path = self.folder / f"{self.stem}.onnx"
 
@@ -152,15 +174,27 @@ class Export:
         import torch
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        data = self.path.with_name(f"{self.path.name}.data")
         with tempfile.TemporaryDirectory(prefix=f".{self.stem}.", dir=self.folder) as tmp:
-            traced, staged = Path(tmp) / "traced.onnx", Path(tmp) / self.path.name
+            traced = Path(tmp) / "traced.onnx"
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
                 torch.onnx.export(module, example_inputs, str(traced), input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False)
-            onnx.save_model(onnx.load(str(traced)), str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+            model = onnx.load(str(traced))
+        self.save(model, facts, files)
+
+    def save(self, model, facts: dict[str, Any], files: dict[str, bytes] | None = None) -> None:
+        """Write an ONNX model (``onnx.ModelProto``, e.g. a quantised export), then ``files`` and the facts."""
+        import onnx
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = self.path.with_name(f"{self.path.name}.data")
+        with tempfile.TemporaryDirectory(prefix=f".{self.stem}.", dir=self.folder) as tmp:
+            staged = Path(tmp) / self.path.name
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data.name, size_threshold=1024)
+            if not staged.with_name(data.name).is_file():  # a model without large tensors: an empty weights file
+                staged.with_name(data.name).write_bytes(b"")
             for path in (staged, staged.with_name(data.name)):
                 os.chmod(path, 0o644)
             # The weights first, then the graph that names them: a concurrent or killed export never leaves a graph
@@ -184,6 +218,22 @@ def session_threads() -> int:
         return 0
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def bulk_threads(cores: int | None = None) -> int:
+    """Intra-op threads of a bulk session (``OnnxModule.bulk``): 1 up to 4 cores, else 2. Bulk work runs several
+    batches at once, one per such session run: independent runs keep every core busy without the barriers of one
+    run split over many threads (a thread of a split run that the reader threads preempt holds up the others).
+    Two threads a run above 4 cores halve the batches in flight: each holds ~0.25 GB of activations (32 images)."""
+    return 1 if (cores or usable_cores()) <= 4 else 2
+
+
 def providers() -> list[str]:
     """ONNX Runtime's execution providers, best first: CUDA when this onnxruntime build has it, then the CPU."""
     import onnxruntime as ort
@@ -191,8 +241,16 @@ def providers() -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []) + ["CPUExecutionProvider"]
 
 
+def on_gpu() -> bool:
+    """Whether the ONNX sessions run on a GPU."""
+    return providers()[0] != "CPUExecutionProvider"
+
+
 class OnnxModule:
     """An exported network run by an ONNX Runtime session, made on first use.
+
+    Two sessions of one network: ``session`` for queries (one run uses every core: ``session_threads``) and, on a
+    CPU, ``bulk_session`` for the indexing pipeline (``bulk_threads``; several runs at once). A GPU has one session.
 
     Args:
         path: the .onnx file.
@@ -204,40 +262,59 @@ class OnnxModule:
         self.path = Path(path)
         self.input_names = input_names
         self._smallest = smallest
-        self._session = None
+        self._session = self._bulk = None
         self._lock = threading.Lock()
+
+    def _new_session(self, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_mem_pattern = False  # same speed here, and 0.3 GB less held after a batch of 32 images
+        # Idle worker threads sleep instead of spinning: spinning threads of the image and text
+        # sessions fought for the 2 cores and doubled an image+text query (32 -> 15 ms).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(self.path), options, providers=providers())
 
     @property
     def session(self):
         with self._lock:
             if self._session is None:
-                import onnxruntime as ort
-
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = session_threads()
-                options.inter_op_num_threads = 1
-                options.log_severity_level = 3
-                options.enable_mem_pattern = False  # same speed here, and 0.3 GB less held after a batch of 32 images
-                # Idle worker threads sleep instead of spinning: spinning threads of the image and text
-                # sessions fought for the 2 cores and doubled an image+text query (32 -> 15 ms).
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                self._session = ort.InferenceSession(str(self.path), options, providers=providers())
+                self._session = self._new_session(session_threads())
             return self._session
+
+    @property
+    def bulk_session(self):
+        """The session bulk runs use: on a CPU its own, with ``bulk_threads`` intra-op threads; else ``session``."""
+        if on_gpu():
+            return self.session
+        with self._lock:
+            if self._bulk is None:
+                self._bulk = self._new_session(bulk_threads())
+            return self._bulk
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         """Thread-safe; releases the GIL while it runs."""
         return self.session.run(None, dict(zip(self.input_names, inputs)))
 
+    def bulk(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        """As calling, on the bulk session: for pipelines that run several batches at once from their own threads."""
+        return self.bulk_session.run(None, dict(zip(self.input_names, inputs)))
+
     def release_memory(self) -> None:
-        """Give the memory arena's free chunks back (about 0.5 GB after batches of 32 images):
+        """Give the memory arenas' free chunks back (about 0.5 GB after batches of 32 images):
         a one-item run with arena shrinkage on."""
-        if self._session is None:
+        sessions = [s for s in (self._session, self._bulk) if s is not None]
+        if not sessions:
             return
         import onnxruntime as ort
 
         options = ort.RunOptions()
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._session.run(None, dict(zip(self.input_names, self._smallest)), options)
+        for session in sessions:
+            session.run(None, dict(zip(self.input_names, self._smallest)), options)
 
 
 def _read_json(path: Path) -> Any:

@@ -215,8 +215,21 @@ class TextEncoder:
         means over ``chunks`` consecutive spans of the token states (masked when a short
         text has no tokens left for a span). Tokens are not normalised.
         """
+        return self._tokens(texts, chunks, bulk=False)
+
+    def forward_bulk(self, texts: Sequence[str], chunks: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`forward` for a pipeline that runs it beside other work, from its own thread (ONNX Runtime's bulk
+        session: runtime.OnnxModule)."""
+        return self._tokens(texts, chunks, bulk=True)
+
+    def open_bulk(self) -> None:
+        """Open the session of :meth:`forward_bulk` now (a pipeline counts it as loading the model, not as encoding)."""
+        if self._onnx is not None:
+            _ = self._onnx.bulk_session  # made on first use
+
+    def _tokens(self, texts: Sequence[str], chunks: int, bulk: bool) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = self.pieces([t[: self.max_chars] for t in texts])
-        states = self._network(ids, mask)
+        states = self._network(ids, mask, bulk)
         tokens = [_masked_mean(states, mask)]
         token_mask = [np.ones((len(ids), 1), bool)]
         if chunks:
@@ -229,10 +242,10 @@ class TextEncoder:
                 token_mask.append(span.any(1)[:, None])
         return np.concatenate(tokens, 1), np.concatenate(token_mask, 1)
 
-    def _network(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def _network(self, input_ids: np.ndarray, attention_mask: np.ndarray, bulk: bool = False) -> np.ndarray:
         """Token ids and mask -> last hidden states, float32 (n, tokens, dim), on the configured runtime."""
         if self._onnx is not None:
-            return self._onnx(input_ids, attention_mask)[0]
+            return (self._onnx.bulk if bulk else self._onnx)(input_ids, attention_mask)[0]
         import torch
 
         from .runtime import torch_device

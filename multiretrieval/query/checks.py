@@ -3,7 +3,7 @@
 Every bound of ``config.search`` is checked here (LimitError, a QueryError): text characters and tokens, k + offset,
 the filter's length, the structured filters' columns and values, a batch's size (``check_batch``); the filter's
 grammar is checked by the item store (filters.py) before DuckDB or a model runs, and its time limit there. The
-mode is resolved from the inputs a query has, and its photo decoded.
+mode is resolved from the inputs a query has, and its photo decoded and cut to its ``crop`` (regions.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from ..catalog import load_image, text_problem
 from ..config import RetrieverConfig
 from ..errors import LimitError, QueryError
+from ..regions import crop_image
 from .options import HYBRID_METHODS, MODES, SearchOptions
 
 
@@ -69,8 +70,11 @@ def make_query(options: SearchOptions, config: RetrieverConfig, count_tokens: Ca
         if resolved == "vector":
             raise QueryError("not_text needs a query text, image or like=ITEM_ID to subtract from, not a vector")
         not_text = check_text(not_text, config, count_tokens, "not_text")
+    if o.crop is not None and o.image is None:
+        raise QueryError("crop cuts the query photo, and this query has none: give image=... with it")
     cat = config.catalog
     pil = load_image(o.image, cat.max_image_pixels, cat.max_image_bytes, cat.download_timeout_s) if o.image is not None else None
+    pil = crop_image(pil, o.crop) if o.crop is not None else pil
     return Query(pil, text, resolved, k, where, bool(o.unsafe_where),
                  auto=o.mode == "auto" and resolved == "text" and o.like is None, hybrid=hybrid, keyword_weight=float(weight),
                  offset=int(o.offset), min_score=_min_score(o.min_score), sort_by=_sort_key(o.sort_by),

@@ -51,7 +51,7 @@ class Option:
     is stated as such. ``schema``: JSON Schema keywords the service states (``Bound`` values: the index's own).
     ``unserved``: why the service takes it otherwise (empty: it is a request field). ``status``: what the service
     answers when it is refused, appended to its description. ``reader``: how the command line reads it ("" from its type,
-    "pairs": ``image=0.7,text=0.3``)."""
+    "pairs": ``image=0.7,text=0.3``, "numbers": ``0.1,0.2,0.6,0.9``)."""
 
     help: str
     choices: tuple[str, ...] | None = None
@@ -143,6 +143,13 @@ class SearchOptions:
     vector: list[float] | None = option(None, "a query vector in the joint space (as Retriever.encode gives)",
                                         schema={"items": FLOAT32, "minItems": Bound("vector_dim", 1),
                                                 "maxItems": Bound("vector_dim")}, metavar="JSON")
+    crop: list[float] | None = option(None, "search by a part of the query photo: [x0, y0, x1, y1], fractions of its width "
+                                            "and height when all are from 0 to 1, else pixels (its most salient box: "
+                                            "Retriever.salient_box, POST /salient)",
+                                      schema={"minItems": 4, "maxItems": 4, "items": {"minimum": 0}},
+                                      examples=([0.1, 0.2, 0.6, 0.9],), status=". An empty, inverted or outside box, or a crop "
+                                                                              "without a photo: 400",
+                                      reader="numbers", metavar="x0,y0,x1,y1")
     unsafe_where: bool = option(False, "accept any single DuckDB expression as `where` (trusted callers only)",
                                 unserved="any SQL is for trusted callers: the service takes the filter grammar only")
 
@@ -178,7 +185,7 @@ class Declared:
 
     @property
     def reader(self) -> str:
-        """How the command line reads it: "flag", "int", "float", "json", "pairs" or "text"."""
+        """How the command line reads it: "flag", "int", "float", "json", "pairs", "numbers" or "text"."""
         if self.option.reader:
             return self.option.reader
         if self.type is bool:

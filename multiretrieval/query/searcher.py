@@ -12,7 +12,7 @@ phrase of item texts (a category, a tag, the "blue" of "Armchair ottoman, blue";
 scored as the photo alone would order them, then the others. Hybrid text queries are ordered by the fusion of the
 keyword and vector rankings, but their ``score`` is the joint space's (the order's own value is ``hybrid_score``),
 so ``min_score`` means the same in every joint-space mode. A result frame's ``attrs["has_more"]`` says whether
-another page follows.
+another page follows, and ``attrs["total"]`` how many items match in all (``count_matches``).
 """
 
 from __future__ import annotations
@@ -78,11 +78,11 @@ class Searcher:
         depth = query.offset + query.k + TIE_DEPTH + len(skip)
         if query.sort_by:
             depth = max(depth, self.embedder.config.search.sort_candidates)
-        first, columns = None, {}
+        first, ordered, columns = None, None, {}
         if query.mode == "text" and query.like is None:
             hits, columns = self.rank_text(query, embedded, allowed, depth)
         else:
-            hits, first = self.rank_vectors(query, embedded, allowed, depth, skip)
+            hits, first, ordered = self.rank_vectors(query, embedded, allowed, depth, skip)
         frame = self._ordered(query, hits, columns, skip)
         page = frame.iloc[query.offset:query.offset + query.k]
         page_keys = page.index.to_numpy()
@@ -92,6 +92,7 @@ class Searcher:
         if query.mode == "fused" and hasattr(fusion, "contributions") and len(page) and (query.like is None or query.text is not None):
             self._score_parts(page, page_keys, embedded.vector, first)
         page.attrs["has_more"] = len(frame) > query.offset + query.k
+        page.attrs["total"] = count_matches(query, embedded.space, allowed, store, skip, hits, ordered, len(frame))
         return page
 
     def rank_text(self, query: Query, embedded: Embedded, allowed: np.ndarray | None, depth: int
@@ -133,10 +134,11 @@ class Searcher:
         return ranked, {"vector_score": vector_scores, "keyword_score": keyword_scores, "hybrid_score": fused.scores}
 
     def rank_vectors(self, query: Query, embedded: Embedded, allowed: np.ndarray | None, depth: int, skip: np.ndarray
-                     ) -> tuple[Hits, Hits | None]:
+                     ) -> tuple[Hits, Hits | None, Hits]:
         """An image, fused, zero-shot, like or vector query's ranking: one index's top-k, or for several readings the
-        best of them; a fused query's items its words name first (word filter), as its photo alone ranks them (also
-        returned, or None)."""
+        best of them; a fused query's items its words name first (word filter), as its photo alone ranks them. Returns
+        the ranking, the named items as the photo ranks them (or None), and the ranking before the named items moved
+        up (best-first by score: an item it did not read scores lower)."""
         store, index, photo = self.items.store, self.items.indexes[embedded.space], embedded.photo
         matched = ("image" if query.text is not None else "text") if query.mode == "zero-shot" else None
         named = None
@@ -148,9 +150,9 @@ class Searcher:
             hits = best_reading(index, embedded.vector, depth, allowed,
                                 lambda keys: self.embedder.item_vectors(store.features, store.rows_of(keys)), same_text_as(skip, store))
         if named is None:
-            return hits, None
+            return hits, None, hits
         first = search_index(index, photo.vector, depth, named)  # photo.near, so named, lies within the filter already
-        return named_hits_first(hits, first), first
+        return named_hits_first(hits, first), first, hits
 
     def _ordered(self, query: Query, hits: Hits, columns: dict[str, np.ndarray], skip: np.ndarray) -> pd.DataFrame:
         """The ranked result rows, each indexed by its key: the ``like`` item and those under ``min_score`` left out,
@@ -174,3 +176,26 @@ class Searcher:
         page.insert(3, "image_score", image_part)
         page.insert(4, "text_score", text_part)
         page.insert(5, "word_match", by_photo)
+
+
+def count_matches(query: Query, space: str, allowed: np.ndarray | None, store, skip: np.ndarray, hits: Hits,
+                  ordered: Hits | None, kept: int) -> int | None:
+    """How many items a query matches in all, every page together: the items it ranks (those the filters let through
+    that have what its mode compares: a text for a text-only or zero-shot image query, an image for a zero-shot text
+    query; every item otherwise), the ``like`` item left out. With ``min_score``, those of them scoring at least that,
+    counted where the ranking settles it (``kept``: the ranked items that passed): it read every item, or it is one
+    best-first ranking (``ordered``; not a text query's, whose keyword and zero-shot parts rank apart) whose last score
+    falls below the floor. Otherwise None: counting them would score every item."""
+    if query.mode == "text" and query.like is None:
+        subset = store.keys if query.auto else store.with_modality("text")  # rank_text: texts, and images where no text
+    elif space in ("clip_image", "clip_text"):
+        subset = store.with_modality("image" if space == "clip_image" else "text")
+    else:
+        subset = store.keys  # the joint space holds every item
+    pool = restrict(subset, len(store), allowed)
+    ranked = len(store) if pool is None else len(pool)
+    if query.min_score is None:
+        return ranked - int(np.isin(skip, pool).sum() if pool is not None else len(skip))
+    if len(np.unique(hits.keys)) >= ranked or (ordered is not None and len(ordered.scores) and ordered.scores[-1] < query.min_score):
+        return kept
+    return None

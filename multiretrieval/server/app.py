@@ -40,8 +40,9 @@ from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
 from ..query.checks import check_where
 from ..query.options import MODES, declared
 from .schemas import (WRITE_FAILED, INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
-                      RemoveResponse, SearchResponse, UpsertResponse, batch_body, item_body, json_query_parameter, new_item_id,
-                      responses, search_body, search_request_model, unknown_fields)
+                      PatchResponse, RemoveResponse, SalientResponse, SearchResponse, UpsertResponse, batch_body, item_body,
+                      json_query_parameter, new_item_id, patch_body, responses, salient_body, search_body, search_request_model,
+                      unknown_fields)
 from .service import Service, refuse_skipped
 
 logger = logging.getLogger(__name__)
@@ -53,12 +54,13 @@ THUMBNAIL_CACHE_BYTES = 32 * 2**20  # thumbnails kept in memory (PNG bytes), lea
 def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_bytes: int = 10 * 2**20,
                allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None,
                checkpoint_every: int = 1000, image_urls: Literal["public", "any", "off"] = "public",
-               config: RetrieverConfig | None = None, max_concurrent: int | None = None) -> FastAPI:
+               config: RetrieverConfig | None = None, max_concurrent: int | None = None,
+               image_folders: list[str | Path] | None = None) -> FastAPI:
     """Build the app for a saved index folder.
 
     Args:
         index_dir: a folder written by ``Retriever.save`` / ``multiretrieval index``.
-        api_key: when set, POST/PUT/DELETE of items need header ``X-API-Key``.
+        api_key: when set, POST/PUT/PATCH/DELETE of items need header ``X-API-Key``.
         max_upload_bytes: larger request bodies get 413.
         allowed_hosts: the Host names requests may carry (default: localhost, 127.0.0.1, ::1;
             "*" for any). Others get 400, which stops DNS-rebinding pages from reaching the app.
@@ -71,6 +73,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             the index was built with); default: the config saved with the index.
         max_concurrent: searches and facet counts that run at once (default: the usable CPUs); the others wait
             their turn, first come first served, while cheap requests (an item, /health) go ahead.
+        image_folders: folders whose image files a write (PATCH's ``image``) may name by path (absolute, or relative
+            to one of them; symbolic links followed, and the file they lead to must be inside too); default: none,
+            and a path is refused (400): an item's photo is then uploaded or given by address.
     """
     import contextlib
 
@@ -79,6 +84,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     # One query searches one vector: FAISS's OpenMP threads would only spin against each other
     # across concurrent requests. Concurrency comes from the request threads instead.
     faiss.omp_set_num_threads(1)
+    folders = _image_folders(image_folders)  # before the models load: a mistyped folder fails at once
     service = Service(index_dir, checkpoint_every, config)
     bounds = service.retriever.config.search
     request_model = search_request_model(bounds, service.retriever.indexes["joint"].dim)
@@ -128,7 +134,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         display = retriever.config.display
         return {"items": len(retriever), "modes": list(MODES),
                 "display": {"title": display.title, "price": display.price if display.price in items else None,
-                            "brand": display.brand if display.brand in items else None,
+                            "currency": display.currency, "brand": display.brand if display.brand in items else None,
                             "columns": [c for c in display.columns if c in items]},
                 "facets": retriever.facet_columns(),
                 "columns": {c: ("number" if items[c].dtype.kind in "iuf" else "text") for c in items.columns}}
@@ -158,7 +164,8 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
              "`image` file and an `image_url`; a text that is not valid Unicode; a file that is not an image; "
              "a filter outside the grammar (the answer lists what is allowed and the catalog's columns) or one DuckDB refuses; "
              "weights with another key than image and text, a negative weight, both 0, or on a query that is not fused; "
-             "an empty not_text, or one with a vector",
+             "an empty not_text, or one with a vector; a crop without a photo, or one not 4 numbers, empty, inverted or "
+             "outside the photo",
         403: "a cross-origin request", 404: "`like` names an item that is not in the index",
         413: f"{upload}; {pixels}", 415: "a body that is neither JSON nor a form",
         422: f"a field over its bound (k over {bounds.max_k:,}, a text over {bounds.max_text_chars:,} characters or "
@@ -177,7 +184,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         results = await compute(retriever.search, image=image, **_search_arguments(query))
         facets = await compute(retriever.facets, None, query.where, query.filters) if query.facets else None
         facets = _facets_for_clients(facets)
-        return _search_response(query, image, results, facets, started)
+        return _search_response(query, image, results, facets, started, retriever)
 
     @app.post("/search/batch", response_model=None, openapi_extra=batch_body(request_model, bounds.max_batch),
               responses=responses({
@@ -193,8 +200,36 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             image = await run_in_threadpool(fetch_image_url, query.image_url, retriever.config, image_urls) if query.image_url else None
             specs.append({"image": image, **_search_arguments(query)})
         frames = await compute(retriever.search_batch, specs)
-        answers = [_search_response(q, s["image"], f, None, started).body.decode() for q, s, f in zip(batch.queries, specs, frames)]
+        answers = [_search_response(q, s["image"], f, None, started, retriever).body.decode()
+                   for q, s, f in zip(batch.queries, specs, frames)]
         return Response('{"results": [' + ", ".join(answers) + "]}", media_type="application/json")
+
+    @app.post("/salient", response_model=None, openapi_extra=salient_body(), responses=responses({
+        200: (SalientResponse, "the box"), 400: "no photo and no `like`, both, or a file that is not an image",
+        403: "a cross-origin request", 404: "`like` names an item that is not in the index, or one without a photo",
+        413: f"{upload}; {pixels}", 415: "a body that is neither JSON nor a form"}))
+    async def salient(request: Request) -> dict:
+        """The most salient region of a photo (where the image encoder's activations concentrate), the page's default
+        box for a search by a part of it (`crop`): an uploaded `image` (form) or an item's photo (JSON {"like": ID})."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("application/json"):
+            body = parse_json("request body", await request.body())
+            if not isinstance(body, dict) or set(body) != {"like"} or not isinstance(body["like"], (str, int)):
+                raise _HTTPError(400, 'send {"like": ITEM_ID} as JSON, or a form with the photo in `image`')
+            image = service.retriever.image_source(body["like"])
+            if image is None:
+                raise _HTTPError(404, f"item {body['like']!r} has no photo")
+        elif content_type.startswith("multipart/form-data"):
+            form = await _form(request)
+            upload = form.get("image")
+            image = await upload.read() if upload is not None and hasattr(upload, "read") else None
+            await form.close()
+            if not image:
+                raise _HTTPError(400, "image: the form has no photo in its `image` field")
+        else:
+            raise _HTTPError(415, 'send {"like": ITEM_ID} as JSON, or multipart/form-data with the photo in `image`')
+        box = await compute(service.retriever.salient_box, image)
+        return {"box": list(box)}
 
     facet_filters = "column -> values or {min, max}, as `filters` for POST /search"
 
@@ -202,7 +237,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
 
     @app.get("/facets", response_model=None, openapi_extra=json_query_parameter("filters", filters_schema, facet_filters),
              responses=responses({
-        200: (dict[str, Any], "per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram}"),
+        200: (dict[str, Any], ("per column: {kind: values, values: [{value, count}]} or {kind: range, min, max, histogram, "
+                               "quantiles}: min, max and the 101 quantiles (percentiles 0 to 100, values of the column) over "
+                               "all items, the histogram's counts over the matching ones")),
         400: "an unknown column; filters that are not a JSON object (nested at most 32 levels); a filter outside the grammar",
         422: "a filter over its bounds"}))
     async def facets(columns: str | None = Query(None, description="comma-separated columns (default: the display facets)"),
@@ -218,7 +255,7 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     def item_row(item_id: str) -> dict:
         import pandas as pd
 
-        row = _for_clients(pd.DataFrame([service.retriever.get(item_id)]))
+        row = _for_clients(pd.DataFrame([service.retriever.get(item_id)]), service.retriever)
         return json.loads(row.to_json(orient="records"))[0]  # NaN -> null
 
     def item_thumbnail(item_id: str, size: int = THUMBNAIL_PX) -> Response:
@@ -260,8 +297,37 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
             raise
         if previous != (str(path) if path else None):
             service.drop_unused_upload(previous)  # the image an upsert replaced
-        return {"added" if op == "add" else "upserted": report.indexed, "items": len(service.retriever),
-                **({"changes": report.changes} if op == "upsert" else {})}
+        if op == "add":
+            return {"added": report.indexed, "items": len(service.retriever)}
+        changes = report.changes
+        counts = {"added": changes.get("added", 0), "reencoded": changes.get("replaced", 0),
+                  "updated": changes.get("updated", 0), "unchanged": changes.get("unchanged", 0)}
+        return {"upserted": counts["added"] + counts["reencoded"] + counts["updated"], **counts,
+                "items": len(service.retriever), "changes": changes}
+
+    async def patch(request: Request, item_id: str) -> dict:
+        fields, upload = await _patch_request(request, item_id)
+        previous = service.retriever.image_source(item_id)  # 404 before a photo is fetched or kept
+        value, path = fields.get("image"), None
+        if upload is None and isinstance(value, str) and _is_http(value):
+            upload = await run_in_threadpool(fetch_image_url, value, service.retriever.config, image_urls, "image")
+        if upload is not None:
+            await run_in_threadpool(_check_image, upload, service.retriever.config, "image")  # refused before it is kept
+            path = await run_in_threadpool(service.store_upload, upload)  # on disk before the write is logged
+            fields["image"] = str(path)
+        elif isinstance(value, str):
+            fields["image"] = _image_path(value, folders)
+            await run_in_threadpool(_check_image, fields["image"], service.retriever.config, "image", value)
+        try:
+            report = await write({"op": "update", "id": item_id, "fields": fields})
+        except BaseException:
+            service.drop_unused_upload(path)
+            raise
+        if "image" in report.changed:
+            service.drop_unused_upload(previous)  # the photo the patch replaced
+        return {"id": report.id, "changed": report.changed, "added": 0, "reencoded": int(report.reencoded),
+                "updated": int(not report.reencoded and not report.unchanged), "unchanged": int(report.unchanged),
+                "items": len(service.retriever)}
 
     async def delete(item_id: str) -> dict:
         source = service.retriever.image_source(item_id)  # 404 before taking the write lock
@@ -277,6 +343,21 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     remove_answers = responses({200: (RemoveResponse, "removed"), **key, 404: "unknown id"})
     upsert_answers = responses({200: (UpsertResponse, "added or replaced"), **key, 400: bad_row, 413: f"{upload}; {pixels}",
                                 404: "an id with a line break, which no path carries: use PUT /item?id="})
+    patch_image = ("an `image` that is neither an http(s) address, a path nor null; an address the server may not fetch "
+                   "(see --image-urls) or that serves no photo; a path outside the server's image folders (--image-folder; "
+                   "with none, every path), or not an image file; an `image` file and an `image` in `metadata` both")
+    patch_answers = responses({
+        200: (PatchResponse, "the item's columns that changed, and what was written"), **key,
+        400: f"a body that is not a JSON object of catalog columns (values: text, number, boolean or null); {patch_image}; "
+             "a column named like an internal one; a value whose type does not fit its column; another `id`; an item "
+             "left with neither image nor text",
+        404: "unknown id", 413: f"{upload}; {pixels}",
+        415: "a body that is neither JSON (application/merge-patch+json, application/json) nor multipart/form-data"})
+    patch_doc = ("Change some of an item's values (JSON merge patch, RFC 7396): the columns given take their values, null "
+                 "empties one, the others keep theirs. `image`: a new photo by http(s) address (fetched once, under the "
+                 "same address rules as a search's `image_url`), by path (a file in the server's image folders), or null "
+                 "(no photo); or upload it as multipart `image` with the changes as `metadata`. Metadata alone changes in "
+                 "place; a new image or text encodes the item again.")
 
     @app.get("/item", response_model=None, responses=row_answers)
     def get_item_by_query(id: ItemIdQuery) -> dict:  # noqa: A002 - the query parameter is called id
@@ -298,6 +379,12 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     async def upsert_item_by_query(request: Request, id: str = upsert_query) -> dict:  # noqa: A002
         """Add or replace an item (see PUT /items/{id}); the id as a query parameter."""
         return await add_or_upsert(request, "upsert", id)
+
+    @app.patch("/item", dependencies=[Depends(require_key)], openapi_extra=patch_body(bool(folders)), response_model=None,
+               responses=patch_answers, description=patch_doc + " The id as a query parameter.")
+    async def patch_item_by_query(request: Request, id: str = upsert_query) -> dict:  # noqa: A002
+        """Change some of an item's values (see PATCH /items/{id}); the id as a query parameter."""
+        return await patch(request, id)
 
     @app.get("/items/{item_id:path}", response_model=None, responses=responses({
         200: (dict[str, Any], "/items/ID: the item's catalog row (JSON; its product page when a browser asks for HTML); "
@@ -328,10 +415,17 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
     @app.put("/items/{item_id:path}", dependencies=[Depends(require_key)], openapi_extra=upsert_body, response_model=None,
              responses=upsert_answers)
     async def upsert_item(request: Request, item_id: str = upsert_path) -> dict:
-        """Add or replace one item (multipart `metadata` and optional `image`, as for POST /items): a new id is
-        added, a changed image or text is encoded again, changed metadata alone is updated in place. Without an
-        `image` file an indexed item keeps its photo."""
+        """Add or replace one item (multipart `metadata` and optional `image`, as for POST /items). PUT replaces the
+        item's whole row: a column `metadata` leaves out becomes empty (PATCH changes some values only); without an
+        `image` file an indexed item keeps its photo. A new id is added, a changed image or text is encoded again,
+        changed metadata alone is updated in place; the answer counts which."""
         return await add_or_upsert(request, "upsert", item_id)
+
+    @app.patch("/items/{item_id:path}", dependencies=[Depends(require_key)], openapi_extra=patch_body(bool(folders)),
+               response_model=None, responses=patch_answers, description=patch_doc + " The id URL-encoded, slashes allowed.")
+    async def patch_item(request: Request, item_id: str = upsert_path) -> dict:
+        """Change some of an item's values; the others keep theirs (PUT replaces the whole row)."""
+        return await patch(request, item_id)
 
     @app.delete("/items/{item_id:path}", dependencies=[Depends(require_key)], response_model=None, responses=remove_answers)
     async def delete_item(item_id: ItemId) -> dict:
@@ -366,11 +460,7 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
     metadata = parse_json("metadata", text)
     if not isinstance(metadata, dict) or "image" in metadata:
         raise _HTTPError(400, "metadata: a JSON object of catalog columns, without 'image' (upload the file as `image`)")
-    nested = next((c for c, v in metadata.items() if isinstance(v, (dict, list))), None)
-    if nested is not None:  # a new column would take it, and the next save would fail on it
-        kind = "object" if isinstance(metadata[nested], dict) else "list"
-        raise _HTTPError(400, f"metadata: column {nested!r} holds a JSON {kind}; a catalog value is a text, a number, a boolean "
-                              "or null")
+    _catalog_values("metadata", metadata)
     if item_id is not None:
         if "id" in metadata and str(metadata["id"]) != item_id:
             raise _HTTPError(400, f"metadata: id {metadata['id']!r} differs from the id in the URL, {item_id!r}")
@@ -386,21 +476,122 @@ async def _item_upload(request: Request, service: Service, item_id: str | None) 
     return metadata, path
 
 
+def _catalog_values(name: str, values: Any) -> dict:
+    """A JSON object of catalog columns whose values are scalars (a new column would take an object or a list, and the
+    next save would fail on it)."""
+    if not isinstance(values, dict):
+        raise _HTTPError(400, f"{name}: a JSON object of catalog columns, not {_json_kind(values)}")
+    nested = next((c for c, v in values.items() if isinstance(v, (dict, list))), None)
+    if nested is not None:
+        raise _HTTPError(400, f"{name}: column {nested!r} holds a JSON {_json_kind(values[nested])}; a catalog value is a "
+                              "text, a number, a boolean or null")
+    return values
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "list", str: "text", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+async def _patch_request(request: Request, item_id: str) -> tuple[dict, bytes | None]:
+    """A PATCH's changes (a JSON merge patch of catalog columns) and its uploaded photo, if any, checked."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    upload = None
+    if content_type in ("application/json", "application/merge-patch+json"):
+        name, fields = "request body", parse_json("request body", await request.body())
+    elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await _form(request)
+        text, file = form.get("metadata"), form.get("image")
+        if text is not None and not isinstance(text, str):
+            raise _HTTPError(400, "metadata: a form field of JSON text, not a file")
+        if file is not None and not hasattr(file, "read"):
+            raise _HTTPError(400, "image: a file part (the photo); give an address or a path as `image` in `metadata`")
+        upload = await file.read() if file is not None else None
+        await form.close()
+        name, fields = "metadata", parse_json("metadata", text) if text else {}
+    else:
+        raise _HTTPError(415, "send the changes as JSON (application/merge-patch+json or application/json), or as "
+                              "multipart/form-data with `metadata` (the changes as JSON) and an `image` file")
+    fields = _catalog_values(name, fields)
+    if "id" in fields and str(fields["id"]) != item_id:
+        raise _HTTPError(400, f"{name}: id {fields['id']!r} differs from the id in the URL, {item_id!r}")
+    if upload is not None and "image" in fields:
+        raise _HTTPError(400, "give the photo once: an uploaded `image` file or an `image` in `metadata`, not both")
+    if upload is not None and not upload:
+        raise _HTTPError(400, "image: the uploaded file is empty")
+    image = fields.get("image")
+    if image is not None and not (isinstance(image, str) and image.strip()):
+        raise _HTTPError(400, f"image: an http(s) address, a path or null, not {_json_kind(image) if image != '' else 'empty text'}")
+    if isinstance(image, str) and "://" in image and not _is_http(image):
+        raise _HTTPError(400, f"image: must be an http(s) address with a host name, or a path; got {_short(image)!r}")
+    return fields, upload
+
+
+def _is_http(value: str) -> bool:
+    return value[:8].lower().startswith(("http://", "https://"))
+
+
+def _image_folders(folders: list[str | Path] | None) -> list[Path]:
+    """The image folders a write may name files in, resolved; ConfigError for one that is not a folder."""
+    resolved = []
+    for folder in folders or []:
+        path = Path(folder).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"image folder {str(folder)!r}: not a folder")
+        resolved.append(path)
+    return resolved
+
+
+def _image_path(value: str, folders: list[Path]) -> str:
+    """The file a PATCH's `image` path names, if it lies in one of the image folders once every link is followed; 400
+    otherwise, saying the same of a path outside whether or not it exists (the answer tells nothing of other files)."""
+    if not folders:
+        raise _HTTPError(400, "image: a path, but this server reads no image paths (start it with --image-folder DIR to let "
+                              "writes name the image files in DIR); upload the photo, or give its http(s) address")
+    given = Path(value)
+    candidates = [given] if given.is_absolute() else [folder / given for folder in folders]
+    inside = []
+    for candidate in candidates:
+        try:
+            path = candidate.resolve()
+        except (OSError, RuntimeError, ValueError):  # a loop of links; a NUL byte
+            continue
+        if any(path.is_relative_to(folder) for folder in folders):
+            inside.append(path)
+    if not inside:
+        raise _HTTPError(400, f"image: {_short(value)!r} is not in an image folder of this server (--image-folder)")
+    found = next((p for p in inside if p.is_file()), None)
+    if found is None:
+        raise _HTTPError(400, f"image: {_short(value)!r}: no such image file in this server's image folders")
+    return str(found)
+
+
+def _check_image(source: bytes | str, config, field: str, shown: str | None = None) -> None:
+    """Refuse a photo that is not a readable image within the catalog's bounds before anything is written (its path,
+    a server's, shown as the client gave it)."""
+    bounds = config.catalog
+    try:
+        load_image(source, bounds.max_image_pixels, bounds.max_image_bytes)
+    except ImageError as exc:
+        text = str(exc) if shown is None else str(exc).replace(str(source), repr(shown))
+        raise type(exc)(f"{field}: {text}") from None
+
+
 def _search_arguments(query: Any) -> dict[str, Any]:
     """The Retriever.search arguments of a request (the photo aside): every option the request model serves."""
     values = {d.name: getattr(query, d.name) for d in declared() if d.option.served}
     return {name: value for name, value in values.items() if value is not None}  # like=0 is an item
 
 
-def _search_response(query: Any, image, results, facets, started: float) -> Response:
+def _search_response(query: Any, image, results, facets, started: float, retriever) -> Response:
     from ..query.checks import resolve_mode
 
     mode = resolve_mode(image, query.text, query.mode, query.like, query.vector)
     took = round((time.perf_counter() - started) * 1e3, 1)
     # The rows serialised once by pandas (NaN -> null), not converted to dicts and back.
-    head = {"mode": mode, "count": len(results), "offset": query.offset, "has_more": bool(results.attrs.get("has_more")),
-            "took_ms": took, "facets": facets}
-    body = json.dumps(head, default=str)[:-1] + f', "results": {_for_clients(results).to_json(orient="records")}}}'
+    head = {"mode": mode, "count": len(results), "total": results.attrs.get("total"), "offset": query.offset,
+            "has_more": bool(results.attrs.get("has_more")), "took_ms": took, "facets": facets}
+    rows = _for_clients(results, retriever).to_json(orient="records")
+    body = json.dumps(head, default=str)[:-1] + f', "results": {rows}}}'
     return Response(body, media_type="application/json")
 
 
@@ -410,12 +601,15 @@ def _integer_ids(ids) -> bool:
     return pd.api.types.is_integer_dtype(ids.dtype)
 
 
-def _for_clients(rows):
+def _for_clients(rows, retriever):
     """Catalog rows as clients see them: an image file by its name only (GET /items/ID/image serves the photo;
-    the server's folders, the uploads folder among them, are none of their business), an image URL as it is."""
+    the server's folders, the uploads folder among them, are none of their business), an image URL as it is, and
+    null where the item has no photo to show (none, or one that could not be read when it was indexed), so that a
+    page asks for no thumbnail that is not there."""
     if "image" not in rows.columns:
         return rows
-    return rows.assign(image=[_shown_image(v) for v in rows["image"]])
+    photo = retriever.has_image(rows["id"].tolist()) if len(rows) else []
+    return rows.assign(image=[_shown_image(v) if shown else None for v, shown in zip(rows["image"], photo)])
 
 
 def _facets_for_clients(counts: dict | None) -> dict | None:
@@ -458,28 +652,28 @@ def parse_json(name: str, text: str | bytes) -> Any:
     return value
 
 
-def fetch_image_url(url: str, config, policy: str) -> bytes:
-    """A photo given by address. ``policy`` "public": only from public IPs, checked on every hop (redirects
-    too) and connected to as checked (the service must not become a way into the network it sits in);
-    "any"; "off": refused."""
+def fetch_image_url(url: str, config, policy: str, field: str = "image_url") -> bytes:
+    """A photo given by address (in the request's ``field``, which errors name). ``policy`` "public": only from public
+    IPs, checked on every hop (redirects too) and connected to as checked (the service must not become a way into the
+    network it sits in); "any"; "off": refused."""
     from urllib.parse import urlsplit
 
     from .. import downloads
 
     if policy == "off":
-        raise _HTTPError(400, "image_url is turned off on this server; upload the photo instead")
+        raise _HTTPError(400, f"{field}: photo addresses are turned off on this server; upload the photo instead")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - read for its check: a port out of range is a ValueError
     except ValueError as exc:  # "http://[" (an IPv6 address not closed)
-        raise _HTTPError(400, f"image_url: not a valid address: {exc}") from None
+        raise _HTTPError(400, f"{field}: not a valid address: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _HTTPError(400, f"image_url: must be an http(s) address with a host name, got {url!r}")
+        raise _HTTPError(400, f"{field}: must be an http(s) address with a host name, got {url!r}")
     cat = config.catalog
     try:
         return downloads.download(url, cat.max_image_bytes, cat.download_timeout_s, downloads.PUBLIC if policy == "public" else None)
     except ImageError as exc:  # named as the field the client sent
-        raise type(exc)(f"image_url: {exc}") from exc
+        raise type(exc)(f"{field}: {exc}") from exc
 
 
 async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | None]:

@@ -17,11 +17,11 @@ import errno
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 from ..errors import IndexLoadError, StorageError
+from ..persistence import error_reason, fsync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Journal:
                 self._cut()  # no half record in the middle of the log for the next ones to follow
                 raise
         except OSError as exc:
-            raise StorageError(f"cannot write the write log {self.path}: {_reason(exc)}; the write was not made",
+            raise StorageError(f"cannot write the write log {self.path}: {error_reason(exc)}; the write was not made",
                                exc.errno) from exc
         self._end += len(line)
         self.last_seq = seq
@@ -112,7 +112,7 @@ class Journal:
             new = not self.path.exists()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)  # kept open for the service's life
             if new:
-                _fsync_folder(self.path.parent)  # the file's name is durable too
+                fsync_folder(self.path.parent)  # the file's name is durable too
         if self._end is None:
             self._end = os.fstat(self._fd).st_size
         elif os.fstat(self._fd).st_size != self._end:  # a record a failed cut left: cut it now, or write nothing
@@ -138,51 +138,10 @@ class Journal:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_folder(self.path.parent)
+        fsync_folder(self.path.parent)
         self._records, self._end = [], 0
 
     def close(self) -> None:
         fd, self._fd = self._fd, None  # reset first: a descriptor that failed to close is gone all the same
         if fd is not None:
             os.close(fd)
-
-
-def write_durably(path: Path, data: bytes, what: str = "the file") -> None:
-    """Write a file and fsync it and its folder: it survives a crash once this returns. StorageError when it cannot
-    (naming ``what``): then neither the file nor a temporary copy is left."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # two requests may bring one photo
-    try:
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True)
-            _fsync_folder(path.parent.parent)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_folder(path.parent)
-    except OSError as exc:
-        raise StorageError(f"cannot write {what} {path}: {_reason(exc)}", exc.errno) from exc
-
-
-def remove_temporary_files(folder: Path) -> None:
-    """Delete the temporary files of ``write_durably`` in ``folder`` that a killed process left (``.NAME.PID-THREAD.tmp``)."""
-    for path in folder.glob(".*.tmp") if folder.is_dir() else []:
-        logger.info("removing %s, left by an interrupted write", path)
-        path.unlink(missing_ok=True)
-
-
-def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower() if exc.errno is not None else str(exc)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -101,14 +101,38 @@ class ErrorResponse(BaseModel):
 
 class SearchResponse(BaseModel):
     mode: str = Field(description="the mode that ran (auto resolved; 'vector' for a vector query)")
-    count: int
+    count: int = Field(description="results in this answer")
+    total: int | None = Field(description=(
+        "the items the search matches, every page together: those the filters (where, filters) let through that the "
+        "mode compares (every item; for text-only and zero-shot image queries those with a text, for zero-shot text "
+        "queries those with a photo), the `like` item left out. With min_score, those scoring at least that, where the "
+        "ranking read settles it (it read every item, or its last score is below the floor; never for a text query "
+        "whose ranking was read only in part); null otherwise"))
     offset: int
     has_more: bool = Field(description="another page follows")
     took_ms: float
-    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (text queries: matched; "
+    results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (`image`: the photo's file "
+                                                      "name or address, null where the item has none to show: none "
+                                                      "given, or one unreadable when indexed; text queries: matched; "
                                                       "hybrid: vector_score, keyword_score; fused: image_score, text_score, "
                                                       "word_match: the words name the item's category, tag or colour)")
     facets: dict[str, Any] | None = Field(None, description="when asked for: the filter columns' counts or ranges")
+
+
+class SalientResponse(BaseModel):
+    box: list[float] = Field(description="[x0, y0, x1, y1], fractions of the photo's width and height: its most salient "
+                                         "region, a starting box for POST /search's `crop`", examples=[[0.1, 0.2, 0.6, 0.9]])
+
+
+def salient_body() -> dict:
+    """POST /salient's body: a form with the photo, or JSON naming an item whose photo it is."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["like"], "additionalProperties": False, "properties": {
+            "like": {"anyOf": [{"type": "string", "pattern": NOT_BLANK}, {"type": "integer"}],
+                     "description": "an item id: the box of its photo"}}}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary", "description": "a photo (JPEG, PNG, WebP, ...)"}}},
+            "encoding": {"image": {"contentType": "image/*"}}}}}}
 
 
 class BatchResponse(BaseModel):
@@ -133,10 +157,25 @@ class AddResponse(BaseModel):
     items: int
 
 
-class UpsertResponse(BaseModel):
-    upserted: int
-    items: int
-    changes: dict[str, Any] = Field(description="how many rows were new, changed (encoded again), updated in place, unchanged")
+class _WriteCounts(BaseModel):
+    """What a write did, item by item: each item it names is counted once, under one of these."""
+
+    added: int = Field(description="items new to the index")
+    reencoded: int = Field(description="items whose image or text changed: encoded again")
+    updated: int = Field(description="items whose other values changed: their rows updated in place, nothing encoded")
+    unchanged: int = Field(description="items sent as they were: nothing written")
+    items: int = Field(description="items in the index after the write")
+
+
+class UpsertResponse(_WriteCounts):
+    upserted: int = Field(description="items written: added + reencoded + updated")
+    changes: dict[str, Any] = Field(description="the library's upsert report (IndexReport.changes): added, replaced (encoded "
+                                                "again), updated (in place), unchanged, removed, indexes rebuilt")
+
+
+class PatchResponse(_WriteCounts):
+    id: str | int = Field(description="the item's id")
+    changed: list[str] = Field(description="the columns whose values changed; `image` when the photo did")
 
 
 class RemoveResponse(BaseModel):
@@ -197,12 +236,48 @@ def item_body(id_schema: dict | None, text_columns: tuple[str, ...]) -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "required": ["metadata"], "properties": {
             "metadata": {**columns, "description": "the item's catalog columns: id, title, description, metadata columns; "
-                                                   "each value fits its column's type among the indexed items (400 otherwise)",
+                                                   "each value fits its column's type among the indexed items (400 otherwise)"
+                                                   + ("" if id_schema is not None else "; the whole row: a column left out "
+                                                      "becomes empty (PATCH changes some values only)"),
                          "examples": [{**({"id": 9001} if id_schema is not None else {}), "title": "a desk lamp",
                                        "category": "Lights", "price": 25.0}]},
             "image": {"type": "string", "format": "binary", "description": "the item's photo (JPEG, PNG, WebP, ...)"}},
             **(needs if id_schema is not None else {})},
         "encoding": {"metadata": {"contentType": "application/json"}, "image": {"contentType": "image/*"}}}}}}
+
+
+URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]"  # an http(s) address with a host
+
+
+def patch_body(image_paths: bool) -> dict:
+    """PATCH /items' body: a JSON merge patch of the item's catalog columns (RFC 7396: the columns given take their
+    values, null empties one, the others keep theirs), its `image` a photo's address (or, with ``image_paths``, the
+    path of a file in the server's image folders) or null; or the same as a form: `metadata` (the patch as JSON) and
+    an optional `image` file."""
+    photo = [{"type": "string", "pattern": URL_PATTERN, "description": "an http(s) address the server fetches the photo from"}]
+    if image_paths:
+        photo.append({"type": "string", "pattern": NOT_BLANK,
+                      "description": "the path of an image file in one of the server's image folders (--image-folder); "
+                                     "a relative path is looked up in each of them"})
+    image = {"anyOf": [*photo, {"type": "null", "description": "the item has no photo any more"}],
+             "description": "the item's new photo" + (": an address or a path on the server" if image_paths else
+                                                      ": an address (this server reads no image paths)")}
+    columns = {"type": "object", "propertyNames": {
+        "not": {"anyOf": [{"pattern": "^_"}, {"enum": list(RESERVED_COLUMNS)}]},
+        "description": "a catalog column: not starting with '_', not a result column"},
+        "properties": {"image": image}, "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+        "description": "the columns to change (JSON merge patch, RFC 7396): each takes its value, null empties it, the "
+                       "columns not named keep theirs; `id`, if given, is the item's own",
+        "examples": [{"price": 89}, {"title": "Desk lamp, brass", "sale": None}]}
+    form = {"type": "object", "properties": {
+        "metadata": {**{k: v for k, v in columns.items() if k != "properties"}, "properties": {"image": image}},
+        "image": {"type": "string", "format": "binary", "description": "the item's new photo (JPEG, PNG, WebP, ...); "
+                                                                       "not with an `image` in `metadata`"}}}
+    return {"requestBody": {"required": True, "content": {
+        "application/merge-patch+json": {"schema": columns},
+        "application/json": {"schema": columns},
+        "multipart/form-data": {"schema": form, "encoding": {"metadata": {"contentType": "application/json"},
+                                                             "image": {"contentType": "image/*"}}}}}}
 
 
 def new_item_id(integer_ids: bool) -> dict:

@@ -1,7 +1,7 @@
 """The service's state: one retriever shared by every request, its micro-batched encoders, the write
 log, and the uploads folder.
 
-One retriever serves every request: searches run concurrently, writes (add, upsert, remove)
+One retriever serves every request: searches run concurrently, writes (add, upsert, update, remove)
 change it in place, one at a time (the retriever's readers-writer lock lets a search see the
 index before or after a write, never half of it). A write is acknowledged once it is applied
 and appended to the write log (``INDEX_DIR.journal``, fsync'ed); the index folder is saved
@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RetrieverConfig
-from ..errors import CatalogError, IndexLoadError, StorageError
+from ..errors import CatalogError, ImageError, IndexLoadError, StorageError
 from ..filters import compile_filter
-from ..persistence import FolderLock, journal_path
+from ..persistence import FolderLock, journal_path, remove_temporary_files, uploads_path, write_durably
 from ..retriever import Retriever
 from .batching import BatchedImageEncoder, BatchedTextEncoder, MicroBatcher
-from .journal import Journal, remove_temporary_files, write_durably
+from .journal import Journal
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Service:
         self.index_dir = Path(index_dir).resolve()
         self.config = config  # None: the config saved with the index (Retriever.load)
         # Uploaded images and the write log live beside the index folder: a save replaces the folder itself.
-        self.uploads = self.index_dir.with_name(self.index_dir.name + ".uploads")
+        self.uploads = uploads_path(self.index_dir)
         self.checkpoint_every = max(1, checkpoint_every)
         self._write_lock = threading.Lock()
         self.write_error: str | None = None  # why the last write could not be stored; None once one is
@@ -83,7 +83,16 @@ class Service:
         """Apply the logged writes that the saved folder does not hold yet, in order."""
         for record in records:
             try:
-                apply(record, self.retriever)
+                try:
+                    apply(record, self.retriever)
+                except ImageError:
+                    if record.get("op") != "update" or "image" not in record["fields"]:
+                        raise
+                    # Its photo was readable when logged; a later write replaced it (its upload deleted) or its file
+                    # was removed since: the other values still stand.
+                    logger.warning("replaying write %d of %s: its photo %s is gone; applying its other values",
+                                   record["seq"], self.journal.path, record["fields"]["image"])
+                    apply({**record, "fields": {k: v for k, v in record["fields"].items() if k != "image"}}, self.retriever)
             except Exception as exc:  # noqa: BLE001 - logged writes were valid when made; go on with the rest
                 logger.warning("replaying write %d (%s) of %s: %s", record["seq"], record.get("op"), self.journal.path, exc)
         if records:
@@ -150,7 +159,8 @@ class Service:
 
 
 def apply(record: dict, retriever: Retriever) -> Any:
-    """Carry out one logged write on a retriever: add, upsert (rows of catalog columns) or remove (ids)."""
+    """Carry out one logged write on a retriever: add, upsert (rows of catalog columns), update (an id and the columns
+    it changes) or remove (ids)."""
     import pandas as pd
 
     op = record["op"]
@@ -158,6 +168,8 @@ def apply(record: dict, retriever: Retriever) -> Any:
         return retriever.add(pd.DataFrame(record["rows"]))
     if op == "upsert":
         return retriever.upsert(pd.DataFrame(record["rows"]))
+    if op == "update":
+        return retriever.update(record["id"], **record["fields"])
     if op == "remove":
         return retriever.remove(record["ids"])
     raise ValueError(f"unknown write {op!r}")

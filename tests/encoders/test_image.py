@@ -212,3 +212,20 @@ def test_changed_weights_are_exported_again(encoder, catalog, tmp_path, monkeypa
     assert second.key != first.key
     assert len(list((tmp_path / "cache" / "onnx").glob("efficientnet-lite0-*.onnx"))) == 2
     assert not np.allclose(second.forward_images(pils)[0], before)
+
+
+def test_preprocess_is_the_normalisation_bit_for_bit(encoder, catalog):
+    """The per-channel look-up gives (pixel / 255 - mean) / std exactly as float32 arithmetic does."""
+    from PIL import Image
+
+    from multiretrieval.catalog import load_image
+
+    for image in [load_image(s) for s in catalog.image_sources()[:3]] + [Image.new("RGB", (300, 100), (10, 250, 3))]:
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
+        pixels = np.asarray(square.resize((224, 224), Image.BICUBIC), dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        expected = (pixels - np.float32(0.5)) / np.float32(0.5)
+        got = encoder.preprocess(image)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected)

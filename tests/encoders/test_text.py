@@ -129,7 +129,7 @@ def test_pooling_is_pytorchs(encoder):
     states = np.random.default_rng(0).normal(size=(*ids.shape, encoder.dim)).astype(np.float32)
     encoder_network = encoder._network
     try:
-        encoder._network = lambda i, m: states
+        encoder._network = lambda i, m, bulk=False: states
         tokens, token_mask = encoder.forward(texts, chunks=4)
     finally:
         encoder._network = encoder_network

@@ -31,7 +31,7 @@ def test_every_thumbnail_of_a_photo_folder_shows_in_the_page(tmp_path):
     with served(tmp_path / "idx") as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(url)
+        page.goto(url + "/?debug=1")  # the scores shown
         assert len(shown) <= 24  # one page of results holds them all
         page.fill("#query-text", "a lamp")
         page.focus("#query-text")

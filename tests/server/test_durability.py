@@ -93,6 +93,12 @@ def test_writes_acknowledged_before_a_sigkill_are_all_there_after_a_restart(inde
         assert client.delete("/items/9004").status_code == 200  # an added item removed again
         del added[9004]
         removed.append(9004)
+        # Partial updates: a price in place, a new title and photo encoded again (the photo an upload).
+        price = client.patch("/items/56", json={"price": 1.5})
+        assert price.status_code == 200 and price.json()["updated"] == 1, price.text
+        car = client.patch("/items/367", data={"metadata": json.dumps({"title": "Electric roadster"})},
+                           files={"image": ("c.png", png_bytes(color=(250, 120, 0)), "image/png")})
+        assert car.status_code == 200 and car.json()["reencoded"] == 1, car.text
         last = add(client, 9100, "the last acknowledged write", png_bytes(color=(1, 2, 3)))
         assert last.status_code == 201
         added[9100] = "the last acknowledged write"
@@ -108,13 +114,17 @@ def test_writes_acknowledged_before_a_sigkill_are_all_there_after_a_restart(inde
         assert client.get("/items/9000/image").status_code == 200 and client.get("/items/9100/image").status_code == 200
         found = client.post("/search", json={"text": "the last acknowledged write", "k": 1}).json()["results"]
         assert found[0]["id"] == 9100  # in the vector index too, not only in the rows
+        sofa = client.get("/items/56").json()
+        assert (sofa["price"], sofa["title"], sofa["category"]) == (1.5, "Sofa", "Living room")  # only the price changed
+        assert client.get("/items/367").json()["category"] == "Vehicles" and client.get("/items/367/image").status_code == 200
+        assert client.post("/search", json={"text": "Electric roadster", "k": 1}).json()["results"][0]["id"] == 367
         # A write after the restart, then no copy of the index folder is left beside it.
         assert add(client, 9200, "after the restart").status_code == 201
         assert client.delete("/items/9000").status_code == 200
     hidden = [p.name for p in index_dir.parent.iterdir() if p.is_dir() and p.name.startswith(f".{index_dir.name}.")]
     assert hidden == []
     uploads = index_dir.with_name(index_dir.name + ".uploads")
-    assert len(list(uploads.iterdir())) == 2  # the photos of 9003 and 9100; 9000's went with it
+    assert len(list(uploads.iterdir())) == 3  # the photos of 9003, 9100 and 367; 9000's went with it
 
 
 def test_concurrent_writes_and_searches_on_the_real_server_give_no_errors(index_dir, tmp_path):

@@ -48,6 +48,8 @@ UNSTATABLE = {
     r"has [\d,]+ word pieces": "a text's word pieces (search.max_text_tokens)",
     # Whether an address parses (URL grammar, port range, IDNA), names a public host and serves a photo.
     r'^"image_url: ': "a photo address that serves a photo",
+    # PATCH's image: as image_url, or a path: whether a file is there, in the server's image folders, and an image.
+    r'^"image: ': "a photo address that serves a photo, or the path of an image file in the server's image folders",
     # Whether an id is taken, and whether an item PUT without a photo or text has one indexed: the index's state.
     r"is already indexed|neither image nor text|an item needs an image or a text": "a new id is free; it has a photo or text",
     # The id in PUT's metadata must be the one in the path: two places of one request.

@@ -114,3 +114,45 @@ def test_image_urls_only_from_public_addresses_unless_allowed(client, indexed):
             fetch_image_url(url, indexed.config, "off")
     finally:
         server.shutdown()
+
+
+def test_a_search_answer_gives_the_total_of_matching_items(client):
+    """`total`: the items matching the search on every page together (here the filter's), not only this page's."""
+    body = client.post("/search", json={"text": "a seat", "k": 2, "filters": {"price": {"max": 700}}}).json()
+    assert body["count"] == 2 and body["total"] == 5 and body["has_more"] is True  # 8 items, 3 over 700
+    assert client.post("/search", json={"like": 56, "k": 1}).json()["total"] == 7  # the item itself left out
+    batch = client.post("/search/batch", json={"queries": [{"text": "a car", "k": 1, "where": "price > 500"}]}).json()
+    assert batch["results"][0]["total"] == 4
+    described = client.get("/openapi.json").json()["components"]["schemas"]["SearchResponse"]["properties"]["total"]
+    assert "filters" in described["description"] and {"type": "null"} in described["anyOf"]
+
+
+def test_facets_give_quantiles_and_info_the_currency(client, indexed, tmp_path):
+    price = client.get("/facets", params={"columns": "price"}).json()["price"]
+    assert len(price["quantiles"]) == 101 and (price["quantiles"][0], price["quantiles"][-1]) == (price["min"], price["max"])
+    assert set(price) >= {"kind", "min", "max", "histogram"}  # the fields clients had keep their meaning
+    assert client.get("/info").json()["display"]["currency"] is None  # none configured: the page shows plain numbers
+    import multiretrieval as mr
+
+    config = mr.RetrieverConfig.from_dict({**indexed.config.to_dict(), "display": {"currency": "eur"}})
+    indexed.save(tmp_path / "shop")
+    with TestClient(create_app(tmp_path / "shop", config=config), base_url="http://127.0.0.1:8000") as shop:
+        assert shop.get("/info").json()["display"]["currency"] == "EUR"
+
+
+def test_rows_say_which_items_have_no_photo_to_show(retriever_copy, fixtures, tmp_path):
+    """`image` is null where an item has no photo to show: none given, or one that could not be read when it was
+    indexed (it is searched by its text; its thumbnail would be a 404), so a page asks for no thumbnail in vain."""
+    import pandas as pd
+
+    report = retriever_copy.add(pd.DataFrame([
+        {"id": 9001, "title": "Plain shelf", "price": 30.0},
+        {"id": 9002, "title": "Broken-photo shelf", "price": 31.0, "image": str(tmp_path / "gone.png")}]), show_progress=False)
+    assert report.indexed == 2
+    retriever_copy.save(tmp_path / "idx")
+    with TestClient(create_app(tmp_path / "idx"), base_url="http://127.0.0.1:8000") as client:
+        rows = client.post("/search", json={"text": "a shelf", "k": 10}).json()["results"]
+        shown = {r["id"]: r["image"] for r in rows}
+        assert shown[9001] is None and shown[9002] is None and shown[575] == "washing_machine.png"
+        assert client.get("/items/9002").json()["image"] is None and client.get("/items/575").json()["image"] == "washing_machine.png"
+        assert client.get("/items/9002/image").status_code == 404  # what the page no longer asks for

@@ -1,10 +1,12 @@
 // The shop's search page: a search bar (words, a photo, or both), filters, sorting, "show more",
 // and a product view at /items/ID. The whole search lives in the URL, so reload, Back and
 // shared links work; an uploaded photo is kept in sessionStorage for the browser session.
+// ?debug=1 in the address shows what shoppers do not need: each result's score and the time a search took.
 "use strict";
 
 const PAGE = 24;
 const $ = (id) => document.getElementById(id);
+const DEBUG = new URLSearchParams(location.search).get("debug") === "1";  // kept in every address the page makes
 let info = { display: { title: "title" }, facets: [], columns: {} };
 let photo = null; // { blob, name, url } of the query photo
 let state = emptyState();
@@ -13,7 +15,7 @@ let searchSeq = 0; // answers to superseded searches are dropped
 let lastSearch = null; // the results page a product view goes back to
 
 function emptyState() {
-  return { q: "", mode: "auto", sort: "", filters: {}, where: "", min: "", img: "", pages: 1, photo: false };
+  return { q: "", mode: "auto", sort: "", filters: {}, where: "", min: "", img: "", pages: 1, photo: false, crop: "" };
 }
 
 // ---------------------------------------------------------------- the URL holds the state
@@ -34,6 +36,7 @@ function stateFromUrl() {
   s.img = p.get("img") || "";
   s.pages = Math.max(1, Math.min(20, parseInt(p.get("pages") || "1", 10) || 1));
   s.photo = p.get("photo") === "1";
+  s.crop = parseCrop(p.get("crop")) ? p.get("crop") : "";  // a part of the photo (see "a part of the photo" below)
   return s;
 }
 
@@ -48,6 +51,8 @@ function searchUrl(s) {
   if (s.img) p.set("img", s.img);
   if (s.pages > 1) p.set("pages", String(s.pages));
   if (s.photo) p.set("photo", "1");
+  if (s.photo && s.crop) p.set("crop", s.crop);
+  if (DEBUG) p.set("debug", "1");
   const query = p.toString();
   return "/" + (query ? "?" + query : "");
 }
@@ -97,6 +102,7 @@ function acceptFile(file) {
     return;
   }
   setPhoto(file, file.name);
+  state.crop = "";  // a new photo: the whole of it, until a part is chosen
   const reader = new FileReader(); // kept for this browser session: reload and Back keep the photo
   reader.onload = () => {
     try { sessionStorage.setItem("photo", JSON.stringify({ name: file.name, data: reader.result })); } catch { /* too large to keep */ }
@@ -134,6 +140,7 @@ function fillForm() {
   $("min-score").value = state.min;
   $("image-url").value = state.img;
   if (state.where || state.min || state.img || state.mode !== "auto") $("advanced").open = true;
+  markCrop();
 }
 
 function submitSearch() {
@@ -184,6 +191,7 @@ async function runSearch(append = false) {
     where: state.where || undefined, filters: Object.keys(state.filters).length ? state.filters : undefined,
     sort_by: state.sort || undefined, min_score: state.min === "" ? undefined : Number(state.min),
     image_url: !photo && state.img ? state.img : undefined, facets: !append,
+    crop: photo && state.crop ? parseCrop(state.crop) : undefined,
   };
   $("status").textContent = "Searching…";
   try {
@@ -199,7 +207,10 @@ async function runSearch(append = false) {
                       state.min !== "" && "lower the minimum score"].filter(Boolean);
       $("status").replaceChildren("No products match" + (loosen.length ? `: ${loosen.join(", or ")}.` : "."));
     } else {
-      $("status").replaceChildren(`${shown}${data.has_more ? "+" : ""} products`, muted(` · ${Math.round(data.took_ms)} ms`));
+      // The total counts every page; where the server could not count it (a score floor it did not reach), what is shown.
+      const total = typeof data.total === "number" ? data.total : null;
+      $("status").replaceChildren(total !== null ? products(total) : `${products(shown)}${data.has_more ? "+" : ""}`);
+      if (DEBUG) $("status").append(muted(` · ${Math.round(data.took_ms)} ms`));
       if (data.mode === "fused") $("status").append(contributionLegend());
     }
     if (data.facets) renderFacets(data.facets);
@@ -258,10 +269,34 @@ function muted(text) {
   return el("span", "muted", text);
 }
 
+function products(n) {
+  return `${n.toLocaleString()} ${n === 1 ? "product" : "products"}`;
+}
+
+let moneyFormat = null;
+function money(value) {
+  // In the shop's currency (display.currency), as the shopper's browser writes amounts; without one, a plain number.
+  if (!moneyFormat) {
+    const currency = info.display.currency;
+    try {
+      moneyFormat = currency ? new Intl.NumberFormat(undefined, { style: "currency", currency })
+        : new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+    } catch {  // a code this browser does not know
+      moneyFormat = new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+    }
+  }
+  return moneyFormat.format(value);
+}
+
 function price(item) {
   const column = info.display.price;
   const value = column ? item[column] : null;
-  return typeof value === "number" ? value.toLocaleString(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 }) : "";
+  return typeof value === "number" ? money(value) : "";
+}
+
+function hasPhoto(item) {
+  // The server leaves `image` empty where an item has no photo to show: no thumbnail is asked for.
+  return item.image !== null && item.image !== undefined && item.image !== "";
 }
 
 function titleOf(item) {
@@ -284,28 +319,38 @@ function productLink(id) {
   return "/items/" + encodeURIComponent(id);
 }
 
+function productPage(id) {
+  return productLink(id) + (DEBUG ? "?debug=1" : "");
+}
+
 function card(item, mode) {
   const li = el("li", "card");
   const link = el("a");
-  link.href = productLink(item.id);
+  link.href = productPage(item.id);
   link.addEventListener("click", (e) => {
     if (e.ctrlKey || e.metaKey || e.shiftKey) return; // a new tab gets the product page from the server
     e.preventDefault();
     go(link.href);
   });
-  const img = el("img");
-  img.src = productLink(item.id) + "/image";
-  img.alt = titleOf(item);
-  img.loading = "lazy";
-  img.addEventListener("load", () => img.classList.add("loaded"));
-  img.addEventListener("error", () => img.replaceWith(el("span", "no-photo", "No photo")));  // none, or its file is gone
-  link.append(img, el("span", "title", titleOf(item)));
+  if (hasPhoto(item)) {
+    const img = el("img");
+    img.src = productLink(item.id) + "/image";
+    img.alt = titleOf(item);
+    img.loading = "lazy";
+    img.addEventListener("load", () => img.classList.add("loaded"));
+    img.addEventListener("error", () => img.replaceWith(el("span", "no-photo", "No photo")));  // its file is gone since
+    link.append(img);
+  } else link.append(el("span", "no-photo", "No photo"));
+  link.append(el("span", "title", titleOf(item)));
   if (info.display.brand && item[info.display.brand]) link.append(el("span", "muted small", item[info.display.brand]));
   const extra = (info.display.columns || []).map((c) => item[c]).filter((v) => v !== null && v !== undefined && v !== "");
   if (extra.length) link.append(el("span", "muted small", extra.join(" · ")));
   const line = el("span", "line");
-  line.append(el("span", "price", price(item)), el("span", "score", item.score.toFixed(2)));
-  line.lastChild.title = "how well it matches (1 = the same product)";
+  line.append(el("span", "price", price(item)));
+  if (DEBUG) {
+    line.append(el("span", "score", item.score.toFixed(2)));
+    line.lastChild.title = "how well it matches (1 = the same product)";
+  }
   link.append(line);
   li.append(link);
   if (mode === "fused" && item.image_score !== undefined) li.append(contributionBar(item));
@@ -322,14 +367,17 @@ function contributionLegend() {
 function contributionBar(item) {
   if (item.word_match) {  // first because the words name it, then ordered by the photo: a share bar would say "photo only"
     const note = el("div", "contrib named small", "✓ matches your words");
-    note.title = `the words name it (its category, tag or colour); ordered by the photo ${item.image_score.toFixed(2)}`;
+    note.title = "the words name it (its category, tag or colour)"
+      + (DEBUG ? `; ordered by the photo ${item.image_score.toFixed(2)}` : "");
     return note;
   }
   const photoPart = Math.max(item.image_score, 0), wordsPart = Math.max(item.text_score, 0);
   const total = photoPart + wordsPart || 1;
   const bar = el("div", "contrib");
   bar.setAttribute("role", "img");
-  bar.setAttribute("aria-label", `matched by the photo ${item.image_score.toFixed(2)}, by the words ${item.text_score.toFixed(2)}`);
+  const share = Math.round(100 * photoPart / total);
+  bar.setAttribute("aria-label", DEBUG ? `matched by the photo ${item.image_score.toFixed(2)}, by the words ${item.text_score.toFixed(2)}`
+    : `matched ${share}% by the photo, ${100 - share}% by the words`);
   bar.title = bar.getAttribute("aria-label");
   const a = el("span", "by-photo"); a.style.width = (100 * photoPart / total) + "%";
   const b = el("span", "by-words"); b.style.width = (100 * wordsPart / total) + "%";
@@ -395,57 +443,149 @@ function valuesFacet(group, column, facet) {
   }
 }
 
+function rangeStops(facet) {
+  // The slider's positions: the column's distinct quantiles (from /facets), so that each step passes about as many
+  // products wherever it is (prices from 19 to 42,324 with a median of 77: a linear slider spends its whole width on
+  // a few expensive items). Without quantiles, 100 even steps.
+  const values = (facet.quantiles || []).filter((v) => typeof v === "number");
+  const stops = values.length > 1 ? [...new Set(values)] : Array.from({ length: 101 }, (_, i) => facet.min + (facet.max - facet.min) * i / 100);
+  if (stops[0] > facet.min) stops.unshift(facet.min);
+  if (stops[stops.length - 1] < facet.max) stops.push(facet.max);
+  return stops;
+}
+
+function rangeText(column, value) {
+  if (column === info.display.price) return money(value);
+  return value.toLocaleString(undefined, { maximumFractionDigits: 2 });
+}
+
+function currencySymbol() {
+  if (!info.display.currency) return "";
+  try {
+    const parts = new Intl.NumberFormat(undefined, { style: "currency", currency: info.display.currency }).formatToParts(0);
+    return parts.find((part) => part.type === "currency")?.value || "";
+  } catch { return ""; }
+}
+
 function rangeFacet(group, column, facet) {
+  // Two boxes to type a bound in, and a two-thumb slider on the quantile scale; either sets the filter.
   const chosen = state.filters[column] || {};
-  const step = facet.max - facet.min > 20 ? 1 : (facet.max - facet.min) / 100;
-  const inputs = {};
+  const stops = rangeStops(facet);
+  const last = stops.length - 1;
+  const at = (value, end) => {  // the slider position of a bound: the stop at or inside it
+    if (end === "min") { const i = stops.findIndex((s) => s >= value); return i < 0 ? last : i; }
+    for (let i = last; i >= 0; i--) if (stops[i] <= value) return i;
+    return 0;
+  };
+  const name = label(column);
+  const unit = column === info.display.price ? currencySymbol() : "";
+  const boxes = el("div", "range-boxes");
+  const dual = el("div", "dual");
+  const fill = el("span", "fill");
+  dual.append(el("span", "track"), fill);
+  const box = {}, slider = {};
   for (const end of ["min", "max"]) {
-    const row = el("label", "range");
-    const slider = el("input");
-    slider.type = "range";
-    slider.min = Math.floor(facet.min);
-    slider.max = Math.ceil(facet.max);
-    slider.step = step;
-    slider.value = chosen[end] ?? (end === "min" ? slider.min : slider.max);
-    slider.setAttribute("aria-label", `${label(column)}, ${end === "min" ? "from" : "up to"}`);
-    const shown = el("output", "", String(chosen[end] ?? slider.value));  // the filter's own bound, even off the slider
-    slider.addEventListener("input", () => { shown.textContent = slider.value; });
-    slider.addEventListener("change", () => {
-      const lo = Number(inputs.min.value), hi = Number(inputs.max.value);
-      const range = {};
-      if (lo > facet.min) range.min = Math.min(lo, hi);
-      if (hi < facet.max) range.max = Math.max(lo, hi);
-      if (Object.keys(range).length) state.filters[column] = range; else delete state.filters[column];
-      filtersChanged();
-    });
-    inputs[end] = slider;
-    row.append(el("span", "muted small", end === "min" ? "from" : "to"), slider, shown);
-    group.append(row);
+    const field = el("label", "bound");
+    const input = el("input");
+    input.type = "number";
+    input.inputMode = "decimal";
+    input.step = "any";
+    input.dataset.end = end;
+    input.placeholder = (end === "min" ? facet.min : facet.max).toLocaleString(undefined, { maximumFractionDigits: 2, useGrouping: false });
+    input.value = chosen[end] ?? "";
+    input.setAttribute("aria-label", `${name}, ${end === "min" ? "from" : "up to"}`);
+    if (unit) field.append(el("span", "unit", unit));
+    field.append(input);
+    box[end] = input;
+    boxes.append(field);
+    if (end === "min") boxes.append(el("span", "muted", "–"));
+
+    const range = el("input");
+    range.type = "range";
+    range.min = 0;
+    range.max = last;
+    range.step = 1;
+    range.value = chosen[end] !== undefined ? at(chosen[end], end) : (end === "min" ? 0 : last);
+    range.setAttribute("aria-label", `${name}, ${end === "min" ? "from" : "up to"} (slider)`);
+    slider[end] = range;
+    dual.append(range);
   }
+  const show = () => {  // the thumbs' values where the shopper sees them: the boxes, the fill, what a screen reader says
+    const lo = Number(slider.min.value), hi = Number(slider.max.value);
+    fill.style.left = (100 * Math.min(lo, hi) / last) + "%";
+    fill.style.width = (100 * Math.abs(hi - lo) / last) + "%";
+    for (const end of ["min", "max"]) slider[end].setAttribute("aria-valuetext", rangeText(column, stops[Number(slider[end].value)]));
+    slider.min.style.zIndex = lo > last / 2 ? 3 : 1;  // both thumbs at the top end: the lower one stays reachable
+  };
+  const apply = (lo, hi) => {
+    const range = {};
+    if (lo !== null && hi !== null && lo > hi) [lo, hi] = [hi, lo];
+    if (lo !== null && lo > facet.min) range.min = lo;
+    if (hi !== null && hi < facet.max) range.max = hi;
+    if (Object.keys(range).length) state.filters[column] = range; else delete state.filters[column];
+    filtersChanged();
+  };
+  for (const end of ["min", "max"]) {
+    slider[end].addEventListener("input", () => {
+      const i = Number(slider[end].value);
+      box[end].value = i === (end === "min" ? 0 : last) ? "" : stops[i];
+      show();
+    });
+    slider[end].addEventListener("change", () => {
+      const lo = Number(slider.min.value), hi = Number(slider.max.value);
+      apply(stops[Math.min(lo, hi)], stops[Math.max(lo, hi)]);
+    });
+    const typed = () => {
+      const read = (input) => (input.value.trim() === "" || !Number.isFinite(Number(input.value)) ? null : Number(input.value));
+      const lo = read(box.min), hi = read(box.max);
+      const before = state.filters[column] || {};
+      if ((lo ?? undefined) === before.min && (hi ?? undefined) === before.max) return;  // nothing new
+      apply(lo, hi);
+    };
+    box[end].addEventListener("change", typed);
+    box[end].addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); typed(); } });
+  }
+  show();
+  group.append(boxes, dual);
 }
 
 // ---------------------------------------------------------------- the product view
 
-async function showProduct(id) {
-  window.scrollTo(0, 0);
+let productSeq = 0;  // answers for a product the shopper has left are dropped
+
+function clearProduct() {
+  // Nothing of the last product stays on the page while the next one loads: its words in "This, but…", its rows.
+  $("product-image").onload = null;
+  $("product-image").removeAttribute("src");
+  for (const part of ["product-title", "product-brand", "product-price"]) $(part).textContent = "";
+  $("product-details").replaceChildren();
+  $("but-text").value = "";
+  $("but-heading").textContent = "";
   $("but-section").hidden = true;
+  for (const row of ["but-row", "looks-row", "described-row"]) $(row).replaceChildren();
+}
+
+async function showProduct(id) {
+  const seq = ++productSeq;
+  window.scrollTo(0, 0);
+  clearProduct();
   $("back").href = history.state?.back || lastSearch || "/";
   let item;
   try {
     item = await fetchJson(productLink(id));
   } catch (err) {
-    $("product-title").textContent = err.message;
+    if (seq === productSeq) $("product-title").textContent = err.message;
     return;
   }
+  if (seq !== productSeq) return;
   document.title = titleOf(item);
-  const hasPhoto = item.image !== null && item.image !== undefined && item.image !== "";
+  const photo = hasPhoto(item);
   for (const part of ["product-image", "but-form", "looks-section"]) $(part).hidden = false;
   $("product-no-photo").hidden = true;
   // "Looks like this" once the photo shows: an item whose file is gone has none to search by (noPhoto hides the row).
-  $("looks-row").replaceChildren();
-  $("product-image").onload = hasPhoto ? () => fillRow("looks-row", { like: id, mode: "image", k: 8 }) : null;
-  if (hasPhoto) $("product-image").src = productLink(id) + "/image?size=512";
-  else { $("product-image").removeAttribute("src"); noPhoto(); }
+  $("product-image").onload = photo ? () => fillRow("looks-row", { like: id, mode: "image", k: 8 }, seq) : null;
+  if (photo) $("product-image").src = productLink(id) + "/image?size=512";
+  else noPhoto();
   $("product-image").alt = titleOf(item);
   $("product-title").textContent = titleOf(item);
   $("product-brand").textContent = info.display.brand ? (item[info.display.brand] || "") : "";
@@ -458,18 +598,19 @@ async function showProduct(id) {
     });
   $("product-details").replaceChildren(...rows);
   $("but-form").dataset.id = id;
-  fillRow("described-row", { like: id, mode: "text", k: 8 });
+  fillRow("described-row", { like: id, mode: "text", k: 8 }, seq);
 }
 
-async function fillRow(rowId, fields) {
+async function fillRow(rowId, fields, seq) {
   const row = $(rowId);
   row.replaceChildren(el("li", "muted", "…"));
   try {
     const data = await fetchJson("/search", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(fields) });
+    if (seq !== productSeq) return;
     row.replaceChildren(...data.results.map((item) => card(item, data.mode)));
     if (!data.results.length) row.replaceChildren(el("li", "muted", "Nothing like it yet."));
   } catch (err) {
-    row.replaceChildren(el("li", "muted", err.message));
+    if (seq === productSeq) row.replaceChildren(el("li", "muted", err.message));
   }
 }
 
@@ -479,7 +620,7 @@ $("but-form").addEventListener("submit", (e) => {
   if (!words) return;
   $("but-heading").textContent = `This, but ${words}`;
   $("but-section").hidden = false;
-  fillRow("but-row", { like: $("but-form").dataset.id, text: words, k: 8 });
+  fillRow("but-row", { like: $("but-form").dataset.id, text: words, k: 8 }, productSeq);
 });
 
 function noPhoto() {
@@ -492,6 +633,160 @@ function noPhoto() {
 $("product-image").addEventListener("error", noPhoto);
 
 $("back").addEventListener("click", (e) => { e.preventDefault(); go($("back").getAttribute("href")); });
+
+// ---------------------------------------------------------------- a part of the photo (crop)
+// The shopper drags a box over their photo, or a product's (mouse, pen or touch: pointer events), and searches by
+// that part; the box starts on the photo's most salient region (POST /salient). The box is fractions of the photo,
+// [x0, y0, x1, y1], as the API's `crop` takes it; the URL keeps it (crop=x0,y0,x1,y1) with the photo.
+
+const MIN_SIDE = 0.04; // the smallest box, as a share of the photo's width and height
+const cropper = { box: [0, 0, 1, 1], item: null, drag: null, touched: false };
+
+function parseCrop(text) {
+  const v = String(text || "").split(",").map(Number);
+  return v.length === 4 && v.every((x) => Number.isFinite(x) && x >= 0 && x <= 1) && v[0] < v[2] && v[1] < v[3] ? v : null;
+}
+
+function markCrop() {
+  const button = $("crop-open");
+  button.classList.toggle("on", !!state.crop);
+  button.setAttribute("aria-pressed", String(!!state.crop));
+  button.title = state.crop ? "Searching a part of the photo: change it" : "Search a part of the photo";
+}
+
+const clamp = (v, lo = 0, hi = 1) => Math.min(hi, Math.max(lo, v));
+
+function setBox(box) {
+  let [x0, y0, x1, y1] = box.map((v) => clamp(v));
+  if (x1 - x0 < MIN_SIDE) { x1 = clamp(x0 + MIN_SIDE); x0 = x1 - MIN_SIDE; }
+  if (y1 - y0 < MIN_SIDE) { y1 = clamp(y0 + MIN_SIDE); y0 = y1 - MIN_SIDE; }
+  cropper.box = [x0, y0, x1, y1];
+  const style = $("crop-box").style;
+  style.left = 100 * x0 + "%"; style.top = 100 * y0 + "%";
+  style.width = 100 * (x1 - x0) + "%"; style.height = 100 * (y1 - y0) + "%";
+  $("crop-box").dataset.box = cropper.box.map((v) => v.toFixed(3)).join(",");
+}
+
+async function openCrop(imageUrl, salientRequest, current) {
+  cropper.touched = false;
+  $("crop-stage").dataset.ready = "";
+  $("crop-image").src = imageUrl;
+  $("crop-dialog").hidden = false;
+  document.body.classList.add("modal-open");
+  setBox(current || [0, 0, 1, 1]);
+  $("crop-box").focus();
+  if (!current) {  // the most salient region, unless the shopper has moved the box meanwhile
+    const data = await fetchJson("/salient", salientRequest).catch(() => null);
+    if (data && !cropper.touched && !$("crop-dialog").hidden) setBox(data.box);
+  }
+  $("crop-stage").dataset.ready = "1";
+}
+
+function closeCrop() {
+  $("crop-dialog").hidden = true;
+  cropper.drag = null;
+  document.body.classList.remove("modal-open");
+}
+
+function pointAt(e) {
+  const r = $("crop-stage").getBoundingClientRect();
+  return [clamp((e.clientX - r.left) / r.width), clamp((e.clientY - r.top) / r.height)];
+}
+
+function dragged(drag, p) {
+  const dx = p[0] - drag.start[0], dy = p[1] - drag.start[1];
+  let [x0, y0, x1, y1] = drag.box;
+  if (drag.kind === "move") {
+    const w = x1 - x0, h = y1 - y0;
+    x0 = clamp(x0 + dx, 0, 1 - w); y0 = clamp(y0 + dy, 0, 1 - h);
+    return [x0, y0, x0 + w, y0 + h];
+  }
+  if (drag.kind === "draw") {
+    return [Math.min(drag.start[0], p[0]), Math.min(drag.start[1], p[1]), Math.max(drag.start[0], p[0]), Math.max(drag.start[1], p[1])];
+  }
+  if (drag.corner.includes("w")) x0 = Math.min(x0 + dx, x1 - MIN_SIDE); else x1 = Math.max(x1 + dx, x0 + MIN_SIDE);
+  if (drag.corner.includes("n")) y0 = Math.min(y0 + dy, y1 - MIN_SIDE); else y1 = Math.max(y1 + dy, y0 + MIN_SIDE);
+  return [x0, y0, x1, y1];
+}
+
+const stage = $("crop-stage");
+stage.addEventListener("pointerdown", (e) => {
+  if (e.pointerType === "mouse" && e.button !== 0) return;
+  e.preventDefault();  // no text selection, no image drag, no scrolling under a finger
+  const p = pointAt(e), corner = e.target.dataset.corner;
+  const kind = corner ? "corner" : e.target === $("crop-box") ? "move" : "draw";  // outside the box: draw a new one
+  cropper.drag = { kind, corner, start: p, box: kind === "draw" ? [...p, ...p] : cropper.box.slice(), pointer: e.pointerId };
+  cropper.touched = true;
+  stage.setPointerCapture(e.pointerId);
+});
+stage.addEventListener("pointermove", (e) => {
+  if (!cropper.drag || e.pointerId !== cropper.drag.pointer) return;
+  e.preventDefault();
+  setBox(dragged(cropper.drag, pointAt(e)));
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  stage.addEventListener(type, (e) => {
+    if (cropper.drag && e.pointerId === cropper.drag.pointer) cropper.drag = null;
+  });
+}
+$("crop-box").addEventListener("keydown", (e) => {  // arrows move the box; with Shift they resize it
+  const step = 0.02, moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+  if (!moves[e.key]) return;
+  e.preventDefault();
+  cropper.touched = true;
+  const [dx, dy] = moves[e.key];
+  const drag = e.shiftKey ? { kind: "corner", corner: "se", start: [0, 0], box: cropper.box } : { kind: "move", start: [0, 0], box: cropper.box };
+  setBox(dragged(drag, [dx, dy]));
+});
+
+function applyCrop(box) {
+  const whole = !box || (box[0] <= 0.001 && box[1] <= 0.001 && box[2] >= 0.999 && box[3] >= 0.999);
+  const text = whole ? "" : box.map((v) => v.toFixed(3)).join(",");
+  const item = cropper.item;
+  closeCrop();
+  if (item === null) {
+    state.crop = text;
+    state.pages = 1;
+    go(searchUrl(state));
+  } else searchItemPart(item, text);
+}
+
+async function searchItemPart(id, text) {
+  // A product's photo becomes the query photo, as if uploaded (kept for the session), cut to the box.
+  const response = await fetch(productLink(id) + "/image?size=1024").catch(() => null);
+  if (!response || !response.ok) { $("product-title").textContent = "We could not read this product's photo."; return; }
+  const blob = await response.blob();
+  const name = `${$("product-title").textContent || "product"}.png`;
+  setPhoto(blob, name);
+  const reader = new FileReader();
+  reader.onload = () => {
+    try { sessionStorage.setItem("photo", JSON.stringify({ name, data: reader.result })); } catch { /* too large to keep */ }
+  };
+  reader.readAsDataURL(blob);
+  state = emptyState();
+  state.photo = true;
+  state.crop = text;
+  go(searchUrl(state));
+}
+
+$("crop-open").addEventListener("click", () => {
+  if (!photo) return;
+  const form = new FormData();
+  form.append("image", photo.blob, photo.name);
+  cropper.item = null;
+  openCrop(photo.url, { method: "POST", body: form }, parseCrop(state.crop));
+});
+$("product-crop").addEventListener("click", () => {
+  const id = $("but-form").dataset.id;
+  cropper.item = id;
+  openCrop(productLink(id) + "/image?size=1024",
+           { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ like: id }) }, null);
+});
+$("crop-search").addEventListener("click", () => applyCrop(cropper.box));
+$("crop-whole").addEventListener("click", () => applyCrop(null));
+$("crop-close").addEventListener("click", closeCrop);
+$("crop-dialog").addEventListener("click", (e) => { if (e.target === $("crop-dialog")) closeCrop(); });
+document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !$("crop-dialog").hidden) closeCrop(); });
 
 // ---------------------------------------------------------------- start
 
