@@ -41,7 +41,7 @@ from ..query.checks import check_where
 from ..query.options import MODES, declared
 from .schemas import (WRITE_FAILED, INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
                       PatchResponse, RemoveResponse, SalientResponse, SearchResponse, UpsertResponse, batch_body, item_body,
-                      json_query_parameter, new_item_id, patch_body, responses, salient_body, search_body, search_request_model,
+                      integral_id, json_query_parameter, new_item_id, patch_body, responses, salient_body, search_body, search_request_model,
                       unknown_fields)
 from .service import Service, refuse_skipped
 
@@ -214,11 +214,14 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("application/json"):
             body = parse_json("request body", await request.body())
-            if not isinstance(body, dict) or set(body) != {"like"} or not isinstance(body["like"], (str, int)):
+            if not isinstance(body, dict) or set(body) != {"like"} or not isinstance(body["like"], (str, int, float)):
                 raise _HTTPError(400, 'send {"like": ITEM_ID} as JSON, or a form with the photo in `image`')
-            image = service.retriever.image_source(body["like"])
+            like = integral_id(body["like"])  # 3.0 is the integer 3, as JSON Schema has it
+            if like is None:
+                raise _HTTPError(400, f"like: an item id is text or an integer, got {body['like']!r}")
+            image = service.retriever.image_source(like)
             if image is None:
-                raise _HTTPError(404, f"item {body['like']!r} has no photo")
+                raise _HTTPError(404, f"item {like!r} has no photo")
         elif content_type.startswith("multipart/form-data"):
             form = await _form(request)
             upload = form.get("image")

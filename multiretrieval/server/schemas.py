@@ -37,6 +37,12 @@ def _integral(value: Any) -> Any:
 Integer = Annotated[int, BeforeValidator(_integral)]
 
 
+def integral_id(value: Any) -> str | int | None:
+    """An item id from JSON as the schema takes it (text, or an integer: 3.0 is 3); None for anything else."""
+    value = _integral(value)
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
 def search_request_model(bounds: SearchConfig, vector_dim: int | None = None) -> type[BaseModel]:
     """The search request: every served option of ``SearchOptions`` (query/options.py, its one declaration), with the
     index's bounds (``search:`` in its config) in the schema, plus ``image_url`` and ``facets``; ``vector_dim``: the

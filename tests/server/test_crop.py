@@ -66,3 +66,13 @@ def test_the_salient_box_of_an_upload_and_of_an_item(client, scene_png):
     assert client.post("/salient", json={}).status_code == 400
     assert client.post("/salient", files={"image": ("x.png", b"not an image", "image/png")}).status_code == 400
     assert client.post("/salient", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+
+
+def test_the_salient_box_of_an_item_takes_its_id_as_the_schema_does(client):
+    """JSON Schema's integer 163.0 is 163: the schema let it through and the service refused it (400); a fraction or
+    a boolean is no id."""
+    r = client.post("/salient", json={"like": 163.0})
+    assert r.status_code == 200 and r.json()["box"] == client.post("/salient", json={"like": 163}).json()["box"]
+    for wrong in (163.5, True):
+        r = client.post("/salient", json={"like": wrong})
+        assert r.status_code == 400 and "an item id is text or an integer" in r.json()["detail"]
