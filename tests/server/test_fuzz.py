@@ -37,6 +37,10 @@ UNSTATABLE = {
     # these out mode by mode, but the rules would bury the fields (the schema does state which inputs exclude others).
     r"mode '[\w-]+' takes|with a text is a fused query|like=ITEM_ID takes mode|a vector query searches the joint space|"
     r"weights apply to fused queries|give one of: an image": "the inputs a mode takes",
+    # A crop's box against the photo it cuts (x0 < x1 and y0 < y1, within its width and height when in pixels), and
+    # that there is a photo (an `image` part or an `image_url`): the first depends on the photo, the second is a rule
+    # between fields of the kind "the inputs a mode takes" above.
+    r"crop is empty|crop is inverted|crop: [xy][01] = .* outside the photo|crop cuts the query photo": "a crop within its photo",
     # A sum of two fields.
     r"k \+ offset = [\d,]+; a query may ask for at most": "k + offset within search.max_k",
     # A filter's grammar (SQL over the catalog's columns), and its running time.
@@ -50,6 +54,9 @@ UNSTATABLE = {
     r'^"image_url: ': "a photo address that serves a photo",
     # PATCH's image: as image_url, or a path: whether a file is there, in the server's image folders, and an image.
     r'^"image: ': "a photo address that serves a photo, or the path of an image file in the server's image folders",
+    # An item's image given in its metadata (a column named like an image column, catalog.find_image_column): whether
+    # the file it names is there.
+    r"row 0 \(id .*\): .*: file not found": "the photo a metadata column names is a file that is there",
     # Whether an id is taken, and whether an item PUT without a photo or text has one indexed: the index's state.
     r"is already indexed|neither image nor text|an item needs an image or a text": "a new id is free; it has a photo or text",
     # The id in PUT's metadata must be the one in the path: two places of one request.
