@@ -104,6 +104,12 @@ def test_the_api_answers_generated_requests_within_its_schema(api_schema):
                 check()
             except Unsatisfiable:
                 pass  # no negative case exists (an operation without parameters)
+            except ValueError as exc:
+                # schemathesis 4.32 checks that a negative form it generated is invalid with jsonschema_rs, which cannot
+                # read a file part (as above): generation stops there. Whether the examples reach one shifts with the
+                # app's code and the modules loaded (schemathesis draws constants from them), not with the API.
+                if "Unsupported type: 'Binary'" not in str(exc):
+                    failures.append(f"{operation.label} ({mode.value}): {_described(exc)}")
             except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - reported below, every operation's
                 failures.append(f"{operation.label} ({mode.value}): {_described(exc)}")
     assert not failures, "\n\n".join(failures)
