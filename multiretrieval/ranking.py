@@ -76,6 +76,38 @@ def best_reading(index, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
     return Hits(keys[order], scores[order].astype(np.float32), np.full(len(order), None, dtype=object))
 
 
+def with_regions(hits: Hits, image: np.ndarray, vector: np.ndarray, k: int, allowed: np.ndarray | None, store,
+                 item_vectors) -> Hits:
+    """An image query's top k where the items carry region vectors (``index.image_regions``): an item whose best
+    region's cosine with the query photo (``image``: its unit image vector (1, dim)) beats its whole photo's scores
+    that much more. Under late fusion an image query's score is cos(image), so an item scores the better of its whole
+    photo and its best region; what else a score holds (a trained fusion's learned part, a ``not_text``) stays.
+    ``hits``: the joint index's top k by ``vector``; ``item_vectors(keys)`` scores the items only regions found.
+    Regions are scored exhaustively; the union of both top-k lists holds the true top k (an item in neither trails
+    k items of each)."""
+    from .regions import best_region_scores
+    from .utils import l2_normalize
+
+    features = store.features
+    rows = np.arange(len(store)) if allowed is None else store.rows_of(allowed)
+    best = best_region_scores(features["region_vectors"][rows], features["region_mask"][rows], image[0])
+    top = np.argsort(-best, kind="stable")[:k]
+    keys = np.union1d(hits.keys, store.keys[rows[top[np.isfinite(best[top])]]])
+    if not len(keys):
+        return hits
+    indexed = dict(zip(hits.keys.tolist(), hits.scores.tolist()))
+    scores = np.array([indexed.get(key, np.nan) for key in keys.tolist()], np.float32)
+    only_regions = np.isnan(scores)
+    if only_regions.any():
+        scores[only_regions] = item_vectors(keys[only_regions]) @ vector[0]
+    at = store.rows_of(keys)
+    whole = l2_normalize(features["image_tokens"][at, 0]) @ image[0]
+    lift = best_region_scores(features["region_vectors"][at], features["region_mask"][at], image[0]) - whole
+    scores = np.where(lift > 0, scores + lift, scores).astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return Hits(keys[order], scores[order], np.full(len(order), None, dtype=object))
+
+
 def tie_values(scores: np.ndarray) -> np.ndarray:
     """Scores as ties are judged: to 1e-6 (listings that share a photo and a title score alike, up to float noise)."""
     return np.round(np.asarray(scores, np.float64), 6)

@@ -54,7 +54,8 @@ from .catalog import ImageInput, load_image, text_problem
 from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .fusion import compose_text
-from .ranking import TIE_DEPTH, Hits, best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values
+from .ranking import (TIE_DEPTH, Hits, best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values,
+                      with_regions)
 from .regions import crop_image
 from .utils import l2_normalize
 
@@ -328,20 +329,21 @@ def run_batch(queries: list[Query], embedder, items: Collection) -> list[pd.Data
     allowed = []  # the filters first: a refused or interrupted one costs no encoding
     for q in queries:
         allowed.append(store.filter(q.where, limit, q.unsafe_where, q.filters))
-    return [answer(q, space, vector, keys, embedder, items, photo)
-            for q, (space, vector, photo), keys in zip(queries, _query_vectors(queries, embedder, items, allowed), allowed)]
+    return [answer(q, space, vector, keys, embedder, items, photo, image)
+            for q, (space, vector, photo, image), keys in zip(queries, _query_vectors(queries, embedder, items, allowed), allowed)]
 
 
 def query_vectors(queries: list[Query], embedder, items: Collection) -> list[tuple[str, np.ndarray]]:
     """(index space, (readings, d) vectors) per query, on the score scale (joint space: ``joint_query_vectors``;
     one reading but for composed fused queries), a ``not_text`` already subtracted."""
-    return [(space, vector) for space, vector, _ in _query_vectors(queries, embedder, items)]
+    return [(space, vector) for space, vector, _, _ in _query_vectors(queries, embedder, items)]
 
 
 def _query_vectors(queries: list[Query], embedder, items: Collection, allowed: list[np.ndarray | None] | None = None
-                   ) -> list[tuple[str, np.ndarray, Photo | None]]:
+                   ) -> list[tuple[str, np.ndarray, Photo | None, np.ndarray | None]]:
     """``query_vectors`` with, for a fused query with a photo and words, its ``Photo`` (word_filter's input): the
-    photo's nearest items among those its query's filter lets through (``allowed``, per query; None: no filter)."""
+    photo's nearest items among those its query's filter lets through (``allowed``, per query; None: no filter); and
+    for an image query where the items carry region vectors, its photo's unit image vector (1, dim) (ranking.with_regions)."""
     allowed = allowed or [None] * len(queries)
     fusion = embedder.config.fusion
 
@@ -351,6 +353,7 @@ def _query_vectors(queries: list[Query], embedder, items: Collection, allowed: l
 
     out: list = [None] * len(queries)
     photos: dict[int, Photo] = {}
+    unit_images: dict[int, np.ndarray] = {}
     read_photo = fusion.compose or fusion.word_filter  # what a fused query's photo alone is needed for
     groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
@@ -374,6 +377,8 @@ def _query_vectors(queries: list[Query], embedder, items: Collection, allowed: l
             features = embedder.features(images, texts)
             near = photo_neighbours(features, embedder, items) if has_image and has_text and read_photo else None
             vectors, name = joint_query_vectors(features, weights, embedder, items, near=near), "joint"
+            if has_image and not has_text and items.store.regions != "none":
+                unit_images.update((i, l2_normalize(features["image_tokens"][j:j + 1, 0])) for j, i in enumerate(idx))
             if near is not None:
                 photos.update((i, photo(i, near[0][j:j + 1], near[1][j])) for j, i in enumerate(idx))
         for j, i in enumerate(idx):
@@ -387,7 +392,7 @@ def _query_vectors(queries: list[Query], embedder, items: Collection, allowed: l
                 out[i] = (out[i][0], (out[i][1] - subtract[j:j + 1]).astype(np.float32))
                 if i in photos:  # the photo alone ranks the items its words name: the concept goes from it too
                     photos[i] = Photo((photos[i].vector - subtract[j:j + 1]).astype(np.float32), photos[i].near)
-    return [(space, vector, photos.get(i)) for i, (space, vector) in enumerate(out)]
+    return [(space, vector, photos.get(i), unit_images.get(i)) for i, (space, vector) in enumerate(out)]
 
 
 def like_vector(query: Query, embedder, items: Collection) -> np.ndarray:
@@ -498,9 +503,10 @@ def word_filter(text: str, near: np.ndarray, items: Collection) -> np.ndarray | 
 
 
 def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | None, embedder, items: Collection,
-           photo: Photo | None = None) -> pd.DataFrame:
+           photo: Photo | None = None, image: np.ndarray | None = None) -> pd.DataFrame:
     """Rank among the allowed keys (None: all), leave out the ``like`` item and what scores under
-    ``min_score``, sort, cut the page; the result rows. ``photo``: a fused query's photo alone (word_filter)."""
+    ``min_score``, sort, cut the page; the result rows. ``photo``: a fused query's photo alone (word_filter);
+    ``image``: an image query's unit image vector, where the items carry region vectors (ranking.with_regions)."""
     store, index = items.store, items.indexes[space]
     if vector.shape[1] != index.dim:
         raise QueryError(f"the query vector has {vector.shape[1]} dimensions; the {space} space has {index.dim}")
@@ -521,6 +527,9 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
             first = search_index(index, photo.vector, depth, named)
         if len(vector) == 1:
             hits = search_index(index, vector, depth, allowed, matched)
+            if image is not None:
+                hits = with_regions(hits, image, vector, depth, allowed, store,
+                                    lambda keys: embedder.item_vectors(store.features, store.rows_of(keys)))
         else:
             hits = best_reading(index, vector, depth, allowed, lambda keys: embedder.item_vectors(store.features, store.rows_of(keys)),
                                 same_text_as(skip, store))
