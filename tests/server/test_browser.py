@@ -176,6 +176,15 @@ def test_a_filter_that_leaves_nothing_says_what_to_loosen(page):
     assert page.locator(".facet[data-column=price] input[data-end=min]").input_value() == "1000000"  # the bound in force, though off the slider
 
 
+def test_a_nonsense_query_says_no_close_matches_and_shows_related_products(page):
+    search(page, "zzqx blorf")
+    assert page.inner_text("#status") == "No close matches for “zzqx blorf” — showing related products"
+    assert len(titles(page)) == PAGE and page.locator("#more").is_hidden()
+    shot(page, "no-close-match")
+    search(page, "a washing machine")  # a real query: its product, and no such line
+    assert titles(page)[0] == "Washing machine" and "No close matches" not in page.inner_text("#status")
+
+
 def test_show_more_and_reload_keep_the_pages(page):
     search(page, "a lamp")
     first = titles(page)
