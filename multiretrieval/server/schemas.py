@@ -125,9 +125,9 @@ class SearchResponse(BaseModel):
     total: int | None = Field(description=(
         "the items the search matches, every page together: those the filters (where, filters) let through that the "
         "mode compares (every item; for text-only and zero-shot image queries those with a text, for zero-shot text "
-        "queries those with a photo), the `like` item left out. With min_score, those scoring at least that, where the "
-        "ranking read settles it (it read every item, or its last score is below the floor; never for a text query "
-        "whose ranking was read only in part); null otherwise"))
+        "queries those with a photo), the `like` item left out. With min_score (\"auto\" too), those scoring at least that, "
+        "where the ranking settles it (it read every item, or its last score is below the floor; a text query's is read "
+        "deeper until it is); null otherwise"))
     offset: int
     min_score: float | None = Field(None, description="the score floor applied (min_score, or the calibrated one for "
                                                       "\"auto\"); null: none")

@@ -189,7 +189,7 @@ async function runSearch(append = false) {
   const fields = {
     text: state.q || undefined, mode: state.mode, k: append ? PAGE : state.pages * PAGE, offset,
     where: state.where || undefined, filters: Object.keys(state.filters).length ? state.filters : undefined,
-    sort_by: state.sort || undefined, min_score: state.min === "" ? undefined : Number(state.min),
+    sort_by: state.sort || undefined, min_score: state.min === "" ? undefined : state.min === "off" ? "off" : Number(state.min),
     image_url: !photo && state.img ? state.img : undefined, facets: !append,
     crop: photo && state.crop ? parseCrop(state.crop) : undefined,
   };
