@@ -589,6 +589,7 @@ def _search_response(query: Any, image, results, facets, started: float, retriev
     took = round((time.perf_counter() - started) * 1e3, 1)
     # The rows serialised once by pandas (NaN -> null), not converted to dicts and back.
     head = {"mode": mode, "count": len(results), "total": results.attrs.get("total"), "offset": query.offset,
+            "min_score": results.attrs.get("min_score"), "no_close_match": bool(results.attrs.get("no_close_match")),
             "has_more": bool(results.attrs.get("has_more")), "took_ms": took, "facets": facets}
     rows = _for_clients(results, retriever).to_json(orient="records")
     body = json.dumps(head, default=str)[:-1] + f', "results": {rows}}}'
@@ -699,10 +700,12 @@ async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, 
 @lru_cache(maxsize=8)
 def _text_fields(model: type[BaseModel]) -> frozenset[str]:
     """The fields of a request model that take a string (a form gives them as they are)."""
-    def takes_text(schema: dict) -> bool:
-        return schema.get("type") == "string" or any(takes_text(option) for option in schema.get("anyOf", ()))
+    def takes(schema: dict, kinds: tuple[str, ...]) -> bool:
+        return schema.get("type") in kinds or any(takes(option, kinds) for option in schema.get("anyOf", ()))
 
-    return frozenset(name for name, schema in model.model_json_schema()["properties"].items() if takes_text(schema))
+    # A field that takes a number too (min_score: 0.3 or "auto") is read as JSON where it parses as JSON.
+    return frozenset(name for name, schema in model.model_json_schema()["properties"].items()
+                     if takes(schema, ("string",)) and not takes(schema, ("number", "integer")))
 
 
 def _form_value(name: str, text: str) -> Any:
