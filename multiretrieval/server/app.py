@@ -38,7 +38,7 @@ from ..errors import (CatalogError, ConfigError, ImageError, ImageLimitError, It
 from ..utils import usable_cpus
 from .guards import LOOPBACK_HOSTS, BodyLimit, RequestGuard
 from ..search import MODES, check_where
-from .schemas import (WRITE_FAILED, INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
+from .schemas import (WRITE_FAILED, INTEGER_TEXT, integral, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
                       PatchResponse, RemoveResponse, SalientResponse, SearchResponse, UpsertResponse, batch_body, item_body, json_query_parameter,
                       new_item_id, patch_body, responses, salient_body, search_body, search_request_model)
 from .service import Service, refuse_skipped
@@ -212,11 +212,12 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("application/json"):
             body = parse_json("request body", await request.body())
-            if not isinstance(body, dict) or set(body) != {"like"} or not isinstance(body["like"], (str, int)):
+            like = integral(body.get("like")) if isinstance(body, dict) else None  # 3.0 is JSON Schema's integer 3
+            if not isinstance(body, dict) or set(body) != {"like"} or isinstance(like, bool) or not isinstance(like, (str, int)):
                 raise _HTTPError(400, 'send {"like": ITEM_ID} as JSON, or a form with the photo in `image`')
-            image = service.retriever.image_source(body["like"])
+            image = service.retriever.image_source(like)
             if image is None:
-                raise _HTTPError(404, f"item {body['like']!r} has no photo")
+                raise _HTTPError(404, f"item {like!r} has no photo")
         elif content_type.startswith("multipart/form-data"):
             form = await _form(request)
             upload = form.get("image")

@@ -32,12 +32,12 @@ JSON_FORM_FIELDS = ("filters", "vector", "weights", "crop")  # structured values
 assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 # An integer as JSON Schema has it: 5.0 is the integer 5 (pydantic's strict int refuses it).
-Integer = Annotated[int, BeforeValidator(_integral)]
+Integer = Annotated[int, BeforeValidator(integral)]
 Range = dict[Literal["min", "max"], float | None]  # a filter's range of numbers
 
 
