@@ -218,7 +218,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import create_app
 
     from .server.guards import LOOPBACK_HOSTS
+    from .utils import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before the model and request threads start
     api_key = args.api_key or os.environ.get("MULTIRETRIEVAL_API_KEY") or None
     hosts = list(LOOPBACK_HOSTS) + (args.allowed_host or [])
     if args.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind names no host

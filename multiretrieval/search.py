@@ -55,8 +55,9 @@ from .config import RetrieverConfig
 from .errors import LimitError, QueryError
 from .fusion import compose_text
 from .ranking import (TIE_DEPTH, Hits, best_reading, fusion_calibration, negative_vectors, rank_text, restrict, search_index, tie_values,
-                      with_regions)
+                      with_regions, zero_shot_scale)
 from .regions import crop_image
+from .relevance import query_kind, relevance_floor
 from .utils import l2_normalize
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class Query:
     hybrid: str = "rrf"  # how keyword (BM25) and vector rankings combine for text queries: rrf | weighted | off
     keyword_weight: float = 0.5  # the keywords' share (0: vectors only; 1: keywords only)
     offset: int = 0  # results start after this many (paging)
-    min_score: float | None = None  # results scoring lower are dropped
+    min_score: float | str | None = None  # results scoring lower are dropped; "auto": the calibrated floor (relevance.py)
     sort_by: tuple[str, bool] | None = None  # (column, descending): reorders the most relevant items
     filters: dict[str, Any] | None = None  # column -> values or {"min", "max"}: ANDed with ``where`` (filters.compile_filters)
     like: Any = None  # an item id: its stored features are the query ("more like this"), the item itself left out
@@ -173,12 +174,23 @@ def _weights(value: Any, mode: str) -> tuple[float, float] | None:
     return pair[0], pair[1]
 
 
-def _min_score(value: Any) -> float | None:
-    if value is None:
+def _min_score(value: Any) -> float | str | None:
+    if value is None or value == "off":
         return None
+    if value == "auto":
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
-        raise QueryError(f"min_score must be a number, got {value!r}")
+        raise QueryError(f'min_score must be a number, "auto" or "off", got {value!r}')
     return float(value)
+
+
+def score_floor(query: Query, embedder) -> float | None:
+    """The score under which a query's results are left out: its ``min_score``, or with "auto" the calibrated
+    "no close match" floor of its kind of query under the embedder's models (None where none was measured)."""
+    if query.min_score != "auto":
+        return query.min_score
+    kind = query_kind(query.mode, query.text is not None)
+    return None if kind is None else relevance_floor(embedder.config, kind)
 
 
 def _sort_key(value: Any) -> tuple[str, bool] | None:
@@ -540,8 +552,9 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
                         np.r_[first.matched, hits.matched[rest]])
         columns = {}
     keep = ~np.isin(hits.keys, skip)
-    if query.min_score is not None:
-        keep &= hits.scores >= query.min_score
+    floor = score_floor(query, embedder)
+    if floor is not None:
+        keep &= hits.scores >= floor
     shown = query.mode in ("text", "zero-shot") and query.like is None
     frame = store.results(hits.keys[keep], hits.scores[keep],
                           {name: values[keep] for name, values in [("matched", hits.matched), *columns.items()]} if shown else None)
@@ -567,12 +580,18 @@ def answer(query: Query, space: str, vector: np.ndarray, allowed: np.ndarray | N
         page.insert(4, "text_score", text_part)
         page.insert(5, "word_match", by_photo)
     page.attrs["has_more"] = len(frame) > query.offset + query.k
-    page.attrs["total"] = count_matches(query, space, allowed, store, skip, hits, ordered, len(frame))
+    total = count_matches(query, space, allowed, store, skip, hits, ordered, len(frame), floor)
+    if total is None and floor is not None and query.mode == "text" and query.like is None and query.not_text is None:
+        total = count_text_above(query, vector, floor, allowed, embedder, items, depth)
+    page.attrs["total"] = total
+    page.attrs["min_score"] = floor
+    # Nothing scores as high as the floor although items were ranked: no close match (a shop shows related products).
+    page.attrs["no_close_match"] = bool(floor is not None and not len(frame) and (~np.isin(hits.keys, skip)).any())
     return page
 
 
 def count_matches(query: Query, space: str, allowed: np.ndarray | None, store, skip: np.ndarray, hits: Hits,
-                  ordered: Hits | None, kept: int) -> int | None:
+                  ordered: Hits | None, kept: int, floor: float | None = None) -> int | None:
     """How many items a query matches in all, every page together: the items it ranks (those the filters let through
     that have what its mode compares: a text for a text-only or zero-shot image query, an image for a zero-shot text
     query; every item otherwise), the ``like`` item left out. With ``min_score``, those of them scoring at least that,
@@ -587,11 +606,38 @@ def count_matches(query: Query, space: str, allowed: np.ndarray | None, store, s
         subset = store.keys  # the joint space holds every item
     pool = restrict(subset, len(store), allowed)
     ranked = len(store) if pool is None else len(pool)
-    if query.min_score is None:
+    if floor is None:
         return ranked - int(np.isin(skip, pool).sum() if pool is not None else len(skip))
-    if len(np.unique(hits.keys)) >= ranked or (ordered is not None and len(ordered.scores) and ordered.scores[-1] < query.min_score):
+    if len(np.unique(hits.keys)) >= ranked or (ordered is not None and len(ordered.scores) and ordered.scores[-1] < floor):
         return kept
     return None
+
+
+def count_text_above(query: Query, vector: np.ndarray, floor: float, allowed: np.ndarray | None, embedder, items: Collection,
+                     start: int) -> int:
+    """How many items a text query scores at least ``floor`` on (its ``score``, not the hybrid order): item texts in
+    the joint space and, in auto mode, the images of items without text on the merged scale (ranking.merge_spaces)."""
+    store = items.store
+    texts = restrict(store.with_modality("text"), len(store), allowed)
+    count = count_above(items.indexes["joint"], vector, floor, texts, start) if texts is None or len(texts) else 0
+    image_only = restrict(store.with_modality("image only"), len(store), allowed) if query.auto else np.zeros(0, np.int64)
+    if image_only is None or len(image_only):
+        a, b = zero_shot_scale(embedder, items) if texts is None or len(texts) else (1.0, 0.0)  # as rank_text merges
+        clip = embedder.embed(texts=[query.text], space="clip")
+        count += count_above(items.indexes["clip_image"], clip, (floor - b) / a, image_only, start)
+    return count
+
+
+def count_above(index, vector: np.ndarray, floor: float, keys: np.ndarray | None, start: int) -> int:
+    """How many of ``keys`` (None: every item of the index) score at least ``floor``: the index read best-first, four
+    times deeper each round, until a score falls below it (exact for exact indexes; as exact as the index otherwise)."""
+    n = len(index) if keys is None else len(keys)
+    k = max(start, 1)
+    while True:
+        hits = search_index(index, vector, min(k, n), keys)
+        if len(hits.scores) >= min(n, len(index)) or not len(hits.scores) or hits.scores[-1] < floor:
+            return int((hits.scores >= floor).sum())
+        k *= 4
 
 
 def ties_in_id_order(frame: pd.DataFrame, column: str) -> pd.DataFrame:

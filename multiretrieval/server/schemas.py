@@ -32,12 +32,12 @@ JSON_FORM_FIELDS = ("filters", "vector", "weights", "crop")  # structured values
 assert set(Mode.__args__) == set(MODES)  # noqa: S101 - the API and the service take the same modes
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 # An integer as JSON Schema has it: 5.0 is the integer 5 (pydantic's strict int refuses it).
-Integer = Annotated[int, BeforeValidator(_integral)]
+Integer = Annotated[int, BeforeValidator(integral)]
 Range = dict[Literal["min", "max"], float | None]  # a filter's range of numbers
 
 
@@ -75,10 +75,11 @@ def search_request_model(bounds: SearchConfig, vector_dim: int | None = None) ->
             examples=[{"category": ["Kitchen"], "price": {"min": 10, "max": 500}}])),
         sort_by=(str | None, Field(None, description=f"a column, 'price' or '-price' (descending): reorders the "
                                                      f"{bounds.sort_candidates} most relevant items (search.sort_candidates)")),
-        min_score=(float | None, Field(None, description=(
+        min_score=(float | Literal["auto", "off"] | None, Field("auto", description=(
             "leave out results scoring lower. One scale for image, text and fused queries: the weighted mean of the "
             "cosines of the parts the query has (an item's own photo as a photo query scores 1); zero-shot scores are "
-            "the zero-shot space's cosines (README, \"Scores\")"))),
+            "the zero-shot space's cosines (README, \"Scores\"). \"auto\" (the default): the calibrated \"no close match\" "
+            "floor of the query's kind (docs/queries.md, \"No close match\"); \"off\" or null: every result"))),
         weights=(dict[str, float] | None, Field(None, examples=[{"image": 0.7, "text": 0.3}], json_schema_extra={
             "propertyNames": {"enum": ["image", "text"]}, "additionalProperties": {"type": "number", "minimum": 0},
             "allOf": [{"anyOf": [{"required": [name], "properties": {name: {"exclusiveMinimum": 0}}}  # not both 0
@@ -124,10 +125,15 @@ class SearchResponse(BaseModel):
     total: int | None = Field(description=(
         "the items the search matches, every page together: those the filters (where, filters) let through that the "
         "mode compares (every item; for text-only and zero-shot image queries those with a text, for zero-shot text "
-        "queries those with a photo), the `like` item left out. With min_score, those scoring at least that, where the "
-        "ranking read settles it (it read every item, or its last score is below the floor; never for a text query "
-        "whose ranking was read only in part); null otherwise"))
+        "queries those with a photo), the `like` item left out. With min_score (\"auto\" too), those scoring at least that, "
+        "where the ranking settles it (it read every item, or its last score is below the floor; a text query's is read "
+        "deeper until it is); null otherwise"))
     offset: int
+    min_score: float | None = Field(None, description="the score floor applied (min_score, or the calibrated one for "
+                                                      "\"auto\"); null: none")
+    no_close_match: bool = Field(False, description=(
+        "the floor left out every item the query ranked: nothing is a close match (ask again with min_score \"off\" "
+        "for related items)"))
     has_more: bool = Field(description="another page follows")
     took_ms: float
     results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (`image`: the photo's file "

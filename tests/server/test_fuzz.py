@@ -52,6 +52,8 @@ UNSTATABLE = {
     r'^"image: ': "a photo address that serves a photo, or the path of an image file in the server's image folders",
     # Whether an id is taken, and whether an item PUT without a photo or text has one indexed: the index's state.
     r"is already indexed|neither image nor text|an item needs an image or a text": "a new id is free; it has a photo or text",
+    # A crop box's corners against each other (x0 < x1, y0 < y1) and, in pixels, against the photo's size.
+    r'crop is empty|crop is inverted|crop: \w+ = \S+ px is outside the photo|crop cuts the query photo, and this query has none': "a crop box within the photo, and a photo to crop",
     # The id in PUT's metadata must be the one in the path: two places of one request.
     r"differs from the id in the URL": "PUT's metadata id is the path's",
 }
