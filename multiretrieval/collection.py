@@ -124,7 +124,7 @@ class Collection:
             dim = embedder.zero_shot.dim
             self.indexes.create({"joint": embedder.fusion.out_dim, "clip_image": dim, "clip_text": dim}, len(self.store) + len(encoded.rows))
         rows = catalog.df.iloc[encoded.rows]
-        keys = self.store.append(rows, [encoded.sources[r] for r in encoded.rows], arrays, encoded.hashes)
+        keys = self.store.append(rows, [encoded.sources[r] for r in encoded.rows], arrays, encoded.hashes, embedder.regions)
         for space, present in (("clip_image", arrays["image_mask"][:, 0]), ("clip_text", arrays["text_mask"][:, 0])):
             vectors = arrays.pop(space)  # not kept: freed once in the index (the peak of a large run)
             if present.any():

@@ -108,6 +108,15 @@ class IndexConfig:
     target_recall: float = 0.999
     exact_filter_below: int = 20_000  # filtered queries matching fewer ids than this are scored exactly
     compact_deleted_share: float = 0.2  # graph indexes (HNSW) keep removed items marked deleted; rebuilt past this share
+    # Each item photo also indexed by region vectors (regions.REGION_RECIPES: none | grid4 | grid13 | salient6); an
+    # image query scores an item by its whole photo or its best region, whichever is higher (docs/queries.md).
+    image_regions: str = "none"
+
+    def __post_init__(self) -> None:
+        from .regions import REGION_RECIPES
+
+        if self.image_regions not in REGION_RECIPES:
+            raise ConfigError(f"image_regions: {self.image_regions!r} is not one of {', '.join(map(repr, REGION_RECIPES))}")
 
 
 @dataclass(frozen=True)

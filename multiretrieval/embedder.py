@@ -21,6 +21,7 @@ from .errors import ConfigError
 
 FEATURES = ("image_tokens", "image_mask", "text_tokens", "text_mask")  # token 0 of each = the pooled vector
 ZERO_SHOT = ("clip_image", "clip_text")  # the zero-shot space's image and text vectors
+REGIONS = ("region_vectors", "region_mask")  # index.image_regions: (n, R, dim) unit image vectors of crops, (n, R) real
 # The joint index's item vectors (fusion.item_vectors). 1: each modality weighted alike, not renormalised,
 # so all queries score on one scale. Indexes saved without it renormalised items that lack a modality;
 # their joint vectors are fused again from the stored features when they load (Retriever.load).
@@ -195,6 +196,25 @@ class Embedder:
         if self.image_encoder.precision != "fp32":  # fp32 shards keep the fingerprint they had before precisions existed
             out["precision"] = [self.image_encoder.precision, self.image_encoder.key]  # the key names the int8 recipe
         return out
+
+    @property
+    def regions(self) -> str:
+        """The region recipe item photos are indexed with (``index.image_regions``; "none": whole photos only)."""
+        return self.config.index.image_regions
+
+    def region_arrays(self, images: list) -> dict[str, np.ndarray]:
+        """REGIONS of decoded RGB item photos under ``regions`` (regions.region_arrays)."""
+        from .regions import region_arrays
+
+        return region_arrays(images, self.image_encoder, self.regions)
+
+    def region_fingerprint(self) -> dict[str, Any]:
+        """What changes an item's region arrays: the photo's encoding and the recipe (a shard store of their own, so
+        that turning regions on encodes only them where the whole-photo arrays are cached)."""
+        from .regions import REGION_DTYPE, REGION_RECIPES
+
+        return {**self.fingerprint(), "image_regions": [self.regions, REGION_RECIPES[self.regions]],
+                "region_dtype": np.dtype(REGION_DTYPE).name}
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of the models: encoder names and widths, fusion, zero-shot space."""

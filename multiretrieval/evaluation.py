@@ -422,15 +422,17 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- report
 
-REGION_VARIANTS = ("whole image", "+ 2x2 and 3x3 grids", "+ salient boxes and 2x2 grid (6)")
+REGION_VARIANTS = {"whole image": "none", "+ 13 regions: the 2 x 2 and 3 x 3 grids' cells": "grid13",
+                   "+ 6 regions: the salient components, then 2 x 2 grid cells": "salient6"}  # name -> index.image_regions
 
 
 def regions_benchmark(folder: str | Path, config: RetrieverConfig | None = None, show_progress=None) -> dict[str, Any]:
     """The regions benchmark (benchmarks.build_regions): (a) scene cropped around one item -> that item, against the whole
-    scene, through ``search(crop=...)``; (b) an item's own photo -> the scenes that contain it, each scene scored by its
-    best vector: the whole image's alone, or with region vectors (REGION_VARIANTS). R@1 and R@10."""
+    scene, through ``search(crop=...)``; (b) an item's own photo -> the scenes that contain it, through ``search`` over
+    the scenes indexed with each ``index.image_regions`` of REGION_VARIANTS (a scene scores its whole photo or its best
+    region). R@1 and R@10; for (b) also the vectors per scene, the bytes of region arrays per scene and the seconds
+    spent encoding regions per scene."""
     from .catalog import load_image
-    from .regions import crop_image, region_boxes
     from .retriever import Retriever
 
     folder = Path(folder)
@@ -442,43 +444,35 @@ def regions_benchmark(folder: str | Path, config: RetrieverConfig | None = None,
     r.index(Catalog(items[["id", "image"]], image_root=folder, text_columns=()), show_progress=show_progress)
     photos = {row.scene: load_image(folder / row.image) for row in scenes.itertuples()}
 
-    def ranks(specs: list[dict], targets: list[int]) -> np.ndarray:
+    def ranks(index: Retriever, specs: list[dict], relevant: list[set]) -> np.ndarray:
         found = []
         for start in range(0, len(specs), config.search.max_batch):
-            found += r.search_batch(specs[start:start + config.search.max_batch])
-        return np.array([1 + ids.index(t) if t in ids else np.inf for t, ids in zip(targets, (f["id"].tolist() for f in found))])
+            found += index.search_batch(specs[start:start + config.search.max_batch])
+        return np.array([next((1 + at for at, i in enumerate(f["id"]) if i in wanted), np.inf) for wanted, f in zip(relevant, found)])
 
-    targets = queries["target"].tolist()
     crop = {"queries": len(queries)}
     for name, with_crop in (("whole scene", False), ("crop around the item", True)):
         specs = [{"image": photos[q.scene], "mode": "image", "k": 10, **({"crop": json.loads(q.crop)} if with_crop else {})}
                  for q in queries.itertuples()]
-        found = ranks(specs, targets)
+        found = ranks(r, specs, [{t} for t in queries["target"]])
         crop[name] = {"R@1": float(np.mean(found <= 1)), "R@10": float(np.mean(found <= 10))}
 
-    encoder = r.embedder.image_encoder
     contains = [set(json.loads(s)) for s in scenes["items"]]
     wanted = sorted(set().union(*contains))
     paths = dict(zip(items["id"], items["image"]))
-    query_vectors = encoder.encode([load_image(folder / paths[i]) for i in wanted], show_progress=show_progress)
-    grids = [(c / g, r_ / g, (c + 1) / g, (r_ + 1) / g) for g in (2, 3) for r_ in range(g) for c in range(g)]
-    scene_images = [photos[n] for n in scenes["scene"]]
+    specs = [{"image": load_image(folder / paths[i]), "mode": "image", "k": 10} for i in wanted]
+    relevant = [{int(n) for n, c in zip(scenes["scene"], contains) if i in c} for i in wanted]
+    scene_catalog = Catalog(scenes[["scene", "image"]].rename(columns={"scene": "id"}), image_root=folder, text_columns=())
     out: dict[str, Any] = {"queries": len(wanted)}
-    best = query_vectors @ encoder.encode(scene_images, show_progress=show_progress).T  # (queries, scenes)
-    for variant in REGION_VARIANTS:
-        crops, owner = [], []
-        for n, image in enumerate(scene_images):
-            boxes = [] if variant == REGION_VARIANTS[0] else grids if variant == REGION_VARIANTS[1] else region_boxes(image, encoder, 6)
-            crops += [crop_image(image, b) for b in boxes]
-            owner += [n] * len(boxes)
-        scores = best.copy()
-        if crops:
-            region_scores = query_vectors @ encoder.encode(crops, show_progress=show_progress).T
-            np.maximum.at(scores.T, np.array(owner), region_scores.T)  # each scene: its best vector
-        relevant = np.array([[i in c for c in contains] for i in wanted])
-        top = np.where(relevant, scores, -np.inf).max(1)
-        rank = 1 + (np.where(relevant, -np.inf, scores) > top[:, None]).sum(1)
-        out[variant] = {"R@1": float(np.mean(rank <= 1)), "R@10": float(np.mean(rank <= 10)), "vectors": 1 + len(crops) / len(scene_images)}
+    for variant, recipe in REGION_VARIANTS.items():
+        index = Retriever(dataclasses.replace(config, index=dataclasses.replace(config.index, image_regions=recipe)))
+        report = index.index(scene_catalog, show_progress=show_progress)
+        found = ranks(index, specs, relevant)
+        features = index.collection.store.features
+        region_bytes = sum(features[k].nbytes for k in ("region_vectors", "region_mask") if k in features)
+        out[variant] = {"R@1": float(np.mean(found <= 1)), "R@10": float(np.mean(found <= 10)),
+                        "vectors": 1 + float(features["region_mask"].sum(1).mean()) if "region_mask" in features else 1.0,
+                        "region_bytes": region_bytes / len(scenes), "region_seconds": report.seconds.get("regions", 0.0) / len(scenes)}
     return {"items": len(items), "scenes_count": len(scenes), "crop": crop, "scenes": out}
 
 
@@ -536,10 +530,12 @@ def _regions_markdown(regions: dict[str, Any] | None) -> list[str]:
              (f"(a) Scene -> one of its items ({crop['queries']} queries, image mode): the scene cropped around the item "
               "(jittered) against the whole scene."), "", "| query | R@1 | R@10 |", "|---|---|---|"]
     lines += [f"| {name} | {m['R@1']:.3f} | {m['R@10']:.3f} |" for name, m in crop.items() if name != "queries"]
-    lines += ["", (f"(b) An item's own photo -> the scenes that contain it ({scenes['queries']} queries; a scene scores its best "
-                   "vector; image-encoder cosines, as late fusion's image scores)."), "",
-              "| scene vectors | R@1 | R@10 | vectors per scene |", "|---|---|---|---|"]
-    lines += [f"| {name} | {m['R@1']:.3f} | {m['R@10']:.3f} | {m['vectors']:.1f} |" for name, m in scenes.items() if name != "queries"]
+    lines += ["", (f"(b) An item's own photo -> the scenes that contain it ({scenes['queries']} queries, image mode), the scenes "
+                   "indexed with each index.image_regions (a scene scores its whole photo or its best region)."), "",
+              "| scene vectors | R@1 | R@10 | vectors per scene | region KB per scene | region encoding s per scene |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['R@1']:.3f} | {m['R@10']:.3f} | {m['vectors']:.1f} | {m.get('region_bytes', 0) / 1000:.1f} | "
+              f"{m.get('region_seconds', 0):.3f} |" for name, m in scenes.items() if name != "queries"]
     return lines + [""]
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from .catalog import Catalog, SkippedRow, plain
 from .config import RetrieverConfig
 from .errors import ConfigError
-from .pipeline import STAGES, Row, ShardEncoder, ShardStore, StageClock, hash_rows, plan_threads
+from .pipeline import STAGES, Row, ShardEncoder, ShardStore, StageClock, encode_regions, hash_rows, plan_threads
 
 if TYPE_CHECKING:
     from .embedder import Embedder
@@ -240,6 +240,11 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
         with clock("write"):  # reading the shards back is the writer's side of the store
             arrays = store.gather([hashes[i] for i in ok]) if len(ok) else embedder.empty_arrays(0)
         kept = [None if store.retried(hashes[i]) else hashes[i] for i in ok]
+        if embedder.regions != "none":
+            regions = _encode_regions(embedder, [rows[i] for i in ok if i not in result.warnings], root, show_progress, clock)
+            with clock("write"):
+                arrays.update(_gather_regions(regions, embedder, [hashes[i] for i in ok]))
+            kept = [None if h is not None and regions.retried(h) else h for h in kept]
     report.seconds.update(clock.seconds)
     report.encoding = time.perf_counter() - t1
     report.encoded = sum(hashes[i] in result.fresh for i in ok)
@@ -251,6 +256,33 @@ def ingest(catalog: Catalog, embedder: Embedder, show_progress: bool | None = No
     encoded = Encoded(ok, sources, arrays, kept)
     report.text_only = encoded.text_only()
     return encoded, report
+
+
+def _encode_regions(embedder: Embedder, rows: list[Row], root: str | Path, show_progress: bool | None,
+                    clock: StageClock) -> ShardStore:
+    """The region stage (pipeline.encode_regions) over the rows indexed with their photo, into its own store under
+    ``root`` (keyed by Embedder.region_fingerprint), which it returns."""
+    from .embedder import REGIONS
+
+    cfg = embedder.config
+    store = ShardStore.open(root, embedder.region_fingerprint(), REGIONS)
+    encode_regions(embedder, rows, store, cfg.ingest.shard_size, plan_threads(cfg.ingest.workers).read, show_progress, clock)
+    return store
+
+
+def _gather_regions(store: ShardStore, embedder: Embedder, hashes: list[str]) -> dict[str, np.ndarray]:
+    """The region arrays of these hashes, row-aligned; none (a mask of False) for those not in the store."""
+    from .embedder import REGIONS
+    from .regions import REGION_DTYPE, recipe_size
+
+    size, dim = recipe_size(embedder.regions), embedder.dims()[0]
+    out = {"region_vectors": np.zeros((len(hashes), size, dim), REGION_DTYPE), "region_mask": np.zeros((len(hashes), size), bool)}
+    found = [j for j, h in enumerate(hashes) if h in store]
+    if found:
+        stored = store.gather([hashes[j] for j in found])
+        for key in REGIONS:
+            out[key][found] = stored[key]
+    return out
 
 
 def described(report: IndexReport, catalog: Catalog) -> IndexReport:

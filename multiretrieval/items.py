@@ -7,8 +7,9 @@ each item's content hash (so an upsert can tell unchanged rows), the ``where`` f
 (DuckDB over the rows) and the layout of result tables.
 
 On disk (``save``/``load``): ``catalog.parquet`` (the rows, with ``_key``),
-``features/*.npy`` (one array per feature, row-aligned) and ``hashes.npy`` (row-aligned;
-empty where the item must be encoded again, e.g. its image URL failed).
+``features/*.npy`` (one array per feature, row-aligned; with ``index.image_regions``, the region vectors
+and mask too: ``regions``) and ``hashes.npy`` (row-aligned; empty where the item must be encoded again,
+e.g. its image URL failed).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import pandas as pd
 
 from .catalog import Catalog, conform_ids, conform_rows, plain
 from .config import CatalogConfig
-from .embedder import FEATURES
-from .errors import CatalogError, IndexLoadError, ItemNotFoundError, LimitError, QueryError
+from .embedder import FEATURES, REGIONS
+from .errors import CatalogError, ConfigError, IndexLoadError, ItemNotFoundError, LimitError, QueryError
 from .filters import compile_filter, compile_filters, describe_columns
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class ItemStore:
         self.table = pd.DataFrame({KEY: pd.Series(dtype="int64")})
         self.features: dict[str, np.ndarray] = {}
         self.hashes = np.zeros(0, HASH_DTYPE)  # content hash per row (pipeline.content_hash)
+        self.regions = "none"  # the region recipe of features["region_vectors"/"region_mask"] (index.image_regions)
         self.next_key = 0
         self.declared: tuple[str, ...] = ()  # the columns of the catalog the store was first filled from (kept when empty)
         self.version = 0  # changes whenever the rows do (for what is derived from them elsewhere)
@@ -119,17 +121,30 @@ class ItemStore:
             logger.info("%d column(s) no item uses any more dropped: %s", len(unused), unused[:10])
         return unused
 
+    def check_regions(self, recipe: str) -> None:
+        """Refuse a write whose items would carry other region vectors than the stored ones (ConfigError): one
+        index holds one recipe. An empty store takes any."""
+        if len(self) and recipe != self.regions:
+            raise ConfigError(f"the index holds region vectors {self.regions!r} (index.image_regions), the config names "
+                              f"{recipe!r}: index the catalog again with it (with a shard cache, only the region vectors "
+                              "are encoded), or write with the index's own setting")
+
     def append(self, rows: pd.DataFrame, sources: list[str | None], features: dict[str, np.ndarray],
-               hashes: list[str | None] | None = None) -> np.ndarray:
-        """Add catalog rows with their image sources, features and content hashes; returns their new keys."""
+               hashes: list[str | None] | None = None, regions: str = "none") -> np.ndarray:
+        """Add catalog rows with their image sources, features (with REGIONS of recipe ``regions`` unless "none") and
+        content hashes; returns their new keys."""
+        self.check_regions(regions)
         keys = np.arange(self.next_key, self.next_key + len(rows), dtype=np.int64)
+        if not len(self):
+            self.regions = regions
+            self.features = {}
         if not self.next_key:
             self.declared = tuple(c for c in rows.columns if not c.startswith("_"))
         new = _storable(rows)
         new[IMAGE_SOURCE] = sources
         new.insert(0, KEY, keys)
         self.table = new if not len(self) else pd.concat([self.table, new], ignore_index=True)
-        for name in FEATURES:
+        for name in FEATURES + (REGIONS if regions != "none" else ()):
             self.features[name] = features[name] if name not in self.features else np.concatenate([self.features[name], features[name]])
         added = np.array([(h or "").encode() for h in hashes] if hashes is not None else [b""] * len(rows), HASH_DTYPE)
         self.hashes = np.concatenate([self.hashes, added])
@@ -415,14 +430,19 @@ class ItemStore:
 
     # ---------------------------------------------------------------- files
 
+    def stored_features(self) -> tuple[str, ...]:
+        """The names of the row-aligned feature arrays: FEATURES, and REGIONS where the items have region vectors."""
+        return FEATURES + (REGIONS if self.regions != "none" else ())
+
     def describe(self) -> dict[str, Any]:
-        return {"count": len(self), "next_key": int(self.next_key), "key_column": KEY, "declared_columns": list(self.declared)}
+        return {"count": len(self), "next_key": int(self.next_key), "key_column": KEY, "declared_columns": list(self.declared),
+                **({"image_regions": self.regions} if self.regions != "none" else {})}
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         (folder / "features").mkdir(parents=True, exist_ok=True)
         self.table.to_parquet(folder / "catalog.parquet", index=False)
-        for name in FEATURES:
+        for name in self.stored_features():
             np.save(folder / "features" / f"{name}.npy", self.features[name], allow_pickle=False)
         np.save(folder / HASHES_FILE, self.hashes, allow_pickle=False)
 
@@ -431,7 +451,8 @@ class ItemStore:
         folder = Path(folder)
         store = cls()
         store.table = pd.read_parquet(folder / "catalog.parquet")
-        store.features = {name: np.load(folder / "features" / f"{name}.npy", allow_pickle=False) for name in FEATURES}
+        store.regions = described.get("image_regions", "none")  # saves before regions had none
+        store.features = {name: np.load(folder / "features" / f"{name}.npy", allow_pickle=False) for name in store.stored_features()}
         hashes = folder / HASHES_FILE  # saves before upserts had none: every item counts as changed
         store.hashes = np.load(hashes, allow_pickle=False) if hashes.is_file() else np.zeros(len(store.table), HASH_DTYPE)
         store.next_key = int(described["next_key"])

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from .catalog import is_url, load_image, open_regular_file, text_problem
-from .embedder import FEATURES, ZERO_SHOT
+from .embedder import FEATURES, REGIONS, ZERO_SHOT
 from .errors import ImageError, IndexLoadError
 from .persistence import write_failure
 
@@ -173,8 +173,9 @@ class ShardStore:
     Rows marked ``retry`` count only in the run that wrote them: a store opened later ignores them.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, arrays: tuple[str, ...] = ARRAYS) -> None:
         self.folder = Path(folder)
+        self.arrays = arrays  # what each shard holds: ARRAYS, or REGIONS in a region store (encode_regions)
         self._where: dict[str, tuple[str, int]] = {}  # hash -> (shard, position)
         self._errors: dict[str, str] = {}  # hash -> why the item could not be encoded
         self._warnings: dict[str, str] = {}  # hash -> why the item was encoded without its image
@@ -182,10 +183,10 @@ class ShardStore:
         self._loaded: set[str] = set()  # shard names already in the maps
 
     @classmethod
-    def open(cls, root: str | Path, fingerprint: dict[str, Any]) -> ShardStore:
+    def open(cls, root: str | Path, fingerprint: dict[str, Any], arrays: tuple[str, ...] = ARRAYS) -> ShardStore:
         """The store for these encoders under ``root`` (created if new), with its shards loaded."""
         text = json.dumps(fingerprint, sort_keys=True, default=str)
-        store = cls(Path(root) / hashlib.sha256(text.encode()).hexdigest()[:16])
+        store = cls(Path(root) / hashlib.sha256(text.encode()).hexdigest()[:16], arrays)
         fingerprint_file = store.folder / "fingerprint.json"
         try:
             store.folder.mkdir(parents=True, exist_ok=True)
@@ -249,7 +250,7 @@ class ShardStore:
         except OSError as exc:
             raise write_failure(exc, "an encoded shard to the cache", self.folder) from exc
         try:
-            for key in ARRAYS:
+            for key in self.arrays:
                 np.save(tmp / f"{key}.npy", arrays[key], allow_pickle=False)
             pd.DataFrame({"hash": hashes, "error": pd.Series(outcomes.errors, dtype=object),
                           "warning": pd.Series(outcomes.warnings, dtype=object),
@@ -297,7 +298,7 @@ class ShardStore:
         out: dict[str, np.ndarray] = {}
         for shard, pairs in positions.items():
             targets, rows = (np.array(p) for p in zip(*pairs))
-            for key in ARRAYS:
+            for key in self.arrays:
                 stored = np.load(self.folder / shard / f"{key}.npy", mmap_mode="r", allow_pickle=False)
                 if key not in out:
                     out[key] = np.zeros((len(hashes), *stored.shape[1:]), stored.dtype)
@@ -347,6 +348,58 @@ def prune_store(root: str | Path, referenced: set[str], dry_run: bool = False) -
 
 
 # ---------------------------------------------------------------- 2 + 3. read and encode
+
+
+def encode_regions(embedder: Embedder, rows: list[Row], store: ShardStore, shard_size: int, workers: int,
+                   show_progress: bool | None = False, clock: StageClock | None = None) -> None:
+    """The region stage (``index.image_regions``): the photos of ``rows`` not yet in ``store`` (a ShardStore of
+    REGIONS) read again and their crops encoded (Embedder.region_arrays: a batch's crops in one forward pass), in
+    shards of ``shard_size``. Apart from the whole-photo stage, so that turning regions on with a shard cache encodes
+    only them. A photo that fails here gets no regions (the whole-photo stage decided whether its item is indexed);
+    a URL's is tried again by a later run. ``clock`` counts the seconds as stage "regions"."""
+    from .downloads import Downloader
+    from .regions import recipe_size
+    from .utils import progress_bar
+
+    todo, seen = [], set()
+    for r in rows:
+        if r.source is not None and r.hash not in store and r.hash not in seen:
+            todo.append(r)
+            seen.add(r.hash)
+    if not todo:
+        return
+    cfg, clock = embedder.config, clock or StageClock()
+    downloader = Downloader(cfg.catalog)
+    per_batch = max(1, cfg.encoders.batch_size // max(1, recipe_size(embedder.regions)))  # crops per pass ~ batch_size
+
+    def read(source: str):
+        try:
+            return load_image(downloader.fetch(source) if is_url(source) else source, cfg.catalog.max_image_pixels,
+                              cfg.catalog.max_image_bytes)
+        except ImageError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="read-regions") as pool, \
+            progress_bar(len(todo), "encoding regions", show_progress, unit="photo") as bar:
+        for start in range(0, len(todo), shard_size):
+            chunk = todo[start:start + shard_size]
+            outcomes = Outcomes.empty(len(chunk))
+            arrays: dict[str, np.ndarray] = {}
+            for at in range(0, len(chunk), per_batch):
+                photos = list(pool.map(read, [r.source for r in chunk[at:at + per_batch]]))
+                good = [j for j, p in enumerate(photos) if not isinstance(p, ImageError)]
+                for j, p in enumerate(photos):
+                    if isinstance(p, ImageError):
+                        outcomes.retry[at + j] = is_url(chunk[at + j].source)
+                with clock("regions"):
+                    part = embedder.region_arrays([photos[j] for j in good])
+                for key, value in part.items():
+                    if key not in arrays:
+                        arrays[key] = np.zeros((len(chunk), *value.shape[1:]), value.dtype)
+                    arrays[key][[at + j for j in good]] = value
+                bar.update(len(photos))
+            with clock("write"):
+                store.write([r.hash for r in chunk], outcomes, arrays)
 
 
 class ShardEncoder:

@@ -131,6 +131,7 @@ class Retriever:
         catalog = self._catalog(catalog)
         with self._lock.reading():
             self.store.conform(catalog, bounds=self.config.catalog)  # refuse before encoding; checked again when committed
+            self.store.check_regions(self.embedder.regions)
         return self._ingest(catalog, show_progress, cache, engine, replace=False)
 
     def _catalog(self, source: Catalog | pd.DataFrame | str | Path) -> Catalog:
@@ -181,6 +182,7 @@ class Retriever:
         hashes = hashes if hashes is not None else hash_catalog(catalog, self.config)  # reads every image file: outside the lock
         with self._lock.reading():
             self.store.conform(catalog, allow_existing=True, bounds=self.config.catalog)
+            self.store.check_regions(self.embedder.regions)
             plan = self.collection.plan_upsert(catalog, hashes, prune)
         part, encoded, report = ingest_rows(catalog, plan.encode, hashes, self.embedder, show_progress, cache, engine)
         if check is not None:

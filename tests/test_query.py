@@ -139,6 +139,12 @@ def test_each_flag_reaches_search_with_the_value_python_would_pass(recorded):
     assert recorded[-1] == vars(SearchOptions.of(text="a bed"))  # Retriever.search's own defaults
 
 
+def test_min_score_takes_a_number_or_a_word_on_the_command_line(recorded):
+    for given, passed in (("0.3", 0.3), ("auto", "auto"), ("off", "off")):
+        assert cli.main(["search", "idx", "--text", "a bed", "--min-score", given, "--format", "json"]) == 0
+        assert recorded[-1]["min_score"] == passed
+
+
 def test_weights_also_take_json_and_bad_json_is_refused_naming_the_flag(recorded, capsys):
     assert cli.main(["search", "idx", "--text", "a bed", "--weights", '{"image": 1}', "--format", "json"]) == 0
     assert recorded[-1]["weights"] == {"image": 1}
@@ -155,7 +161,9 @@ def test_the_service_passes_each_option_as_python_would(indexed):
     model = search_request_model(SearchConfig())
     served = {name: value for name, (_, value) in CLI_SAMPLES.items() if name not in ("image", "unsafe_where")}
     assert _search_arguments(model.model_validate(served, strict=True)) == served
-    assert _search_arguments(model.model_validate({"like": 0}, strict=True)) == {"like": 0, "mode": "auto", "k": 10, "offset": 0}
+    # The service's own default floor is "auto" (the declaration's service_default); Python's is None, every result.
+    assert _search_arguments(model.model_validate({"like": 0}, strict=True)) == {"like": 0, "mode": "auto", "k": 10, "offset": 0,
+                                                                                  "min_score": "auto"}
 
 
 def test_the_command_line_pages_sorts_filters_and_finds_more_like_an_item(indexed, tmp_path, capsys):

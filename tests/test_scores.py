@@ -285,8 +285,8 @@ def test_service_takes_weights_not_text_and_min_score_and_refuses_bad_ones(index
         rows = form.json()["results"]
         assert rows[0]["id"] == 575 and rows[0]["score"] == pytest.approx(1.0, abs=1e-4) and all(r["score"] >= 0.5 for r in rows)
         assert len(rows) < 8
-        plain = client.post("/search", json={"text": "a seat", "k": 8, "hybrid": "off"}).json()["results"]
-        minus = client.post("/search", json={"text": "a seat", "k": 8, "hybrid": "off", "not_text": "sofa"}).json()["results"]
+        plain = client.post("/search", json={"text": "a seat", "k": 8, "hybrid": "off", "min_score": "off"}).json()["results"]
+        minus = client.post("/search", json={"text": "a seat", "k": 8, "hybrid": "off", "not_text": "sofa", "min_score": "off"}).json()["results"]
         assert {r["id"]: r["score"] for r in minus}[56] < {r["id"]: r["score"] for r in plain}[56]
         batch = client.post("/search/batch", json={"queries": [{"like": 575, "text": "a bed", "weights": {"image": 1}, "k": 2},
                                                                {"text": "a seat", "not_text": "sofa", "min_score": 0.3}]})

@@ -35,7 +35,7 @@ class Query:
     hybrid: str = "rrf"  # how keyword (BM25) and vector rankings combine for text queries: rrf | weighted | off
     keyword_weight: float = 0.5  # the keywords' share (0: vectors only; 1: keywords only)
     offset: int = 0  # results start after this many (paging)
-    min_score: float | None = None  # results scoring lower are dropped
+    min_score: float | str | None = None  # results scoring lower are dropped; "auto": the calibrated floor (scores.score_floor)
     sort_by: tuple[str, bool] | None = None  # (column, descending): reorders the most relevant items
     filters: dict[str, Any] | None = None  # column -> values or {"min", "max"}: ANDed with ``where`` (filters.compile_filters)
     like: Any = None  # an item id: its stored features are the query ("more like this"), the item itself left out
@@ -111,11 +111,13 @@ def _weights(value: Any, mode: str) -> tuple[float, float] | None:
     return pair[0], pair[1]
 
 
-def _min_score(value: Any) -> float | None:
-    if value is None:
+def _min_score(value: Any) -> float | str | None:
+    if value is None or value == "off":
         return None
+    if value == "auto":
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
-        raise QueryError(f"min_score must be a number, got {value!r}")
+        raise QueryError(f'min_score must be a number, "auto" or "off", got {value!r}')
     return float(value)
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import QueryError
+from ..utils import l2_normalize
 from .checks import Query
 from .scores import Photo, fusion_calibration, joint_query_vectors, nearest_with_text, not_text_vectors, photo_neighbours
 
@@ -32,12 +33,14 @@ if TYPE_CHECKING:
 class Embedded:
     """A query ready to rank: the index it searches ("joint", "clip_image" for a zero-shot text, "clip_text" for a
     zero-shot photo), its (readings, d) vectors on the score scale (a not_text already subtracted), a fused query's
-    photo alone (the word filter's input) and an auto-mode text's zero-shot vector (1, d), for the items without text."""
+    photo alone (the word filter's input), an auto-mode text's zero-shot vector (1, d), for the items without text, and
+    an image query's unit image vector (1, dim) where the items carry region vectors (ranking.with_regions)."""
 
     space: str
     vector: np.ndarray
     photo: Photo | None = None
     pictures: np.ndarray | None = None
+    image: np.ndarray | None = None
 
 
 class EncoderPasses:
@@ -98,6 +101,7 @@ class _Batch:
         self.vectors: list[np.ndarray | None] = [None] * len(queries)
         self.photos: dict[int, Photo] = {}
         self.pictures: dict[int, np.ndarray] = {}
+        self.unit_images: dict[int, np.ndarray] = {}
         self.auto = [i for i, q in enumerate(queries) if q.auto] if len(items.store.with_modality("image only")) else []
 
     def embedded(self) -> list[Embedded]:
@@ -119,7 +123,8 @@ class _Batch:
             self._joint(idx, has_image, has_text)
         self._zero_shot()
         self._subtract_concepts()
-        return [Embedded(self.space[i], self.vectors[i], self.photos.get(i), self.pictures.get(i)) for i in range(len(q))]
+        return [Embedded(self.space[i], self.vectors[i], self.photos.get(i), self.pictures.get(i), self.unit_images.get(i))
+                for i in range(len(q))]
 
     def _photo(self, i: int, vector: np.ndarray, near: np.ndarray) -> Photo:
         """A fused query's photo alone; its neighbours among what the query's filter lets through, where the word
@@ -167,6 +172,8 @@ class _Batch:
         weights = np.array([q[i].weights or (np.nan, np.nan) for i in idx], np.float64)
         near = photo_neighbours(features, embedder, items) if has_image and has_text and (fusion.compose or fusion.word_filter) else None
         vectors = joint_query_vectors(features, weights, embedder, items, near=near)
+        if has_image and not has_text and items.store.regions != "none":
+            self.unit_images.update((i, l2_normalize(features["image_tokens"][j:j + 1, 0])) for j, i in enumerate(idx))
         for j, i in enumerate(idx):
             self.vectors[i] = vectors[j]
             if near is not None:

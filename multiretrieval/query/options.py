@@ -23,6 +23,7 @@ MODES = ("auto", "image", "text", "fused", "zero-shot")
 HYBRID_METHODS = ("rrf", "weighted", "off")  # how a text query's keyword (BM25) and vector rankings combine
 Mode = Literal[MODES]
 Hybrid = Literal[HYBRID_METHODS]
+Floor = Literal["auto", "off"]  # a score floor by name: the calibrated one (relevance.py), or none
 Range = dict[Literal["min", "max"], float | None]  # a filter's range of numbers
 Filters = dict[str, list[str | float | bool] | Range | str | float | bool]  # column -> values, one value or a range
 # A query text, once stripped, is not empty: a character Python's str.strip keeps (JSON Schema's \s is another set).
@@ -63,6 +64,7 @@ class Option:
     status: str = ""
     reader: str = ""
     metavar: str | None = None
+    service_default: Any = ...  # the request field's default where it differs from Python's (... : the same)
 
     @property
     def served(self) -> bool:
@@ -122,10 +124,12 @@ class SearchOptions:
     sort_by: str | None = option(None, "a column: 'price', '-price' or 'price desc' (descending) reorders the "
                                        "{sort_candidates} most relevant items (search.sort_candidates), or offset + k if more",
                                  schema={"pattern": SORT_KEY})
-    min_score: float | None = option(None, "leave out results scoring lower. One scale for image, text and fused queries: "
-                                           "the weighted mean of the cosines of the parts the query has (an item's own photo "
-                                           "as a photo query scores 1); zero-shot scores are the zero-shot space's cosines "
-                                           "(docs/queries.md, \"Scores\")")
+    min_score: float | Floor | None = option(
+        None, "leave out results scoring lower. One scale for image, text and fused queries: the weighted mean of the cosines of "
+              "the parts the query has (an item's own photo as a photo query scores 1); zero-shot scores are the zero-shot "
+              "space's cosines (docs/queries.md, \"Scores\"). \"auto\": the calibrated \"no close match\" floor of the "
+              "query's kind (docs/queries.md, \"No close match\"); \"off\" or none: every result",
+        service_default="auto", metavar="SCORE|auto|off")
     weights: dict[str, float] | None = option(
         None, "fused queries (a photo and words, or `like` an item): the image and text weights, non-negative and not both "
               "0; the score becomes (image * cos_image + text * cos_text) / (image + text)",
@@ -185,7 +189,8 @@ class Declared:
 
     @property
     def reader(self) -> str:
-        """How the command line reads it: "flag", "int", "float", "json", "pairs", "numbers" or "text"."""
+        """How the command line reads it: "flag", "int", "float", "number_or_word", "json", "pairs",
+        "numbers" or "text"."""
         if self.option.reader:
             return self.option.reader
         if self.type is bool:
@@ -193,6 +198,8 @@ class Declared:
         if self.structured:
             return "json"
         kinds = set(get_args(self.type)) - {type(None)} if is_union(self.type) else {self.type}
+        if float in kinds and any(get_origin(k) is Literal for k in kinds):
+            return "number_or_word"
         return "int" if kinds == {int} else "float" if kinds == {float} else "text"
 
 
@@ -232,5 +239,6 @@ def options_table(bounds: SearchConfig | None = None) -> str:
         if d.option.choices:
             limits = ", ".join(f"`{c}`" for c in d.option.choices)
         what = d.option.text(bounds).replace("|", "\\|") + ("" if d.option.served else f" (not in the service: {d.option.unserved})")
-        rows.append(f"| `{d.name}` | {type_name(d.type)} | `{d.default!r}` | {limits} | {what} |")
+        default = f"`{d.default!r}`" + ("" if d.option.service_default is ... else f" (service: `{d.option.service_default!r}`)")
+        rows.append(f"| `{d.name}` | {type_name(d.type)} | {default} | {limits} | {what} |")
     return "\n".join(rows) + "\n"

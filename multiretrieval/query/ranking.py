@@ -1,7 +1,8 @@
 """How rankings meet, each rule in one place: an index's top-k (``search_index``), the best of several readings
 (``best_reading``), the merge of two spaces onto one scale (``merge_spaces``), the fusion of vector and keyword
 (BM25) rankings (``fuse_rankings``), ties (``tie_values`` and what reads them), the items a fused query's words
-name ranked first (``named_items``, ``named_first``), and the page's order (``ties_in_id_order``, ``sort_results``).
+name ranked first (``named_items``, ``named_first``), an image query's item regions (``with_regions``), the items
+above a floor (``count_above``), and the page's order (``ties_in_id_order``, ``sort_results``).
 
 Text queries in modes auto and text are hybrid by default: the vector ranking is combined
 with BM25 over the item texts (keywords.py) by reciprocal-rank fusion (``hybrid="rrf"``), or
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import QueryError
+from ..regions import best_region_scores
 from ..utils import l2_normalize
 
 if TYPE_CHECKING:
@@ -74,6 +76,35 @@ def best_reading(index, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
     scores = scores.max(1)
     order = np.argsort(-scores, kind="stable")[:k]
     return Hits(keys[order], scores[order].astype(np.float32), np.full(len(order), None, dtype=object))
+
+
+def with_regions(hits: Hits, image: np.ndarray, vector: np.ndarray, k: int, allowed: np.ndarray | None, store,
+                 item_vectors) -> Hits:
+    """An image query's top k where the items carry region vectors (``index.image_regions``): an item whose best
+    region's cosine with the query photo (``image``: its unit image vector (1, dim)) beats its whole photo's scores
+    that much more. Under late fusion an image query's score is cos(image), so an item scores the better of its whole
+    photo and its best region; what else a score holds (a trained fusion's learned part, a ``not_text``) stays.
+    ``hits``: the joint index's top k by ``vector``; ``item_vectors(keys)`` scores the items only regions found.
+    Regions are scored exhaustively; the union of both top-k lists holds the true top k (an item in neither trails
+    k items of each)."""
+    features = store.features
+    rows = np.arange(len(store)) if allowed is None else store.rows_of(allowed)
+    best = best_region_scores(features["region_vectors"][rows], features["region_mask"][rows], image[0])
+    top = np.argsort(-best, kind="stable")[:k]
+    keys = np.union1d(hits.keys, store.keys[rows[top[np.isfinite(best[top])]]])
+    if not len(keys):
+        return hits
+    indexed = dict(zip(hits.keys.tolist(), hits.scores.tolist()))
+    scores = np.array([indexed.get(key, np.nan) for key in keys.tolist()], np.float32)
+    only_regions = np.isnan(scores)
+    if only_regions.any():
+        scores[only_regions] = item_vectors(keys[only_regions]) @ vector[0]
+    at = store.rows_of(keys)
+    whole = l2_normalize(features["image_tokens"][at, 0]) @ image[0]
+    lift = best_region_scores(features["region_vectors"][at], features["region_mask"][at], image[0]) - whole
+    scores = np.where(lift > 0, scores + lift, scores).astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return Hits(keys[order], scores[order], np.full(len(order), None, dtype=object))
 
 
 def tie_values(scores: np.ndarray) -> np.ndarray:
@@ -227,3 +258,15 @@ def sort_results(frame: pd.DataFrame, column: str, descending: bool) -> pd.DataF
     if column not in frame.columns or column == "rank":
         raise QueryError(f"sort_by: no column {column!r}; sortable columns: {[c for c in frame.columns if c != 'rank']}")
     return frame.sort_values(column, ascending=not descending, kind="stable", na_position="last")
+
+
+def count_above(index, vector: np.ndarray, floor: float, keys: np.ndarray | None, start: int) -> int:
+    """How many of ``keys`` (None: every item of the index) score at least ``floor``: the index read best-first, four
+    times deeper each round, until a score falls below it (exact for exact indexes; as exact as the index otherwise)."""
+    n = len(index) if keys is None else len(keys)
+    k = max(start, 1)
+    while True:
+        hits = search_index(index, vector, min(k, n), keys)
+        if len(hits.scores) >= min(n, len(index)) or not len(hits.scores) or hits.scores[-1] < floor:
+            return int((hits.scores >= floor).sum())
+        k *= 4

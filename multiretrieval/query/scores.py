@@ -8,7 +8,8 @@ what a score is made of.
   of the item nearest its photo, and its words alone; an item scores its best reading (``ranking.best_reading``);
 - ``photo_neighbours`` / ``nearest_with_text`` / ``nearest_texts``: a fused query's photo alone and the items nearest it;
 - ``not_text_vectors``: beta (``search.not_text_weight``) times a concept's vector, which a query's ``not_text`` subtracts;
-- ``score_parts``: a fused score's image and text parts (the result columns image_score, text_score).
+- ``score_parts``: a fused score's image and text parts (the result columns image_score, text_score);
+- ``score_floor``: the score under which results are left out (``min_score``, or the calibrated floor for "auto").
 
 Scores share one scale in the joint space: a query's score against an item is the weighted mean of the cosines of
 the parts the query has: cos(image) for an image query (an item's own photo scores 1), cos(text) for a text query,
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..fusion import compose_text
+from ..relevance import query_kind, relevance_floor
 from .ranking import restrict
 
 if TYPE_CHECKING:
@@ -194,3 +196,12 @@ def score_parts(vector: np.ndarray, keys: np.ndarray, embedder, items: Collectio
     best = (stored @ vector.T).argmax(1)  # the reading each item scored by
     parts = np.array([embedder.fusion.contributions(v, stored) for v in vector])  # (readings, 2, items)
     return parts[best, 0, np.arange(len(best))], parts[best, 1, np.arange(len(best))]
+
+
+def score_floor(query, embedder) -> float | None:
+    """The score under which a query's results are left out: its ``min_score``, or with "auto" the calibrated
+    "no close match" floor of its kind of query under the embedder's models (None where none was measured)."""
+    if query.min_score != "auto":
+        return query.min_score
+    kind = query_kind(query.mode, query.text is not None)
+    return None if kind is None else relevance_floor(embedder.config, kind)

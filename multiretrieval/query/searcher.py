@@ -26,22 +26,9 @@ from ..errors import QueryError
 from ..keywords import identifiers
 from .checks import Query
 from .embedding import Embedded, embed_queries
-from .ranking import (
-    TIE_DEPTH,
-    Hits,
-    best_reading,
-    fuse_rankings,
-    merge_spaces,
-    named_hits_first,
-    named_items,
-    restrict,
-    same_text_as,
-    search_index,
-    sort_results,
-    through_ties,
-    ties_in_id_order,
-)
-from .scores import joint_query_vectors, score_parts, zero_shot_scale
+from .ranking import (TIE_DEPTH, Hits, best_reading, count_above, fuse_rankings, merge_spaces, named_hits_first, named_items,
+                      restrict, same_text_as, search_index, sort_results, through_ties, ties_in_id_order, with_regions)
+from .scores import joint_query_vectors, score_floor, score_parts, zero_shot_scale
 
 if TYPE_CHECKING:
     from ..collection import Collection
@@ -70,7 +57,7 @@ class Searcher:
     def answer(self, query: Query, embedded: Embedded, allowed: np.ndarray | None) -> pd.DataFrame:
         """Rank among the allowed keys (None: all), leave out the ``like`` item and what scores under ``min_score``,
         sort, cut the page; the result rows."""
-        store, index = self.items.store, self.items.indexes[embedded.space]
+        store, index, embedder = self.items.store, self.items.indexes[embedded.space], self.embedder
         if embedded.vector.shape[1] != index.dim:
             raise QueryError(f"the query vector has {embedded.vector.shape[1]} dimensions; the {embedded.space} space has {index.dim}")
         skip = store.keys_for([query.like]) if query.like is not None else np.zeros(0, np.int64)
@@ -83,7 +70,8 @@ class Searcher:
             hits, columns = self.rank_text(query, embedded, allowed, depth)
         else:
             hits, first, ordered = self.rank_vectors(query, embedded, allowed, depth, skip)
-        frame = self._ordered(query, hits, columns, skip)
+        floor = score_floor(query, embedder)
+        frame = self._ordered(query, hits, columns, skip, floor)
         page = frame.iloc[query.offset:query.offset + query.k]
         page_keys = page.index.to_numpy()
         page = page.reset_index(drop=True)
@@ -92,7 +80,13 @@ class Searcher:
         if query.mode == "fused" and hasattr(fusion, "contributions") and len(page) and (query.like is None or query.text is not None):
             self._score_parts(page, page_keys, embedded.vector, first)
         page.attrs["has_more"] = len(frame) > query.offset + query.k
-        page.attrs["total"] = count_matches(query, embedded.space, allowed, store, skip, hits, ordered, len(frame))
+        total = count_matches(query, embedded.space, allowed, store, skip, hits, ordered, len(frame), floor)
+        if total is None and floor is not None and query.mode == "text" and query.like is None and query.not_text is None:
+            total = self.count_text_above(query, embedded, floor, allowed, depth)
+        page.attrs["total"] = total
+        page.attrs["min_score"] = floor
+        # Nothing scores as high as the floor although items were ranked: no close match (a shop shows related products).
+        page.attrs["no_close_match"] = bool(floor is not None and not len(frame) and (~np.isin(hits.keys, skip)).any())
         return page
 
     def rank_text(self, query: Query, embedded: Embedded, allowed: np.ndarray | None, depth: int
@@ -144,28 +138,43 @@ class Searcher:
         named = None
         if photo is not None and query.weights is None and self.embedder.config.fusion.word_filter:
             named = named_items(query.text, photo.near, self.items)
+        item_vectors = lambda keys: self.embedder.item_vectors(store.features, store.rows_of(keys))  # noqa: E731
         if len(embedded.vector) == 1:
             hits = search_index(index, embedded.vector, depth, allowed, matched)
+            if embedded.image is not None:
+                hits = with_regions(hits, embedded.image, embedded.vector, depth, allowed, store, item_vectors)
         else:
-            hits = best_reading(index, embedded.vector, depth, allowed,
-                                lambda keys: self.embedder.item_vectors(store.features, store.rows_of(keys)), same_text_as(skip, store))
+            hits = best_reading(index, embedded.vector, depth, allowed, item_vectors, same_text_as(skip, store))
         if named is None:
             return hits, None, hits
         first = search_index(index, photo.vector, depth, named)  # photo.near, so named, lies within the filter already
         return named_hits_first(hits, first), first, hits
 
-    def _ordered(self, query: Query, hits: Hits, columns: dict[str, np.ndarray], skip: np.ndarray) -> pd.DataFrame:
-        """The ranked result rows, each indexed by its key: the ``like`` item and those under ``min_score`` left out,
-        ties in id order, sorted by a column if asked."""
+    def _ordered(self, query: Query, hits: Hits, columns: dict[str, np.ndarray], skip: np.ndarray, floor: float | None
+                 ) -> pd.DataFrame:
+        """The ranked result rows, each indexed by its key: the ``like`` item and those under the score ``floor`` left
+        out, ties in id order, sorted by a column if asked."""
         keep = ~np.isin(hits.keys, skip)
-        if query.min_score is not None:
-            keep &= hits.scores >= query.min_score
+        if floor is not None:
+            keep &= hits.scores >= floor
         shown = query.mode in ("text", "zero-shot") and query.like is None
         extra = {name: values[keep] for name, values in [("matched", hits.matched), *columns.items()]} if shown else None
         frame = self.items.store.results(hits.keys[keep], hits.scores[keep], extra)
         frame.index = hits.keys[keep]  # each row's key, until the page is cut
         frame = ties_in_id_order(frame, "hybrid_score" if "hybrid_score" in frame.columns else "score")
         return sort_results(frame, *query.sort_by) if query.sort_by else frame
+
+    def count_text_above(self, query: Query, embedded: Embedded, floor: float, allowed: np.ndarray | None, start: int) -> int:
+        """How many items a text query scores at least ``floor`` on (its ``score``, not the hybrid order): item texts in
+        the joint space and, in auto mode, the images of items without text on the merged scale (ranking.merge_spaces)."""
+        store, indexes = self.items.store, self.items.indexes
+        texts = restrict(store.with_modality("text"), len(store), allowed)
+        count = count_above(indexes["joint"], embedded.vector, floor, texts, start) if texts is None or len(texts) else 0
+        image_only = restrict(store.with_modality("image only"), len(store), allowed) if query.auto else np.zeros(0, np.int64)
+        if image_only is None or len(image_only):
+            a, b = zero_shot_scale(self.embedder, self.items) if texts is None or len(texts) else (1.0, 0.0)  # as rank_text merges
+            count += count_above(indexes["clip_image"], embedded.pictures, (floor - b) / a, image_only, start)
+        return count
 
     def _score_parts(self, page: pd.DataFrame, keys: np.ndarray, vector: np.ndarray, first: Hits | None) -> None:
         """A fused query's page gains image_score and text_score (the parts of its score) and word_match."""
@@ -179,7 +188,7 @@ class Searcher:
 
 
 def count_matches(query: Query, space: str, allowed: np.ndarray | None, store, skip: np.ndarray, hits: Hits,
-                  ordered: Hits | None, kept: int) -> int | None:
+                  ordered: Hits | None, kept: int, floor: float | None = None) -> int | None:
     """How many items a query matches in all, every page together: the items it ranks (those the filters let through
     that have what its mode compares: a text for a text-only or zero-shot image query, an image for a zero-shot text
     query; every item otherwise), the ``like`` item left out. With ``min_score``, those of them scoring at least that,
@@ -194,8 +203,8 @@ def count_matches(query: Query, space: str, allowed: np.ndarray | None, store, s
         subset = store.keys  # the joint space holds every item
     pool = restrict(subset, len(store), allowed)
     ranked = len(store) if pool is None else len(pool)
-    if query.min_score is None:
+    if floor is None:
         return ranked - int(np.isin(skip, pool).sum() if pool is not None else len(skip))
-    if len(np.unique(hits.keys)) >= ranked or (ordered is not None and len(ordered.scores) and ordered.scores[-1] < query.min_score):
+    if len(np.unique(hits.keys)) >= ranked or (ordered is not None and len(ordered.scores) and ordered.scores[-1] < floor):
         return kept
     return None

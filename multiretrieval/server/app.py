@@ -41,7 +41,7 @@ from ..query.checks import check_where
 from ..query.options import MODES, declared
 from .schemas import (WRITE_FAILED, INTEGER_TEXT, JSON_FORM_FIELDS, NOT_BLANK, AddResponse, BatchResponse, HealthResponse, ItemId, ItemIdQuery,
                       PatchResponse, RemoveResponse, SalientResponse, SearchResponse, UpsertResponse, batch_body, item_body,
-                      integral_id, json_query_parameter, new_item_id, patch_body, responses, salient_body, search_body, search_request_model,
+                      integral, json_query_parameter, new_item_id, patch_body, responses, salient_body, search_body, search_request_model,
                       unknown_fields)
 from .service import Service, refuse_skipped
 
@@ -214,11 +214,9 @@ def create_app(index_dir: str | Path, api_key: str | None = None, max_upload_byt
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("application/json"):
             body = parse_json("request body", await request.body())
-            if not isinstance(body, dict) or set(body) != {"like"} or not isinstance(body["like"], (str, int, float)):
+            like = integral(body.get("like")) if isinstance(body, dict) else None  # 3.0 is JSON Schema's integer 3
+            if not isinstance(body, dict) or set(body) != {"like"} or isinstance(like, bool) or not isinstance(like, (str, int)):
                 raise _HTTPError(400, 'send {"like": ITEM_ID} as JSON, or a form with the photo in `image`')
-            like = integral_id(body["like"])  # 3.0 is the integer 3, as JSON Schema has it
-            if like is None:
-                raise _HTTPError(400, f"like: an item id is text or an integer, got {body['like']!r}")
             image = service.retriever.image_source(like)
             if image is None:
                 raise _HTTPError(404, f"item {like!r} has no photo")
@@ -592,6 +590,7 @@ def _search_response(query: Any, image, results, facets, started: float, retriev
     took = round((time.perf_counter() - started) * 1e3, 1)
     # The rows serialised once by pandas (NaN -> null), not converted to dicts and back.
     head = {"mode": mode, "count": len(results), "total": results.attrs.get("total"), "offset": query.offset,
+            "min_score": results.attrs.get("min_score"), "no_close_match": bool(results.attrs.get("no_close_match")),
             "has_more": bool(results.attrs.get("has_more")), "took_ms": took, "facets": facets}
     rows = _for_clients(results, retriever).to_json(orient="records")
     body = json.dumps(head, default=str)[:-1] + f', "results": {rows}}}'
@@ -702,10 +701,12 @@ async def _parse_search(request: Request, model: type[BaseModel]) -> tuple[Any, 
 @lru_cache(maxsize=8)
 def _text_fields(model: type[BaseModel]) -> frozenset[str]:
     """The fields of a request model that take a string (a form gives them as they are)."""
-    def takes_text(schema: dict) -> bool:
-        return schema.get("type") == "string" or any(takes_text(option) for option in schema.get("anyOf", ()))
+    def takes(schema: dict, kinds: tuple[str, ...]) -> bool:
+        return schema.get("type") in kinds or any(takes(option, kinds) for option in schema.get("anyOf", ()))
 
-    return frozenset(name for name, schema in model.model_json_schema()["properties"].items() if takes_text(schema))
+    # A field that takes a number too (min_score: 0.3 or "auto") is read as JSON where it parses as JSON.
+    return frozenset(name for name, schema in model.model_json_schema()["properties"].items()
+                     if takes(schema, ("string",)) and not takes(schema, ("number", "integer")))
 
 
 def _form_value(name: str, text: str) -> Any:

@@ -29,18 +29,12 @@ EXCLUSIVE_INPUTS = (("vector", "text"), ("vector", "like"), ("vector", "image_ur
 JSON_FORM_FIELDS = tuple(d.name for d in declared() if d.option.served and d.structured)  # JSON text in a form
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 # An integer as JSON Schema has it: 5.0 is the integer 5 (pydantic's strict int refuses it).
-Integer = Annotated[int, BeforeValidator(_integral)]
-
-
-def integral_id(value: Any) -> str | int | None:
-    """An item id from JSON as the schema takes it (text, or an integer: 3.0 is 3); None for anything else."""
-    value = _integral(value)
-    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+Integer = Annotated[int, BeforeValidator(integral)]
 
 
 def search_request_model(bounds: SearchConfig, vector_dim: int | None = None) -> type[BaseModel]:
@@ -67,7 +61,7 @@ def _request_field(d: Declared, bounds: SearchConfig, context: dict[str, Any]) -
     extra = {key: (context[v.name] if context.get(v.name) is not None else v.default) if isinstance(v, Bound) else v
              for key, v in o.schema.items()}
     extra = {key: v for key, v in extra.items() if v is not None}
-    return Field(d.default, ge=o.minimum, le=o.maximum, json_schema_extra=extra or None, examples=list(o.examples) or None,
+    return Field(d.default if o.service_default is ... else o.service_default, ge=o.minimum, le=o.maximum, json_schema_extra=extra or None, examples=list(o.examples) or None,
                  description=o.text(bounds, status=True))
 
 
@@ -111,10 +105,15 @@ class SearchResponse(BaseModel):
     total: int | None = Field(description=(
         "the items the search matches, every page together: those the filters (where, filters) let through that the "
         "mode compares (every item; for text-only and zero-shot image queries those with a text, for zero-shot text "
-        "queries those with a photo), the `like` item left out. With min_score, those scoring at least that, where the "
-        "ranking read settles it (it read every item, or its last score is below the floor; never for a text query "
-        "whose ranking was read only in part); null otherwise"))
+        "queries those with a photo), the `like` item left out. With min_score (\"auto\" too), those scoring at least that, "
+        "where the ranking settles it (it read every item, or its last score is below the floor; a text query's is read "
+        "deeper until it is); null otherwise"))
     offset: int
+    min_score: float | None = Field(None, description="the score floor applied (min_score, or the calibrated one for "
+                                                      "\"auto\"); null: none")
+    no_close_match: bool = Field(False, description=(
+        "the floor left out every item the query ranked: nothing is a close match (ask again with min_score \"off\" "
+        "for related items)"))
     has_more: bool = Field(description="another page follows")
     took_ms: float
     results: list[dict[str, Any]] = Field(description="rank, id, score, the catalog columns (`image`: the photo's file "

@@ -32,7 +32,8 @@ def test_health_and_page(client):
 
 
 def test_text_search_as_json(client):
-    r = client.post("/search", json={"text": "a washing machine", "k": 3, "where": "price < 1000"})
+    r = client.post("/search", json={"text": "a washing machine", "k": 3, "where": "price < 1000",
+                                                 "min_score": "off"})
     assert r.status_code == 200
     body = r.json()
     assert body["mode"] == "text" and body["count"] == 3

@@ -176,6 +176,15 @@ def test_a_filter_that_leaves_nothing_says_what_to_loosen(page):
     assert page.locator(".facet[data-column=price] input[data-end=min]").input_value() == "1000000"  # the bound in force, though off the slider
 
 
+def test_a_nonsense_query_says_no_close_matches_and_shows_related_products(page):
+    search(page, "quantum entanglement")  # nothing in a furniture shop scores as high as the calibrated floor
+    assert page.inner_text("#status") == "No close matches for “quantum entanglement” — showing related products"
+    assert len(titles(page)) == PAGE and page.locator("#more").is_hidden()
+    shot(page, "no-close-match")
+    search(page, "a washing machine")  # a real query: its product, and no such line
+    assert titles(page)[0] == "Washing machine" and "No close matches" not in page.inner_text("#status")
+
+
 def test_show_more_and_reload_keep_the_pages(page):
     search(page, "a lamp")
     first = titles(page)
@@ -279,8 +288,9 @@ def test_the_price_slider_steps_through_shares_of_the_products_and_bounds_can_be
     quantiles = httpx.get(f"{server_url}/facets", params={"columns": "price"}).json()["price"]["quantiles"]
     stops = sorted(set(quantiles))
     all_prices = demo_prices()
-    search(page, "a chair")
-    assert status_count(page) == len(all_prices)  # every product is ranked; no filter yet
+    page.goto("/?q=a+chair&min=off")  # no score floor: every product is ranked
+    wait_for_results(page)
+    assert status_count(page) == len(all_prices)  # no filter yet
     facet = page.locator(".facet[data-column=price]")
     facet.locator("input[type=range]").nth(1).focus()  # "up to"
     for _ in range(10):
@@ -306,13 +316,23 @@ def test_the_price_slider_steps_through_shares_of_the_products_and_bounds_can_be
     assert stops[int(low.input_value())] == min(v for v in stops if v >= 100)
 
 
-def test_the_status_gives_the_number_of_matching_products(page):
+def test_the_status_gives_the_number_of_matching_products(page, server_url):
+    """The exact count of the kitchen items scoring at least the calibrated floor (min_score "auto", the page's
+    default), not "24+ products" though the text query's ranking is read only in part for the page."""
+    import httpx
+
     search(page, "a chair")
+    unfiltered = status_count(page)
     page.locator(".facet[data-column=category] label.option", has_text="Kitchen").locator("input").check()
     page.wait_for_url(re.compile(r"f=.*Kitchen"), timeout=10_000)
-    wait_for_count(page, "820 products")
-    assert page.inner_text("#status") == "127 products"  # the demo's kitchen items, not "24+ products"
-    assert page.locator("#more").is_visible()
+    wait_for_count(page, f"{unfiltered:,} products")
+    query = {"text": "a chair", "filters": {"category": ["Kitchen"]}}
+    floor = httpx.post(f"{server_url}/search", json=query).json()["min_score"]
+    every = httpx.post(f"{server_url}/search", json={**query, "min_score": "off", "k": 1000}).json()["results"]
+    assert len(every) == 127 and floor > 0  # the demo's kitchen items
+    expected = sum(row["score"] >= floor for row in every)
+    assert 0 < expected < 127 and page.inner_text("#status") == f"{expected} products"
+    assert page.locator("#more").is_visible() == (expected > PAGE)
 
 
 def test_prices_are_shown_in_the_shops_currency(page):

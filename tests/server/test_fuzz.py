@@ -37,10 +37,6 @@ UNSTATABLE = {
     # these out mode by mode, but the rules would bury the fields (the schema does state which inputs exclude others).
     r"mode '[\w-]+' takes|with a text is a fused query|like=ITEM_ID takes mode|a vector query searches the joint space|"
     r"weights apply to fused queries|give one of: an image": "the inputs a mode takes",
-    # A crop's box against the photo it cuts (x0 < x1 and y0 < y1, within its width and height when in pixels), and
-    # that there is a photo (an `image` part or an `image_url`): the first depends on the photo, the second is a rule
-    # between fields of the kind "the inputs a mode takes" above.
-    r"crop is empty|crop is inverted|crop: [xy][01] = .* outside the photo|crop cuts the query photo": "a crop within its photo",
     # A sum of two fields.
     r"k \+ offset = [\d,]+; a query may ask for at most": "k + offset within search.max_k",
     # A filter's grammar (SQL over the catalog's columns), and its running time.
@@ -59,6 +55,8 @@ UNSTATABLE = {
     r"row 0 \(id .*\): .*: file not found": "the photo a metadata column names is a file that is there",
     # Whether an id is taken, and whether an item PUT without a photo or text has one indexed: the index's state.
     r"is already indexed|neither image nor text|an item needs an image or a text": "a new id is free; it has a photo or text",
+    # A crop box's corners against each other (x0 < x1, y0 < y1) and, in pixels, against the photo's size.
+    r'crop is empty|crop is inverted|crop: \w+ = \S+ px is outside the photo|crop cuts the query photo, and this query has none': "a crop box within the photo, and a photo to crop",
     # The id in PUT's metadata must be the one in the path: two places of one request.
     r"differs from the id in the URL": "PUT's metadata id is the path's",
 }

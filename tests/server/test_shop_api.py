@@ -19,14 +19,14 @@ def client(indexed, tmp_path):
 
 
 def test_search_pages_sorts_filters_and_counts_facets(client):
-    body = client.post("/search", json={"text": "a seat", "k": 2, "offset": 1, "sort_by": "-price", "facets": True,
+    body = client.post("/search", json={"text": "a seat", "k": 2, "offset": 1, "sort_by": "-price", "facets": True, "min_score": "off",
                                         "filters": {"category": ["Living room", "Bedroom"]}}).json()
     assert body["offset"] == 1 and body["count"] == 2 and body["has_more"] is False
     assert [r["rank"] for r in body["results"]] == [2, 3]
     assert [r["price"] for r in body["results"]] == [650.0, 189.0]  # 899 (the sofa) is on page one
     assert {v["value"] for v in body["facets"]["category"]["values"]} >= {"Kitchen", "Vehicles"}  # own filter left out
     assert body["took_ms"] >= 0
-    one = client.post("/search", json={"text": "a seat", "k": 8, "filters": {"category": "Bedroom"}})
+    one = client.post("/search", json={"text": "a seat", "k": 8, "filters": {"category": "Bedroom"}, "min_score": "off"})
     assert one.status_code == 200 and {r["category"] for r in one.json()["results"]} == {"Bedroom"}
 
 
@@ -118,10 +118,10 @@ def test_image_urls_only_from_public_addresses_unless_allowed(client, indexed):
 
 def test_a_search_answer_gives_the_total_of_matching_items(client):
     """`total`: the items matching the search on every page together (here the filter's), not only this page's."""
-    body = client.post("/search", json={"text": "a seat", "k": 2, "filters": {"price": {"max": 700}}}).json()
+    body = client.post("/search", json={"text": "a seat", "k": 2, "filters": {"price": {"max": 700}}, "min_score": "off"}).json()
     assert body["count"] == 2 and body["total"] == 5 and body["has_more"] is True  # 8 items, 3 over 700
-    assert client.post("/search", json={"like": 56, "k": 1}).json()["total"] == 7  # the item itself left out
-    batch = client.post("/search/batch", json={"queries": [{"text": "a car", "k": 1, "where": "price > 500"}]}).json()
+    assert client.post("/search", json={"like": 56, "k": 1, "min_score": "off"}).json()["total"] == 7  # the item itself left out
+    batch = client.post("/search/batch", json={"queries": [{"text": "a car", "k": 1, "where": "price > 500", "min_score": "off"}]}).json()
     assert batch["results"][0]["total"] == 4
     described = client.get("/openapi.json").json()["components"]["schemas"]["SearchResponse"]["properties"]["total"]
     assert "filters" in described["description"] and {"type": "null"} in described["anyOf"]
@@ -151,7 +151,7 @@ def test_rows_say_which_items_have_no_photo_to_show(retriever_copy, fixtures, tm
     assert report.indexed == 2
     retriever_copy.save(tmp_path / "idx")
     with TestClient(create_app(tmp_path / "idx"), base_url="http://127.0.0.1:8000") as client:
-        rows = client.post("/search", json={"text": "a shelf", "k": 10}).json()["results"]
+        rows = client.post("/search", json={"text": "a shelf", "k": 10, "min_score": "off"}).json()["results"]
         shown = {r["id"]: r["image"] for r in rows}
         assert shown[9001] is None and shown[9002] is None and shown[575] == "washing_machine.png"
         assert client.get("/items/9002").json()["image"] is None and client.get("/items/575").json()["image"] == "washing_machine.png"

@@ -2,7 +2,8 @@
 thumbnails, health and writes), driven by benchmarks/serve_load.py against `multiretrieval serve`.
 
 Nothing may fail, and resident memory must settle: at the end within 50 MB of where it stood after the first
-minute. The latencies are printed (the benchmark's table: run pytest with -s), never asserted: they are the
+minute (medians of 15 s of samples; `serve` caps glibc's malloc arenas, without which freed arena space kept the
+service climbing under many threads). The latencies are printed (the benchmark's table: run pytest with -s), never asserted: they are the
 machine's, not the code's. MULTIRETRIEVAL_SOAK_SECONDS shortens or lengthens it (it needs more than 60)."""
 
 from __future__ import annotations

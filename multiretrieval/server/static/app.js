@@ -189,20 +189,32 @@ async function runSearch(append = false) {
   const fields = {
     text: state.q || undefined, mode: state.mode, k: append ? PAGE : state.pages * PAGE, offset,
     where: state.where || undefined, filters: Object.keys(state.filters).length ? state.filters : undefined,
-    sort_by: state.sort || undefined, min_score: state.min === "" ? undefined : Number(state.min),
+    sort_by: state.sort || undefined, min_score: state.min === "" ? undefined : state.min === "off" ? "off" : Number(state.min),
     image_url: !photo && state.img ? state.img : undefined, facets: !append,
     crop: photo && state.crop ? parseCrop(state.crop) : undefined,
   };
   $("status").textContent = "Searching…";
+  $("status").classList.remove("no-close-match");
   try {
-    const data = await fetchJson("/search", requestBody(fields));
+    let data = await fetchJson("/search", requestBody(fields));
     if (seq !== searchSeq) return;
+    // Nothing scored above the calibrated floor: say so, as a shop would, and show the nearest products anyway.
+    const noCloseMatch = !append && data.no_close_match;
+    if (noCloseMatch) {
+      data = await fetchJson("/search", requestBody({ ...fields, min_score: "off", k: PAGE }));
+      if (seq !== searchSeq) return;
+      data.has_more = false;
+    }
     const cards = data.results.map((item) => card(item, data.mode));
     if (append) $("results").append(...cards); else $("results").replaceChildren(...cards);
     $("results").dataset.mode = data.mode;
     $("more").hidden = !data.has_more;
     const shown = $("results").children.length;
-    if (!shown) {  // a filter or the minimum score left nothing: say what to loosen
+    if (noCloseMatch) {
+      const what = state.q ? `“${state.q}”` : "this photo";
+      $("status").replaceChildren(`No close matches for ${what}` + (shown ? " — showing related products" : ""));
+      $("status").classList.add("no-close-match");
+    } else if (!shown) {  // a filter or the minimum score left nothing: say what to loosen
       const loosen = [Object.keys(state.filters).length && "remove a filter", state.where && "loosen the condition",
                       state.min !== "" && "lower the minimum score"].filter(Boolean);
       $("status").replaceChildren("No products match" + (loosen.length ? `: ${loosen.join(", or ")}.` : "."));
