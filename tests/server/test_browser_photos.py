@@ -31,7 +31,7 @@ def test_every_thumbnail_of_a_photo_folder_shows_in_the_page(tmp_path):
     with served(tmp_path / "idx") as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(url + "/?debug=1")  # the scores shown
+        page.goto(url + "/?debug=1&min=off")  # the scores shown; every photo, not only those above the floor
         assert len(shown) <= 24  # one page of results holds them all
         page.fill("#query-text", "a lamp")
         page.focus("#query-text")
@@ -68,7 +68,7 @@ def test_an_untitled_item_is_named_by_the_start_of_its_description(tmp_path, fix
     with served(tmp_path / "idx") as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(url + "/?q=laundry+hamper")
+        page.goto(url + "/?q=laundry+hamper&min=off")  # the naming, not the floor, is tested here
         page.wait_for_function("document.querySelectorAll('#results .card').length === 3", timeout=30_000)
         titles = page.locator("#results .card .title").all_inner_texts()
         browser.close()

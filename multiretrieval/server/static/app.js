@@ -143,6 +143,14 @@ function fillForm() {
   markCrop();
 }
 
+// The minimum score box: empty or "auto" is the service's calibrated floor, "off" none, else a number ("0,4" too).
+function minScore(text) {
+  if (text === "" || text === "auto") return undefined;
+  if (text === "off") return "off";
+  const value = Number(text.replace(",", "."));
+  return Number.isFinite(value) ? value : undefined;
+}
+
 function submitSearch() {
   state.q = $("query-text").value.trim();
   state.mode = $("mode").value;
@@ -189,7 +197,7 @@ async function runSearch(append = false) {
   const fields = {
     text: state.q || undefined, mode: state.mode, k: append ? PAGE : state.pages * PAGE, offset,
     where: state.where || undefined, filters: Object.keys(state.filters).length ? state.filters : undefined,
-    sort_by: state.sort || undefined, min_score: state.min === "" ? undefined : state.min === "off" ? "off" : Number(state.min),
+    sort_by: state.sort || undefined, min_score: minScore(state.min),
     image_url: !photo && state.img ? state.img : undefined, facets: !append,
     crop: photo && state.crop ? parseCrop(state.crop) : undefined,
   };
