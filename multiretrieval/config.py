@@ -54,7 +54,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in ("int8", "fp32"):
-            raise ConfigError(f"encoders.precision: {self.precision!r} is not one of 'int8', 'fp32'")
+            raise ConfigError(f"precision: {self.precision!r} is not one of 'int8', 'fp32'")  # the caller names the section
 
 
 @dataclass(frozen=True)

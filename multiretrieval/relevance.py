@@ -27,7 +27,7 @@ KINDS = ("text", "image", "fused", "zero-shot:text", "zero-shot:image")
 
 
 def query_kind(mode: str, has_text: bool) -> str | None:
-    """The floor's kind for a resolved query mode (search.Query.mode); None for a given vector (no floor)."""
+    """The floor's kind for a resolved query mode (query.checks.Query.mode); None for a given vector (no floor)."""
     if mode == "zero-shot":
         return "zero-shot:text" if has_text else "zero-shot:image"
     return mode if mode in ("text", "image", "fused") else None

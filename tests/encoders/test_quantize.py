@@ -48,6 +48,10 @@ def test_precision_config_round_trips(tmp_path):
     assert mr.RetrieverConfig.from_yaml(path).encoders.precision == "int8"
     with pytest.raises(mr.ConfigError, match="encoders.precision: 'int4' is not one of 'int8', 'fp32'"):
         mr.RetrieverConfig().with_overrides({"encoders": {"precision": "int4"}})
+    path.write_text("encoders:\n  precision: int4\n")
+    with pytest.raises(mr.ConfigError) as refused:
+        mr.RetrieverConfig.from_yaml(path)
+    assert "encoders.precision: 'int4'" in str(refused.value) and "encoders.encoders" not in str(refused.value)
     with pytest.raises(mr.ConfigError, match="unknown encoder precision 'int4'"):
         ImageEncoder.load("efficientnet-lite0", runtime="onnx", precision="int4")
 

@@ -224,7 +224,7 @@ async function runSearch(append = false) {
       $("status").classList.add("no-close-match");
     } else if (!shown) {  // a filter or the minimum score left nothing: say what to loosen
       const loosen = [Object.keys(state.filters).length && "remove a filter", state.where && "loosen the condition",
-                      state.min !== "" && "lower the minimum score"].filter(Boolean);
+                      typeof minScore(state.min) === "number" && "lower the minimum score"].filter(Boolean);
       $("status").replaceChildren("No products match" + (loosen.length ? `: ${loosen.join(", or ")}.` : "."));
     } else {
       // The total counts every page; where the server could not count it (a score floor it did not reach), what is shown.
